@@ -1,0 +1,6 @@
+"""Lightning callbacks: thin adapters from trainer hooks to the sparse engine."""
+
+from lightning_pai.callbacks.base import SparseCallback
+from lightning_pai.callbacks.prune_at_init import PruneAtInit
+
+__all__ = ["PruneAtInit", "SparseCallback"]

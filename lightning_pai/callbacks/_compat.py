@@ -1,0 +1,39 @@
+"""One callback base class for both Lightning namespaces.
+
+``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer`` each accept only callbacks that are
+instances of their own ``Callback`` class. Our callbacks derive from every installed one, so the
+same object works with either trainer (and with LightningCLI's type checks).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_bases: list[type] = []
+for _mod in ("lightning.pytorch", "pytorch_lightning"):
+    try:
+        _bases.append(importlib.import_module(_mod).Callback)
+    except ImportError:  # pragma: no cover - depends on the environment
+        pass
+if not _bases:  # pragma: no cover
+    raise ImportError("lightning_pai needs `pytorch-lightning` (or `lightning`) installed: pip install pytorch-lightning")
+
+CallbackBase: type = type("CallbackBase", tuple(_bases), {"__doc__": "Lightning ``Callback`` of every installed namespace."})
+
+_STRATEGIES_SUPPORTED = ("SingleDeviceStrategy", "DDPStrategy")
+_STRATEGIES_UNSUPPORTED = ("DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy", "XLAStrategy")
+
+
+def check_strategy(strategy: object, callback: str) -> None:
+    """Raise unless ``strategy`` keeps full, replicated parameters on each rank (single device or DDP).
+
+    Raises:
+        RuntimeError: For sharded or otherwise unsupported strategies.
+    """
+    names = [c.__name__ for c in type(strategy).__mro__]
+    if any(n in _STRATEGIES_UNSUPPORTED for n in names) or not any(n in _STRATEGIES_SUPPORTED for n in names):
+        raise RuntimeError(
+            f"`{callback}` supports single-device training and the DDP family (strategy='ddp', 'ddp_spawn', "
+            f"'ddp_fork', 'ddp_notebook'); got `{type(strategy).__name__}`, which shards or wraps parameters so "
+            "that masks keyed by parameter name cannot be enforced."
+        )

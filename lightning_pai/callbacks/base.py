@@ -1,0 +1,110 @@
+"""Shared machinery of all lightning_pai callbacks: a mask set bound to the LightningModule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_pai.callbacks._compat import CallbackBase, check_strategy
+from lightning_pai.core.masks import MaskSet
+from lightning_pai.core.report import SparsityReport, sparsity_report
+from lightning_pai.core.targets import Selectors, select_targets, validate_selectors
+
+
+class SparseCallback(CallbackBase):
+    """Base of the pruning callbacks: owns a :class:`~lightning_pai.core.masks.MaskSet` and enforces it.
+
+    At fit start the masks come, in this order of precedence, from a checkpoint being resumed, from a
+    previous ``fit`` with this callback, or from :meth:`initial_masks` (computed on rank zero and
+    broadcast, so every DDP rank holds the same masks). Every optimizer step then sees masked gradients
+    (``on_before_optimizer_step``, i.e. before gradient clipping) and masked weights afterwards (a step
+    post-hook). Masks live in the callback's ``state_dict`` and so in every checkpoint.
+
+    Args:
+        include: Prunable-parameter selection, see :func:`~lightning_pai.core.targets.select_targets`.
+        exclude: Parameters removed from the selection.
+        verbose: Print the sparsity table (rank zero) when masks are set.
+    """
+
+    def __init__(self, *, include: Selectors = None, exclude: Selectors = None, verbose: bool = True) -> None:
+        validate_selectors(include, exclude)
+        self.include = include
+        self.exclude = exclude
+        self.verbose = verbose
+        self.masks: MaskSet | None = None
+        self._restored: dict[str, Tensor] | None = None
+
+    # ------------------------------------------------------------- to override
+    def initial_masks(self, trainer: Any, pl_module: Any, params: dict[str, Any]) -> dict[str, Tensor]:
+        """Compute the masks to start training with (runs on every rank; rank zero's result is broadcast)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            check_strategy(trainer.strategy, type(self).__name__)
+            select_targets(pl_module, self.include, self.exclude)  # bad patterns fail before training
+
+    @override
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        masks = MaskSet.from_module(pl_module, self.include, self.exclude)
+        if self._restored is not None:
+            masks.load_state_dict(self._restored)
+            self._restored = None
+        elif self.masks is not None:
+            masks.load_state_dict(self.masks.state_dict())
+        else:
+            computed = self.initial_masks(trainer, pl_module, masks.params)
+            computed = trainer.strategy.broadcast({n: m.cpu() for n, m in computed.items()}, src=0)
+            masks.load_state_dict(computed)
+        self.masks = masks
+        for opt in trainer.optimizers:
+            masks.mask_optimizer_state_(opt)
+            masks.attach(opt, mask_grads=False)
+        masks.apply_()
+        self.on_masks_changed(trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.masks.mask_grads_()
+
+    @override
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.masks is not None:
+            self.masks.detach()
+
+    # --------------------------------------------------------------- reporting
+    def report(self) -> SparsityReport:
+        """The current per-layer sparsity (see :func:`~lightning_pai.core.report.sparsity_report`)."""
+        if self.masks is None:
+            raise RuntimeError(f"`{type(self).__name__}` has no masks yet: they are set when `trainer.fit` starts.")
+        return sparsity_report(None, self.masks)
+
+    def on_masks_changed(self, trainer: Any, pl_module: Any) -> None:
+        """Log ``sparsity/global`` and ``sparsity/<layer>`` to every logger and print the table (rank zero)."""
+        if not trainer.is_global_zero:
+            return
+        report = self.report()
+        for logger in trainer.loggers:
+            logger.log_metrics(report.metrics(), step=trainer.global_step)
+        if self.verbose:
+            print(f"{type(self).__name__}: {len(report.rows)} layers, sparsity {report.sparsity:.4f}\n{report}")
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": self.masks.state_dict() if self.masks is not None else self._restored}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        masks = state_dict.get("masks")
+        if masks is None:
+            return
+        if self.masks is not None:
+            self.masks.load_state_dict(masks)
+            self.masks.apply_()
+        else:
+            self._restored = masks

@@ -1,0 +1,155 @@
+"""Layer-wise sparsity distributions: how many weights each layer keeps.
+
+Every distribution has the same signature::
+
+    fn(scores: Mapping[str, Tensor], density: float) -> dict[str, int]
+
+``scores`` holds one score tensor per prunable parameter (shaped like it; ``-inf`` marks entries that
+may not be kept), ``density`` is the fraction of all targeted weights to keep (``1 - sparsity``). The
+result is the exact number of weights each layer keeps; their sum is ``round(density * total)``
+and each layer's count is within one weight of its real-valued budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from lightning_pai.core.registry import Registry
+from lightning_pai.core.select import apportion, topk_mask
+
+Distribution = Callable[[Mapping[str, Tensor], float], dict[str, int]]
+
+_DISTRIBUTIONS: Registry[Distribution] = Registry("distribution", "distribution", "lightning_pai.register_distribution")
+
+
+def register_distribution(name: str, fn: Distribution | None = None, *, overwrite: bool = False):
+    """Register a distribution ``fn(scores, density) -> counts`` under ``name`` (decorator if ``fn`` is None)."""
+    return _DISTRIBUTIONS.register(name, fn, overwrite=overwrite)
+
+
+def get_distribution(name: str | Distribution) -> Distribution:
+    """Return the distribution registered as ``name`` (a callable passes through).
+
+    Raises:
+        ValueError: If the name is unknown; the message lists the valid names.
+    """
+    return _DISTRIBUTIONS.get(name)
+
+
+def list_distributions() -> list[str]:
+    """Names of the registered distributions."""
+    return _DISTRIBUTIONS.list()
+
+
+def _target_total(scores: Mapping[str, Tensor], density: float) -> int:
+    return round(density * sum(s.numel() for s in scores.values()))
+
+
+def _global_counts(scores: Mapping[str, Tensor], k: int) -> dict[str, int]:
+    """Counts per layer when the ``k`` highest scores over all layers are kept."""
+    flat = torch.cat([s.detach().reshape(-1).float().to(next(iter(scores.values())).device) for s in scores.values()])
+    keep = topk_mask(flat, k)
+    counts, start = {}, 0
+    for name, s in scores.items():
+        counts[name] = int(keep[start : start + s.numel()].sum())
+        start += s.numel()
+    return counts
+
+
+@register_distribution("uniform")
+def uniform(scores: Mapping[str, Tensor], density: float) -> dict[str, int]:
+    """Every layer keeps the same fraction ``density`` of its weights (up to rounding)."""
+    ideal = {n: density * s.numel() for n, s in scores.items()}
+    return apportion(ideal, {n: s.numel() for n, s in scores.items()}, _target_total(scores, density))
+
+
+@register_distribution("global")
+def global_(scores: Mapping[str, Tensor], density: float) -> dict[str, int]:
+    """One threshold across all layers: the ``round(density * N)`` highest scores of the network are kept."""
+    return _global_counts(scores, _target_total(scores, density))
+
+
+def erdos_renyi_densities(shapes: Mapping[str, torch.Size], density: float, kernel: bool = True) -> dict[str, float]:
+    """Per-layer densities of the Erdős–Rényi(-Kernel) distribution.
+
+    Evci et al. 2020, "Rigging the Lottery" (arXiv:1911.11134), after Mocanu et al. 2018. Layer l keeps
+    density ``d_l = eps * raw_l`` with ``raw_l = sum(shape_l) / prod(shape_l)`` (ERK: all dimensions,
+    ``(n_in + n_out + k_h + k_w) / (n_in n_out k_h k_w)`` for a conv) or ``raw_l = (n_in + n_out) / (n_in n_out)``
+    (ER: only the two channel dimensions). ``eps`` is solved so that ``sum_l d_l n_l = density * N``.
+    A layer whose ``d_l`` would exceed 1 is made dense, and ``eps`` is solved again for the others
+    with the remaining budget (repeated until no layer exceeds 1), as in the RigL reference code.
+
+    Args:
+        shapes: Parameter shapes by name.
+        density: Overall fraction of weights kept.
+        kernel: ERK (True) or ER (False).
+
+    Returns:
+        Density per layer, in ``[0, 1]``.
+    """
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    raw = {}
+    for n, s in shapes.items():
+        dims = list(s) if kernel or len(s) < 2 else list(s[:2])
+        raw[n] = sum(dims) / math.prod(dims)
+    budget = density * sum(sizes.values())
+    dense: set[str] = set()
+    while True:
+        free = [n for n in shapes if n not in dense]
+        if not free:
+            break
+        remaining = budget - sum(sizes[n] for n in dense)
+        eps = remaining / sum(raw[n] * sizes[n] for n in free)
+        top = max(raw[n] for n in free)
+        if eps * top <= 1:
+            break
+        dense.update(n for n in free if raw[n] == top)
+    return {n: 1.0 if n in dense else max(0.0, eps * raw[n]) for n in shapes}
+
+
+def _erdos_renyi_counts(scores: Mapping[str, Tensor], density: float, kernel: bool) -> dict[str, int]:
+    dens = erdos_renyi_densities({n: s.shape for n, s in scores.items()}, density, kernel)
+    ideal = {n: dens[n] * s.numel() for n, s in scores.items()}
+    return apportion(ideal, {n: s.numel() for n, s in scores.items()}, _target_total(scores, density))
+
+
+@register_distribution("erk")
+def erk(scores: Mapping[str, Tensor], density: float) -> dict[str, int]:
+    """Erdős–Rényi-Kernel (Evci et al. 2020): density ∝ ``sum(shape)/prod(shape)``; see :func:`erdos_renyi_densities`."""
+    return _erdos_renyi_counts(scores, density, kernel=True)
+
+
+@register_distribution("er")
+def er(scores: Mapping[str, Tensor], density: float) -> dict[str, int]:
+    """Erdős–Rényi (Mocanu et al. 2018): density ∝ ``(n_out + n_in)/(n_out n_in)``; see :func:`erdos_renyi_densities`."""
+    return _erdos_renyi_counts(scores, density, kernel=False)
+
+
+def lamp_scores(scores: Tensor) -> Tensor:
+    """Layer-adaptive magnitude-based pruning scores of one layer.
+
+    Lee et al. 2021, "Layer-adaptive sparsity for the magnitude-based pruning" (arXiv:2010.07611), eq. 2:
+    with the layer's entries sorted so that ``s_1^2 <= ... <= s_n^2``,
+    ``lamp(u) = s_u^2 / sum_{v >= u} s_v^2``. For the magnitude scorer ``s = |w|``, exactly the paper.
+    Entries at ``-inf`` (not keepable) stay ``-inf``.
+    """
+    flat = scores.detach().reshape(-1).double()
+    keepable = torch.isfinite(flat)
+    sq = torch.where(keepable, flat, torch.zeros_like(flat)).square()
+    order = torch.sort(sq, stable=True).indices
+    sorted_sq = sq[order]
+    suffix = sorted_sq.flip(0).cumsum(0).flip(0)
+    out = torch.empty_like(flat)
+    out[order] = sorted_sq / suffix.clamp_min(torch.finfo(torch.float64).tiny)
+    out[~keepable] = -math.inf
+    return out.view_as(scores)
+
+
+@register_distribution("lamp")
+def lamp(scores: Mapping[str, Tensor], density: float) -> dict[str, int]:
+    """LAMP (Lee et al. 2021): one global threshold on the layer-normalised scores of :func:`lamp_scores`."""
+    return _global_counts({n: lamp_scores(s) for n, s in scores.items()}, _target_total(scores, density))

@@ -1,0 +1,222 @@
+"""Boolean keep-masks over named parameters, and their enforcement on weights, gradients and optimizer state."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_pai.core.distributions import Distribution, get_distribution
+from lightning_pai.core.select import masks_from_counts
+from lightning_pai.core.targets import Selectors, select_targets
+
+
+def check_sparsity(sparsity: float, argument: str = "sparsity") -> float:
+    """Validate a sparsity (fraction of weights removed) in ``[0, 1)``.
+
+    Raises:
+        ValueError: If ``sparsity`` is not a number in ``[0, 1)``.
+    """
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise ValueError(
+            f"`{argument}` is the fraction of weights removed and must be a number in [0, 1), got {sparsity!r}."
+        )
+    return float(sparsity)
+
+
+def compute_masks(
+    scores: Mapping[str, Tensor],
+    sparsity: float,
+    distribution: str | Distribution = "global",
+    masks: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Turn scores into keep-masks: the distribution fixes each layer's count, the highest scores are kept.
+
+    Args:
+        scores: Score per weight, by parameter name (higher = keep first).
+        sparsity: Fraction of all targeted weights removed, in ``[0, 1)``.
+        distribution: Name of a registered distribution or a callable (see
+            :mod:`lightning_pai.core.distributions`).
+        masks: Current masks; weights they prune stay pruned (their scores are treated as ``-inf``,
+            and no layer is asked to keep more than it still has).
+
+    Returns:
+        New bool masks, by name.
+    """
+    density = 1.0 - check_sparsity(sparsity)
+    fn = get_distribution(distribution)
+    if masks is not None:
+        scores = {n: s.masked_fill(~masks[n].to(s.device), -math.inf) for n, s in scores.items()}
+    counts = fn(scores, density)
+    if masks is not None:
+        counts = {n: min(c, int(masks[n].sum())) for n, c in counts.items()}
+    return masks_from_counts(scores, counts)
+
+
+class MaskSet:
+    """One bool keep-mask per prunable parameter, keyed by fully qualified name.
+
+    Weights stay ordinary parameters (no ``weight_orig``, no forward hooks, 1 byte of mask per weight).
+    Sparsity is enforced by zeroing, in place and with fused multi-tensor ops, the masked weights
+    (:meth:`apply_`), their gradients before the optimizer step (:meth:`mask_grads_`) and their
+    optimizer state when the masks change (:meth:`mask_optimizer_state_`). With zero weight, zero
+    gradient and zero state, SGD (momentum, weight decay, Nesterov) and Adam(W) leave the weight at
+    exactly zero; :meth:`attach` also re-applies the masks after every step for any other optimizer.
+
+    Args:
+        params: Prunable parameters by name.
+        masks: Initial masks (default: keep everything).
+    """
+
+    def __init__(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor] | None = None) -> None:
+        if not params:
+            raise ValueError("A `MaskSet` needs at least one parameter.")
+        self._params: dict[str, nn.Parameter] = dict(params)
+        self._masks: dict[str, Tensor] = {
+            n: torch.ones(p.shape, dtype=torch.bool, device=p.device) for n, p in self._params.items()
+        }
+        self._handles: list[RemovableHandle] = []
+        self._refresh_lists()
+        if masks is not None:
+            self.load_state_dict(masks)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, include: Selectors = None, exclude: Selectors = None) -> MaskSet:
+        """Masks (all kept) over the targets :func:`~lightning_pai.core.targets.select_targets` picks."""
+        return cls(select_targets(module, include, exclude))
+
+    def _refresh_lists(self) -> None:
+        self._plist = list(self._params.values())
+        self._mlist = [self._masks[n] for n in self._params]
+
+    # ----------------------------------------------------------------- access
+    @property
+    def names(self) -> list[str]:
+        """Parameter names, in order."""
+        return list(self._params)
+
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        """The masked parameters by name."""
+        return dict(self._params)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._masks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def items(self) -> Iterable[tuple[str, Tensor]]:
+        """``(name, mask)`` pairs."""
+        return self._masks.items()
+
+    def kept(self) -> dict[str, int]:
+        """Number of kept weights per layer."""
+        return {n: int(m.sum()) for n, m in self._masks.items()}
+
+    @property
+    def total(self) -> int:
+        """Number of masked (targeted) weights."""
+        return sum(m.numel() for m in self._mlist)
+
+    @property
+    def density(self) -> float:
+        """Fraction of targeted weights kept (``1 - sparsity``)."""
+        return sum(self.kept().values()) / self.total
+
+    # -------------------------------------------------------------- enforcing
+    @torch.no_grad()
+    def apply_(self) -> None:
+        """Zero every masked weight in place."""
+        torch._foreach_mul_(self._plist, self._mlist)
+
+    @torch.no_grad()
+    def mask_grads_(self) -> None:
+        """Zero the gradients of masked weights in place (call after backward, before the step)."""
+        pairs = [(p.grad, m) for p, m in zip(self._plist, self._mlist) if p.grad is not None]
+        if pairs:
+            grads, masks = zip(*pairs)
+            torch._foreach_mul_(list(grads), list(masks))
+
+    @torch.no_grad()
+    def mask_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero every parameter-shaped optimizer state entry (momentum, ``exp_avg``, ``exp_avg_sq``, ...) of masked weights."""
+        for p, m in zip(self._plist, self._mlist):
+            for value in optimizer.state.get(p, {}).values():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    value.mul_(m)
+
+    def update_(self, masks: Mapping[str, Tensor], optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+        """Replace the masks in place, zero the newly masked weights and their optimizer state.
+
+        Args:
+            masks: New bool mask per name (every name of this set, same shapes).
+            optimizers: Optimizers whose state to clean.
+        """
+        self.load_state_dict(masks)
+        self.apply_()
+        for opt in optimizers:
+            self.mask_optimizer_state_(opt)
+
+    def attach(self, optimizer: torch.optim.Optimizer, mask_grads: bool = True) -> None:
+        """Enforce the masks around every ``optimizer.step()``.
+
+        Registers a step post-hook that re-applies the masks to the weights and, if ``mask_grads``, a
+        pre-hook that zeroes masked gradients. Lightning calls the step with a closure that runs
+        backward *inside* the step, after the pre-hook; there, pass ``mask_grads=False`` and call
+        :meth:`mask_grads_` from ``on_before_optimizer_step`` instead.
+        """
+        if mask_grads:
+            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.mask_grads_()))
+        self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply_()))
+
+    def detach(self) -> None:
+        """Remove every hook :meth:`attach` registered."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # ------------------------------------------------------------ persistence
+    def bind_(self, module: nn.Module) -> None:
+        """Point the masks at the same-named parameters of ``module`` (e.g. after the model object changed).
+
+        Raises:
+            KeyError: If a masked parameter name is missing from ``module``.
+            ValueError: If a shape differs.
+        """
+        found = dict(module.named_parameters())
+        missing = [n for n in self._params if n not in found]
+        if missing:
+            raise KeyError(f"The model has no parameter named {missing[:5]}; the masks were made for another model.")
+        for n in self._params:
+            if found[n].shape != self._masks[n].shape:
+                raise ValueError(f"Parameter {n!r} has shape {tuple(found[n].shape)}, its mask {tuple(self._masks[n].shape)}.")
+            self._params[n] = found[n]
+            if self._masks[n].device != found[n].device:
+                self._masks[n] = self._masks[n].to(found[n].device)
+        self._refresh_lists()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Masks as CPU bool tensors, by name."""
+        return {n: m.detach().cpu().clone() for n, m in self._masks.items()}
+
+    def load_state_dict(self, masks: Mapping[str, Tensor]) -> None:
+        """Copy ``masks`` into the existing mask tensors (in place).
+
+        Raises:
+            KeyError: If the names differ from this set's.
+            ValueError: If a shape differs.
+        """
+        if set(masks) != set(self._masks):
+            extra, missing = sorted(set(masks) - set(self._masks)), sorted(set(self._masks) - set(masks))
+            raise KeyError(f"Mask names differ: unexpected {extra[:5]}, missing {missing[:5]}.")
+        for n, m in masks.items():
+            if m.shape != self._masks[n].shape:
+                raise ValueError(f"Mask {n!r} has shape {tuple(m.shape)}, expected {tuple(self._masks[n].shape)}.")
+            self._masks[n].copy_(m.to(torch.bool))
