@@ -331,4 +331,4 @@ def test_core_never_imports_lightning():
             elif isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
             for name in names:
-                assert not name.split(".")[0] in {"lightning", "pytorch_lightning", "lightning_fabric"}, path
+                assert name.split(".")[0] not in {"lightning", "pytorch_lightning", "lightning_fabric"}, path

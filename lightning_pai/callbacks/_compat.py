@@ -16,9 +16,13 @@ for _mod in ("lightning.pytorch", "pytorch_lightning"):
     except ImportError:  # pragma: no cover - depends on the environment
         pass
 if not _bases:  # pragma: no cover
-    raise ImportError("lightning_pai needs `pytorch-lightning` (or `lightning`) installed: pip install pytorch-lightning")
+    raise ImportError(
+        "lightning_pai needs `pytorch-lightning` (or `lightning`) installed: pip install pytorch-lightning"
+    )
 
-CallbackBase: type = type("CallbackBase", tuple(_bases), {"__doc__": "Lightning ``Callback`` of every installed namespace."})
+CallbackBase: type = type(
+    "CallbackBase", tuple(_bases), {"__doc__": "Lightning ``Callback`` of every installed namespace."}
+)
 
 _STRATEGIES_SUPPORTED = ("SingleDeviceStrategy", "DDPStrategy")
 _STRATEGIES_UNSUPPORTED = ("DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy", "XLAStrategy")
@@ -29,6 +33,7 @@ def check_strategy(strategy: object, callback: str) -> None:
 
     Raises:
         RuntimeError: For sharded or otherwise unsupported strategies.
+
     """
     names = [c.__name__ for c in type(strategy).__mro__]
     if any(n in _STRATEGIES_UNSUPPORTED for n in names) or not any(n in _STRATEGIES_SUPPORTED for n in names):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+import uuid
 from typing import Any
 
+import torch
 from torch import Tensor
 from typing_extensions import override
 
@@ -26,6 +30,7 @@ class SparseCallback(CallbackBase):
         include: Prunable-parameter selection, see :func:`~lightning_pai.core.targets.select_targets`.
         exclude: Parameters removed from the selection.
         verbose: Print the sparsity table (rank zero) when masks are set.
+
     """
 
     def __init__(self, *, include: Selectors = None, exclude: Selectors = None, verbose: bool = True) -> None:
@@ -35,6 +40,9 @@ class SparseCallback(CallbackBase):
         self.verbose = verbose
         self.masks: MaskSet | None = None
         self._restored: dict[str, Tensor] | None = None
+        # ddp_spawn/ddp_fork train in child processes: rank zero hands its masks back to the launching
+        # process through this file (the callback object is copied to the children with this path in it).
+        self._handoff = os.path.join(tempfile.gettempdir(), f"lightning_pai_{uuid.uuid4().hex}.pt")
 
     # ------------------------------------------------------------- to override
     def initial_masks(self, trainer: Any, pl_module: Any, params: dict[str, Any]) -> dict[str, Tensor]:
@@ -51,6 +59,7 @@ class SparseCallback(CallbackBase):
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         masks = MaskSet.from_module(pl_module, self.include, self.exclude)
+        self._collect_handoff()
         if self._restored is not None:
             masks.load_state_dict(self._restored)
             self._restored = None
@@ -68,20 +77,41 @@ class SparseCallback(CallbackBase):
         self.on_masks_changed(trainer, pl_module)
 
     @override
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # A resumed fit loads the optimizer state after `on_fit_start`: clean it again (a no-op when the
+        # checkpoint was saved with these masks, essential when it was saved dense).
+        for opt in trainer.optimizers:
+            self.masks.mask_optimizer_state_(opt)
+
+    @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self.masks.mask_grads_()
+
+    @override
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if trainer.is_global_zero and type(launcher).__name__ == "_MultiProcessingLauncher":
+            torch.save(self.masks.state_dict(), self._handoff)
 
     @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self.masks is not None:
             self.masks.detach()
 
+    def _collect_handoff(self) -> None:
+        """In the launching process of ddp_spawn/ddp_fork, adopt the masks rank zero left behind."""
+        if self.masks is None and os.path.exists(self._handoff):
+            self._restored = torch.load(self._handoff, weights_only=True)
+            os.remove(self._handoff)
+
     # --------------------------------------------------------------- reporting
     def report(self) -> SparsityReport:
         """The current per-layer sparsity (see :func:`~lightning_pai.core.report.sparsity_report`)."""
-        if self.masks is None:
+        self._collect_handoff()
+        masks = self.masks if self.masks is not None else self._restored
+        if masks is None:
             raise RuntimeError(f"`{type(self).__name__}` has no masks yet: they are set when `trainer.fit` starts.")
-        return sparsity_report(None, self.masks)
+        return sparsity_report(None, masks)
 
     def on_masks_changed(self, trainer: Any, pl_module: Any) -> None:
         """Log ``sparsity/global`` and ``sparsity/<layer>`` to every logger and print the table (rank zero)."""
@@ -96,6 +126,7 @@ class SparseCallback(CallbackBase):
     # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
+        self._collect_handoff()
         return {"masks": self.masks.state_dict() if self.masks is not None else self._restored}
 
     @override

@@ -37,6 +37,7 @@ class PruneAtInit(SparseCallback):
     Example::
 
         trainer = Trainer(callbacks=[PruneAtInit("magnitude", sparsity=0.9, distribution="erk")])
+
     """
 
     def __init__(
@@ -60,7 +61,9 @@ class PruneAtInit(SparseCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(method=_name(self.method), sparsity=self.sparsity, distribution=_name(self.distribution))
+        return self._generate_state_key(
+            method=_name(self.method), sparsity=self.sparsity, distribution=_name(self.distribution)
+        )
 
     def initial_masks(self, trainer: Any, pl_module: Any, params: dict[str, Any]) -> dict[str, Tensor]:
         """Score the targets with ``method`` and keep the top ``1 - sparsity`` by ``distribution``."""

@@ -36,6 +36,7 @@ def get_distribution(name: str | Distribution) -> Distribution:
 
     Raises:
         ValueError: If the name is unknown; the message lists the valid names.
+
     """
     return _DISTRIBUTIONS.get(name)
 
@@ -90,6 +91,7 @@ def erdos_renyi_densities(shapes: Mapping[str, torch.Size], density: float, kern
 
     Returns:
         Density per layer, in ``[0, 1]``.
+
     """
     sizes = {n: math.prod(s) for n, s in shapes.items()}
     raw = {}
@@ -119,13 +121,19 @@ def _erdos_renyi_counts(scores: Mapping[str, Tensor], density: float, kernel: bo
 
 @register_distribution("erk")
 def erk(scores: Mapping[str, Tensor], density: float) -> dict[str, int]:
-    """Erdős–Rényi-Kernel (Evci et al. 2020): density ∝ ``sum(shape)/prod(shape)``; see :func:`erdos_renyi_densities`."""
+    """Erdős–Rényi-Kernel (Evci et al. 2020): density ∝ ``sum(shape)/prod(shape)``.
+
+    See :func:`erdos_renyi_densities`.
+    """
     return _erdos_renyi_counts(scores, density, kernel=True)
 
 
 @register_distribution("er")
 def er(scores: Mapping[str, Tensor], density: float) -> dict[str, int]:
-    """Erdős–Rényi (Mocanu et al. 2018): density ∝ ``(n_out + n_in)/(n_out n_in)``; see :func:`erdos_renyi_densities`."""
+    """Erdős–Rényi (Mocanu et al. 2018): density ∝ ``(n_out + n_in)/(n_out n_in)``.
+
+    See :func:`erdos_renyi_densities`.
+    """
     return _erdos_renyi_counts(scores, density, kernel=False)
 
 

@@ -19,6 +19,7 @@ def check_sparsity(sparsity: float, argument: str = "sparsity") -> float:
 
     Raises:
         ValueError: If ``sparsity`` is not a number in ``[0, 1)``.
+
     """
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
         raise ValueError(
@@ -45,6 +46,7 @@ def compute_masks(
 
     Returns:
         New bool masks, by name.
+
     """
     density = 1.0 - check_sparsity(sparsity)
     fn = get_distribution(distribution)
@@ -69,6 +71,7 @@ class MaskSet:
     Args:
         params: Prunable parameters by name.
         masks: Initial masks (default: keep everything).
+
     """
 
     def __init__(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor] | None = None) -> None:
@@ -146,7 +149,7 @@ class MaskSet:
 
     @torch.no_grad()
     def mask_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero every parameter-shaped optimizer state entry (momentum, ``exp_avg``, ``exp_avg_sq``, ...) of masked weights."""
+        """Zero the masked entries of every parameter-shaped optimizer state (momentum, ``exp_avg``, ...)."""
         for p, m in zip(self._plist, self._mlist):
             for value in optimizer.state.get(p, {}).values():
                 if isinstance(value, Tensor) and value.shape == p.shape:
@@ -158,6 +161,7 @@ class MaskSet:
         Args:
             masks: New bool mask per name (every name of this set, same shapes).
             optimizers: Optimizers whose state to clean.
+
         """
         self.load_state_dict(masks)
         self.apply_()
@@ -189,6 +193,7 @@ class MaskSet:
         Raises:
             KeyError: If a masked parameter name is missing from ``module``.
             ValueError: If a shape differs.
+
         """
         found = dict(module.named_parameters())
         missing = [n for n in self._params if n not in found]
@@ -196,7 +201,9 @@ class MaskSet:
             raise KeyError(f"The model has no parameter named {missing[:5]}; the masks were made for another model.")
         for n in self._params:
             if found[n].shape != self._masks[n].shape:
-                raise ValueError(f"Parameter {n!r} has shape {tuple(found[n].shape)}, its mask {tuple(self._masks[n].shape)}.")
+                raise ValueError(
+                    f"Parameter {n!r} has shape {tuple(found[n].shape)}, its mask {tuple(self._masks[n].shape)}."
+                )
             self._params[n] = found[n]
             if self._masks[n].device != found[n].device:
                 self._masks[n] = self._masks[n].to(found[n].device)
@@ -212,6 +219,7 @@ class MaskSet:
         Raises:
             KeyError: If the names differ from this set's.
             ValueError: If a shape differs.
+
         """
         if set(masks) != set(self._masks):
             extra, missing = sorted(set(masks) - set(self._masks)), sorted(set(self._masks) - set(masks))

@@ -15,6 +15,7 @@ class Registry(Generic[F]):
         kind: What the registry holds, used in messages (e.g. ``"scorer"``).
         argument: The user-facing argument that takes a name from this registry (e.g. ``"method"``).
         register_hint: The public function that adds an entry, quoted in errors.
+
     """
 
     def __init__(self, kind: str, argument: str, register_hint: str) -> None:
@@ -28,6 +29,7 @@ class Registry(Generic[F]):
 
         Raises:
             ValueError: If ``name`` is taken and ``overwrite`` is False.
+
         """
 
         def _add(f: F) -> F:
@@ -46,6 +48,7 @@ class Registry(Generic[F]):
 
         Raises:
             ValueError: If ``name`` is not registered; the message lists the valid names.
+
         """
         if callable(name):
             return name

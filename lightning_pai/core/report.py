@@ -21,6 +21,7 @@ class LayerSparsity:
         shape: Parameter shape.
         kept: Number of kept (unmasked, or nonzero when no mask is given) weights.
         total: Number of weights.
+
     """
 
     name: str
@@ -90,7 +91,7 @@ class SparsityReport:
         ]
         body.append(("", "Total", "", f"{self.kept:,} / {self.total:,}", f"{1 - self.sparsity:.4f}"))
         widths = [max(len(row[c]) for row in [header, *body]) for c in range(len(header))]
-        fmt = " | ".join("{:<%d}" % w for w in widths)
+        fmt = " | ".join(f"{{:<{w}}}" for w in widths)
         lines = [fmt.format(*header), "-" * (sum(widths) + 3 * (len(widths) - 1))]
         lines += [fmt.format(*row) for row in body]
         return "\n".join(lines)
@@ -114,6 +115,7 @@ def sparsity_report(
 
     Returns:
         The report; ``str(report)`` is a table, ``report.metrics()`` a dict for loggers.
+
     """
     if masks is None and module is None:
         raise ValueError("`sparsity_report` needs a `module` or `masks`.")

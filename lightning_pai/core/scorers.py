@@ -29,6 +29,7 @@ class ScoringContext:
         masks: Current keep-masks by name, or None when nothing is pruned yet.
         seed: Seed for stochastic scorers.
         extras: Scorer-specific inputs (batches, loss function, ...), set by the caller.
+
     """
 
     params: Mapping[str, nn.Parameter]
@@ -53,6 +54,7 @@ def get_scorer(name: str | Scorer) -> Scorer:
 
     Raises:
         ValueError: If the name is unknown; the message lists the valid names.
+
     """
     return _SCORERS.get(name)
 

@@ -21,6 +21,7 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
 
     Returns:
         Bool tensor of the shape of ``scores`` with exactly ``k`` True entries.
+
     """
     flat = scores.reshape(-1)
     n = flat.numel()
@@ -56,6 +57,7 @@ def apportion(ideal: Mapping[str, float], caps: Mapping[str, int], total: int) -
 
     Returns:
         Integer budget per layer.
+
     """
     counts = {n: min(caps[n], max(0, math.floor(v + 1e-9))) for n, v in ideal.items()}
     short = total - sum(counts.values())

@@ -33,6 +33,7 @@ def validate_selectors(include: Selectors = None, exclude: Selectors = None) -> 
 
     Raises:
         TypeError: If an entry is neither a string nor an ``nn.Module`` subclass.
+
     """
     _as_list(include, "include")
     _as_list(exclude, "exclude")
@@ -62,6 +63,7 @@ def select_targets(module: nn.Module, include: Selectors = None, exclude: Select
 
     Raises:
         ValueError: If an ``include`` or ``exclude`` entry matches no parameter, or nothing is left to prune.
+
     """
     inc = _as_list(include, "include")
     exc = _as_list(exclude, "exclude")

@@ -1,0 +1,97 @@
+"""A 2-process CPU DDP fit with PruneAtInit; run as ``python tests/ddp_script.py OUTDIR [STRATEGY]`` (see test_ddp.py).
+
+With ``STRATEGY="ddp"`` (default): the scorer gives *different* random scores on every rank, so identical
+masks on both ranks can only come from rank zero's masks being broadcast. Each rank writes
+``OUTDIR/rank{r}.pt`` with its masks, the masks its own scores would have given, its final zero pattern
+and its final weights.
+
+With ``STRATEGY="ddp_fork"`` (workers forked from this process, which only waits): this main process
+writes ``OUTDIR/main.pt`` with what it holds after ``fit``: the callback's masks, the weights, and the
+masks in a checkpoint it saves with ``trainer.save_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from helpers import make_dataloader, make_module
+
+from lightning_pai import PruneAtInit, compute_masks, register_scorer
+
+SPARSITY = 0.8
+MAX_STEPS = 20
+_LOCAL: dict[str, object] = {}
+
+
+def _rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@register_scorer("rank_random", overwrite=True)
+def rank_random(ctx):
+    """Uniform scores from a generator seeded with this process's rank: each rank would pick other masks."""
+    rank = _rank()
+    gen = torch.Generator().manual_seed(1000 + rank)
+    scores = {n: torch.rand(p.shape, generator=gen) for n, p in ctx.params.items()}
+    _LOCAL["rank"] = rank
+    _LOCAL["local_masks"] = compute_masks(scores, SPARSITY, "global")
+    return scores
+
+
+def main(outdir: str, strategy: str = "ddp") -> None:
+    torch.set_num_threads(1)
+    module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
+    cb = PruneAtInit("rank_random", sparsity=SPARSITY, seed=0, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=MAX_STEPS,
+        callbacks=[cb],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+    )
+    trainer.fit(module, make_dataloader(n=64, batch_size=8))
+    if strategy != "ddp":  # the launching process, after its workers finished
+        ckpt_path = Path(outdir) / "main.ckpt"
+        trainer.save_checkpoint(ckpt_path)
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        torch.save(
+            {
+                "global_step": trainer.global_step,
+                "masks": cb.state_dict()["masks"],
+                "report_kept": cb.report().kept,
+                "ckpt_masks": ckpt["callbacks"][cb.state_key]["masks"],
+                "weights": {n: p.detach().cpu().clone() for n, p in module.named_parameters()},
+            },
+            Path(outdir) / "main.pt",
+        )
+        return
+    rank = trainer.global_rank
+    params = dict(module.named_parameters())
+    torch.save(
+        {
+            "rank": rank,
+            "scorer_rank": _LOCAL.get("rank"),
+            "world_size": trainer.world_size,
+            "global_step": trainer.global_step,
+            "masks": cb.masks.state_dict(),
+            "local_masks": _LOCAL.get("local_masks"),
+            "zero": {n: (params[n] == 0).cpu() for n in cb.masks.names},
+            "weights": {n: p.detach().cpu().clone() for n, p in params.items()},
+        },
+        Path(outdir) / f"rank{rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

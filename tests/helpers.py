@@ -1,0 +1,112 @@
+"""Shared test helpers: a tiny LightningModule for either Lightning namespace, synthetic data, mask comparison."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from types import ModuleType
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
+
+IN_CHANNELS, LENGTH, NUM_CLASSES = 2, 16, 4
+
+#: Prunable weights of :func:`make_module`'s model, by name, with their shapes.
+TARGET_SHAPES: dict[str, tuple[int, ...]] = {
+    "conv.weight": (4, IN_CHANNELS, 3),
+    "fc1.weight": (32, 4 * (LENGTH - 2)),
+    "fc2.weight": (NUM_CLASSES, 32),
+}
+#: Number of targeted weights (1944).
+TARGET_TOTAL = sum(torch.Size(s).numel() for s in TARGET_SHAPES.values())
+
+
+def import_ns(ns: str | ModuleType) -> ModuleType:
+    """``"lightning.pytorch"`` / ``"pytorch_lightning"`` (or the module itself) -> the imported module."""
+    return importlib.import_module(ns) if isinstance(ns, str) else ns
+
+
+def make_optimizer(name: str, params) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-2)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def make_module(ns: str | ModuleType = "lightning.pytorch", optimizer: str = "sgd", seed: int | None = 0):
+    """A tiny Conv1d + 2-layer MLP classifier deriving from ``ns.LightningModule``.
+
+    Inputs are ``(B, 2, 16)`` floats, targets ``(B,)`` class indices in ``[0, 4)``. Prunable weights:
+    ``conv.weight`` (4x2x3), ``fc1.weight`` (32x56), ``fc2.weight`` (4x32); all layers have biases.
+    ``seed`` (if not None) seeds the parameter initialisation.
+    """
+    pl = import_ns(ns)
+
+    class TinyModule(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(IN_CHANNELS, 4, kernel_size=3)
+            self.fc1 = nn.Linear(4 * (LENGTH - 2), 32)
+            self.fc2 = nn.Linear(32, NUM_CLASSES)
+            self.optimizer_name = optimizer
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.relu(self.conv(x)).flatten(1)
+            return self.fc2(torch.relu(self.fc1(h)))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.cross_entropy(self(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return make_optimizer(self.optimizer_name, self.parameters())
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return TinyModule()
+
+
+def make_dataloader(n: int = 64, batch_size: int = 8, seed: int = 123) -> DataLoader:
+    """Synthetic, learnable classification data for :func:`make_module` (no shuffling, deterministic)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, IN_CHANNELS, LENGTH, generator=gen)
+    y = (x[:, 0, :4].sum(1) > 0).long() + 2 * (x[:, 1, -4:].sum(1) > 0).long()
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def make_trainer(ns: str | ModuleType = "lightning.pytorch", **kwargs):
+    """A quiet CPU trainer of namespace ``ns``; ``kwargs`` override the defaults."""
+    pl = import_ns(ns)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=10,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def masks_equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
+    """Same names, and per name the same shape and the same bool values (compared on the CPU)."""
+    if set(a) != set(b):
+        return False
+    return all(
+        a[n].shape == b[n].shape and torch.equal(a[n].detach().cpu().bool(), b[n].detach().cpu().bool()) for n in a
+    )
+
+
+def as_dict(masks) -> dict[str, Tensor]:
+    """A MaskSet (or mapping) as a plain ``{name: bool cpu tensor}`` dict."""
+    return {n: m.detach().cpu().bool().clone() for n, m in masks.items()}

@@ -1,0 +1,100 @@
+"""A real 2-process DDP fit on the CPU (gloo): masks are decided on rank zero and broadcast."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TARGET_SHAPES, TARGET_TOTAL, masks_equal
+
+SCRIPT = Path(__file__).with_name("ddp_script.py")
+
+
+def run_script(outdir: Path, strategy: str) -> subprocess.CompletedProcess:
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
+        env.pop(var, None)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(outdir), strategy],
+        cwd=SCRIPT.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"DDP script failed:\nSTDOUT:\n{proc.stdout[-5000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("ddp")
+    proc = run_script(outdir, "ddp")
+    files = [outdir / "rank0.pt", outdir / "rank1.pt"]
+    for f in files:
+        assert f.exists(), f"{f.name} missing; stderr:\n{proc.stderr[-5000:]}"
+    return [torch.load(f, weights_only=False) for f in files]
+
+
+def test_both_ranks_trained(ddp_results):
+    r0, r1 = ddp_results
+    assert (r0["rank"], r1["rank"]) == (0, 1)
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["global_step"] == r1["global_step"] == 20
+
+
+def test_scorer_was_rank_dependent(ddp_results):
+    """Each rank's own scores would have given different masks: equal final masks are not a coincidence."""
+    r0, r1 = ddp_results
+    assert (r0["scorer_rank"], r1["scorer_rank"]) == (0, 1)
+    assert not masks_equal(r0["local_masks"], r1["local_masks"])
+
+
+def test_masks_broadcast_from_rank_zero(ddp_results):
+    r0, r1 = ddp_results
+    assert masks_equal(r0["masks"], r1["masks"])
+    assert masks_equal(r0["masks"], r0["local_masks"])  # rank zero's choice won
+    assert not masks_equal(r1["masks"], r1["local_masks"])
+
+
+def test_kept_count_exact(ddp_results):
+    for r in ddp_results:
+        assert sum(int(m.sum()) for m in r["masks"].values()) == round(0.2 * TARGET_TOTAL) == 389
+
+
+def test_weights_masked_and_in_sync(ddp_results):
+    r0, r1 = ddp_results
+    for r in (r0, r1):
+        for name, mask in r["masks"].items():
+            assert torch.all(r["weights"][name][~mask] == 0), name
+            assert torch.equal(r["zero"][name], r["weights"][name] == 0)
+            # kept weights moved away from zero (a zero among them would have probability ~0)
+            assert torch.equal(r["zero"][name], ~mask), name
+    for name in r0["zero"]:
+        assert torch.equal(r0["zero"][name], r1["zero"][name]), name
+    assert set(r0["weights"]) == set(r1["weights"])
+    for name in r0["weights"]:
+        assert torch.equal(r0["weights"][name], r1["weights"][name]), name  # DDP keeps replicas identical
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="ddp_fork needs os.fork")
+def test_ddp_fork_launching_process_keeps_masks(tmp_path):
+    """With ``ddp_fork``/``ddp_spawn`` training runs in worker processes; rank zero hands its masks back.
+
+    The launching process's callback then reports them, saves them in checkpoints and would reuse them
+    on a further ``fit`` instead of re-pruning.
+    """
+    run_script(tmp_path, "ddp_fork")
+    main = torch.load(tmp_path / "main.pt", weights_only=False)
+    zero = {n: main["weights"][n] == 0 for n in TARGET_SHAPES}
+    assert sum(int((~z).sum()) for z in zero.values()) == round(0.2 * TARGET_TOTAL)  # the weights came back pruned
+    assert main["masks"] is not None, "the launching process's callback has no masks after a ddp_fork fit"
+    assert masks_equal(main["masks"], {n: ~z for n, z in zero.items()})
+    assert main["ckpt_masks"] is not None and masks_equal(main["ckpt_masks"], main["masks"])
+    assert main["report_kept"] == round(0.2 * TARGET_TOTAL)
