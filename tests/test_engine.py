@@ -136,7 +136,8 @@ def test_unknown_names_list_valid_ones():
 def test_every_scorer_scores_every_target(name):
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     params = select_targets(model)
-    scores = get_scorer(name)(ScoringContext(params=params, module=model, seed=1))
+    batches = [(torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))]
+    scores = get_scorer(name)(ScoringContext(params=params, module=model, seed=1, batches=batches))
     assert list(scores) == list(params)
     for n, p in params.items():
         assert scores[n].shape == p.shape and torch.isfinite(scores[n]).all()

@@ -108,8 +108,8 @@ def _boom(*args, **kwargs):
 
 
 def forbid_rescoring(monkeypatch):
-    """Make PruneAtInit's scorer lookup fail from now on (construct the callback *before* calling this)."""
-    monkeypatch.setattr(pai_module, "get_scorer", lambda method: _boom)
+    """Make PruneAtInit's pruning step fail from now on (construct the callback *before* calling this)."""
+    monkeypatch.setattr(pai_module, "prune", _boom)
 
 
 # --------------------------------------------------------- both namespaces

@@ -2,42 +2,76 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from itertools import islice
 from typing import Any
 
 from torch import Tensor
 
 from lightning_pai.callbacks.base import SparseCallback
 from lightning_pai.core.distributions import Distribution, get_distribution
-from lightning_pai.core.masks import check_sparsity, compute_masks
-from lightning_pai.core.scorers import Scorer, ScoringContext, get_scorer
+from lightning_pai.core.masks import check_min_density, check_sparsity
+from lightning_pai.core.pruning import ABLATIONS, check_choice, prune, round_sparsities
+from lightning_pai.core.scorers import Scorer, ScoringContext, default_forward, get_scorer
 from lightning_pai.core.targets import Selectors
+
+#: Scorers that need no data at all.
+DATA_FREE = ("magnitude", "random")
 
 
 class PruneAtInit(SparseCallback):
-    """Pruning at initialization: score every prunable weight once at fit start, keep the top ones.
+    """Pruning at initialization: score every prunable weight at fit start, keep the top ones.
 
     The kept count is exactly ``round((1 - sparsity) * N)`` over the ``N`` targeted weights, split
     across layers by ``distribution``; within a layer the highest scores are kept (ties broken by
-    position). The masks are decided on rank zero and broadcast, enforced on every step (weights,
-    gradients and optimizer state of pruned weights stay exactly zero), and saved in checkpoints: a
-    resumed fit, or a second ``fit`` with the same callback, reuses them instead of pruning again.
+    position). With ``iterations=k`` the scorer runs ``k`` times and the sparsity grows on ``schedule``;
+    weights pruned in a round are zero (masked) in the next round's scoring pass and stay pruned.
+    Scoring leaves the model as it found it (weights, BatchNorm statistics, train/eval flags,
+    ``requires_grad``) apart from the masks. Under DDP the masks are decided on rank zero and
+    broadcast; they are enforced on every step (weights, gradients and optimizer state of pruned
+    weights stay exactly zero) and saved in checkpoints: a resumed fit, or a second ``fit`` with the
+    same callback, reuses them instead of pruning again.
+
+    Scorers: ``"magnitude"`` (``|w|``), ``"random"``, ``"snip"`` (Lee et al. 2019, ``|g ⊙ w|``),
+    ``"grasp"`` (Wang et al. 2020, ``θ ⊙ Hg`` kept highest), ``"synflow"`` (Tanaka et al. 2020,
+    data-free, ``|θ ⊙ ∂R/∂θ|``; 100 exponential rounds by default) — see
+    :mod:`lightning_pai.core.saliency` for the formulas.
+
+    Scoring data: the first ``batches`` batches of the trainer's train dataloader, moved to the
+    module's device. The loss is the one the module's ``training_step`` returns (its ``self.log``
+    calls are silenced while scoring) unless ``loss_fn(logits, targets)`` is given, which is applied to
+    ``forward_fn(module, batch)`` (default: ``module(x), y`` for batches ``(x, y, ...)``). GraSP always
+    uses ``cross_entropy(logits / temperature, targets)`` on ``forward_fn``. SynFlow needs only the
+    input shape of one batch (or ``input_shape``).
 
     Args:
-        method: Scorer name (see :func:`~lightning_pai.core.scorers.list_scorers`; ``"magnitude"``:
-            ``|w|``, ``"random"``: seeded uniform) or a callable ``fn(ScoringContext) -> scores``.
+        method: Scorer name (:func:`~lightning_pai.core.scorers.list_scorers`) or a callable
+            ``fn(ScoringContext) -> scores``.
         sparsity: Fraction of the targeted weights removed, in ``[0, 1)``.
-        distribution: How the kept count is split across layers: ``"global"`` (one threshold over
-            all layers), ``"uniform"``, ``"erk"``, ``"er"``, ``"lamp"`` or a registered/callable one.
+        distribution: How the kept count is split across layers: ``"global"`` (scores ranked across
+            layers), ``"uniform"``, ``"erk"``, ``"er"``, ``"lamp"`` (per-layer budgets, ranked within
+            each layer) or a registered/callable one.
+        iterations: Scoring rounds (default: 100 for ``"synflow"``, else 1).
+        schedule: ``"exponential"`` (same fraction of the remaining weights each round) or ``"linear"``.
+        batches: Number of train batches the data-driven scorers use.
         include: Prunable parameters (default: weights of ``nn.Linear`` and ``nn.Conv1d/2d/3d``);
             glob patterns over parameter names or module types.
         exclude: Parameters left dense; same forms as ``include``.
-        seed: Seed for stochastic scorers.
+        ablation: Sanity-check control (Frankle et al. 2021; Su et al. 2020): ``"shuffle"`` (permute each
+            layer's mask), ``"reinit"`` (re-draw the kept weights with the layer's initializer),
+            ``"invert"`` (keep the lowest-scored weights, same per-layer counts), or None.
+        min_density: Every layer keeps at least this fraction of its weights (layer-collapse guard).
+        loss_fn: Optional ``loss_fn(logits, targets) -> loss`` replacing ``training_step`` for SNIP and
+            custom scorers.
+        forward_fn: Optional ``forward_fn(module, batch) -> (logits, targets)``.
+        input_shape: Input shape of one sample for SynFlow (default: from the first batch).
+        temperature: GraSP's softmax temperature (200 in the paper's code).
+        seed: Seed for stochastic scorers and ablations.
         verbose: Print the per-layer table at fit start (rank zero).
 
     Example::
 
-        trainer = Trainer(callbacks=[PruneAtInit("magnitude", sparsity=0.9, distribution="erk")])
-
+        trainer = Trainer(callbacks=[PruneAtInit("snip", sparsity=0.95, batches=1)])
     """
 
     def __init__(
@@ -46,30 +80,123 @@ class PruneAtInit(SparseCallback):
         sparsity: float = 0.9,
         *,
         distribution: str | Distribution = "global",
+        iterations: int | None = None,
+        schedule: str = "exponential",
+        batches: int = 1,
         include: Selectors = None,
         exclude: Selectors = None,
+        ablation: str | None = None,
+        min_density: float = 0.0,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        forward_fn: Callable[[Any, Any], tuple[Tensor, Tensor]] | None = None,
+        input_shape: tuple[int, ...] | None = None,
+        temperature: float = 200.0,
         seed: int = 0,
         verbose: bool = True,
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
         get_scorer(method)
         get_distribution(distribution)
+        if iterations is None:
+            iterations = 100 if method == "synflow" else 1
+        round_sparsities(check_sparsity(sparsity), iterations, schedule)  # validates all three
+        check_choice(ablation, ABLATIONS, "ablation", optional=True)
+        if not isinstance(batches, int) or batches < 1:
+            raise ValueError(f"`batches` must be a positive integer; got {batches!r}.")
+        check_min_density(min_density, sparsity)
         self.method = method
-        self.sparsity = check_sparsity(sparsity)
+        self.sparsity = float(sparsity)
         self.distribution = distribution
+        self.iterations = iterations
+        self.schedule = schedule
+        self.batches = batches
+        self.ablation = ablation
+        self.min_density = float(min_density)
+        self.loss_fn = loss_fn
+        self.forward_fn = forward_fn
+        self.input_shape = None if input_shape is None else tuple(input_shape)
+        self.temperature = float(temperature)
         self.seed = int(seed)
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            method=_name(self.method), sparsity=self.sparsity, distribution=_name(self.distribution)
+            method=_name(self.method),
+            sparsity=self.sparsity,
+            distribution=_name(self.distribution),
+            ablation=self.ablation,
         )
 
     def initial_masks(self, trainer: Any, pl_module: Any, params: dict[str, Any]) -> dict[str, Tensor]:
-        """Score the targets with ``method`` and keep the top ``1 - sparsity`` by ``distribution``."""
-        ctx = ScoringContext(params=params, module=pl_module, seed=self.seed)
-        scores = get_scorer(self.method)(ctx)
-        return compute_masks(scores, self.sparsity, self.distribution)
+        """Score the targets with ``method`` (iteratively if asked) and keep the top ones."""
+        forward = self.forward_fn or default_forward
+        loss_fn = None
+        if self.loss_fn is not None:
+            user_loss = self.loss_fn
+            loss_fn = lambda module, batch: user_loss(*forward(module, batch))  # noqa: E731
+        elif self.method not in DATA_FREE:
+            loss_fn = _training_step_loss
+        ctx = ScoringContext(
+            params=params,
+            module=pl_module,
+            seed=self.seed,
+            batches=self._scoring_batches(trainer),
+            loss_fn=loss_fn,
+            forward_fn=forward,
+            input_shape=self.input_shape,
+            extras={"temperature": self.temperature},
+        )
+        if loss_fn is _training_step_loss and not pl_module.automatic_optimization and ctx.batches:
+            raise ValueError(
+                f"`{type(self).__name__}(method={_name(self.method)!r})` cannot score with `training_step` under "
+                "manual optimization (it would step the optimizer): pass `loss_fn=`."
+            )
+        return prune(
+            ctx,
+            self.method,
+            self.sparsity,
+            self.distribution,
+            iterations=self.iterations,
+            schedule=self.schedule,
+            ablation=self.ablation,
+            min_density=self.min_density,
+        )
+
+    def _scoring_batches(self, trainer: Any) -> list[Any]:
+        if self.method in DATA_FREE or (self.method == "synflow" and self.input_shape is not None):
+            return []
+        n = 1 if self.method == "synflow" else self.batches
+        trainer.fit_loop.setup_data()
+        loader = trainer.train_dataloader
+        if loader is None or not isinstance(loader, Iterable) or isinstance(loader, (dict, list, tuple)):
+            raise ValueError(
+                f"`{type(self).__name__}(method={_name(self.method)!r})` scores on batches of a single train "
+                f"dataloader; got {type(loader).__name__}."
+            )
+        batches = [trainer.strategy.batch_to_device(b) for b in islice(iter(loader), n)]
+        if not batches:
+            raise ValueError("The train dataloader is empty: nothing to score on.")
+        return batches
+
+
+def _training_step_loss(module: Any, batch: Any) -> Tensor:
+    """The loss ``module.training_step(batch, 0)`` returns, with ``self.log`` silenced."""
+    saved = module.__dict__.get("log"), module.__dict__.get("log_dict")
+    module.log = module.log_dict = lambda *args, **kwargs: None
+    try:
+        out = module.training_step(batch, 0)
+    finally:
+        for attr, value in zip(("log", "log_dict"), saved):
+            if value is None:
+                delattr(module, attr)
+            else:
+                setattr(module, attr, value)
+    loss = out["loss"] if isinstance(out, dict) else out
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        raise ValueError(
+            "`training_step` must return a scalar loss (or a dict with 'loss') for scoring; or pass `loss_fn=`."
+        )
+    return loss
 
 
 def _name(x: object) -> str:

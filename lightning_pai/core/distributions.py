@@ -52,7 +52,9 @@ def _target_total(scores: Mapping[str, Tensor], density: float) -> int:
 
 def _global_counts(scores: Mapping[str, Tensor], k: int) -> dict[str, int]:
     """Counts per layer when the ``k`` highest scores over all layers are kept."""
-    flat = torch.cat([s.detach().reshape(-1).float().to(next(iter(scores.values())).device) for s in scores.values()])
+    first = next(iter(scores.values()))
+    dtype = torch.float64 if any(s.dtype == torch.float64 for s in scores.values()) else torch.float32
+    flat = torch.cat([s.detach().reshape(-1).to(device=first.device, dtype=dtype) for s in scores.values()])
     keep = topk_mask(flat, k)
     counts, start = {}, 0
     for name, s in scores.items():

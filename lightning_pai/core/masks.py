@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_pai.core.distributions import Distribution, get_distribution
-from lightning_pai.core.select import masks_from_counts
+from lightning_pai.core.select import masks_from_counts, raise_to_floors
 from lightning_pai.core.targets import Selectors, select_targets
 
 
@@ -28,11 +28,28 @@ def check_sparsity(sparsity: float, argument: str = "sparsity") -> float:
     return float(sparsity)
 
 
+def check_min_density(min_density: float, sparsity: float) -> None:
+    """Validate a per-layer minimum density against the overall density ``1 - sparsity``.
+
+    Raises:
+        ValueError: If ``min_density`` is outside ``[0, 1 - sparsity]``.
+    """
+    if isinstance(min_density, bool) or not isinstance(min_density, (int, float)) or not 0 <= min_density <= 1:
+        raise ValueError(f"`min_density` is a per-layer fraction kept and must be in [0, 1]; got {min_density!r}.")
+    if min_density > 1.0 - sparsity + 1e-12:
+        raise ValueError(
+            f"`min_density`={min_density} exceeds the overall density 1 - `sparsity` = {1 - sparsity:g}: "
+            "every layer cannot keep more than the whole network does."
+        )
+
+
 def compute_masks(
     scores: Mapping[str, Tensor],
     sparsity: float,
     distribution: str | Distribution = "global",
     masks: Mapping[str, Tensor] | None = None,
+    min_density: float = 0.0,
+    invert: bool = False,
 ) -> dict[str, Tensor]:
     """Turn scores into keep-masks: the distribution fixes each layer's count, the highest scores are kept.
 
@@ -43,18 +60,27 @@ def compute_masks(
             :mod:`lightning_pai.core.distributions`).
         masks: Current masks; weights they prune stay pruned (their scores are treated as ``-inf``,
             and no layer is asked to keep more than it still has).
+        min_density: Each layer keeps at least ``ceil(min_density * size)`` weights (capped by what it still
+            has); the extra weights come from the other layers, so the total is unchanged.
+        invert: Keep the *lowest*-scored weights, with the per-layer counts the scores would have given
+            (the "inversion" sanity check of Frankle et al. 2021).
 
     Returns:
         New bool masks, by name.
-
     """
     density = 1.0 - check_sparsity(sparsity)
+    check_min_density(min_density, sparsity)
     fn = get_distribution(distribution)
     if masks is not None:
         scores = {n: s.masked_fill(~masks[n].to(s.device), -math.inf) for n, s in scores.items()}
     counts = fn(scores, density)
-    if masks is not None:
-        counts = {n: min(c, int(masks[n].sum())) for n, c in counts.items()}
+    available = {n: int(masks[n].sum()) if masks is not None else s.numel() for n, s in scores.items()}
+    counts = {n: min(c, available[n]) for n, c in counts.items()}
+    if min_density > 0:
+        floors = {n: min(available[n], math.ceil(min_density * s.numel() - 1e-9)) for n, s in scores.items()}
+        counts = raise_to_floors(counts, floors)
+    if invert:
+        scores = {n: torch.where(torch.isfinite(s), -s, s) for n, s in scores.items()}
     return masks_from_counts(scores, counts)
 
 

@@ -9,14 +9,36 @@ returning, for each name in ``ctx.params``, a float tensor shaped like the param
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from lightning_pai.core.registry import Registry
+
+
+def default_forward(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
+    """``(module(x), y)`` for a batch ``(x, y, ...)`` (tuple/list) or ``{"x": ..., "y": ...}`` (dict)."""
+    if isinstance(batch, Mapping):
+        return module(batch["x"]), batch["y"]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return module(batch[0]), batch[1]
+    raise TypeError(
+        "Cannot split the batch into inputs and targets: expected `(x, y, ...)` or `{'x': ..., 'y': ...}`, got "
+        f"{type(batch).__name__}. Pass `forward_fn(module, batch) -> (logits, targets)`."
+    )
+
+
+def batch_inputs(batch: Any) -> Tensor:
+    """The input tensor of a batch ``x``, ``(x, y, ...)`` or ``{"x": ...}``."""
+    if isinstance(batch, Mapping):
+        return batch["x"]
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    return batch
 
 
 @dataclass
@@ -26,17 +48,38 @@ class ScoringContext:
     Attributes:
         params: Prunable parameters by fully qualified name.
         module: The model that owns ``params`` (data-driven scorers run it).
-        masks: Current keep-masks by name, or None when nothing is pruned yet.
+        masks: Current keep-masks by name, or None when nothing is pruned yet. The pruning driver zeroes
+            the masked weights before scoring, so they are masked in the scoring forward pass.
         seed: Seed for stochastic scorers.
-        extras: Scorer-specific inputs (batches, loss function, ...), set by the caller.
-
+        batches: Batches for data-driven scorers (already on the module's device).
+        loss_fn: ``loss_fn(module, batch) -> scalar loss`` (SNIP). Default: cross-entropy of ``forward_fn``.
+        forward_fn: ``forward_fn(module, batch) -> (logits, targets)`` (GraSP; default :func:`default_forward`).
+        input_shape: Shape of one input sample without the batch dimension (SynFlow); default: taken from
+            the first batch's inputs.
+        extras: Further scorer-specific options (e.g. ``{"temperature": 200}`` for GraSP).
     """
 
     params: Mapping[str, nn.Parameter]
     module: nn.Module | None = None
     masks: Mapping[str, Tensor] | None = None
     seed: int = 0
+    batches: Sequence[Any] = ()
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None = None
+    forward_fn: Callable[[nn.Module, Any], tuple[Tensor, Tensor]] = default_forward
+    input_shape: tuple[int, ...] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def loss(self, batch: Any) -> Tensor:
+        """The scalar loss of ``batch``: ``loss_fn`` if given, else cross-entropy of ``forward_fn``."""
+        if self.loss_fn is not None:
+            return self.loss_fn(self.module, batch)
+        logits, targets = self.forward_fn(self.module, batch)
+        return F.cross_entropy(logits, targets)
+
+    def require_data(self, scorer: str) -> None:
+        """Raise a clear error when a data-driven scorer has no model or batches."""
+        if self.module is None or not self.batches:
+            raise ValueError(f"The `{scorer}` scorer needs the model and at least one batch (`batches`).")
 
 
 Scorer = Callable[[ScoringContext], dict[str, Tensor]]

@@ -74,3 +74,28 @@ def apportion(ideal: Mapping[str, float], caps: Mapping[str, int], total: int) -
 def masks_from_counts(scores: Mapping[str, Tensor], counts: Mapping[str, int]) -> dict[str, Tensor]:
     """Per layer, keep the ``counts[name]`` highest scores (see :func:`topk_mask`)."""
     return {name: topk_mask(s, counts[name]) for name, s in scores.items()}
+
+
+def raise_to_floors(counts: Mapping[str, int], floors: Mapping[str, int]) -> dict[str, int]:
+    """Lift each count to its floor, taking the extra weights from layers above their floor.
+
+    The donors give in proportion to their margin above the floor (largest-remainder rounding), so the
+    total is unchanged.
+
+    Raises:
+        ValueError: If the floors alone need more weights than the total.
+
+    """
+    total = sum(counts.values())
+    if sum(floors.values()) > total:
+        raise ValueError(
+            f"`min_density` asks for {sum(floors.values())} kept weights, more than the {total} the sparsity allows."
+        )
+    lifted = {n: max(c, floors[n]) for n, c in counts.items()}
+    excess = sum(lifted.values()) - total
+    if excess == 0:
+        return lifted
+    margin = {n: lifted[n] - floors[n] for n in lifted}
+    spare = sum(margin.values())
+    ideal = {n: floors[n] + margin[n] * (1 - excess / spare) for n in lifted}
+    return apportion(ideal, lifted, total)

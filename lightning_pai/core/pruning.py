@@ -1,0 +1,168 @@
+"""One-shot and iterative pruning driver, sanity-check ablations and layer-collapse floors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from lightning_pai.core.distributions import Distribution
+from lightning_pai.core.masks import check_sparsity, compute_masks
+from lightning_pai.core.scorers import Scorer, ScoringContext, get_scorer
+
+SCHEDULES = ("exponential", "linear")
+ABLATIONS = ("shuffle", "reinit", "invert")
+
+
+def check_choice(value: object, allowed: tuple, argument: str, optional: bool = False) -> None:
+    """Raise ``ValueError`` naming ``argument`` unless ``value`` is one of ``allowed`` (or None if ``optional``)."""
+    if (optional and value is None) or value in allowed:
+        return
+    choices = ", ".join(repr(a) for a in allowed) + (" or None" if optional else "")
+    raise ValueError(f"`{argument}` must be one of {choices}; got {value!r}.")
+
+
+def round_sparsities(sparsity: float, iterations: int, schedule: str = "exponential") -> list[float]:
+    """Sparsity after each of ``iterations`` rounds, ending at ``sparsity``.
+
+    ``"exponential"`` (Tanaka et al. 2020): density after round ``r`` is ``(1 - sparsity) ** (r / k)``,
+    so each round removes the same fraction of the remaining weights. ``"linear"``: ``sparsity * r / k``.
+    """
+    check_sparsity(sparsity)
+    check_choice(schedule, SCHEDULES, "schedule")
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"`iterations` must be a positive integer; got {iterations!r}.")
+    if schedule == "exponential":
+        return [1.0 - (1.0 - sparsity) ** (r / iterations) for r in range(1, iterations + 1)]
+    return [sparsity * r / iterations for r in range(1, iterations + 1)]
+
+
+@contextmanager
+def preserved_state(module: nn.Module, params: Mapping[str, nn.Parameter] | None = None) -> Iterator[None]:
+    """Restore train/eval flags, ``requires_grad``, buffer values and the values of ``params`` on exit.
+
+    Only ``params`` (the pruning targets, which the driver zeroes between rounds) are copied; scorers must
+    not modify other parameters in place.
+    """
+    flags = [(m, m.training) for m in module.modules()]
+    grads = [(p, p.requires_grad) for p in module.parameters()]
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    buffers += [(p, p.detach().clone()) for p in (params or {}).values()]
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+        for p, requires_grad in grads:
+            p.requires_grad_(requires_grad)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
+@torch.no_grad()
+def _zero_pruned(params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
+    for n, p in params.items():
+        p.mul_(masks[n].to(p.device))
+
+
+def shuffle_masks(masks: Mapping[str, Tensor], seed: int = 0) -> dict[str, Tensor]:
+    """Randomly permute each layer's mask (Frankle et al. 2021 "layerwise shuffling"): same per-layer density."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, m in masks.items():
+        perm = torch.randperm(m.numel(), generator=gen).to(m.device)
+        out[n] = m.reshape(-1)[perm].view_as(m)
+    return out
+
+
+@torch.no_grad()
+def reinitialize_(module: nn.Module, names: list[str], seed: int = 0) -> None:
+    """Re-draw the named parameters with their layer's own initializer (``reset_parameters``), seeded.
+
+    Only the named parameters change; other parameters of the same layers (e.g. biases) are kept.
+
+    Raises:
+        ValueError: If a parameter's owning layer has no ``reset_parameters``.
+
+    """
+    modules = dict(module.named_modules())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name in names:
+            owner_name, _, attr = name.rpartition(".")
+            owner = modules[owner_name]
+            if not hasattr(owner, "reset_parameters"):
+                raise ValueError(f"`ablation='reinit'`: layer {owner_name!r} has no `reset_parameters` initializer.")
+            keep = {k: p.detach().clone() for k, p in owner.named_parameters(recurse=False) if k != attr}
+            target = getattr(owner, attr)
+            owner.reset_parameters()
+            fresh = getattr(owner, attr)
+            if fresh is not target:  # a layer that re-created its parameter object: copy back into ours
+                target.copy_(fresh)
+                setattr(owner, attr, target)
+            for k, v in keep.items():
+                getattr(owner, k).copy_(v)
+
+
+def prune(
+    ctx: ScoringContext,
+    method: str | Scorer,
+    sparsity: float,
+    distribution: str | Distribution = "global",
+    iterations: int = 1,
+    schedule: str = "exponential",
+    ablation: str | None = None,
+    min_density: float = 0.0,
+) -> dict[str, Tensor]:
+    """Score and prune, in one shot or over ``iterations`` rounds; return the final keep-masks.
+
+    In every round the weights pruned so far are zero during scoring (so they are "masked in the
+    forward") and stay pruned; the round's sparsity comes from :func:`round_sparsities`. Afterwards the
+    model is exactly as before (weights, buffers, train/eval flags, ``requires_grad``) except that, with
+    ``ablation="reinit"``, the targeted weights are re-drawn. Apply the returned masks with
+    :meth:`~lightning_pai.core.masks.MaskSet.update_`.
+
+    Args:
+        ctx: Scoring inputs (parameters, model, batches, ...).
+        method: Scorer name or callable.
+        sparsity: Final fraction of targeted weights removed.
+        distribution: How each round's kept count is split over layers.
+        iterations: Number of scoring rounds.
+        schedule: ``"exponential"`` or ``"linear"``.
+        ablation: Sanity-check control (Frankle et al. 2021, arXiv:2009.08576; Su et al. 2020,
+            arXiv:2009.11094): ``"shuffle"`` permutes each layer's final mask, ``"reinit"`` re-draws the
+            kept weights with the layer's initializer, ``"invert"`` keeps the *lowest*-scored weights in
+            each round with the per-layer counts the method would have chosen.
+        min_density: Every layer keeps at least ``ceil(min_density * size)`` weights (layer-collapse guard).
+
+    Returns:
+        Bool masks by parameter name.
+
+    """
+    scorer = get_scorer(method)
+    check_choice(ablation, ABLATIONS, "ablation", optional=True)
+    masks = ctx.masks
+    params = dict(ctx.params)
+    module = ctx.module if ctx.module is not None else nn.ParameterList(params.values())
+    with preserved_state(module, params):
+        for p in params.values():
+            p.requires_grad_(True)
+        for round_sparsity in round_sparsities(sparsity, iterations, schedule):
+            if masks is not None:
+                _zero_pruned(params, masks)
+            ctx.masks = masks
+            scores = scorer(ctx)
+            masks = compute_masks(
+                scores, round_sparsity, distribution, masks=masks, min_density=min_density, invert=ablation == "invert"
+            )
+    ctx.masks = masks
+    if ablation == "shuffle":
+        masks = shuffle_masks(masks, ctx.seed)
+    elif ablation == "reinit":
+        if ctx.module is None:
+            raise ValueError("`ablation='reinit'` needs the model in the scoring context.")
+        reinitialize_(ctx.module, list(params), ctx.seed)
+    return masks

@@ -1,0 +1,123 @@
+"""Data-driven and data-free saliency scorers for pruning at initialization: SNIP, GraSP, SynFlow.
+
+All follow the scorer signature ``fn(ctx: ScoringContext) -> dict[str, Tensor]`` (higher = kept first)
+and compute gradients with ``torch.autograd.grad``, so ``.grad`` fields and DDP gradient hooks are never
+touched. Run them through :func:`lightning_pai.core.pruning.prune`, which restores the model's state
+(weights, buffers, train/eval flags, ``requires_grad``) afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_pai.core.scorers import ScoringContext, batch_inputs, register_scorer
+
+
+def _grads(output: Tensor, params: list[nn.Parameter], **kwargs) -> list[Tensor]:
+    grads = torch.autograd.grad(output, params, allow_unused=True, **kwargs)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+@register_scorer("snip")
+def snip(ctx: ScoringContext) -> dict[str, Tensor]:
+    """SNIP connection sensitivity (Lee et al. 2019, arXiv:1810.02340).
+
+    ``score = |g ⊙ w|`` with ``g = ∂L/∂w`` the gradient of the loss summed over ``ctx.batches``
+    (i.e. ``|∂L/∂c|`` for a multiplicative mask ``c = 1``; the paper's normalisation by the sum of
+    scores does not change the ranking). Computed in train mode, like the paper's single-batch pass.
+    """
+    ctx.require_data("snip")
+    names, params = list(ctx.params), list(ctx.params.values())
+    ctx.module.train()
+    total = [torch.zeros_like(p) for p in params]
+    for batch in ctx.batches:
+        for acc, g in zip(total, _grads(ctx.loss(batch), params)):
+            acc.add_(g)
+    return {n: (g * p.detach()).abs().float() for n, g, p in zip(names, total, params)}
+
+
+@register_scorer("grasp")
+def grasp(ctx: ScoringContext) -> dict[str, Tensor]:
+    """GraSP, gradient signal preservation (Wang et al. 2020, arXiv:2002.07376).
+
+    With ``g = ∇L`` and ``H g`` the Hessian-gradient product of the cross-entropy of
+    ``logits / T`` (``T = ctx.extras.get("temperature", 200)``, the official code's value), the paper
+    scores ``S(-θ) = -θ ⊙ H g`` and removes the weights with the *highest* ``S``: their removal reduces
+    the gradient norm least (or increases it). In our higher-is-kept convention the score is therefore
+    ``θ ⊙ H g`` (signed). ``g`` is accumulated over all batches first, then ``H g = ∇(gᵀ ∇L)``
+    over the same batches, as in the official implementation.
+    """
+    ctx.require_data("grasp")
+    temperature = float(ctx.extras.get("temperature", 200.0))
+    names, params = list(ctx.params), list(ctx.params.values())
+    ctx.module.train()
+
+    def loss(batch):
+        logits, targets = ctx.forward_fn(ctx.module, batch)
+        return F.cross_entropy(logits / temperature, targets)
+
+    g = [torch.zeros_like(p) for p in params]
+    for batch in ctx.batches:
+        for acc, gi in zip(g, _grads(loss(batch), params)):
+            acc.add_(gi)
+    hg = [torch.zeros_like(p) for p in params]
+    for batch in ctx.batches:
+        grads = _grads(loss(batch), params, create_graph=True)
+        z = sum((gi.detach() * gr).sum() for gi, gr in zip(g, grads) if gr.requires_grad)
+        if not torch.is_tensor(z) or not z.requires_grad:
+            continue  # piecewise-linear model without curvature on this batch
+        for acc, h in zip(hg, _grads(z, params)):
+            acc.add_(h)
+    return {n: (p.detach() * h).float() for n, p, h in zip(names, params, hg)}
+
+
+@contextmanager
+def _linearized(module: nn.Module) -> Iterator[None]:
+    """Replace every floating parameter and buffer by its float64 absolute value (restored on exit)."""
+    saved = []
+    for mod in module.modules():
+        for store in (mod._parameters, mod._buffers):
+            for t in store.values():
+                if t is not None and t.is_floating_point():
+                    saved.append((t, t.data))
+                    t.data = t.data.detach().abs().double()
+    try:
+        yield
+    finally:
+        for t, data in saved:
+            t.data = data
+
+
+@register_scorer("synflow")
+def synflow(ctx: ScoringContext) -> dict[str, Tensor]:
+    """Iterative Synaptic Flow (Tanaka et al. 2020, arXiv:2006.05467); data-free.
+
+    All parameters and buffers are replaced by their absolute values, the model runs in eval mode on an
+    all-ones input of one sample, ``R = sum(f(1; |θ|))`` and ``score = |θ ⊙ ∂R/∂θ|``. Run it
+    iteratively (``iterations=100`` on the exponential schedule in the paper) for its
+    no-layer-collapse guarantee. Scoring is done in float64: ``R`` is a product over layers and
+    overflows float32 in deep networks. Non-finite scores raise an error instead of silently mis-ranking.
+    """
+    if ctx.module is None:
+        raise ValueError("The `synflow` scorer needs the model.")
+    shape = ctx.input_shape
+    if shape is None:
+        if not ctx.batches:
+            raise ValueError("The `synflow` scorer needs `input_shape` or one batch to take the input shape from.")
+        shape = tuple(batch_inputs(ctx.batches[0]).shape[1:])
+    names, params = list(ctx.params), list(ctx.params.values())
+    device = params[0].device
+    ctx.module.eval()
+    with _linearized(ctx.module):
+        out = ctx.module(torch.ones((1, *shape), dtype=torch.float64, device=device))
+        grads = _grads(out.sum(), params)
+        scores = {n: (g * p).abs() for n, g, p in zip(names, grads, params)}
+    bad = [n for n, s in scores.items() if not torch.isfinite(s).all()]
+    if bad:
+        raise FloatingPointError(f"SynFlow scores overflowed float64 in {bad[:3]}; the network is too deep to score.")
+    return scores
