@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from helpers import make_dataloader, make_module
 
-from lightning_pai import PruneAtInit, compute_masks, register_scorer
+from lightning_pai import PruneAtInit, compute_masks, get_scorer, register_scorer
 
 SPARSITY = 0.8
 MAX_STEPS = 20
@@ -45,10 +45,19 @@ def rank_random(ctx):
     return scores
 
 
-def main(outdir: str, strategy: str = "ddp") -> None:
+@register_scorer("snip_recorded", overwrite=True)
+def snip_recorded(ctx):
+    """SNIP on this rank's own shard of the data (DistributedSampler), recording the masks it would give."""
+    scores = get_scorer("snip")(ctx)
+    _LOCAL["rank"] = _rank()
+    _LOCAL["local_masks"] = compute_masks(scores, SPARSITY, "global")
+    return scores
+
+
+def main(outdir: str, strategy: str = "ddp", method: str = "rank_random") -> None:
     torch.set_num_threads(1)
     module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
-    cb = PruneAtInit("rank_random", sparsity=SPARSITY, seed=0, verbose=False)
+    cb = PruneAtInit(method, sparsity=SPARSITY, seed=0, batches=2, verbose=False)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -94,4 +103,4 @@ def main(outdir: str, strategy: str = "ddp") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

@@ -14,14 +14,14 @@ from helpers import TARGET_SHAPES, TARGET_TOTAL, masks_equal
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 
-def run_script(outdir: Path, strategy: str) -> subprocess.CompletedProcess:
+def run_script(outdir: Path, strategy: str, method: str = "rank_random") -> subprocess.CompletedProcess:
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
         env.pop(var, None)
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(outdir), strategy],
+        [sys.executable, str(SCRIPT), str(outdir), strategy, method],
         cwd=SCRIPT.parent,
         env=env,
         capture_output=True,
@@ -98,3 +98,15 @@ def test_ddp_fork_launching_process_keeps_masks(tmp_path):
     assert masks_equal(main["masks"], {n: ~z for n, z in zero.items()})
     assert main["ckpt_masks"] is not None and masks_equal(main["ckpt_masks"], main["masks"])
     assert main["report_kept"] == round(0.2 * TARGET_TOTAL)
+
+
+def test_snip_masks_identical_across_ranks(tmp_path):
+    """SNIP scores each rank's own data shard; the masks every rank trains with are rank zero's."""
+    run_script(tmp_path, "ddp", "snip_recorded")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert not masks_equal(r0["local_masks"], r1["local_masks"])  # the shards really disagree
+    assert masks_equal(r0["masks"], r1["masks"]) and masks_equal(r0["masks"], r0["local_masks"])
+    assert sum(int(m.sum()) for m in r0["masks"].values()) == round(0.2 * TARGET_TOTAL)
+    for name in r0["masks"]:
+        assert torch.equal(r0["weights"][name], r1["weights"][name])
+        assert torch.all(r0["weights"][name][~r0["masks"][name]] == 0)
