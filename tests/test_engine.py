@@ -333,3 +333,38 @@ def test_core_never_imports_lightning():
                 names = [node.module or ""]
             for name in names:
                 assert name.split(".")[0] not in {"lightning", "pytorch_lightning", "lightning_fabric"}, path
+
+
+def test_effective_masks_hand_example():
+    from lightning_pai.core.report import effective_masks
+
+    # 2 -> 3 -> 3 -> 1 MLP: hidden unit a0 gets no input, hidden unit b2 feeds nothing.
+    m1 = torch.tensor([[0, 0], [1, 0], [1, 1]], dtype=torch.bool)
+    m2 = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    m3 = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    eff = effective_masks({"a": m1, "b": m2, "c": m3})
+    assert eff["a"].int().tolist() == [[0, 0], [1, 0], [1, 1]]
+    assert eff["b"].int().tolist() == [[0, 1, 0], [0, 1, 1], [0, 0, 0]]
+    assert eff["c"].int().tolist() == [[1, 1, 0]]
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3), nn.Linear(3, 1))
+    masks = MaskSet.from_module(model)
+    masks.update_({"0.weight": m1, "1.weight": m2, "2.weight": m3})
+    rep = sparsity_report(model, masks, effective=True)
+    assert [r.effective_kept for r in rep.rows] == [3, 3, 2]
+    assert [r.kept for r in rep.rows] == [3, 6, 2]
+    assert rep.effective_sparsity == pytest.approx(1 - 8 / 18)
+    assert rep.metrics()["sparsity/effective"] == pytest.approx(1 - 8 / 18)
+    assert "Effective density" in str(rep)
+
+
+def test_effective_masks_conv_to_linear_flatten_and_branch_error():
+    from lightning_pai.core.report import effective_masks
+
+    conv = torch.ones(2, 1, 3, 3, dtype=torch.bool)
+    conv[1] = False  # channel 1 is dead: its 4 flattened positions feed nothing
+    fc = torch.ones(3, 8, dtype=torch.bool)  # 2 channels x 4 positions, channel-major
+    eff = effective_masks({"conv": conv, "fc": fc})
+    assert eff["fc"].sum() == 12 and not eff["fc"][:, 4:].any()
+    assert torch.equal(eff["conv"], conv)
+    with pytest.raises(ValueError, match="plain chain"):
+        effective_masks({"a": torch.ones(3, 2, dtype=torch.bool), "b": torch.ones(2, 5, dtype=torch.bool)})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,12 @@ class LayerSparsity:
     shape: tuple[int, ...]
     kept: int
     total: int
+    effective_kept: int | None = None
+
+    @property
+    def effective_sparsity(self) -> float | None:
+        """Fraction removed once disconnected weights count as pruned (None if not computed)."""
+        return None if self.effective_kept is None else 1.0 - self.effective_kept / self.total
 
     @property
     def density(self) -> float:
@@ -71,14 +77,24 @@ class SparsityReport:
         """Names of fully pruned layers."""
         return [r.name for r in self.rows if r.collapsed]
 
+    @property
+    def effective_sparsity(self) -> float | None:
+        """Overall effective sparsity (None unless the report was made with ``effective=True``)."""
+        if any(r.effective_kept is None for r in self.rows):
+            return None
+        return 1.0 - sum(r.effective_kept for r in self.rows) / self.total
+
     def metrics(self, prefix: str = "sparsity") -> dict[str, float]:
         """Flat metrics for loggers: ``{prefix}/global`` and ``{prefix}/{layer}`` (fraction removed)."""
         out = {f"{prefix}/global": self.sparsity}
         out.update({f"{prefix}/{r.name}": r.sparsity for r in self.rows})
+        if self.effective_sparsity is not None:
+            out[f"{prefix}/effective"] = self.effective_sparsity
         return out
 
     def __str__(self) -> str:
-        header = ("", "Layer", "Shape", "Kept / Total", "Density")
+        eff = self.effective_sparsity is not None
+        header = ("", "Layer", "Shape", "Kept / Total", "Density") + (("Effective density",) if eff else ())
         body = [
             (
                 str(i),
@@ -87,9 +103,11 @@ class SparsityReport:
                 f"{r.kept:,} / {r.total:,}",
                 f"{r.density:.4f}" + ("  COLLAPSED" if r.collapsed else ""),
             )
+            + ((f"{r.effective_kept / r.total:.4f}",) if eff else ())
             for i, r in enumerate(self.rows)
         ]
-        body.append(("", "Total", "", f"{self.kept:,} / {self.total:,}", f"{1 - self.sparsity:.4f}"))
+        total = ("", "Total", "", f"{self.kept:,} / {self.total:,}", f"{1 - self.sparsity:.4f}")
+        body.append(total + ((f"{1 - self.effective_sparsity:.4f}",) if eff else ()))
         widths = [max(len(row[c]) for row in [header, *body]) for c in range(len(header))]
         fmt = " | ".join(f"{{:<{w}}}" for w in widths)
         lines = [fmt.format(*header), "-" * (sum(widths) + 3 * (len(widths) - 1))]
@@ -103,6 +121,7 @@ def sparsity_report(
     masks: MaskSet | Mapping[str, Tensor] | None = None,
     include: Selectors = None,
     exclude: Selectors = None,
+    effective: bool = False,
 ) -> SparsityReport:
     """Per-layer kept counts of ``module``.
 
@@ -112,6 +131,7 @@ def sparsity_report(
             ``include``/``exclude`` (see :func:`~lightning_pai.core.targets.select_targets`) are counted.
         include: Target selection when ``masks`` is None.
         exclude: Target selection when ``masks`` is None.
+        effective: Also compute effective sparsity (see :func:`effective_masks`; chains of layers only).
 
     Returns:
         The report; ``str(report)`` is a table, ``report.metrics()`` a dict for loggers.
@@ -126,4 +146,66 @@ def sparsity_report(
             LayerSparsity(n, tuple(p.shape), int(torch.count_nonzero(p)), p.numel())
             for n, p in select_targets(module, include, exclude).items()
         ]
+    if effective:
+        kept = {r.name: (masks[r.name] if masks is not None else module.get_parameter(r.name) != 0) for r in rows}
+        eff = effective_masks(kept)
+        rows = [replace(r, effective_kept=int(eff[r.name].sum())) for r in rows]
     return SparsityReport(rows)
+
+
+def _to_units(alive: Tensor, width: int, argument: str) -> Tensor:
+    """Map a unit vector onto a layer's ``width`` inputs, across a channel-major flatten if needed."""
+    if alive.numel() == width:
+        return alive
+    if width % alive.numel() == 0:
+        return alive.repeat_interleave(width // alive.numel())
+    raise ValueError(
+        f"Effective sparsity needs a plain chain of layers: {argument} has {width} inputs, the layer before it "
+        f"{alive.numel()} outputs. Residual or branching graphs are not supported."
+    )
+
+
+def _from_units(useful: Tensor, width: int) -> Tensor:
+    """Inverse of :func:`_to_units`: a unit is useful if any of its flattened positions is."""
+    if useful.numel() == width:
+        return useful
+    return useful.view(width, -1).any(1)
+
+
+@torch.no_grad()
+def effective_masks(masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Masks with the weights that cannot carry signal removed (Vysogorets & Kempe 2021, arXiv:2107.02306).
+
+    The layers are taken as a plain chain in the given order (an MLP or a conv stack, with flattening
+    between conv and linear layers handled channel-major). A kept weight ``w[o, i, ...]`` is *effective*
+    only if input unit ``i`` is reachable from the network input through kept weights and output unit
+    ``o`` reaches the network output through kept weights. Biases are ignored (they carry no input
+    signal). Residual connections, concatenations and attention are not modelled: for such graphs the
+    result is undefined, and inconsistent widths raise an error.
+
+    Args:
+        masks: Bool masks ``[out, in, *kernel]`` in forward order.
+
+    Returns:
+        Effective masks, by name (a subset of ``masks``).
+    """
+    names = list(masks)
+    conn = {n: masks[n].reshape(masks[n].shape[0], masks[n].shape[1], -1).any(-1) for n in names}  # [out, in]
+    reach_in: dict[str, Tensor] = {}
+    alive = None
+    for n in names:
+        width = conn[n].shape[1]
+        reach_in[n] = torch.ones(width, dtype=torch.bool) if alive is None else _to_units(alive, width, n)
+        alive = (conn[n].float() @ reach_in[n].float().to(conn[n].device)) > 0
+    useful_out: dict[str, Tensor] = {}
+    useful = None
+    for n in reversed(names):
+        out_width = conn[n].shape[0]
+        useful_out[n] = torch.ones(out_width, dtype=torch.bool) if useful is None else _from_units(useful, out_width)
+        useful = (conn[n].float().t() @ useful_out[n].float().to(conn[n].device)) > 0
+    out = {}
+    for n in names:
+        m = masks[n]
+        gate = useful_out[n].to(m.device)[:, None] & reach_in[n].to(m.device)[None, :]
+        out[n] = m & gate.view(*gate.shape, *([1] * (m.dim() - 2)))
+    return out
