@@ -7,8 +7,11 @@ per-step mask operations (``MaskSet.mask_grads_`` and ``MaskSet.apply_``).
 
 Usage::
 
-    python benchmarks/step_time.py                      # defaults: ~1-3 min on 2 cores
-    python benchmarks/step_time.py --repeats 3 --steps 50 --warmup 5 --batch-size 64
+    python benchmarks/step_time.py          # defaults: 4 x (dense, sparse) fits of 5 + 25 steps, ~2 min on 2 idle cores
+    python benchmarks/step_time.py --repeats 2 --steps 50 --warmup 5 --batch-size 64 --threads 2
+
+Step times are only meaningful on an otherwise idle machine: each fit's process-CPU / wall ratio is
+printed, and a warning is shown when it falls well below the thread count.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_pai
-from lightning_pai import PruneAtInit
+from lightning_pai import MaskSet, PruneAtInit
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time.md"
 
@@ -212,6 +215,55 @@ def mask_op_times(cb: PruneAtInit, model: ResNetModule, args: argparse.Namespace
     return out
 
 
+def raw_interleaved(cb: PruneAtInit, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Cross-check without Lightning: alternate single dense / sparse SGD steps (order flipped every pair).
+
+    Fit-level interleaving cannot cancel machine-speed drift over tens of seconds; step-level
+    interleaving can. The sparse model uses ``cb``'s masks and the same enforcement as the callback
+    (``mask_grads_`` after backward, ``apply_`` as optimizer step post-hook).
+    """
+    models = {}
+    for mode in ("dense", "sparse"):
+        torch.manual_seed(args.seed)
+        net = torchvision.models.resnet18(num_classes=10)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        models[mode] = (net, opt)
+    params = dict(models["sparse"][0].named_parameters())  # plain resnet18: names without the "net." prefix
+    masks = MaskSet({n.removeprefix("net."): params[n.removeprefix("net.")] for n in cb.masks.names})
+    masks.load_state_dict({n.removeprefix("net."): m for n, m in cb.masks.state_dict().items()})
+    masks.apply_()
+    masks.attach(models["sparse"][1], mask_grads=False)
+    batches = list(make_loader(args.batch_size, 4, args.seed + 2))
+    res: dict[str, list[tuple[float, float, float]]] = {"dense": [], "sparse": []}
+    order = ("dense", "sparse")
+    for i in range(args.warmup + args.raw_pairs):
+        for mode in order if i % 2 == 0 else order[::-1]:
+            net, opt = models[mode]
+            x, y = batches[i % len(batches)]
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(net(x), y)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            if mode == "sparse":
+                masks.mask_grads_()
+            opt.step()
+            t3 = time.perf_counter()
+            if i >= args.warmup:
+                res[mode].append((t1 - t0, t2 - t1, t3 - t2))
+    masks.detach()
+    return {
+        m: {
+            "forward": ms([r[0] for r in v]),
+            "backward": ms([r[1] for r in v]),
+            "opt_step": ms([r[2] for r in v]),
+            "total": ms([sum(r) for r in v]),
+        }
+        for m, v in res.items()
+    }
+
+
 # --------------------------------------------------------------------------- reporting
 def device_name() -> str:
     cpu = platform.processor() or platform.machine()
@@ -232,11 +284,14 @@ def ms(xs: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=50, help="timed steps per fit (after warm-up)")
+    p.add_argument("--steps", type=int, default=25, help="timed steps per fit (after warm-up)")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps per fit")
-    p.add_argument("--repeats", type=int, default=2, help="number of (dense, sparse) fit pairs, interleaved")
+    p.add_argument("--repeats", type=int, default=4, help="number of (dense, sparse) fit pairs, interleaved")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--micro-iters", type=int, default=50, help="calls per mask-op micro-benchmark")
+    p.add_argument(
+        "--raw-pairs", type=int, default=20, help="plain-PyTorch step-interleaved cross-check pairs (0: skip)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS, help="markdown results file")
@@ -244,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if args.threads is not None:
@@ -301,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     pair_ratios = [per_run[i + 1][1] / per_run[i][1] for i in range(0, len(per_run), 2)]
     print(f"\ndense : median {dense:.1f} ms/step over {len(times['dense'])} steps")
     print(f"sparse: median {sparse:.1f} ms/step over {len(times['sparse'])} steps")
-    print(f"ratio sparse/dense: {ratio:.3f} (per pair: {', '.join(f'{x:.3f}' for x in pair_ratios)})")
+    pair_median = statistics.median(pair_ratios)
+    print(
+        f"ratio sparse/dense: {ratio:.3f} (per pair: {', '.join(f'{x:.3f}' for x in pair_ratios)}; "
+        f"median of pairs {pair_median:.3f})"
+    )
     ph = {m: {k: ms([p[k] for p in phases[m]]) for k in PHASES} for m in phases}
     print("\nphase medians (ms)   " + "".join(f"{k:>11s}" for k in PHASES))
     for m in ("dense", "sparse"):
@@ -340,19 +400,28 @@ def main(argv: list[str] | None = None) -> int:
         f"{d['opt_step']:+.2f} ms, forward+backward {fwd_bwd:+.2f} ms (no mask work there: noise)"
     )
     if ratio > 1.05:
-        dom = "mask_grads_" if ops["mask_grads_ms"] >= ops["apply_ms"] else "apply_"
-        dom_step = "mask_grads_" if d["mask_grads"] >= d["opt_step"] else "apply_"
         print(
-            f"  ratio {ratio:.3f} > 1.05: larger per-call cost in isolation: {dom}; "
-            f"larger in-step cost: {dom_step}; mask ops explain {d['mask_grads'] + d['opt_step']:+.1f} ms of "
-            f"the {sparse - dense:+.1f} ms step difference"
+            f"  ratio {ratio:.3f} > 1.05: in isolation {_larger(ops['mask_grads_ms'], ops['apply_ms'])}; "
+            f"in-step {_larger(d['mask_grads'], d['opt_step'])}; mask ops explain "
+            f"{d['mask_grads'] + d['opt_step']:+.1f} ms of the {sparse - dense:+.1f} ms step difference"
         )
+
+    raw = raw_interleaved(cb, args) if args.raw_pairs > 0 else None
+    if raw is not None:
+        rr = raw["sparse"]["total"] / raw["dense"]["total"]
+        print(f"\ncross-check without Lightning, {args.raw_pairs} step-interleaved (dense, sparse) pairs (ms):")
+        print("                     forward   backward  mask_grads_+step+apply_      total")
+        for m in ("dense", "sparse"):
+            r = raw[m]
+            print(f"  {m:17s}{r['forward']:10.2f}{r['backward']:11.2f}{r['opt_step']:25.2f}{r['total']:11.2f}")
+        print(f"  ratio sparse/dense: {rr:.3f}")
 
     rows = [
         ("dense step (median)", f"{dense:.1f} ms"),
         ("sparse step, PruneAtInit magnitude 0.9 (median)", f"{sparse:.1f} ms"),
         ("ratio sparse / dense", f"{ratio:.3f}"),
         ("ratio per (dense, sparse) pair", ", ".join(f"{x:.3f}" for x in pair_ratios)),
+        ("ratio, median of pairs", f"{pair_median:.3f}"),
         *(
             (
                 f"phase `{k}`: dense / sparse / diff",
@@ -362,6 +431,17 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("`MaskSet.mask_grads_()`", f"{ops['mask_grads_ms']:.2f} ms/call ({100 * ops['mask_grads_ms'] / dense:.1f} %)"),
         ("`MaskSet.apply_()`", f"{ops['apply_ms']:.2f} ms/call ({100 * ops['apply_ms'] / dense:.1f} %)"),
+        *(
+            [
+                (
+                    "cross-check, step-interleaved plain PyTorch: dense / sparse / ratio",
+                    f"{raw['dense']['total']:.1f} / {raw['sparse']['total']:.1f} ms / {rr:.3f} "
+                    f"(optimizer phase {raw['dense']['opt_step']:.1f} / {raw['sparse']['opt_step']:.1f} ms)",
+                )
+            ]
+            if raw is not None
+            else []
+        ),
         ("mask memory per masked param", f"{mem['bytes_per_masked_param']:.2f} byte"),
         (
             "mask memory total vs parameter bytes",
@@ -390,6 +470,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(md)
     print(f"\nwrote {_rel(args.out)} (total {time.perf_counter() - t_start:.0f} s)")
     return 0
+
+
+def _larger(mask_grads: float, apply: float, tol: float = 0.2) -> str:
+    """Which of the two mask ops costs more, or 'about equal' when within ``tol`` of each other."""
+    if abs(mask_grads - apply) <= tol * max(mask_grads, apply):
+        return f"mask_grads_ ~ apply_ (about equal, {mask_grads:.1f} vs {apply:.1f} ms)"
+    big = "mask_grads_" if mask_grads > apply else "apply_"
+    return f"{big} dominates ({mask_grads:.1f} vs {apply:.1f} ms)"
 
 
 def _rel(path: str | Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -144,6 +145,7 @@ def prune(
     """
     scorer = get_scorer(method)
     check_choice(ablation, ABLATIONS, "ablation", optional=True)
+    ctx = replace(ctx)  # the rounds update `masks` on a copy, not on the caller's context
     masks = ctx.masks
     params = dict(ctx.params)
     module = ctx.module if ctx.module is not None else nn.ParameterList(params.values())
@@ -158,7 +160,6 @@ def prune(
             masks = compute_masks(
                 scores, round_sparsity, distribution, masks=masks, min_density=min_density, invert=ablation == "invert"
             )
-    ctx.masks = masks
     if ablation == "shuffle":
         masks = shuffle_masks(masks, ctx.seed)
     elif ablation == "reinit":

@@ -116,7 +116,7 @@ def synflow(ctx: ScoringContext) -> dict[str, Tensor]:
     with _linearized(ctx.module):
         out = ctx.module(torch.ones((1, *shape), dtype=torch.float64, device=device))
         grads = _grads(out.sum(), params)
-        scores = {n: (g * p).abs() for n, g, p in zip(names, grads, params)}
+        scores = {n: (g * p.detach()).abs() for n, g, p in zip(names, grads, params)}
     bad = [n for n, s in scores.items() if not torch.isfinite(s).all()]
     if bad:
         raise FloatingPointError(f"SynFlow scores overflowed float64 in {bad[:3]}; the network is too deep to score.")
