@@ -28,14 +28,7 @@ from lightning_pai.core import (
 )
 from lightning_pai.core.select import raise_to_floors
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and avoids oversubscribing a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _clone_params(module: nn.Module) -> dict[str, torch.Tensor]:
