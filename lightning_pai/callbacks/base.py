@@ -99,10 +99,14 @@ class SparseCallback(CallbackBase):
             self.masks.detach()
 
     def _collect_handoff(self) -> None:
-        """In the launching process of ddp_spawn/ddp_fork, adopt the masks rank zero left behind."""
-        if self.masks is None and os.path.exists(self._handoff):
+        """Adopt the masks rank zero of a ddp_spawn/ddp_fork fit left behind.
+
+        Runs in the launching process, or in the workers of a later fit. The file is read, never deleted
+        here: every worker of a later fit must see it, and rank zero overwrites it at the end of each such
+        fit. It lives in the system temp directory.
+        """
+        if self.masks is None and self._restored is None and os.path.exists(self._handoff):
             self._restored = torch.load(self._handoff, weights_only=True)
-            os.remove(self._handoff)
 
     # --------------------------------------------------------------- reporting
     def report(self) -> SparsityReport:
