@@ -45,6 +45,11 @@ def rank_random(ctx):
     return scores
 
 
+@register_scorer("fail_if_called", overwrite=True)
+def fail_if_called(ctx):
+    raise AssertionError("re-pruned: a later fit must reuse the callback's masks")
+
+
 @register_scorer("snip_recorded", overwrite=True)
 def snip_recorded(ctx):
     """SNIP on this rank's own shard of the data (DistributedSampler), recording the masks it would give."""
@@ -71,16 +76,33 @@ def main(outdir: str, strategy: str = "ddp", method: str = "rank_random") -> Non
     )
     trainer.fit(module, make_dataloader(n=64, batch_size=8))
     if strategy != "ddp":  # the launching process, after its workers finished
+        # Nothing here touches `cb` before the second fit: its workers must find the masks themselves.
+        weights = {n: p.detach().cpu().clone() for n, p in module.named_parameters()}
+        global_step = trainer.global_step
+        # A second fit with the same callback: the workers must reuse the masks, never prune again.
+        cb.method = "fail_if_called"
+        second = pl.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy=strategy,
+            max_steps=MAX_STEPS,
+            callbacks=[cb],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            logger=False,
+        )
+        second.fit(module, make_dataloader(n=64, batch_size=8))
         ckpt_path = Path(outdir) / "main.ckpt"
         trainer.save_checkpoint(ckpt_path)
         ckpt = torch.load(ckpt_path, weights_only=False)
         torch.save(
             {
-                "global_step": trainer.global_step,
+                "global_step": global_step,
                 "masks": cb.state_dict()["masks"],
                 "report_kept": cb.report().kept,
                 "ckpt_masks": ckpt["callbacks"][cb.state_key]["masks"],
-                "weights": {n: p.detach().cpu().clone() for n, p in module.named_parameters()},
+                "weights": weights,
             },
             Path(outdir) / "main.pt",
         )
