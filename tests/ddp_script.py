@@ -63,25 +63,9 @@ def main(outdir: str, strategy: str = "ddp", method: str = "rank_random") -> Non
     torch.set_num_threads(1)
     module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
     cb = PruneAtInit(method, sparsity=SPARSITY, seed=0, batches=2, verbose=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        max_steps=MAX_STEPS,
-        callbacks=[cb],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-    )
-    trainer.fit(module, make_dataloader(n=64, batch_size=8))
-    if strategy != "ddp":  # the launching process, after its workers finished
-        # Nothing here touches `cb` before the second fit: its workers must find the masks themselves.
-        weights = {n: p.detach().cpu().clone() for n, p in module.named_parameters()}
-        global_step = trainer.global_step
-        # A second fit with the same callback: the workers must reuse the masks, never prune again.
-        cb.method = "fail_if_called"
-        second = pl.Trainer(
+
+    def fit() -> pl.Trainer:
+        trainer = pl.Trainer(
             accelerator="cpu",
             devices=2,
             strategy=strategy,
@@ -92,7 +76,17 @@ def main(outdir: str, strategy: str = "ddp", method: str = "rank_random") -> Non
             enable_checkpointing=False,
             logger=False,
         )
-        second.fit(module, make_dataloader(n=64, batch_size=8))
+        trainer.fit(module, make_dataloader(n=64, batch_size=8))
+        return trainer
+
+    trainer = fit()
+    if strategy != "ddp":  # the launching process, after its workers finished
+        # Nothing here touches `cb` before the second fit: its workers must find the masks themselves.
+        weights = {n: p.detach().cpu().clone() for n, p in module.named_parameters()}
+        global_step = trainer.global_step
+        # A second fit with the same callback: the workers must reuse the masks, never prune again.
+        cb.method = "fail_if_called"
+        fit()
         ckpt_path = Path(outdir) / "main.ckpt"
         trainer.save_checkpoint(ckpt_path)
         ckpt = torch.load(ckpt_path, weights_only=False)
