@@ -62,7 +62,9 @@ def variance_scaling_(weight: torch.Tensor, gen: torch.Generator) -> None:
 
 def lenet(seed: int) -> nn.Sequential:
     """A variance-scaling-initialised LeNet-300-100 (biases zero)."""
-    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
+    )
     gen = torch.Generator().manual_seed(seed)
     for layer in net:
         if isinstance(layer, nn.Linear):
@@ -106,8 +108,12 @@ class StackedLeNets:
             w = torch.stack([lin[i].weight.detach().t() for lin in linears]).contiguous()
             b = torch.stack([lin[i].bias.detach()[None] for lin in linears]).contiguous()
             name = f"{[1, 3, 5][i]}.weight"
-            m = torch.stack([torch.ones_like(lin[i].weight.t()) if mk is None else mk[name].t().float()
-                             for lin, mk in zip(linears, masks)])
+            m = torch.stack(
+                [
+                    torch.ones_like(lin[i].weight.t()) if mk is None else mk[name].t().float()
+                    for lin, mk in zip(linears, masks)
+                ]
+            )
             self.weights.append(nn.Parameter(w * m))
             self.biases.append(nn.Parameter(b))
             self.masks.append(m.contiguous())
@@ -205,7 +211,9 @@ def table(results: dict, args: argparse.Namespace, seconds: float, zero_ok: bool
     lines.append(f"| dense, paper | {PAPER_DENSE:.1f} |" + " |" * (len(SPARSITIES) - 1))
     lines.append("")
     gaps = [
-        f"{s:.0%}: {statistics.mean(results['snip', s]) - PAPER_SNIP[s]:+.2f} pts" for s in SPARSITIES if s in PAPER_SNIP
+        f"{s:.0%}: {statistics.mean(results['snip', s]) - PAPER_SNIP[s]:+.2f} pts"
+        for s in SPARSITIES
+        if s in PAPER_SNIP
     ]
     lines.append("SNIP minus paper: " + ", ".join(gaps) + ".")
     return "\n".join(lines) + "\n"

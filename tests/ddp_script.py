@@ -5,6 +5,10 @@ masks on both ranks can only come from rank zero's masks being broadcast. Each r
 ``OUTDIR/rank{r}.pt`` with its masks, the masks its own scores would have given, its final zero pattern
 and its final weights.
 
+With ``METHOD="lottery"``: a LotteryTicket fit (3 rounds of 2 epochs, rewind to epoch 1, shuffled data);
+each rank writes ``OUTDIR/lottery{r}.pt`` with its masks and weights at every epoch start and the first
+batch of every epoch.
+
 With ``STRATEGY="ddp_fork"`` (workers forked from this process, which only waits): this main process
 writes ``OUTDIR/main.pt`` with what it holds after ``fit``: the callback's masks, the weights, and the
 masks in a checkpoint it saves with ``trainer.save_checkpoint``.
@@ -21,7 +25,7 @@ import torch
 import torch.distributed as dist
 from helpers import make_dataloader, make_module
 
-from lightning_pai import PruneAtInit, compute_masks, get_scorer, register_scorer
+from lightning_pai import LotteryTicket, PruneAtInit, compute_masks, get_scorer, register_scorer
 
 SPARSITY = 0.8
 MAX_STEPS = 20
@@ -59,23 +63,60 @@ def snip_recorded(ctx):
     return scores
 
 
+class _RoundRecorder(pl.Callback):
+    """After LotteryTicket: masks and weights at every epoch start, first batch of every epoch."""
+
+    def __init__(self, cb: LotteryTicket) -> None:
+        self.cb, self.masks, self.weights, self.first_x = cb, {}, {}, {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.masks[trainer.current_epoch] = self.cb.masks.state_dict()
+        self.weights[trainer.current_epoch] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.first_x[trainer.current_epoch] = batch[0].clone()
+
+
+def lottery(outdir: str) -> None:
+    module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
+    cb = LotteryTicket(3, 0.3, 2, rewind_to="epoch:1", verbose=False)
+    recorder = _RoundRecorder(cb)
+    loader = make_dataloader(n=64, batch_size=8)
+    loader = torch.utils.data.DataLoader(loader.dataset, batch_size=8, shuffle=True)
+    trainer = _trainer("ddp", [cb, recorder], max_epochs=6, max_steps=-1)
+    trainer.fit(module, loader)
+    rank = trainer.global_rank
+    torch.save(
+        {"rank": rank, "masks": recorder.masks, "weights": recorder.weights, "first_x": recorder.first_x},
+        Path(outdir) / f"lottery{rank}.pt",
+    )
+
+
+def _trainer(strategy: str, callbacks: list, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        **kwargs,
+    )
+
+
 def main(outdir: str, strategy: str = "ddp", method: str = "rank_random") -> None:
     torch.set_num_threads(1)
+    if method == "lottery":
+        lottery(outdir)
+        return
     module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
     cb = PruneAtInit(method, sparsity=SPARSITY, seed=0, batches=2, verbose=False)
 
     def fit() -> pl.Trainer:
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=2,
-            strategy=strategy,
-            max_steps=MAX_STEPS,
-            callbacks=[cb],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            logger=False,
-        )
+        trainer = _trainer(strategy, [cb], max_steps=MAX_STEPS)
         trainer.fit(module, make_dataloader(n=64, batch_size=8))
         return trainer
 

@@ -112,3 +112,25 @@ def test_snip_masks_identical_across_ranks(tmp_path):
     for name in r0["masks"]:
         assert torch.equal(r0["weights"][name], r1["weights"][name])
         assert torch.all(r0["weights"][name][~r0["masks"][name]] == 0)
+
+
+def test_lottery_ticket_masks_identical_across_ranks_every_round(tmp_path):
+    """3 rounds (2 prunes) under 2-process DDP: same masks and weights on both ranks at every epoch start."""
+    run_script(tmp_path, "ddp", "lottery")
+    r0, r1 = (torch.load(tmp_path / f"lottery{r}.pt", weights_only=False) for r in (0, 1))
+    assert (r0["rank"], r1["rank"]) == (0, 1)
+    assert sorted(r0["masks"]) == sorted(r1["masks"]) == list(range(6))
+    kept, expected = [], TARGET_TOTAL
+    for epoch in range(6):
+        assert masks_equal(r0["masks"][epoch], r1["masks"][epoch]), epoch
+        for k, v in r0["weights"][epoch].items():
+            assert torch.equal(v, r1["weights"][epoch][k]), (epoch, k)
+        kept.append(sum(int(m.sum()) for m in r0["masks"][epoch].values()))
+    for _ in range(2):
+        expected -= round(0.3 * expected)
+    assert kept[0] == kept[1] == TARGET_TOTAL and kept[4] == kept[5] == expected
+    assert kept[2] == kept[3] == TARGET_TOTAL - round(0.3 * TARGET_TOTAL)
+    for r in (r0, r1):  # rewind to epoch 1: each round replays epochs 1, 2 of this rank's shard
+        assert torch.equal(r["first_x"][2], r["first_x"][1]) and torch.equal(r["first_x"][4], r["first_x"][1])
+        assert torch.equal(r["first_x"][3], r["first_x"][5]) and not torch.equal(r["first_x"][3], r["first_x"][1])
+    assert not torch.equal(r0["first_x"][1], r1["first_x"][1])  # the two ranks see different shards

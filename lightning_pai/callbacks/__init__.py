@@ -1,6 +1,7 @@
 """Lightning callbacks: thin adapters from trainer hooks to the sparse engine."""
 
 from lightning_pai.callbacks.base import SparseCallback
+from lightning_pai.callbacks.lottery import LotteryTicket
 from lightning_pai.callbacks.prune_at_init import PruneAtInit
 
-__all__ = ["PruneAtInit", "SparseCallback"]
+__all__ = ["LotteryTicket", "PruneAtInit", "SparseCallback"]

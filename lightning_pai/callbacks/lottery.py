@@ -1,0 +1,380 @@
+"""Lottery tickets: iterative magnitude pruning with rewinding, all rounds inside one ``trainer.fit``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_pai.callbacks.base import SparseCallback
+from lightning_pai.core.lottery import (
+    IMP_DISTRIBUTIONS,
+    check_fractions,
+    match_fractions,
+    parse_rewind,
+    prune_remaining,
+    random_within,
+    rng_state,
+    set_rng_state,
+    to_cpu,
+)
+from lightning_pai.core.pruning import check_choice, reinitialize_
+from lightning_pai.core.targets import Selectors, select_targets
+
+CONTROLS = ("random_reinit", "random_prune")
+MODES = ("max", "min")
+
+
+class LotteryTicket(SparseCallback):
+    """Iterative magnitude pruning (IMP) with weight, learning-rate or no rewinding, inside one fit.
+
+    Training is split into ``rounds`` rounds of ``epochs_per_round`` epochs. Round 0 trains the dense
+    network. At the start of every later round the callback
+
+    1. removes ``prune_fraction`` of the weights that are still kept, by magnitude ``|w|`` of the trained
+       weights (see :func:`~lightning_pai.core.lottery.prune_remaining`; masks only ever shrink), so
+       round ``r`` keeps about ``(1 - prune_fraction) ** r`` of the weights;
+    2. rewinds, according to ``rewind_to``:
+
+       - ``"init"`` — weights (all parameters and buffers), optimizer state and LR-scheduler state go
+         back to their values at fit start (Frankle & Carbin 2019, arXiv:1803.03635);
+       - ``"step:N"`` / ``"epoch:N"`` — the same, to their values after ``N`` optimizer steps / at the
+         start of epoch ``N`` of round 0 ("late rewinding", Frankle et al. 2020, arXiv:1912.05671);
+       - ``"lr"`` — the trained weights are kept and the optimizer and LR schedule restart from fit
+         start ("learning-rate rewinding", Renda et al. 2020, arXiv:2003.02389);
+       - ``"none"`` — fine-tuning: weights and optimizer state are kept, and the learning rate stays at
+         the last value round 0 used (set before every step, overriding the schedule);
+    3. re-applies the masks (pruned weights and their optimizer state are zero).
+
+    Rewind points are kept on the CPU. Each round replays the data order of the rewind point (the global
+    RNG state and the samplers' epoch are restored with the weights), so every round sees the same
+    batches in the same order. Every round has the same length, so **configure the LR schedule for one
+    round** (``epochs_per_round`` epochs), not for the whole fit.
+
+    ``Trainer(max_epochs=...)`` must equal ``rounds * epochs_per_round`` (checked at setup; the callback
+    does not change the trainer's epoch count) and ``max_steps`` must be left unset.
+
+    Controls (from the same command): ``control="random_prune"`` removes, in every layer, as many
+    weights as IMP would, chosen at random among the survivors (Frankle & Carbin's random-pruning
+    control); ``control="random_reinit"`` prunes like IMP but rewinds the kept weights to a fresh draw of
+    each layer's initializer instead of their original values. Note that in this in-run control the
+    masks come from the control's own training; the paper's "random reinitialization" re-trains the
+    *ticket's* masks with a fresh initialization (see ``benchmarks/lottery_mnist.py``).
+
+    Results: with ``monitor`` set, the best and last value of that logged metric in every round are
+    recorded (``callback.results``: one dict per round with ``round``, ``density``, ``best``, ``last``)
+    and logged as ``lottery/best`` and ``lottery/last``; ``lottery/round`` and ``lottery/density`` are
+    logged when a round starts. A round -> density -> metric table is printed on rank zero at the end.
+    Everything (round, masks, rewind point, results) is in the callback's ``state_dict``: a fit resumed
+    from a checkpoint continues the same round with the same masks and rewind point. Under DDP, the
+    masks are computed on rank zero and broadcast after every prune.
+
+    Args:
+        rounds: Number of training rounds, including the dense round 0 (so ``rounds - 1`` prunes).
+        prune_fraction: Fraction of the *remaining* weights removed per round, in ``(0, 1)``.
+        epochs_per_round: Epochs per round (default: ``max_epochs // rounds``, which must divide evenly).
+        rewind_to: ``"init"``, ``"step:N"``, ``"epoch:N"``, ``"lr"`` or ``"none"`` (see above).
+        distribution: ``"global"`` (one ranking across layers), ``"uniform"`` (each layer removes
+            ``prune_fraction`` of its own survivors) or ``"lamp"``.
+        layer_fractions: Per-layer fractions overriding ``prune_fraction`` (glob over parameter names ->
+            fraction), pruned layer-wise; e.g. ``{"fc3.weight": 0.1}`` for the LTH paper's output layer.
+        include: Prunable parameters (default: weights of ``nn.Linear`` and ``nn.Conv1d/2d/3d``).
+        exclude: Parameters left dense.
+        control: ``None``, ``"random_reinit"`` or ``"random_prune"``.
+        monitor: Logged metric to record per round (e.g. ``"val_acc"``), or None.
+        mode: ``"max"`` or ``"min"``: which value of ``monitor`` is the best.
+        seed: Seed of the controls' random draws.
+        verbose: Print the sparsity table after every prune and the results table at the end.
+
+    Example::
+
+        ticket = LotteryTicket(rounds=5, prune_fraction=0.2, epochs_per_round=10, monitor="val_acc")
+        Trainer(max_epochs=50, callbacks=[ticket]).fit(model, datamodule=dm)
+        print(ticket.results)
+    """
+
+    def __init__(
+        self,
+        rounds: int = 10,
+        prune_fraction: float = 0.2,
+        epochs_per_round: int | None = None,
+        rewind_to: str = "init",
+        distribution: str = "global",
+        layer_fractions: Mapping[str, float] | None = None,
+        include: Selectors = None,
+        exclude: Selectors = None,
+        *,
+        control: str | None = None,
+        monitor: str | None = None,
+        mode: str = "max",
+        seed: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(include=include, exclude=exclude, verbose=verbose)
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"`rounds` must be a positive integer; got {rounds!r}.")
+        if (
+            isinstance(prune_fraction, bool)
+            or not isinstance(prune_fraction, (int, float))
+            or not 0 < prune_fraction < 1
+        ):
+            raise ValueError(f"`prune_fraction` must be in (0, 1); got {prune_fraction!r}.")
+        if epochs_per_round is not None and (
+            isinstance(epochs_per_round, bool) or not isinstance(epochs_per_round, int) or epochs_per_round < 1
+        ):
+            raise ValueError(f"`epochs_per_round` must be a positive integer or None; got {epochs_per_round!r}.")
+        self.rewind = parse_rewind(rewind_to)
+        check_choice(distribution, IMP_DISTRIBUTIONS, "distribution")
+        check_choice(control, CONTROLS, "control", optional=True)
+        check_choice(mode, MODES, "mode")
+        if control == "random_reinit" and not self.rewind.rewinds_weights:
+            raise ValueError(
+                f"`control='random_reinit'` re-draws the weights at each rewind; it needs `rewind_to` 'init', "
+                f"'step:N' or 'epoch:N', got {rewind_to!r}."
+            )
+        check_fractions(layer_fractions)  # the patterns are matched against the model at setup
+        self.rounds = rounds
+        self.prune_fraction = float(prune_fraction)
+        self.epochs_per_round = epochs_per_round
+        self.rewind_to = rewind_to
+        self.distribution = distribution
+        self.layer_fractions = dict(layer_fractions or {})
+        self.control = control
+        self.monitor = monitor
+        self.mode = mode
+        self.seed = int(seed)
+        # Progress, all of it in `state_dict`.
+        self.round = 0
+        self._rewind_point: dict[str, Any] | None = None
+        self._results: list[dict[str, Any]] = []
+        self._values: list[float] = []
+        self._last_lrs: list[list[float]] | None = None
+        self._frozen_lrs: list[list[float]] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            rounds=self.rounds, prune_fraction=self.prune_fraction, rewind_to=self.rewind_to, control=self.control
+        )
+
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        """One dict per finished round: ``round``, ``density``, ``best`` and ``last`` value of ``monitor``."""
+        return [dict(r) for r in self._results]
+
+    # ------------------------------------------------------------ validation
+    @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        name = type(self).__name__
+        if trainer.max_steps not in (-1, None):
+            raise ValueError(
+                f"`{name}` counts rounds in epochs: leave `Trainer(max_steps=...)` unset (got {trainer.max_steps})."
+            )
+        max_epochs = trainer.max_epochs
+        if self.epochs_per_round is None:
+            if max_epochs is None or max_epochs < self.rounds or max_epochs % self.rounds:
+                raise ValueError(
+                    f"`{name}(rounds={self.rounds})` derives `epochs_per_round` from `Trainer(max_epochs=...)`, which "
+                    f"must be a positive multiple of {self.rounds}; got max_epochs={max_epochs}. Or pass "
+                    "`epochs_per_round`."
+                )
+            self.epochs_per_round = max_epochs // self.rounds
+        needed = self.rounds * self.epochs_per_round
+        if max_epochs != needed:
+            raise ValueError(
+                f"`{name}(rounds={self.rounds}, epochs_per_round={self.epochs_per_round})` trains {needed} epochs: "
+                f"set `Trainer(max_epochs={needed})` (got max_epochs={max_epochs})."
+            )
+        if self.rewind.kind == "epoch" and self.rewind.at >= self.epochs_per_round:
+            raise ValueError(
+                f"`rewind_to={self.rewind_to!r}` must rewind to an epoch of round 0 (< epochs_per_round="
+                f"{self.epochs_per_round})."
+            )
+        match_fractions(list(select_targets(pl_module, self.include, self.exclude)), self.layer_fractions)
+
+    def initial_masks(self, trainer: Any, pl_module: Any, params: dict[str, Any]) -> dict[str, Tensor]:
+        """Round 0 is dense: every weight is kept."""
+        return {n: torch.ones(p.shape, dtype=torch.bool) for n, p in params.items()}
+
+    # ------------------------------------------------------------ the rounds
+    @override
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self._rewind_point is None and self.round == 0 and self._at_init:
+            # Before the first batch is drawn: Lightning creates epoch 0's data iterator after this hook.
+            self._rewind_point = self._capture(trainer, pl_module, sampler_epoch=0)
+
+    @property
+    def _at_init(self) -> bool:
+        kind = self.rewind.kind
+        return kind in ("init", "lr") or (kind in ("step", "epoch") and self.rewind.at == 0)
+
+    @override
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.rewind.kind == "step" and self._rewind_point is None:
+            steps = self.epochs_per_round * -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
+            if self.rewind.at > steps:
+                raise ValueError(
+                    f"`rewind_to={self.rewind_to!r}` lies beyond round 0, which has about {steps} optimizer steps."
+                )
+
+    @override
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        epoch = trainer.current_epoch
+        round_index, epoch_in_round = divmod(epoch, self.epochs_per_round)
+        if round_index > self.round:
+            self._next_round(trainer, pl_module, round_index)
+        if self.round == 0 and self.rewind.kind == "epoch" and epoch == self.rewind.at > 0 and not self._rewind_point:
+            self._rewind_point = self._capture(trainer, pl_module, sampler_epoch=epoch)
+        if self.round > 0 and self.rewind.kind != "none" and self._rewind_point is not None:
+            _set_sampler_epoch(trainer, self._rewind_point["sampler_epoch"] + epoch_in_round)
+
+    @override
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.rewind.kind != "none":
+            return
+        if self.round == 0:
+            self._last_lrs = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
+        elif self._frozen_lrs is not None:
+            for opt, lrs in zip(trainer.optimizers, self._frozen_lrs):
+                for group, lr in zip(opt.param_groups, lrs):
+                    group["lr"] = lr
+
+    @override
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (
+            self.rewind.kind == "step"
+            and self.rewind.at > 0
+            and self.round == 0
+            and self._rewind_point is None
+            and trainer.global_step >= self.rewind.at
+        ):
+            self._rewind_point = self._capture(trainer, pl_module, sampler_epoch=trainer.current_epoch + 1)
+
+    @override
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.monitor is None or trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise KeyError(
+                f"`{type(self).__name__}(monitor={self.monitor!r})`: no such logged metric; logged: "
+                f"{sorted(trainer.callback_metrics)}."
+            )
+        self._values.append(float(value))
+
+    @override
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if (trainer.current_epoch + 1) % self.epochs_per_round == 0 and len(self._results) <= self.round:
+            best = (max if self.mode == "max" else min)(self._values) if self._values else None
+            last = self._values[-1] if self._values else None
+            self._results.append({"round": self.round, "density": self.masks.density, "best": best, "last": last})
+            self._values = []
+            if self.monitor is not None and best is not None:
+                self._log(trainer, {"lottery/best": best, "lottery/last": last})
+
+    @override
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_fit_end(trainer, pl_module)
+        if self.verbose and trainer.is_global_zero and self._results:
+            print(self.results_table())
+
+    def results_table(self) -> str:
+        """The per-round results as a text table."""
+        metric = self.monitor or "metric"
+        lines = [f"{'round':>5}  {'density':>8}  {'best ' + metric:>16}  {'last ' + metric:>16}"]
+        for r in self._results:
+            best = "-" if r["best"] is None else f"{r['best']:.4f}"
+            last = "-" if r["last"] is None else f"{r['last']:.4f}"
+            lines.append(f"{r['round']:>5}  {r['density']:>8.4f}  {best:>16}  {last:>16}")
+        return "\n".join(lines)
+
+    def _next_round(self, trainer: Any, pl_module: Any, round_index: int) -> None:
+        """Prune the trained weights, rewind, re-apply the masks (rank zero decides, all ranks apply)."""
+        masks = self.masks
+        current = masks.state_dict()
+        scores = {n: p.detach().abs().cpu() for n, p in masks.params.items()}
+        fractions = match_fractions(masks.names, self.layer_fractions)
+        new = prune_remaining(scores, current, self.prune_fraction, self.distribution, fractions)
+        if self.control == "random_prune":
+            counts = {n: int(m.sum()) for n, m in new.items()}
+            new = random_within(current, counts, self.seed + round_index)
+        new = trainer.strategy.broadcast(new, src=0)
+        if self.rewind.kind == "none":
+            self._frozen_lrs = self._frozen_lrs or self._last_lrs
+        elif self._rewind_point is not None:
+            self._restore(trainer, pl_module, self._rewind_point)
+            if self.control == "random_reinit":
+                reinitialize_(pl_module, masks.names, seed=self.seed + 7919 * round_index)
+        masks.update_(new, trainer.optimizers)
+        self.round = round_index
+        self._log(trainer, {"lottery/round": float(round_index), "lottery/density": masks.density})
+        self.on_masks_changed(trainer, pl_module)
+
+    def _capture(self, trainer: Any, pl_module: Any, sampler_epoch: int) -> dict[str, Any]:
+        point = {
+            "optimizers": [to_cpu(opt.state_dict()) for opt in trainer.optimizers],
+            "schedulers": [to_cpu(cfg.scheduler.state_dict()) for cfg in trainer.lr_scheduler_configs],
+            "rng": to_cpu(rng_state()),
+            "sampler_epoch": sampler_epoch,
+            "step": trainer.global_step,
+        }
+        if self.rewind.rewinds_weights:
+            point["model"] = to_cpu(pl_module.state_dict())
+        return point
+
+    def _restore(self, trainer: Any, pl_module: Any, point: dict[str, Any]) -> None:
+        if "model" in point:
+            pl_module.load_state_dict(point["model"])
+        for opt, state in zip(trainer.optimizers, point["optimizers"]):
+            opt.load_state_dict(to_cpu(state))  # a copy: the optimizer must not alias the rewind point
+        for cfg, state in zip(trainer.lr_scheduler_configs, point["schedulers"]):
+            cfg.scheduler.load_state_dict(to_cpu(state))
+        set_rng_state(point["rng"])
+
+    def _log(self, trainer: Any, metrics: dict[str, float]) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            round=self.round,
+            epochs_per_round=self.epochs_per_round,
+            rewind_point=self._rewind_point,
+            results=[dict(r) for r in self._results],
+            values=list(self._values),
+            last_lrs=self._last_lrs,
+            frozen_lrs=self._frozen_lrs,
+        )
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.round = int(state_dict.get("round", 0))
+        self.epochs_per_round = state_dict.get("epochs_per_round", self.epochs_per_round)
+        self._rewind_point = state_dict.get("rewind_point")
+        self._results = [dict(r) for r in state_dict.get("results", [])]
+        self._values = list(state_dict.get("values", []))
+        self._last_lrs = state_dict.get("last_lrs")
+        self._frozen_lrs = state_dict.get("frozen_lrs")
+
+
+def _set_sampler_epoch(trainer: Any, epoch: int) -> None:
+    """Set the epoch of every train sampler with ``set_epoch`` (DistributedSampler shuffles by seed + epoch)."""
+    loader = getattr(trainer.fit_loop, "_combined_loader", None)
+    for dl in getattr(loader, "flattened", []) or []:
+        for sampler in (getattr(dl, "sampler", None), getattr(getattr(dl, "batch_sampler", None), "sampler", None)):
+            if callable(getattr(sampler, "set_epoch", None)):
+                sampler.set_epoch(epoch)

@@ -1,0 +1,385 @@
+"""LotteryTicket: iterative magnitude pruning, every rewind mode, controls, results and resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import TARGET_SHAPES, TARGET_TOTAL, make_dataloader, make_module, make_trainer
+
+from lightning_pai import LotteryTicket
+from lightning_pai.callbacks._compat import CallbackBase
+from lightning_pai.core.lottery import match_fractions, parse_rewind, prune_remaining, random_within
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROUNDS, EPOCHS = 3, 2
+BATCHES = 8  # make_dataloader(): 64 samples, batch 8
+
+
+# ------------------------------------------------------------------- core
+def test_prune_remaining_global_by_hand():
+    scores = {"a": torch.tensor([0.9, 0.1, 0.5, 0.7]), "b": torch.tensor([0.2, 0.8, 0.3, 0.6, 0.4, 0.05])}
+    masks = {"a": torch.tensor([True, True, False, True]), "b": torch.tensor([True, True, True, True, True, False])}
+    # 8 kept; remove round(0.25 * 8) = 2 of them globally: the two lowest survivors are a[1]=0.1, b[0]=0.2.
+    new = prune_remaining(scores, masks, 0.25, "global")
+    assert new["a"].tolist() == [True, False, False, True]
+    assert new["b"].tolist() == [False, True, True, True, True, False]
+
+
+def test_prune_remaining_layerwise_and_layer_fractions():
+    gen = torch.Generator().manual_seed(0)
+    scores = {"h": torch.rand(100, generator=gen), "out": torch.rand(40, generator=gen)}
+    masks = {"h": torch.ones(100, dtype=torch.bool), "out": torch.ones(40, dtype=torch.bool)}
+    masks["h"][:10] = False  # 90 kept
+    fractions = match_fractions(["h", "out"], {"o*": 0.1})
+    assert fractions == {"out": 0.1}
+    new = prune_remaining(scores, masks, 0.2, "uniform", fractions)
+    assert int(new["h"].sum()) == 90 - round(0.2 * 90) == 72
+    assert int(new["out"].sum()) == 40 - round(0.1 * 40) == 36
+    assert not (new["h"] & ~masks["h"]).any()  # only shrinks
+    kept_h = scores["h"][new["h"]]
+    dropped_h = scores["h"][masks["h"] & ~new["h"]]
+    assert kept_h.min() > dropped_h.max()  # the smallest survivors went
+
+
+def test_prune_remaining_rejects_shape_only_distributions():
+    with pytest.raises(ValueError, match=r"`distribution` must be one of \['global', 'uniform', 'lamp'\]"):
+        prune_remaining({"a": torch.ones(3)}, {"a": torch.ones(3, dtype=torch.bool)}, 0.2, "erk")
+
+
+def test_random_within_counts_subset_and_seed():
+    masks = {"a": torch.rand(50) > 0.3, "b": torch.rand(7, 5) > 0.5}
+    counts = {"a": int(masks["a"].sum()) // 2, "b": 3}
+    first, second = random_within(masks, counts, seed=4), random_within(masks, counts, seed=4)
+    for n in masks:
+        assert int(first[n].sum()) == counts[n]
+        assert not (first[n] & ~masks[n]).any()
+        assert torch.equal(first[n], second[n])
+    assert not torch.equal(random_within(masks, counts, seed=5)["a"], first["a"])
+
+
+def test_parse_rewind():
+    assert parse_rewind("init").kind == "init"
+    assert (parse_rewind("step:30").kind, parse_rewind("step:30").at) == ("step", 30)
+    assert (parse_rewind("epoch:2").kind, parse_rewind("epoch:2").at) == ("epoch", 2)
+    for bad in ("step", "epoch:-1", "step:x", "iteration:3", "lr:2", 3):
+        with pytest.raises(ValueError, match="`rewind_to` must be 'init', 'step:N'"):
+            parse_rewind(bad)
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rounds": 0}, "`rounds` must be a positive integer"),
+        ({"prune_fraction": 1.0}, r"`prune_fraction` must be in \(0, 1\)"),
+        ({"rewind_to": "start"}, "`rewind_to` must be"),
+        ({"distribution": "erk"}, "`distribution` must be one of"),
+        ({"control": "shuffle"}, "`control` must be one of"),
+        ({"control": "random_reinit", "rewind_to": "lr"}, "needs `rewind_to` 'init'"),
+        ({"layer_fractions": {"fc2.weight": 1.5}}, r"`layer_fractions\['fc2.weight'\]` must be a fraction"),
+        ({"mode": "best"}, "`mode` must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LotteryTicket(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("cb_kwargs", "trainer_kwargs", "message"),
+    [
+        ({"rounds": 3, "epochs_per_round": 2}, {"max_epochs": 5}, r"trains 6 epochs: set `Trainer\(max_epochs=6\)`"),
+        ({"rounds": 4}, {"max_epochs": 6}, "must be a positive multiple of 4"),
+        ({"rounds": 3, "epochs_per_round": 2}, {"max_epochs": 6, "max_steps": 30}, "leave `Trainer"),
+        ({"rounds": 3, "epochs_per_round": 2, "rewind_to": "epoch:2"}, {"max_epochs": 6}, "an epoch of round 0"),
+        ({"rounds": 3, "epochs_per_round": 2, "rewind_to": "step:17"}, {"max_epochs": 6}, "beyond round 0"),
+        ({"rounds": 3, "epochs_per_round": 2, "layer_fractions": {"head*": 0.1}}, {"max_epochs": 6}, "matches no"),
+    ],
+)
+def test_bad_setup_fails_before_training(cb_kwargs, trainer_kwargs, message):
+    module = make_module(seed=0)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer_kwargs = {"max_steps": -1, **trainer_kwargs}
+    trainer = make_trainer(callbacks=[LotteryTicket(verbose=False, **cb_kwargs)], **trainer_kwargs)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(module, make_dataloader())
+    assert trainer.global_step == 0
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+# ------------------------------------------------------------ rewinding
+def _with_scheduler(module):
+    """SGD with momentum and weight decay, StepLR(gamma=0.5) stepped per epoch."""
+
+    def configure_optimizers():
+        opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
+
+    module.configure_optimizers = configure_optimizers
+    return module
+
+
+def _snapshot(trainer, module):
+    opt = trainer.optimizers[0]
+    names = {id(p): n for n, p in module.named_parameters()}
+    return {
+        "weights": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "momentum": {
+            names[id(p)]: s["momentum_buffer"].clone() for p, s in opt.state.items() if "momentum_buffer" in s
+        },
+        "scheduler": copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.state_dict()),
+        "lr": opt.param_groups[0]["lr"],
+        "step": trainer.global_step,
+    }
+
+
+class _Probe(CallbackBase):
+    """Put after LotteryTicket: records states at fit start, epoch starts/ends, batch ends and batch starts."""
+
+    def __init__(self, step: int | None = None):
+        self.step = step
+        self.epoch_start, self.epoch_end, self.masks, self.lrs, self.first_x = {}, {}, {}, {}, {}
+
+    def on_fit_start(self, trainer, pl_module):
+        self.fit_start = _snapshot(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch_start[trainer.current_epoch] = _snapshot(trainer, pl_module)
+        cb = next(c for c in trainer.callbacks if isinstance(c, LotteryTicket))
+        self.masks[trainer.current_epoch] = cb.masks.state_dict()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epoch_end[trainer.current_epoch] = _snapshot(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.setdefault(trainer.current_epoch, []).append(trainer.optimizers[0].param_groups[0]["lr"])
+        if batch_idx == 0:
+            self.first_x[trainer.current_epoch] = batch[0].clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step and not hasattr(self, "at_step"):
+            self.at_step = _snapshot(trainer, pl_module)
+
+
+def _fit(rewind_to="init", control=None, probe_step=None, shuffle=True, seed=0, **kwargs):
+    module = _with_scheduler(make_module(seed=seed))
+    cb = LotteryTicket(ROUNDS, 0.2, EPOCHS, rewind_to=rewind_to, control=control, verbose=False, **kwargs)
+    probe = _Probe(probe_step)
+    trainer = make_trainer(max_steps=-1, max_epochs=ROUNDS * EPOCHS, callbacks=[cb, probe])
+    loader = make_dataloader()
+    if shuffle:
+        loader = torch.utils.data.DataLoader(loader.dataset, batch_size=8, shuffle=True)
+    torch.manual_seed(seed)
+    trainer.fit(module, loader)
+    return cb, probe, module
+
+
+def _assert_rewound(after, point, masks):
+    """``after`` (a round start) equals the rewind ``point`` with ``masks`` applied."""
+    for k, v in point["weights"].items():
+        expected = v * masks[k] if k in masks else v
+        assert torch.equal(after["weights"][k], expected), k
+    assert set(after["momentum"]) == set(point["momentum"])
+    for k, v in point["momentum"].items():
+        expected = v * masks[k] if k in masks else v
+        assert torch.equal(after["momentum"][k], expected), k
+    assert after["scheduler"] == point["scheduler"]
+    assert after["lr"] == point["lr"]
+
+
+def _kept_sequence():
+    kept, out = TARGET_TOTAL, [TARGET_TOTAL]
+    for _ in range(ROUNDS - 1):
+        kept -= round(0.2 * kept)
+        out.append(kept)
+    return out
+
+
+def _check_masks_shrink(probe):
+    starts = [probe.masks[r * EPOCHS] for r in range(ROUNDS)]
+    assert [sum(int(m.sum()) for m in s.values()) for s in starts] == _kept_sequence()  # 1944, 1555, 1244
+    for prev, new in zip(starts, starts[1:]):
+        assert all(not (new[n] & ~prev[n]).any() for n in new)  # masks only shrink
+    for r in range(ROUNDS):  # the masks do not change within a round
+        assert all(torch.equal(probe.masks[r * EPOCHS + 1][n], starts[r][n]) for n in starts[r])
+
+
+def test_rewind_to_init_restores_weights_optimizer_scheduler_and_data_order():
+    cb, probe, module = _fit("init")
+    _check_masks_shrink(probe)
+    assert len(probe.fit_start["momentum"]) == 0 and probe.fit_start["scheduler"]["last_epoch"] == 0
+    for r in range(1, ROUNDS):
+        start = probe.epoch_start[r * EPOCHS]
+        _assert_rewound(start, probe.fit_start, probe.masks[r * EPOCHS])
+        for j in range(EPOCHS):  # every round replays round 0's batches in the same order
+            assert torch.equal(probe.first_x[r * EPOCHS + j], probe.first_x[j])
+    assert not torch.equal(probe.first_x[0], probe.first_x[1])  # the loader does shuffle
+    # the learning-rate schedule replays too: 0.1 then 0.05 in every round
+    assert [probe.lrs[e][0] for e in range(ROUNDS * EPOCHS)] == pytest.approx([0.1, 0.05] * ROUNDS)
+    final = dict(module.named_parameters())
+    for n, m in cb.masks.items():
+        assert torch.equal(final[n][~m], torch.zeros_like(final[n][~m]))
+
+
+def test_rewind_to_epoch():
+    cb, probe, _ = _fit("epoch:1")
+    _check_masks_shrink(probe)
+    point = probe.epoch_start[1]
+    assert len(point["momentum"]) == 3 + 3  # momentum exists after epoch 0 (weights and biases)
+    for r in range(1, ROUNDS):
+        _assert_rewound(probe.epoch_start[r * EPOCHS], point, probe.masks[r * EPOCHS])
+        assert torch.equal(probe.first_x[r * EPOCHS], probe.first_x[1])  # replays from epoch 1's order
+
+
+def test_rewind_to_step():
+    cb, probe, _ = _fit("step:3", probe_step=3)
+    _check_masks_shrink(probe)
+    assert probe.at_step["step"] == 3
+    for r in range(1, ROUNDS):
+        _assert_rewound(probe.epoch_start[r * EPOCHS], probe.at_step, probe.masks[r * EPOCHS])
+
+
+def test_learning_rate_rewinding_keeps_weights():
+    cb, probe, _ = _fit("lr")
+    _check_masks_shrink(probe)
+    for r in range(1, ROUNDS):
+        start, end = probe.epoch_start[r * EPOCHS], probe.epoch_end[r * EPOCHS - 1]
+        masks = probe.masks[r * EPOCHS]
+        for k, v in end["weights"].items():  # trained weights kept, newly pruned ones zeroed
+            assert torch.equal(start["weights"][k], v * masks[k] if k in masks else v), k
+        assert start["momentum"] == {} and start["scheduler"] == probe.fit_start["scheduler"]
+        assert start["lr"] == 0.1
+    assert [probe.lrs[e][0] for e in range(ROUNDS * EPOCHS)] == pytest.approx([0.1, 0.05] * ROUNDS)
+
+
+def test_fine_tuning_keeps_weights_momentum_and_final_lr():
+    cb, probe, _ = _fit("none")
+    _check_masks_shrink(probe)
+    final_lr = probe.lrs[EPOCHS - 1][-1]  # the last learning rate round 0 used
+    assert final_lr == pytest.approx(0.05)
+    for r in range(1, ROUNDS):
+        start, end = probe.epoch_start[r * EPOCHS], probe.epoch_end[r * EPOCHS - 1]
+        masks = probe.masks[r * EPOCHS]
+        for k, v in end["momentum"].items():
+            assert torch.equal(start["momentum"][k], v * masks[k] if k in masks else v), k
+        for k, v in end["weights"].items():
+            assert torch.equal(start["weights"][k], v * masks[k] if k in masks else v), k
+    later = [lr for e in range(EPOCHS, ROUNDS * EPOCHS) for lr in probe.lrs[e]]
+    assert later == [final_lr] * len(later)  # StepLR keeps decaying underneath; the callback overrides it
+
+
+# --------------------------------------------------------------- controls
+def test_random_prune_control_same_layer_counts_other_weights():
+    ticket, ticket_probe, _ = _fit("init")
+    control, control_probe, _ = _fit("init", control="random_prune")
+    r1 = EPOCHS
+    ticket_masks, control_masks = ticket_probe.masks[r1], control_probe.masks[r1]
+    assert {n: int(m.sum()) for n, m in control_masks.items()} == {n: int(m.sum()) for n, m in ticket_masks.items()}
+    assert not torch.equal(control_masks["fc1.weight"], ticket_masks["fc1.weight"])
+    _check_masks_shrink(control_probe)
+    _assert_rewound(control_probe.epoch_start[r1], control_probe.fit_start, control_masks)
+
+
+def test_random_reinit_control_redraws_kept_weights():
+    cb, probe, _ = _fit("init", control="random_reinit")
+    _check_masks_shrink(probe)
+    init = probe.fit_start["weights"]
+    for r in range(1, ROUNDS):
+        start, masks = probe.epoch_start[r * EPOCHS]["weights"], probe.masks[r * EPOCHS]
+        for name in TARGET_SHAPES:
+            kept = masks[name]
+            assert not torch.equal(start[name][kept], init[name][kept])  # fresh draw, not the init
+            assert torch.equal(start[name][~kept], torch.zeros(int((~kept).sum())))
+            bias = name.replace("weight", "bias")
+            assert torch.equal(start[bias], init[bias])  # other parameters rewound to the init
+        # the fresh draw comes from the layer's own initializer: same scale as the init
+        std_new, std_init = start["fc1.weight"][masks["fc1.weight"]].std(), init["fc1.weight"].std()
+        assert 0.8 < float(std_new / std_init) < 1.25
+
+
+# ----------------------------------------------------------------- results
+class _Validated:
+    @staticmethod
+    def add_validation(module):
+        def validation_step(batch, batch_idx):
+            x, y = batch
+            module.log("val_acc", (module(x).argmax(1) == y).float().mean())
+
+        module.validation_step = validation_step
+        return module
+
+
+def test_results_logging_and_table(tmp_path, capsys):
+    pl_csv = pytest.importorskip("lightning.pytorch.loggers")
+    module = _Validated.add_validation(_with_scheduler(make_module(seed=0)))
+    cb = LotteryTicket(ROUNDS, 0.2, EPOCHS, monitor="val_acc", verbose=True)
+    logger = pl_csv.CSVLogger(tmp_path)
+    trainer = make_trainer(max_steps=-1, max_epochs=ROUNDS * EPOCHS, callbacks=[cb], logger=logger)
+    trainer.fit(module, make_dataloader(), make_dataloader(seed=7))
+    results = cb.results
+    assert [r["round"] for r in results] == list(range(ROUNDS))
+    assert [round(r["density"] * TARGET_TOTAL) for r in results] == _kept_sequence()
+    for r in results:
+        assert 0 <= r["last"] <= r["best"] <= 1
+    out = capsys.readouterr().out
+    assert "round   density" in out and f"{results[-1]['density']:.4f}" in out
+    import csv
+
+    rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
+    logged_rounds = sorted(float(r["lottery/round"]) for r in rows if r.get("lottery/round"))
+    assert logged_rounds == [1.0, 2.0]
+    logged_best = [float(r["lottery/best"]) for r in rows if r.get("lottery/best")]
+    assert logged_best == pytest.approx([r["best"] for r in results])
+
+
+def test_missing_monitor_is_a_clear_error():
+    module = _Validated.add_validation(make_module(seed=0))
+    cb = LotteryTicket(2, 0.2, 1, monitor="val_accuracy", verbose=False)
+    trainer = make_trainer(max_steps=-1, max_epochs=2, callbacks=[cb], num_sanity_val_steps=0)
+    with pytest.raises(KeyError, match=r"no such logged metric; logged: \['train_loss', 'val_acc'\]"):
+        trainer.fit(module, make_dataloader(), make_dataloader(seed=7))
+
+
+# ------------------------------------------------------------------ resume
+class _Crash(CallbackBase):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.parametrize("rewind_to", ["init", "epoch:1"])
+def test_crash_mid_round_and_resume(tmp_path, rewind_to):
+    pl = pytest.importorskip("lightning.pytorch")
+
+    def run(callbacks, ckpt_path=None):
+        module = _with_scheduler(make_module(seed=0))
+        cb = LotteryTicket(ROUNDS, 0.2, EPOCHS, rewind_to=rewind_to, verbose=False)
+        ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+        trainer = make_trainer(
+            max_steps=-1, max_epochs=ROUNDS * EPOCHS, callbacks=[cb, *callbacks, ckpt], enable_checkpointing=True
+        )
+        trainer.fit(module, make_dataloader(), ckpt_path=ckpt_path)
+        return cb, module
+
+    full, full_module = run([])
+    crash_epoch = EPOCHS + 1  # the second epoch of round 1
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run([_Crash(crash_epoch)])
+    ckpt_file = tmp_path / f"epoch={crash_epoch - 1}-step={crash_epoch * BATCHES}.ckpt"
+    state = torch.load(ckpt_file, weights_only=False)["callbacks"][full.state_key]
+    assert state["round"] == 1
+    rewind = full._rewind_point
+    for k, v in rewind["model"].items():  # the checkpoint carries the rewind point
+        assert torch.equal(state["rewind_point"]["model"][k], v)
+    resumed, resumed_module = run([], ckpt_path=ckpt_file)
+    assert resumed.round == full.round == ROUNDS - 1
+    assert all(torch.equal(resumed.masks[n], full.masks[n]) for n in full.masks.names)
+    for k, v in full_module.state_dict().items():
+        assert torch.equal(resumed_module.state_dict()[k], v), k
+    assert [r["density"] for r in resumed.results] == [r["density"] for r in full.results]
