@@ -194,9 +194,11 @@ def table(results: dict, args: argparse.Namespace, seconds: float, zero_ok: bool
         "",
         "Command: `" + " ".join(["python benchmarks/pai_mnist.py", *args.argv]) + "`",
         "",
-        f"Final test error (%), mean ± std over seeds {args.seeds_list}; global ranking; SGD lr {args.lr}, momentum 0.9, "
-        f"batch {args.batch_size}, weight decay {args.weight_decay}, lr x0.1 every {args.decay_every} iterations, "
-        f"{args.iterations} iterations (~{epochs:.0f} epochs on 54k images); variance-scaling init; 6k images held out.",
+        f"Final test error (%), mean ± std over seeds {args.seeds_list}; global ranking; SGD lr {args.lr}, "
+        f"momentum 0.9, batch {args.batch_size}, weight decay {args.weight_decay}, "
+        f"lr x0.1 every {args.decay_every} iterations, "
+        f"{args.iterations} iterations (~{epochs:.0f} epochs on 54k images); variance-scaling init; "
+        "6k images held out.",
         f"Trained {len(args.runs)} models at once in {seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads "
         f"({platform.processor() or platform.machine()}). Pruned weights exactly zero after training: {zero_ok}.",
         "",
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     data = load_mnist(args.data_dir, args.download)
     args.seeds_list = list(range(args.seeds))
 
-    runs, nets, masks, seeds = [], [], [], []
+    runs, nets, masks = [], [], []
     start = time.perf_counter()
     for seed in args.seeds_list:
         gen = torch.Generator().manual_seed(20_000 + seed)
