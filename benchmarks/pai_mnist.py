@@ -26,152 +26,62 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-import torchvision
-from torch import nn
+from mnist_common import LENET_300_100, BatchStream, StackedMLP, load_mnist, mlp, weight_names
 
 from lightning_pai.core import ScoringContext, prune
 
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
 SPARSITIES = (0.90, 0.95, 0.98)
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # Lee et al. 2019, Table 1 (LeNet-300-100): SNIP error at 95 % / 98 % sparsity, reference (dense) error.
 PAPER_SNIP = {0.95: 1.6, 0.98: 2.4}
 PAPER_DENSE = 1.7
 
 
-def variance_scaling_(weight: torch.Tensor, gen: torch.Generator) -> None:
-    """TF ``variance_scaling_initializer()``: truncated normal (|z| < 2), std = sqrt(1 / fan_in) / 0.8796."""
-    fan_in = weight.shape[1]
-    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
-    with torch.no_grad():
-        z = torch.randn(weight.shape, generator=gen)
-        bad = z.abs() >= 2
-        while bad.any():
-            z[bad] = torch.randn(int(bad.sum()), generator=gen)
-            bad = z.abs() >= 2
-        weight.copy_(z * std)
-
-
-def lenet(seed: int) -> nn.Sequential:
+def lenet(seed: int) -> torch.nn.Sequential:
     """A variance-scaling-initialised LeNet-300-100 (biases zero)."""
-    net = nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
-    )
-    gen = torch.Generator().manual_seed(seed)
-    for layer in net:
-        if isinstance(layer, nn.Linear):
-            variance_scaling_(layer.weight, gen)
-            nn.init.zeros_(layer.bias)
-    return net
-
-
-def load_mnist(data_dir: str, download: bool) -> tuple[torch.Tensor, ...]:
-    """Normalised MNIST as (train_x, train_y, val_x, val_y, test_x, test_y); 10 % of train held out."""
-
-    def tensors(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = torchvision.datasets.MNIST(data_dir, train=train, download=download)
-        x = (ds.data.float().div(255).sub(MNIST_MEAN).div(MNIST_STD)).flatten(1)
-        return x, ds.targets.clone()
-
-    x, y = tensors(True)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
-    n_val = len(x) // 10
-    val, train = perm[:n_val], perm[n_val:]
-    test_x, test_y = tensors(False)
-    return x[train], y[train], x[val], y[val], test_x, test_y
+    return mlp(LENET_300_100, seed, "variance_scaling")
 
 
 def masks_for(method: str, sparsity: float, seed: int, batch: tuple[torch.Tensor, torch.Tensor]) -> dict:
     """Keep-masks of ``method`` at ``sparsity`` for the seed's initial LeNet (library engine)."""
     net = lenet(seed)
-    params = {n: p for n, p in net.named_parameters() if n.endswith("weight")}
+    params = {n: p for n, p in net.named_parameters() if n in weight_names(net)}
     ctx = ScoringContext(params=params, module=net, seed=seed, batches=[batch], extras={"temperature": 200.0})
     iterations = 100 if method == "synflow" else 1
     return prune(ctx, method, sparsity, "global", iterations=iterations)
 
 
-class StackedLeNets:
-    """``M`` LeNet-300-100s trained at once: weights ``[M, in, out]``, biases ``[M, 1, out]``."""
-
-    def __init__(self, nets: list[nn.Sequential], masks: list[dict | None]) -> None:
-        linears = [[m for m in net if isinstance(m, nn.Linear)] for net in nets]
-        self.weights, self.biases, self.masks = [], [], []
-        for i in range(3):
-            w = torch.stack([lin[i].weight.detach().t() for lin in linears]).contiguous()
-            b = torch.stack([lin[i].bias.detach()[None] for lin in linears]).contiguous()
-            name = f"{[1, 3, 5][i]}.weight"
-            m = torch.stack(
-                [
-                    torch.ones_like(lin[i].weight.t()) if mk is None else mk[name].t().float()
-                    for lin, mk in zip(linears, masks)
-                ]
-            )
-            self.weights.append(nn.Parameter(w * m))
-            self.biases.append(nn.Parameter(b))
-            self.masks.append(m.contiguous())
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[M, B, 784]`` -> logits ``[M, B, 10]``."""
-        h = x
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            h = torch.baddbmm(b, h, w)
-            if i < 2:
-                h = F.relu(h)
-        return h
-
-    @torch.no_grad()
-    def error(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 2000) -> torch.Tensor:
-        """Classification error (%) of every model on (x, y)."""
-        wrong = torch.zeros(len(self.weights[0]))
-        for i in range(0, len(x), chunk):
-            xb = x[i : i + chunk].expand(len(wrong), -1, -1)
-            wrong += (self(xb).argmax(-1) != y[i : i + chunk]).sum(-1).float()
-        return 100.0 * wrong / len(x)
-
-
-def train(models: StackedLeNets, data: tuple, seeds: list[int], args: argparse.Namespace) -> float:
-    """Train all stacked models; model ``k`` draws its batches from a generator seeded with ``seeds[k]``."""
+def train(models: StackedMLP, data: tuple, seeds: list[int], args: argparse.Namespace) -> float:
+    """Train all stacked models; model ``k`` draws its batches in the order of ``seeds[k]``."""
     train_x, train_y = data[0], data[1]
-    n = len(train_x)
     optimizer = torch.optim.SGD(
         [{"params": models.weights, "weight_decay": args.weight_decay}, {"params": models.biases, "weight_decay": 0.0}],
         lr=args.lr,
         momentum=0.9,
     )
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.decay_every, gamma=0.1)
-    gens = {s: torch.Generator().manual_seed(10_000 + s) for s in set(seeds)}
-    orders: dict[int, torch.Tensor] = {}
-    pos = 0
-    per_epoch = n // args.batch_size
+    stream = BatchStream(len(train_x), args.batch_size, seeds)
     start = time.perf_counter()
     for it in range(args.iterations):
-        if it % per_epoch == 0:
-            orders = {s: torch.randperm(n, generator=g) for s, g in gens.items()}
-            pos = 0
-        idx = torch.stack([orders[s][pos : pos + args.batch_size] for s in seeds])
-        pos += args.batch_size
-        logits = models(train_x[idx])
+        idx = stream.next()
         # Sum of per-model mean losses: each model's gradient is that of its own mean loss.
-        loss = F.cross_entropy(logits.flatten(0, 1), train_y[idx].flatten(), reduction="none").view(idx.shape)
-        loss = loss.mean(1).sum()
+        loss = models.losses(train_x[idx], train_y[idx]).sum()
         optimizer.zero_grad(set_to_none=False)
         loss.backward()
-        torch._foreach_mul_([w.grad for w in models.weights], models.masks)
+        models.mask_grads_()
         optimizer.step()
-        with torch.no_grad():
-            torch._foreach_mul_(models.weights, models.masks)
+        models.apply_masks_()
         scheduler.step()
         if args.log_every and (it + 1) % args.log_every == 0:
             elapsed = time.perf_counter() - start
-            val = models.error(data[2], data[3])
+            val = models.evaluate(data[2], data[3])[0]
             print(
                 f"it {it + 1}/{args.iterations}  loss/model {loss.item() / len(seeds):.4f}  "
                 f"val err min/median/max {val.min():.2f}/{val.median():.2f}/{val.max():.2f} %  "
@@ -234,8 +144,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=2000)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "pai_mnist.md"))
-    import sys
-
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
     args.argv = raw
@@ -260,12 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"masks for {len(runs)} models in {time.perf_counter() - start:.1f} s", flush=True)
     args.runs = runs
 
-    models = StackedLeNets(nets, masks)
+    models = StackedMLP(nets, masks)
     seconds = train(models, data, [r[2] for r in runs], args)
-    errors = models.error(data[4], data[5])
-    with torch.no_grad():
-        zero_ok = all(bool((w[m == 0] == 0).all()) for w, m in zip(models.weights, models.masks))
-        kept = sum(m.sum((1, 2)) for m in models.masks)
+    errors = models.evaluate(data[4], data[5])[0]
+    zero_ok = models.pruned_weights_zero()
+    kept = models.kept()
     results: dict = {}
     for k, (method, sparsity, _seed) in enumerate(runs):
         total = 784 * 300 + 300 * 100 + 100 * 10
