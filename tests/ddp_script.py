@@ -78,14 +78,19 @@ class _RoundRecorder(pl.Callback):
             self.first_x[trainer.current_epoch] = batch[0].clone()
 
 
-def lottery(outdir: str) -> None:
+def lottery(outdir: str, strategy: str) -> None:
     module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
     cb = LotteryTicket(3, 0.3, 2, rewind_to="epoch:1", verbose=False)
     recorder = _RoundRecorder(cb)
     loader = make_dataloader(n=64, batch_size=8)
     loader = torch.utils.data.DataLoader(loader.dataset, batch_size=8, shuffle=True)
-    trainer = _trainer("ddp", [cb, recorder], max_epochs=6, max_steps=-1)
+    trainer = _trainer(strategy, [cb, recorder], max_epochs=6, max_steps=-1)
     trainer.fit(module, loader)
+    if strategy != "ddp":  # the launching process: rank zero's progress must have come back
+        torch.save(
+            {"round": cb.round, "results": cb.results, "masks": cb.state_dict()["masks"]}, Path(outdir) / "main.pt"
+        )
+        return
     rank = trainer.global_rank
     torch.save(
         {"rank": rank, "masks": recorder.masks, "weights": recorder.weights, "first_x": recorder.first_x},
@@ -110,7 +115,7 @@ def _trainer(strategy: str, callbacks: list, **kwargs) -> pl.Trainer:
 def main(outdir: str, strategy: str = "ddp", method: str = "rank_random") -> None:
     torch.set_num_threads(1)
     if method == "lottery":
-        lottery(outdir)
+        lottery(outdir, strategy)
         return
     module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
     cb = PruneAtInit(method, sparsity=SPARSITY, seed=0, batches=2, verbose=False)

@@ -134,3 +134,15 @@ def test_lottery_ticket_masks_identical_across_ranks_every_round(tmp_path):
         assert torch.equal(r["first_x"][2], r["first_x"][1]) and torch.equal(r["first_x"][4], r["first_x"][1])
         assert torch.equal(r["first_x"][3], r["first_x"][5]) and not torch.equal(r["first_x"][3], r["first_x"][1])
     assert not torch.equal(r0["first_x"][1], r1["first_x"][1])  # the two ranks see different shards
+
+
+def test_lottery_ticket_progress_returns_from_ddp_fork(tmp_path):
+    """Under ddp_fork (as ddp_spawn) the workers train; the launching process gets rank zero's rounds and results."""
+    run_script(tmp_path, "ddp_fork", "lottery")
+    main = torch.load(tmp_path / "main.pt", weights_only=False)
+    assert main["round"] == 2
+    assert [r["round"] for r in main["results"]] == [0, 1, 2]
+    expected = TARGET_TOTAL - round(0.3 * TARGET_TOTAL)
+    expected -= round(0.3 * expected)
+    assert sum(int(m.sum()) for m in main["masks"].values()) == expected
+    assert main["results"][-1]["density"] == expected / TARGET_TOTAL

@@ -91,7 +91,7 @@ class SparseCallback(CallbackBase):
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         launcher = getattr(trainer.strategy, "launcher", None)
         if trainer.is_global_zero and type(launcher).__name__ == "_MultiProcessingLauncher":
-            torch.save(self.masks.state_dict(), self._handoff)
+            torch.save(self.state_dict(), self._handoff)
 
     @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -99,14 +99,14 @@ class SparseCallback(CallbackBase):
             self.masks.detach()
 
     def _collect_handoff(self) -> None:
-        """Adopt the masks rank zero of a ddp_spawn/ddp_fork fit left behind.
+        """Adopt the state (masks and any callback progress) rank zero of a ddp_spawn/ddp_fork fit left behind.
 
         Runs in the launching process, or in the workers of a later fit. The file is read, never deleted
         here: every worker of a later fit must see it, and rank zero overwrites it at the end of each such
         fit. It lives in the system temp directory.
         """
         if self.masks is None and self._restored is None and os.path.exists(self._handoff):
-            self._restored = torch.load(self._handoff, weights_only=True)
+            self.load_state_dict(torch.load(self._handoff, weights_only=True))
 
     # --------------------------------------------------------------- reporting
     def report(self) -> SparsityReport:

@@ -147,7 +147,7 @@ class LotteryTicket(SparseCallback):
         self.mode = mode
         self.seed = int(seed)
         # Progress, all of it in `state_dict`.
-        self.round = 0
+        self._round = 0
         self._rewind_point: dict[str, Any] | None = None
         self._results: list[dict[str, Any]] = []
         self._values: list[float] = []
@@ -161,8 +161,15 @@ class LotteryTicket(SparseCallback):
         )
 
     @property
+    def round(self) -> int:
+        """Index of the current (or, after fit, the last) round; 0 is the dense round."""
+        self._collect_handoff()  # after ddp_spawn/ddp_fork, rank zero's progress
+        return self._round
+
+    @property
     def results(self) -> list[dict[str, Any]]:
         """One dict per finished round: ``round``, ``density``, ``best`` and ``last`` value of ``monitor``."""
+        self._collect_handoff()  # after ddp_spawn/ddp_fork, rank zero's results
         return [dict(r) for r in self._results]
 
     # ------------------------------------------------------------ validation
@@ -206,7 +213,7 @@ class LotteryTicket(SparseCallback):
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_fit_start(trainer, pl_module)
-        if self._rewind_point is None and self.round == 0 and self._at_init:
+        if self._rewind_point is None and self._round == 0 and self._at_init:
             # Before the first batch is drawn: Lightning creates epoch 0's data iterator after this hook.
             self._rewind_point = self._capture(trainer, pl_module, sampler_epoch=0)
 
@@ -229,18 +236,18 @@ class LotteryTicket(SparseCallback):
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         epoch = trainer.current_epoch
         round_index, epoch_in_round = divmod(epoch, self.epochs_per_round)
-        if round_index > self.round:
+        if round_index > self._round:
             self._next_round(trainer, pl_module, round_index)
-        if self.round == 0 and self.rewind.kind == "epoch" and epoch == self.rewind.at > 0 and not self._rewind_point:
+        if self._round == 0 and self.rewind.kind == "epoch" and epoch == self.rewind.at > 0 and not self._rewind_point:
             self._rewind_point = self._capture(trainer, pl_module, sampler_epoch=epoch)
-        if self.round > 0 and self.rewind.kind != "none" and self._rewind_point is not None:
+        if self._round > 0 and self.rewind.kind != "none" and self._rewind_point is not None:
             _set_sampler_epoch(trainer, self._rewind_point["sampler_epoch"] + epoch_in_round)
 
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.rewind.kind != "none":
             return
-        if self.round == 0:
+        if self._round == 0:
             self._last_lrs = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
         elif self._frozen_lrs is not None:
             for opt, lrs in zip(trainer.optimizers, self._frozen_lrs):
@@ -252,7 +259,7 @@ class LotteryTicket(SparseCallback):
         if (
             self.rewind.kind == "step"
             and self.rewind.at > 0
-            and self.round == 0
+            and self._round == 0
             and self._rewind_point is None
             and trainer.global_step >= self.rewind.at
         ):
@@ -272,10 +279,10 @@ class LotteryTicket(SparseCallback):
 
     @override
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if (trainer.current_epoch + 1) % self.epochs_per_round == 0 and len(self._results) <= self.round:
+        if (trainer.current_epoch + 1) % self.epochs_per_round == 0 and len(self._results) <= self._round:
             best = (max if self.mode == "max" else min)(self._values) if self._values else None
             last = self._values[-1] if self._values else None
-            self._results.append({"round": self.round, "density": self.masks.density, "best": best, "last": last})
+            self._results.append({"round": self._round, "density": self.masks.density, "best": best, "last": last})
             self._values = []
             if self.monitor is not None and best is not None:
                 self._log(trainer, {"lottery/best": best, "lottery/last": last})
@@ -290,7 +297,7 @@ class LotteryTicket(SparseCallback):
         """The per-round results as a text table."""
         metric = self.monitor or "metric"
         lines = [f"{'round':>5}  {'density':>8}  {'best ' + metric:>16}  {'last ' + metric:>16}"]
-        for r in self._results:
+        for r in self.results:
             best = "-" if r["best"] is None else f"{r['best']:.4f}"
             last = "-" if r["last"] is None else f"{r['last']:.4f}"
             lines.append(f"{r['round']:>5}  {r['density']:>8.4f}  {best:>16}  {last:>16}")
@@ -314,7 +321,7 @@ class LotteryTicket(SparseCallback):
             if self.control == "random_reinit":
                 reinitialize_(pl_module, masks.names, seed=self.seed + 7919 * round_index)
         masks.update_(new, trainer.optimizers)
-        self.round = round_index
+        self._round = round_index
         self._log(trainer, {"lottery/round": float(round_index), "lottery/density": masks.density})
         self.on_masks_changed(trainer, pl_module)
 
@@ -349,7 +356,7 @@ class LotteryTicket(SparseCallback):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(
-            round=self.round,
+            round=self._round,
             epochs_per_round=self.epochs_per_round,
             rewind_point=self._rewind_point,
             results=[dict(r) for r in self._results],
@@ -362,7 +369,7 @@ class LotteryTicket(SparseCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.round = int(state_dict.get("round", 0))
+        self._round = int(state_dict.get("round", 0))
         self.epochs_per_round = state_dict.get("epochs_per_round", self.epochs_per_round)
         self._rewind_point = state_dict.get("rewind_point")
         self._results = [dict(r) for r in state_dict.get("results", [])]
