@@ -26,11 +26,16 @@ Usage::
 
     python benchmarks/lottery_mnist.py                                   # full run
     python benchmarks/lottery_mnist.py --rounds 3 --iterations 300 --seeds 1 --out /tmp/lt.md   # smoke
+    # the same run split over two processes (one CPU thread each), then merged:
+    python benchmarks/lottery_mnist.py --seed-list 0 --threads 1 --json /tmp/a.json &
+    python benchmarks/lottery_mnist.py --seed-list 1,2 --threads 1 --json /tmp/b.json; wait
+    python benchmarks/lottery_mnist.py --merge /tmp/a.json /tmp/b.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -106,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--download", action="store_true")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed-list", default=None, help="comma-separated seeds (overrides --seeds)")
+    parser.add_argument("--json", default=None, help="also write the raw results here (for --merge)")
+    parser.add_argument("--merge", nargs="+", default=None, help="only merge these --json files into the table")
     parser.add_argument("--rounds", type=int, default=16, help="training rounds incl. the dense round 0")
     parser.add_argument("--iterations", type=int, default=8_000, help="per round (paper: 50,000)")
     parser.add_argument("--batch-size", type=int, default=60)
@@ -115,14 +123,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "lottery_mnist.md"))
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     torch.set_num_threads(args.threads)
     data = load_mnist(args.data_dir, args.download, holdout=5_000 / 60_000)
-    seeds = list(range(args.seeds))
+    seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     n_train = len(data[0])
     epoch_steps = n_train // args.batch_size
 
     # Slots: tickets (one per seed), epoch:1 ticket, lr-rewind ticket, then one random-reinit control per seed.
-    kinds = [("ticket", s) for s in seeds] + [("epoch1", 0), ("lr", 0)] + [("reinit", s) for s in seeds]
+    extra = [("epoch1", 0), ("lr", 0)] if 0 in seeds else []
+    kinds = [("ticket", s) for s in seeds] + extra + [("reinit", s) for s in seeds]
     inits = {k: mlp(LENET_300_100, seed, "glorot_normal") for k, (kind, seed) in enumerate(kinds) if kind != "reinit"}
     nets = [inits.get(k) or mlp(LENET_300_100, 500 + seed, "glorot_normal") for k, (_, seed) in enumerate(kinds)]
     names = weight_names(nets[0])
@@ -163,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         early = torch.zeros(len(kinds))
         for it in range(1, args.iterations + 1):
             slots.step(data, args.lr)
-            if rnd == 0 and it == epoch_steps:
+            if rnd == 0 and it == min(epoch_steps, args.iterations) and extra:  # end of epoch 0
                 late_point = slots.capture(kinds.index(("epoch1", 0)))
             if it % args.eval_every == 0 or it == args.iterations:
                 _, val_loss = slots.model.evaluate(data[2], data[3])
@@ -189,9 +201,36 @@ def main(argv: list[str] | None = None) -> None:
             f"density {results.get(('ticket', 0, rnd), {}).get('density', float('nan')):.4f}",
             flush=True,
         )
-    text = table(results, seeds, args, raw, time.perf_counter() - start)
+    meta = {
+        "iterations": args.iterations,
+        "eval_every": args.eval_every,
+        "lr": args.lr,
+        "rounds": args.rounds,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "minutes": (time.perf_counter() - start) / 60,
+        "command": " ".join(["python benchmarks/lottery_mnist.py", *raw]),
+    }
+    if args.json:
+        rows = [[kind, seed, r, metrics] for (kind, seed, r), metrics in results.items()]
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}))
+    if 0 not in seeds:  # the table needs seed 0's rewinding variants: merge with the run that has them
+        return
+    text = table(results, [meta], args.out)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
+    print(text)
+
+
+def merge(paths: list[str], out: str) -> None:
+    """Combine the ``--json`` results of split runs into one table."""
+    results, metas = {}, []
+    for path in paths:
+        blob = json.loads(Path(path).read_text())
+        metas.append(blob["meta"])
+        results.update({(kind, seed, r): metrics for kind, seed, r, metrics in blob["results"]})
+    text = table(results, metas, out)
+    Path(out).write_text(text)
     print(text)
 
 
@@ -202,18 +241,21 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {std:.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
-def table(results: dict, seeds: list[int], args: argparse.Namespace, raw: list[str], seconds: float) -> str:
+def table(results: dict, metas: list[dict], out: str) -> str:
     """Markdown: per round, density and test accuracy (final / at min val loss) of every run."""
+    seeds = sorted({seed for kind, seed, _ in results if kind == "ticket"})
+    m = metas[0]
+    commands = "; ".join(f"`{x['command']}` ({x['minutes']:.1f} min, {x['threads']} thread(s))" for x in metas)
     lines = [
         "# Lottery tickets: LeNet-300-100 on MNIST",
         "",
-        "Command: `" + " ".join(["python benchmarks/lottery_mnist.py", *raw]) + "`",
+        f"Command(s): {commands}" + (f"; merged into `{out}`" if len(metas) > 1 else ""),
         "",
-        f"Test accuracy (%) after {args.iterations} iterations per round (paper: 50,000) at the end of the round "
-        f"(**final**) and at the evaluation (every {args.eval_every} iterations) with the lowest validation loss "
-        f"(**early**, the paper's early-stopping criterion); mean ± std over seeds {seeds}. Adam lr {args.lr}, "
-        f"batch {args.batch_size}, Glorot-normal init, hidden layers pruned 20 %/round and the output layer 10 %, "
-        f"layer-wise. Wall time {seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads.",
+        f"Test accuracy (%) after {m['iterations']} iterations per round (paper: 50,000) at the end of the round "
+        f"(**final**) and at the evaluation (every {m['eval_every']} iterations) with the lowest validation loss "
+        f"(**early**, the paper's early-stopping criterion); mean ± std over seeds {seeds}. Adam lr {m['lr']}, "
+        f"batch {m['batch_size']}, Glorot-normal init, hidden layers pruned 20 %/round and the output layer 10 %, "
+        "layer-wise.",
         "",
         PAPER_NOTE,
         "",
@@ -221,7 +263,7 @@ def table(results: dict, seeds: list[int], args: argparse.Namespace, raw: list[s
         "ticket − reinit (early) | epoch:1 rewind final (seed 0) | lr rewind final (seed 0) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in range(args.rounds):
+    for r in range(m["rounds"]):
         t_final = [results["ticket", s, r]["final"] for s in seeds]
         c_final = [results["reinit", s, r]["final"] for s in seeds]
         t_early = [results["ticket", s, r]["early"] for s in seeds]
@@ -232,6 +274,23 @@ def table(results: dict, seeds: list[int], args: argparse.Namespace, raw: list[s
             f"{_cell(t_early)} | {_cell(c_early)} | {gap:+.2f} | {results['epoch1', 0, r]['final']:.2f} | "
             f"{results['lr', 0, r]['final']:.2f} |"
         )
+    lines += [
+        "",
+        "Ticket vs random reinit at ≤ 21.1 % of the weights remaining (mean gap; largest seed std of either):",
+        "",
+    ]
+    for r in range(m["rounds"]):
+        density = results["ticket", seeds[0], r]["density"]
+        if density > 0.2115:
+            continue
+        parts = []
+        for key in ("final", "early"):
+            t = [results["ticket", s, r][key] for s in seeds]
+            c = [results["reinit", s, r][key] for s in seeds]
+            spread = max(statistics.stdev(t), statistics.stdev(c)) if len(seeds) > 1 else float("nan")
+            gap = statistics.mean(t) - statistics.mean(c)
+            parts.append(f"{key} {gap:+.2f} pts (std {spread:.2f}{', gap > spread' if gap > spread else ''})")
+        lines.append(f"- {100 * density:.1f} %: " + "; ".join(parts))
     return "\n".join(lines) + "\n"
 
 
