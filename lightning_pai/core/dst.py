@@ -1,0 +1,173 @@
+"""Dynamic sparse training: the topology-update core shared by SET, RigL, SNFS, GraNet and GMP.
+
+One update drops active weights and grows inactive ones, per layer:
+
+- drop: the ``n`` active weights with the smallest magnitude (or SET's sign-wise rule, see
+  :func:`drop_set`);
+- grow: the ``n`` highest growth scores among the weights inactive *after* the drop (so a weight just
+  dropped may come straight back; it then keeps its value, as in RigL's default ``reinit_when_same=False``).
+  Growth scores: ``random`` (SET), ``|dense gradient|`` (RigL, GraNet), ``|momentum|`` (SNFS).
+
+Weights that become active start at exactly zero (they were masked, so they are zero) and the caller
+zeroes their optimizer state (:meth:`~lightning_pai.core.masks.MaskSet.update_` does). Everything here is
+deterministic given its inputs (ties are broken by position) so every DDP rank computes the same masks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_pai.core.select import apportion, topk_mask
+
+
+def cosine_fraction(alpha: float, step: int, t_end: int) -> float:
+    """RigL's drop-fraction schedule ``alpha / 2 * (1 + cos(pi * step / t_end))``; 0 from ``t_end`` on."""
+    if t_end <= 0 or step >= t_end:
+        return 0.0
+    return alpha / 2 * (1 + math.cos(math.pi * step / t_end))
+
+
+def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int) -> float:
+    """Zhu & Gupta 2017's gradual schedule ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (t_end - t0))^3``.
+
+    ``initial`` before ``start``, ``final`` from ``end`` on.
+    """
+    if step <= start:
+        return initial
+    if step >= end:
+        return final
+    return final + (initial - final) * (1 - (step - start) / (end - start)) ** 3
+
+
+def drop_counts(masks: Mapping[str, Tensor], fraction: float, rounding: str = "floor") -> dict[str, int]:
+    """Per layer, how many active weights one update drops.
+
+    ``fraction * active`` rounded down (RigL: ``int(n_ones * drop_fraction)``) or up (``"ceil"``: SNFS's and
+    GraNet's ``ceil(rate * nonzeros)``).
+    """
+    if rounding not in ("floor", "ceil"):
+        raise ValueError(f"`rounding` must be 'floor' or 'ceil'; got {rounding!r}.")
+    out = {}
+    for n, m in masks.items():
+        active = int(m.sum())
+        exact = fraction * active
+        out[n] = min(active, math.floor(exact + 1e-9) if rounding == "floor" else math.ceil(exact - 1e-9))
+    return out
+
+
+def drop_magnitude(
+    weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], counts: Mapping[str, int]
+) -> dict[str, Tensor]:
+    """Masks with the ``counts[name]`` smallest-magnitude *active* weights of each layer removed."""
+    out = {}
+    for n, m in masks.items():
+        keep = int(m.sum()) - counts[n]
+        score = weights[n].detach().abs().float().masked_fill(~m, -math.inf)
+        out[n] = topk_mask(score, keep)
+    return out
+
+
+def drop_set(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], zeta: float) -> dict[str, Tensor]:
+    """SET's drop rule (Mocanu et al. 2018), applied per layer.
+
+    Removes the fraction ``zeta`` of the *positive* active weights closest to zero and, separately,
+    ``zeta`` of the *negative* active weights closest to zero.
+
+    Counts per sign are ``floor(zeta * n_positive)`` and ``floor(zeta * n_negative)`` (the official code
+    truncates its indices). Active weights that are exactly zero count with neither sign and are kept.
+    """
+    out = {}
+    for n, m in masks.items():
+        w = weights[n].detach().float()
+        new = m.clone()
+        for side in (w > 0, w < 0):
+            active = m & side
+            k = math.floor(zeta * int(active.sum()) + 1e-9)
+            if k:
+                closeness = (-w.abs()).masked_fill(~active, -math.inf)  # highest = closest to zero
+                new &= ~topk_mask(closeness, k)
+        out[n] = new
+    return out
+
+
+def grow(scores: Mapping[str, Tensor], masks: Mapping[str, Tensor], counts: Mapping[str, int]) -> dict[str, Tensor]:
+    """Masks with the ``counts[name]`` highest-scored *inactive* weights of each layer added.
+
+    Raises:
+        ValueError: If a layer has fewer inactive weights than it must grow.
+    """
+    out = {}
+    for n, m in masks.items():
+        free = m.numel() - int(m.sum())
+        if counts[n] > free:
+            raise ValueError(f"Layer {n!r} cannot grow {counts[n]} weights: only {free} are inactive.")
+        score = scores[n].detach().float().masked_fill(m, -math.inf)
+        out[n] = m | topk_mask(score, counts[n])
+    return out
+
+
+def random_scores(masks: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
+    """Uniform growth scores from a CPU generator seeded with ``seed`` (the same on every rank and device)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(m.shape, generator=gen).to(m.device) for n, m in masks.items()}
+
+
+def momentum_growth_counts(
+    momentum: Mapping[str, Tensor], masks: Mapping[str, Tensor], dropped: Mapping[str, Tensor], total: int
+) -> dict[str, int]:
+    """SNFS's momentum redistribution (Dettmers & Zettlemoyer 2019): per-layer regrowth counts.
+
+    Splits ``total`` regrown weights over layers in proportion to the mean ``|momentum|`` of each layer's
+    active weights (``masks``, before the drop), never more than a layer has free after the drop
+    (``dropped``); the remainder goes to the layers with room, by the same proportions (largest-remainder
+    rounding, so the counts sum to ``total`` whenever there is room).
+    """
+    means = {}
+    for n, m in masks.items():
+        active = int(m.sum())
+        means[n] = float(momentum[n].detach().abs().float()[m].sum()) / active if active else 0.0
+    caps = {n: d.numel() - int(d.sum()) for n, d in dropped.items()}
+    counts = {n: 0 for n in masks}
+    left, open_layers = total, [n for n in masks if caps[n] > 0]
+    while left > 0 and open_layers:
+        weight = sum(means[n] for n in open_layers)
+        if weight <= 0:
+            ideal = {n: left / len(open_layers) for n in open_layers}
+        else:
+            ideal = {n: left * means[n] / weight for n in open_layers}
+        room = {n: caps[n] - counts[n] for n in open_layers}
+        add = apportion({n: min(ideal[n], room[n]) for n in open_layers}, room, min(left, sum(room.values())))
+        for n, a in add.items():
+            counts[n] += a
+        left = total - sum(counts.values())
+        open_layers = [n for n in open_layers if counts[n] < caps[n]]
+    return counts
+
+
+@dataclass
+class TopologyUpdate:
+    """Result of one drop/grow update.
+
+    Attributes:
+        masks: New bool masks by name.
+        dropped: Per layer, weights that were active and are not any more.
+        grown: Per layer, weights that were inactive and are active now.
+    """
+
+    masks: dict[str, Tensor]
+    dropped: dict[str, int]
+    grown: dict[str, int]
+
+
+def diff(old: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> TopologyUpdate:
+    """Summarise the change from ``old`` to ``new`` masks."""
+    return TopologyUpdate(
+        masks=dict(new),
+        dropped={n: int((old[n] & ~new[n]).sum()) for n in old},
+        grown={n: int((new[n] & ~old[n]).sum()) for n in old},
+    )

@@ -1,0 +1,106 @@
+"""The dynamic-sparse-training core: schedules and drop/grow rules checked against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_pai.core.dst import (
+    cosine_fraction,
+    cubic_sparsity,
+    diff,
+    drop_counts,
+    drop_magnitude,
+    drop_set,
+    grow,
+    momentum_growth_counts,
+    random_scores,
+)
+
+
+def t(*values):
+    return torch.tensor(values)
+
+
+def b(*values):
+    return torch.tensor([bool(v) for v in values])
+
+
+def test_cosine_fraction():
+    assert cosine_fraction(0.3, 0, 1000) == pytest.approx(0.3)
+    assert cosine_fraction(0.3, 500, 1000) == pytest.approx(0.15)
+    assert cosine_fraction(0.3, 250, 1000) == pytest.approx(0.15 * (1 + math.cos(math.pi / 4)))
+    assert cosine_fraction(0.3, 1000, 1000) == 0.0 and cosine_fraction(0.3, 1500, 1000) == 0.0
+
+
+def test_cubic_sparsity():
+    assert cubic_sparsity(0, 0.0, 0.9, 10, 110) == 0.0
+    assert cubic_sparsity(60, 0.0, 0.9, 10, 110) == pytest.approx(0.9 - 0.9 * 0.5**3)
+    assert cubic_sparsity(110, 0.0, 0.9, 10, 110) == pytest.approx(0.9)
+    assert cubic_sparsity(500, 0.5, 0.9, 10, 110) == pytest.approx(0.9)
+
+
+def test_drop_counts_floor_and_ceil():
+    masks = {"a": torch.ones(10, dtype=torch.bool), "b": b(1, 1, 1, 0, 0, 0, 0)}
+    assert drop_counts(masks, 0.3) == {"a": 3, "b": 0}  # int(10 * .3) = 3, int(3 * .3) = 0
+    assert drop_counts(masks, 0.3, "ceil") == {"a": 3, "b": 1}  # ceil(0.9) = 1
+    assert drop_counts(masks, 0.25) == {"a": 2, "b": 0}
+    with pytest.raises(ValueError, match="`rounding` must be 'floor' or 'ceil'"):
+        drop_counts(masks, 0.3, "round")
+
+
+def test_rigl_drop_then_grow_by_hand():
+    w = {"a": t(0.5, -0.1, 0.0, 0.3, -0.7, 0.0, 0.2, 0.0)}
+    m = {"a": b(1, 1, 0, 1, 1, 0, 1, 0)}  # 5 active
+    g = {"a": t(0.0, 9.0, 0.4, 0.1, 0.0, 0.8, 0.3, 0.05)}  # dense |gradient|
+    counts = drop_counts(m, 0.4)  # int(5 * .4) = 2
+    assert counts == {"a": 2}
+    dropped = drop_magnitude(w, m, counts)  # the two smallest active |w|: -0.1 (idx 1), 0.2 (idx 6)
+    assert dropped["a"].tolist() == [True, False, False, True, True, False, False, False]
+    grown = grow(g, dropped, counts)  # highest |g| among inactive after the drop: idx 1 (9.0), idx 5 (0.8)
+    assert grown["a"].tolist() == [True, True, False, True, True, True, False, False]
+    update = diff(m, grown)
+    assert update.dropped == {"a": 1} and update.grown == {"a": 1}  # idx 1 came straight back
+    assert int(grown["a"].sum()) == int(m["a"].sum())
+
+
+def test_grow_random_among_inactive_only_and_seeded():
+    m = {"a": torch.zeros(50, dtype=torch.bool), "b": torch.ones(3, 4, dtype=torch.bool)}
+    m["a"][:20] = True
+    m["b"][0] = False
+    scores = random_scores(m, seed=3)
+    new = grow(scores, m, {"a": 7, "b": 4})
+    assert int(new["a"].sum()) == 27 and bool(new["a"][:20].all())
+    assert bool(new["b"].all())
+    assert all(torch.equal(new[n], grow(random_scores(m, 3), m, {"a": 7, "b": 4})[n]) for n in m)
+    assert not torch.equal(new["a"], grow(random_scores(m, 4), m, {"a": 7, "b": 4})["a"])
+    with pytest.raises(ValueError, match="cannot grow 5 weights: only 4 are inactive"):
+        grow(scores, m, {"a": 0, "b": 5})
+
+
+def test_set_drops_each_sign_separately():
+    # positives 0.1 0.2 0.3 0.9 (4) -> floor(0.5*4)=2 closest to zero: 0.1, 0.2;
+    # negatives -0.05 -0.6 (2) -> floor(0.5*2)=1: -0.05; the inactive 0.0 entries are untouched.
+    w = {"a": t(0.1, -0.05, 0.2, 0.0, 0.3, -0.6, 0.9, 0.0)}
+    m = {"a": b(1, 1, 1, 0, 1, 1, 1, 0)}
+    assert drop_set(w, m, 0.5)["a"].tolist() == [False, False, False, False, True, True, True, False]
+    # plain magnitude dropping 3 would instead remove -0.05, 0.1, 0.2: same here, but not in general:
+    w2 = {"a": t(0.01, 0.02, 0.03, 0.04, -0.5, -0.6, -0.7, -0.8)}
+    m2 = {"a": torch.ones(8, dtype=torch.bool)}
+    assert drop_set(w2, m2, 0.25)["a"].tolist() == [False, True, True, True, False, True, True, True]
+    assert drop_magnitude(w2, m2, {"a": 2})["a"].tolist() == [False, False, True, True, True, True, True, True]
+
+
+def test_momentum_redistribution_by_hand():
+    masks = {"a": torch.ones(10, dtype=torch.bool), "b": torch.ones(10, dtype=torch.bool)}
+    momentum = {"a": torch.full((10,), 3.0), "b": torch.full((10,), 1.0)}
+    dropped = {"a": b(*[1] * 6 + [0] * 4), "b": b(*[1] * 6 + [0] * 4)}  # 4 free slots each
+    # 8 to regrow, shares 3:1 -> ideal a=6, b=2, but a has only 4 free: a=4, the other 2 go to b -> b=4.
+    assert momentum_growth_counts(momentum, masks, dropped, 8) == {"a": 4, "b": 4}
+    assert momentum_growth_counts(momentum, masks, dropped, 4) == {"a": 3, "b": 1}
+    # mean over *active* weights only: inactive entries' momentum does not count
+    masks2 = {"a": b(*[1] * 5 + [0] * 5), "b": torch.ones(10, dtype=torch.bool)}
+    mom2 = {"a": t(*[1.0] * 5 + [100.0] * 5), "b": torch.full((10,), 1.0)}
+    assert momentum_growth_counts(mom2, masks2, dropped, 4) == {"a": 2, "b": 2}
