@@ -3,7 +3,7 @@
 ``sparsity`` always means the fraction of targeted weights removed; ``density = 1 - sparsity``.
 """
 
-from lightning_pai.callbacks import LotteryTicket, PruneAtInit, SparseCallback
+from lightning_pai.callbacks import SET, DynamicSparseTraining, LotteryTicket, PruneAtInit, RigL, SparseCallback
 from lightning_pai.core import (
     DEFAULT_TARGET_TYPES,
     LayerSparsity,
@@ -25,10 +25,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TARGET_TYPES",
+    "SET",
+    "DynamicSparseTraining",
     "LayerSparsity",
     "LotteryTicket",
     "MaskSet",
     "PruneAtInit",
+    "RigL",
     "ScoringContext",
     "SparseCallback",
     "SparsityReport",

@@ -1,7 +1,8 @@
 """Lightning callbacks: thin adapters from trainer hooks to the sparse engine."""
 
 from lightning_pai.callbacks.base import SparseCallback
+from lightning_pai.callbacks.dynamic import SET, DynamicSparseTraining, RigL
 from lightning_pai.callbacks.lottery import LotteryTicket
 from lightning_pai.callbacks.prune_at_init import PruneAtInit
 
-__all__ = ["LotteryTicket", "PruneAtInit", "SparseCallback"]
+__all__ = ["SET", "DynamicSparseTraining", "LotteryTicket", "PruneAtInit", "RigL", "SparseCallback"]
