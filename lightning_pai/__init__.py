@@ -3,7 +3,15 @@
 ``sparsity`` always means the fraction of targeted weights removed; ``density = 1 - sparsity``.
 """
 
-from lightning_pai.callbacks import SET, DynamicSparseTraining, LotteryTicket, PruneAtInit, RigL, SparseCallback
+from lightning_pai.callbacks import (
+    SET,
+    DynamicSparseTraining,
+    GradualMagnitudePruning,
+    LotteryTicket,
+    PruneAtInit,
+    RigL,
+    SparseCallback,
+)
 from lightning_pai.core import (
     DEFAULT_TARGET_TYPES,
     LayerSparsity,
@@ -27,6 +35,7 @@ __all__ = [
     "DEFAULT_TARGET_TYPES",
     "SET",
     "DynamicSparseTraining",
+    "GradualMagnitudePruning",
     "LayerSparsity",
     "LotteryTicket",
     "MaskSet",

@@ -8,7 +8,16 @@ from helpers import TARGET_SHAPES, TARGET_TOTAL, make_dataloader, make_module, m
 
 from lightning_pai.callbacks._compat import CallbackBase
 from lightning_pai.callbacks.dynamic import SET, RigL
-from lightning_pai.core.dst import cosine_fraction, drop_counts, drop_magnitude, drop_set, grow, random_scores
+from lightning_pai.callbacks.gradual import GradualMagnitudePruning
+from lightning_pai.core.dst import (
+    cosine_fraction,
+    cubic_sparsity,
+    drop_counts,
+    drop_magnitude,
+    drop_set,
+    grow,
+    random_scores,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -152,3 +161,40 @@ def test_rigl_resume_gives_the_same_topology_sequence(tmp_path):
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RigL(0.9, **kwargs)
+
+
+def test_gradual_magnitude_pruning_follows_the_cubic_schedule():
+    cb = GradualMagnitudePruning(0.9, start=5, end=25, frequency=5, distribution="uniform")
+    rec, module = _run(cb)
+    assert cb.target_sparsity(15) == pytest.approx(0.9 - 0.9 * 0.5**3)
+    previous = rec.masks_after[0]
+    assert sum(_kept(previous).values()) == TARGET_TOTAL  # starts dense
+    for step in range(1, STEPS):
+        before, after = rec.masks_before[step], rec.masks_after[step]
+        if step in (5, 10, 15, 20, 25):
+            s = cubic_sparsity(step, 0.0, 0.9, 5, 25)
+            for n, shape in TARGET_SHAPES.items():  # every layer reaches s_t exactly (uniform)
+                size = torch.Size(shape).numel()
+                assert int(after[n].sum()) == size - round(s * size), (step, n)
+                assert not (after[n] & ~before[n]).any()  # only shrinks
+                w = rec.weights[step][n].abs()
+                removed = before[n] & ~after[n]
+                if removed.any():  # the smallest survivors went
+                    assert w[removed].max() <= w[after[n]].min()
+        else:
+            assert all(torch.equal(after[n], before[n]) for n in after), step
+    params = dict(module.named_parameters())
+    assert sum(int(m.sum()) for m in cb.masks._masks.values()) == sum(
+        torch.Size(s).numel() - round(0.9 * torch.Size(s).numel()) for s in TARGET_SHAPES.values()
+    )
+    for n, m in cb.masks.items():
+        assert torch.equal(params[n][~m], torch.zeros(int((~m).sum())))
+
+
+def test_gradual_magnitude_pruning_bad_arguments():
+    with pytest.raises(ValueError, match="`initial_sparsity`"):
+        GradualMagnitudePruning(0.5, initial_sparsity=0.8)
+    with pytest.raises(ValueError, match="`end` as a float is a fraction"):
+        GradualMagnitudePruning(0.5, end=1.5)
+    with pytest.raises(ValueError, match="must come after `start`"):
+        _run(GradualMagnitudePruning(0.5, start=30, end=20))

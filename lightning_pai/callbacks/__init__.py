@@ -2,7 +2,16 @@
 
 from lightning_pai.callbacks.base import SparseCallback
 from lightning_pai.callbacks.dynamic import SET, DynamicSparseTraining, RigL
+from lightning_pai.callbacks.gradual import GradualMagnitudePruning
 from lightning_pai.callbacks.lottery import LotteryTicket
 from lightning_pai.callbacks.prune_at_init import PruneAtInit
 
-__all__ = ["SET", "DynamicSparseTraining", "LotteryTicket", "PruneAtInit", "RigL", "SparseCallback"]
+__all__ = [
+    "SET",
+    "DynamicSparseTraining",
+    "GradualMagnitudePruning",
+    "LotteryTicket",
+    "PruneAtInit",
+    "RigL",
+    "SparseCallback",
+]
