@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from helpers import make_dataloader, make_module
 
-from lightning_pai import LotteryTicket, PruneAtInit, compute_masks, get_scorer, register_scorer
+from lightning_pai import SET, LotteryTicket, PruneAtInit, RigL, compute_masks, get_scorer, register_scorer
 
 SPARSITY = 0.8
 MAX_STEPS = 20
@@ -98,6 +98,32 @@ def lottery(outdir: str, strategy: str) -> None:
     )
 
 
+class _MaskRecorder(pl.Callback):
+    """After a DST callback: its masks at every batch start."""
+
+    def __init__(self, cb) -> None:
+        self.cb, self.masks = cb, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.masks[trainer.global_step] = self.cb.masks.state_dict()
+
+
+def dynamic(outdir: str, method: str) -> None:
+    """RigL (gradient growth, every 3 steps) or SET (random growth, every epoch) under 2-process DDP."""
+    module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
+    if method == "rigl":
+        cb = RigL(0.8, delta_t=3, t_end=1.0, verbose=False)
+    else:
+        cb = SET(0.8, seed=5, verbose=False)
+    recorder = _MaskRecorder(cb)
+    loader = make_dataloader(n=64, batch_size=8)
+    loader = torch.utils.data.DataLoader(loader.dataset, batch_size=8, shuffle=True)
+    trainer = _trainer("ddp", [cb, recorder], max_epochs=4, max_steps=-1)
+    trainer.fit(module, loader)
+    rank = trainer.global_rank
+    torch.save({"rank": rank, "masks": recorder.masks, "updates": cb.updates}, Path(outdir) / f"{method}{rank}.pt")
+
+
 def _trainer(strategy: str, callbacks: list, **kwargs) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
@@ -116,6 +142,9 @@ def main(outdir: str, strategy: str = "ddp", method: str = "rank_random") -> Non
     torch.set_num_threads(1)
     if method == "lottery":
         lottery(outdir, strategy)
+        return
+    if method in ("rigl", "set"):
+        dynamic(outdir, method)
         return
     module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
     cb = PruneAtInit(method, sparsity=SPARSITY, seed=0, batches=2, verbose=False)

@@ -146,3 +146,21 @@ def test_lottery_ticket_progress_returns_from_ddp_fork(tmp_path):
     expected -= round(0.3 * expected)
     assert sum(int(m.sum()) for m in main["masks"].values()) == expected
     assert main["results"][-1]["density"] == expected / TARGET_TOTAL
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_dynamic_topology_identical_across_ranks(tmp_path, method):
+    """2-process DDP, 4 epochs of 4 steps per rank: RigL updates every 3 steps (5 updates), SET every epoch (3)."""
+    run_script(tmp_path, "ddp", method)
+    r0, r1 = (torch.load(tmp_path / f"{method}{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["updates"] == r1["updates"] == (5 if method == "rigl" else 3)
+    steps = sorted(r0["masks"])
+    assert steps == sorted(r1["masks"]) == list(range(16))
+    changes = 0
+    for step in steps:
+        assert masks_equal(r0["masks"][step], r1["masks"][step]), step
+        kept = {n: int(m.sum()) for n, m in r0["masks"][step].items()}
+        assert kept == {n: int(m.sum()) for n, m in r0["masks"][0].items()}
+        if step and not masks_equal(r0["masks"][step], r0["masks"][step - 1]):
+            changes += 1
+    assert changes >= 3
