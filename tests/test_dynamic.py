@@ -198,3 +198,31 @@ def test_gradual_magnitude_pruning_bad_arguments():
         GradualMagnitudePruning(0.5, end=1.5)
     with pytest.raises(ValueError, match="must come after `start`"):
         _run(GradualMagnitudePruning(0.5, start=30, end=20))
+
+
+def test_rigl_init_from_snip_masks():
+    from lightning_pai import PruneAtInit
+
+    snip = PruneAtInit("snip", 0.8, distribution="erk", verbose=False)
+    _run(snip, steps=1)
+    cb = RigL(0.8, init="snip", distribution="erk", delta_t=1000, verbose=False)
+    rec, _ = _run(cb, steps=1)
+    assert all(torch.equal(rec.masks_after[0][n], snip.masks[n].cpu()) for n in TARGET_SHAPES)
+
+
+def test_multiple_optimizers_rejected_before_training():
+    module = make_module(seed=0)
+    module.automatic_optimization = False
+
+    def training_step(batch, batch_idx):
+        return None
+
+    module.training_step = training_step
+    module.configure_optimizers = lambda: [
+        torch.optim.SGD(module.fc1.parameters(), lr=0.1),
+        torch.optim.SGD(module.fc2.parameters(), lr=0.1),
+    ]
+    trainer = make_trainer(max_steps=2, callbacks=[RigL(0.8, verbose=False)])
+    with pytest.raises(ValueError, match="supports one optimizer; `configure_optimizers` returned 2"):
+        trainer.fit(module, make_dataloader())
+    assert trainer.global_step == 0
