@@ -34,7 +34,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -42,7 +41,16 @@ import time
 from pathlib import Path
 
 import torch
-from mnist_common import LENET_300_100, BatchStream, StackedMLP, adam_step, load_mnist, mlp, weight_names
+from mnist_common import (
+    LENET_300_100,
+    BatchStream,
+    StackedMLP,
+    adam_step,
+    base_parser,
+    load_mnist,
+    mlp,
+    weight_names,
+)
 
 from lightning_pai.core.lottery import prune_remaining
 
@@ -76,6 +84,8 @@ class Slots:
         for key in ("exp_avg", "exp_avg_sq"):
             for j, buf in enumerate(self.adam[key]):
                 buf[k] = 0 if adam is None else adam[key][j]
+                if j < len(self.names):  # the state of newly pruned weights is zeroed once, here
+                    buf[k] *= self.model.masks[j][k]
         self.steps[k] = steps
         self.stream.pos[k] = pos
 
@@ -100,17 +110,11 @@ class Slots:
         loss.backward()
         self.model.mask_grads_()
         adam_step(self.model.params, self.adam, self.steps, lr)
-        self.model.apply_masks_()
-        with torch.no_grad():  # Adam state of pruned weights stays zero (grads are masked, but be exact)
-            for key in ("exp_avg", "exp_avg_sq"):
-                torch._foreach_mul_(self.adam[key][: len(self.names)], self.model.masks)
+        self.model.apply_masks_()  # masked grads keep the (zeroed) Adam state of pruned weights at zero
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default="../shared/data")
-    parser.add_argument("--download", action="store_true")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser = base_parser(__doc__, "lottery_mnist.md")
     parser.add_argument("--seed-list", default=None, help="comma-separated seeds (overrides --seeds)")
     parser.add_argument("--json", default=None, help="also write the raw results here (for --merge)")
     parser.add_argument("--merge", nargs="+", default=None, help="only merge these --json files into the table")
@@ -119,8 +123,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=60)
     parser.add_argument("--lr", type=float, default=1.2e-3)
     parser.add_argument("--eval-every", type=int, default=1_000)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "lottery_mnist.md"))
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
     if args.merge:

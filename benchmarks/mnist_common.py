@@ -9,8 +9,10 @@ masks, initial weights, data order (:class:`BatchStream`) and optimizer state (:
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,17 @@ from torch import Tensor, nn
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 LENET_300_100 = (784, 300, 100, 10)
+
+
+def base_parser(doc: str, results_name: str) -> argparse.ArgumentParser:
+    """Arguments every MNIST benchmark takes: data location, seeds, CPU threads and the results file."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--download", action="store_true")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / results_name))
+    return parser
 
 
 def load_mnist(

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from mnist_common import LENET_300_100, BatchStream, StackedMLP, load_mnist, mlp, weight_names
+from mnist_common import LENET_300_100, BatchStream, StackedMLP, base_parser, load_mnist, mlp, weight_names
 
 from lightning_pai.core import ScoringContext, prune
 
@@ -132,18 +132,13 @@ def table(results: dict, args: argparse.Namespace, seconds: float, zero_ok: bool
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default="../shared/data")
-    parser.add_argument("--download", action="store_true")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser = base_parser(__doc__, "pai_mnist.md")
     parser.add_argument("--iterations", type=int, default=30_000)
     parser.add_argument("--decay-every", type=int, default=25_000)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=2000)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "pai_mnist.md"))
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
     args.argv = raw

@@ -67,8 +67,7 @@ class SparseCallback(CallbackBase):
             masks.load_state_dict(self.masks.state_dict())
         else:
             computed = self.initial_masks(trainer, pl_module, masks.params)
-            computed = trainer.strategy.broadcast({n: m.cpu() for n, m in computed.items()}, src=0)
-            masks.load_state_dict(computed)
+            masks.load_state_dict(self._from_rank_zero(trainer, computed))
         self.masks = masks
         for opt in trainer.optimizers:
             masks.mask_optimizer_state_(opt)
@@ -98,6 +97,20 @@ class SparseCallback(CallbackBase):
         if self.masks is not None:
             self.masks.detach()
 
+    @staticmethod
+    def _from_rank_zero(trainer: Any, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Rank zero's ``masks`` on every rank (as CPU tensors when broadcast; unchanged on one process)."""
+        if trainer.world_size <= 1:
+            return masks
+        return trainer.strategy.broadcast({n: m.cpu() for n, m in masks.items()}, src=0)
+
+    @staticmethod
+    def _log_metrics(trainer: Any, metrics: dict[str, float], step: int | None = None) -> None:
+        """Send ``metrics`` to every logger of the trainer, from rank zero only."""
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step if step is None else step)
+
     def _collect_handoff(self) -> None:
         """Adopt the state (masks and any callback progress) rank zero of a ddp_spawn/ddp_fork fit left behind.
 
@@ -122,8 +135,7 @@ class SparseCallback(CallbackBase):
         if not trainer.is_global_zero:
             return
         report = self.report()
-        for logger in trainer.loggers:
-            logger.log_metrics(report.metrics(), step=trainer.global_step)
+        self._log_metrics(trainer, report.metrics())
         if self.verbose:
             print(f"{type(self).__name__}: {len(report.rows)} layers, sparsity {report.sparsity:.4f}\n{report}")
 

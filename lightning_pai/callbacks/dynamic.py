@@ -176,23 +176,20 @@ class DynamicSparseTraining(SparseCallback):
         counts = {n: int(old[n].sum()) - int(after_drop[n].sum()) for n in old}
         scores = self._scores if self.growth == "gradient" else random_scores(old, self.seed * 1_000_003 + step)
         new = grow(scores, after_drop, counts)
-        if trainer.world_size > 1:
-            new = trainer.strategy.broadcast({n: m.cpu() for n, m in new.items()}, src=0)
+        new = self._from_rank_zero(trainer, new)
         update = diff(old, {n: m.to(old[n].device) for n, m in new.items()})
         self.masks.update_(update.masks, trainer.optimizers)
         for n, m in self.masks.items():
             self._fired[n] |= m
         self._scores = None
         self.updates += 1
-        if trainer.is_global_zero:
-            metrics = {
-                "sparsity/itop": self.itop,
-                "dst/fraction": fraction,
-                "dst/dropped": float(sum(update.dropped.values())),
-                "dst/grown": float(sum(update.grown.values())),
-            }
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+        metrics = {
+            "sparsity/itop": self.itop,
+            "dst/fraction": fraction,
+            "dst/dropped": float(sum(update.dropped.values())),
+            "dst/grown": float(sum(update.grown.values())),
+        }
+        self._log_metrics(trainer, metrics, step)
 
     @property
     def itop(self) -> float:

@@ -115,9 +115,5 @@ class GradualMagnitudePruning(SparseCallback):
         scores = {n: p.detach().abs() for n, p in self.masks.params.items()}
         current = dict(self.masks.items())
         new = compute_masks(scores, self.target_sparsity(step), self.distribution, masks=current)
-        if trainer.world_size > 1:
-            new = trainer.strategy.broadcast({n: m.cpu() for n, m in new.items()}, src=0)
-        self.masks.update_(new, trainer.optimizers)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({"sparsity/global": 1.0 - self.masks.density}, step=step)
+        self.masks.update_(self._from_rank_zero(trainer, new), trainer.optimizers)
+        self._log_metrics(trainer, {"sparsity/global": 1.0 - self.masks.density}, step)

@@ -285,7 +285,7 @@ class LotteryTicket(SparseCallback):
             self._results.append({"round": self._round, "density": self.masks.density, "best": best, "last": last})
             self._values = []
             if self.monitor is not None and best is not None:
-                self._log(trainer, {"lottery/best": best, "lottery/last": last})
+                self._log_metrics(trainer, {"lottery/best": best, "lottery/last": last})
 
     @override
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -313,7 +313,7 @@ class LotteryTicket(SparseCallback):
         if self.control == "random_prune":
             counts = {n: int(m.sum()) for n, m in new.items()}
             new = random_within(current, counts, self.seed + round_index)
-        new = trainer.strategy.broadcast(new, src=0)
+        new = self._from_rank_zero(trainer, new)
         if self.rewind.kind == "none":
             self._frozen_lrs = self._frozen_lrs or self._last_lrs
         elif self._rewind_point is not None:
@@ -322,7 +322,7 @@ class LotteryTicket(SparseCallback):
                 reinitialize_(pl_module, masks.names, seed=self.seed + 7919 * round_index)
         masks.update_(new, trainer.optimizers)
         self._round = round_index
-        self._log(trainer, {"lottery/round": float(round_index), "lottery/density": masks.density})
+        self._log_metrics(trainer, {"lottery/round": float(round_index), "lottery/density": masks.density})
         self.on_masks_changed(trainer, pl_module)
 
     def _capture(self, trainer: Any, pl_module: Any, sampler_epoch: int) -> dict[str, Any]:
@@ -345,11 +345,6 @@ class LotteryTicket(SparseCallback):
         for cfg, state in zip(trainer.lr_scheduler_configs, point["schedulers"]):
             cfg.scheduler.load_state_dict(to_cpu(state))
         set_rng_state(point["rng"])
-
-    def _log(self, trainer: Any, metrics: dict[str, float]) -> None:
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
 
     # ------------------------------------------------------------------ state
     @override
