@@ -5,8 +5,10 @@
 
 from lightning_pai.callbacks import (
     SET,
+    SNFS,
     DynamicSparseTraining,
     GradualMagnitudePruning,
+    GraNet,
     LotteryTicket,
     PruneAtInit,
     RigL,
@@ -34,8 +36,10 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_TARGET_TYPES",
     "SET",
+    "SNFS",
     "DynamicSparseTraining",
     "GradualMagnitudePruning",
+    "GraNet",
     "LayerSparsity",
     "LotteryTicket",
     "MaskSet",

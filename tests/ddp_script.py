@@ -25,7 +25,17 @@ import torch
 import torch.distributed as dist
 from helpers import make_dataloader, make_module
 
-from lightning_pai import SET, LotteryTicket, PruneAtInit, RigL, compute_masks, get_scorer, register_scorer
+from lightning_pai import (
+    SET,
+    SNFS,
+    GraNet,
+    LotteryTicket,
+    PruneAtInit,
+    RigL,
+    compute_masks,
+    get_scorer,
+    register_scorer,
+)
 
 SPARSITY = 0.8
 MAX_STEPS = 20
@@ -109,19 +119,23 @@ class _MaskRecorder(pl.Callback):
 
 
 def dynamic(outdir: str, method: str) -> None:
-    """RigL (gradient growth, every 3 steps) or SET (random growth, every epoch) under 2-process DDP."""
+    """A DST callback under 2-process DDP: RigL / GraNet every 3 steps, SET / SNFS every epoch."""
     module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
-    if method == "rigl":
-        cb = RigL(0.8, delta_t=3, t_end=1.0, verbose=False)
-    else:
-        cb = SET(0.8, seed=5, verbose=False)
+    cb = {
+        "rigl": lambda: RigL(0.8, delta_t=3, t_end=1.0, verbose=False),
+        "set": lambda: SET(0.8, seed=5, verbose=False),
+        "snfs": lambda: SNFS(0.8, seed=5, verbose=False),
+        "granet": lambda: GraNet(0.9, initial_sparsity=0.5, end=9, delta_t=3, verbose=False),
+    }[method]()
     recorder = _MaskRecorder(cb)
     loader = make_dataloader(n=64, batch_size=8)
     loader = torch.utils.data.DataLoader(loader.dataset, batch_size=8, shuffle=True)
     trainer = _trainer("ddp", [cb, recorder], max_epochs=4, max_steps=-1)
     trainer.fit(module, loader)
     rank = trainer.global_rank
-    torch.save({"rank": rank, "masks": recorder.masks, "updates": cb.updates}, Path(outdir) / f"{method}{rank}.pt")
+    momentum = None if cb._momentum is None else {n: b.cpu() for n, b in cb._momentum.items()}
+    result = {"rank": rank, "masks": recorder.masks, "updates": cb.updates, "momentum": momentum}
+    torch.save(result, Path(outdir) / f"{method}{rank}.pt")
 
 
 def _trainer(strategy: str, callbacks: list, **kwargs) -> pl.Trainer:
@@ -143,7 +157,7 @@ def main(outdir: str, strategy: str = "ddp", method: str = "rank_random") -> Non
     if method == "lottery":
         lottery(outdir, strategy)
         return
-    if method in ("rigl", "set"):
+    if method in ("rigl", "set", "snfs", "granet"):
         dynamic(outdir, method)
         return
     module = make_module("lightning.pytorch", optimizer="sgd", seed=0)

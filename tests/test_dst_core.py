@@ -15,8 +15,10 @@ from lightning_pai.core.dst import (
     drop_magnitude,
     drop_set,
     grow,
+    layer_momentum,
     momentum_growth_counts,
     random_scores,
+    snfs_rates,
 )
 
 
@@ -33,6 +35,17 @@ def test_cosine_fraction():
     assert cosine_fraction(0.3, 500, 1000) == pytest.approx(0.15)
     assert cosine_fraction(0.3, 250, 1000) == pytest.approx(0.15 * (1 + math.cos(math.pi / 4)))
     assert cosine_fraction(0.3, 1000, 1000) == 0.0 and cosine_fraction(0.3, 1500, 1000) == 0.0
+    # SNFS / GraNet: CosineAnnealingLR from 0.5 to eta_min = 0.005
+    assert cosine_fraction(0.5, 0, 1000, 0.005) == pytest.approx(0.5)
+    assert cosine_fraction(0.5, 500, 1000, 0.005) == pytest.approx(0.005 + 0.495 / 2)
+    assert cosine_fraction(0.5, 1000, 1000, 0.005) == 0.005
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 1000, 0.005)
+    for step in range(1, 301):
+        opt.step()
+        sched.step()
+        if step in (1, 77, 300):
+            assert cosine_fraction(0.5, step, 1000, 0.005) == pytest.approx(sched.get_last_lr()[0], rel=1e-9)
 
 
 def test_cubic_sparsity():
@@ -47,6 +60,7 @@ def test_drop_counts_floor_and_ceil():
     assert drop_counts(masks, 0.3) == {"a": 3, "b": 0}  # int(10 * .3) = 3, int(3 * .3) = 0
     assert drop_counts(masks, 0.3, "ceil") == {"a": 3, "b": 1}  # ceil(0.9) = 1
     assert drop_counts(masks, 0.25) == {"a": 2, "b": 0}
+    assert drop_counts(masks, {"a": 0.5, "b": 0.5}, "ceil") == {"a": 5, "b": 2}  # per-layer rates
     with pytest.raises(ValueError, match="`rounding` must be 'floor' or 'ceil'"):
         drop_counts(masks, 0.3, "round")
 
@@ -104,3 +118,37 @@ def test_momentum_redistribution_by_hand():
     masks2 = {"a": b(*[1] * 5 + [0] * 5), "b": torch.ones(10, dtype=torch.bool)}
     mom2 = {"a": t(*[1.0] * 5 + [100.0] * 5), "b": torch.full((10,), 1.0)}
     assert momentum_growth_counts(mom2, masks2, dropped, 4) == {"a": 2, "b": 2}
+
+
+def test_snfs_rates_cap_nearly_dense_layers_with_a_large_momentum_share():
+    masks = {
+        "dense": b(*[1] * 9 + [0]),  # sparsity 0.1 < 0.2
+        "sparse": b(*[1] * 2 + [0] * 8),  # sparsity 0.8
+        "quiet": b(*[1] * 9 + [0]),  # sparsity 0.1, but a small share
+    }
+    momentum = {"dense": torch.full((10,), 5.0), "sparse": torch.full((10,), 4.0), "quiet": torch.full((10,), 1.0)}
+    means = layer_momentum(momentum, masks)
+    assert means == {"dense": 5.0, "sparse": 4.0, "quiet": 1.0}
+    # shares 0.5, 0.4, 0.1 against 1/3: only "dense" is both nearly dense and above average
+    rates = snfs_rates(masks, 0.5, means)
+    assert rates["dense"] == pytest.approx(0.1) and rates["sparse"] == 0.5 and rates["quiet"] == 0.5
+    assert drop_counts(masks, rates, "ceil") == {"dense": 1, "sparse": 1, "quiet": 5}
+
+
+def test_snfs_update_by_hand():
+    # one layer loses weights to the other: removal is per layer, regrowth follows the momentum
+    w = {"a": t(0.9, 0.1, 0.5, 0.0, 0.0, 0.0), "b": t(0.3, -0.2, 0.0, 0.0, 0.0, 0.0)}
+    m = {"a": b(1, 1, 1, 0, 0, 0), "b": b(1, 1, 0, 0, 0, 0)}
+    mom = {"a": t(0.1, 0.1, 0.1, 0.2, 0.05, 0.0), "b": t(0.6, 0.3, 0.9, 0.1, 0.8, 0.0)}
+    counts = drop_counts(m, 0.5, "ceil")  # ceil(1.5) = 2, ceil(1) = 1
+    assert counts == {"a": 2, "b": 1}
+    dropped = drop_magnitude(w, m, counts)  # a keeps 0.9; b keeps 0.3
+    assert dropped["a"].tolist() == [True, False, False, False, False, False]
+    assert dropped["b"].tolist() == [True, False, False, False, False, False]
+    # mean |momentum| over active (before the drop): a 0.1, b 0.45 -> 3 regrown split 0.18 : 0.82
+    regrow = momentum_growth_counts(mom, m, dropped, 3)
+    assert regrow == {"a": 1, "b": 2}  # 0.55 -> 1 and 2.45 -> 2 by largest remainder
+    grown = grow({n: v.abs() for n, v in mom.items()}, dropped, regrow)
+    assert grown["a"].tolist() == [True, False, False, True, False, False]  # idx 3 has |m| 0.2
+    assert grown["b"].tolist() == [True, False, True, False, True, False]  # 0.9 and 0.8
+    assert sum(int(v.sum()) for v in grown.values()) == sum(int(v.sum()) for v in m.values())

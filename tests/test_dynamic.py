@@ -7,8 +7,8 @@ import torch
 from helpers import TARGET_SHAPES, TARGET_TOTAL, make_dataloader, make_module, make_trainer
 
 from lightning_pai.callbacks._compat import CallbackBase
-from lightning_pai.callbacks.dynamic import SET, RigL
-from lightning_pai.callbacks.gradual import GradualMagnitudePruning
+from lightning_pai.callbacks.dynamic import SET, SNFS, GraNet, RigL
+from lightning_pai.callbacks.gradual import GradualMagnitudePruning, prune_by_magnitude
 from lightning_pai.core.dst import (
     cosine_fraction,
     cubic_sparsity,
@@ -16,7 +16,10 @@ from lightning_pai.core.dst import (
     drop_magnitude,
     drop_set,
     grow,
+    layer_momentum,
+    momentum_growth_counts,
     random_scores,
+    snfs_rates,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -150,7 +153,11 @@ def test_rigl_resume_gives_the_same_topology_sequence(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"growth": "momentum"}, "`growth` must be one of"),
+        ({"growth": "hebbian"}, "`growth` must be one of"),
+        ({"redistribution": "magnitude"}, "`redistribution` must be one of"),
+        ({"rounding": "round"}, "`rounding` must be one of"),
+        ({"min_fraction": 0.5}, "`min_fraction` must be in"),
+        ({"beta": 1.0}, "`beta`"),
         ({"alpha": 1.5}, "`alpha`"),
         ({"delta_t": 0}, "`delta_t` must be a positive integer"),
         ({"t_end": 0}, "`t_end` is a fraction"),
@@ -226,3 +233,149 @@ def test_multiple_optimizers_rejected_before_training():
     with pytest.raises(ValueError, match="supports one optimizer; `configure_optimizers` returned 2"):
         trainer.fit(module, make_dataloader())
     assert trainer.global_step == 0
+
+
+def _assert_grown_start_at_zero(rec, step, before, after):
+    for n in after:
+        grown = after[n] & ~before[n]
+        assert torch.equal(rec.weights_at_start[step][n][grown], torch.zeros(int(grown.sum())))
+        if n in rec.state[step]:
+            assert torch.equal(rec.state[step][n][grown], torch.zeros(int(grown.sum())))
+
+
+def test_snfs_momentum_growth_and_redistribution_match_core():
+    cb = SNFS(0.8, seed=1, verbose=False)
+    rec, module = _run(cb, steps=STEPS, max_epochs=5)
+    initial = rec.masks_after[0]
+    for n, shape in TARGET_SHAPES.items():  # uniform initial budgets (the official code's)
+        size = torch.Size(shape).numel()
+        assert abs(int(initial[n].sum()) - 0.2 * size) < 1
+    momentum = {n: torch.zeros(shape) for n, shape in TARGET_SHAPES.items()}
+    counts_seen = [_kept(initial)]
+    for step in range(1, STEPS):
+        momentum = {n: 0.9 * momentum[n] + rec.grads[step][n] for n in momentum}  # dense momentum
+        before, after = rec.masks_before[step], rec.masks_after[step]
+        assert sum(_kept(after).values()) == sum(_kept(initial).values())  # total exactly constant
+        if step in (8, 16, 24, 32):
+            rate = cosine_fraction(0.5, step, STEPS, 0.005)
+            rates = snfs_rates(before, rate, layer_momentum(momentum, before))
+            dropped = drop_magnitude(rec.weights[step], before, drop_counts(before, rates, "ceil"))
+            removed = sum(_kept(before).values()) - sum(_kept(dropped).values())
+            counts = momentum_growth_counts(momentum, before, dropped, removed)
+            expected = grow({n: v.abs() for n, v in momentum.items()}, dropped, counts)
+            assert all(torch.equal(after[n], expected[n]) for n in after), step
+            _assert_grown_start_at_zero(rec, step, before, after)
+            counts_seen.append(_kept(after))
+        else:
+            assert all(torch.equal(after[n], before[n]) for n in after), step
+    assert len({tuple(c.values()) for c in counts_seen}) > 1  # budgets moved between layers
+    assert cb.updates == 4
+    assert all(torch.allclose(cb._momentum[n], 0.9 * momentum[n] + rec.grads[STEPS][n]) for n in momentum)
+    params = dict(module.named_parameters())
+    for n, m in cb.masks.items():
+        assert torch.equal(params[n][~m], torch.zeros(int((~m).sum())))
+
+
+def test_granet_prunes_on_the_cubic_schedule_and_regenerates():
+    cb = GraNet(0.9, initial_sparsity=0.5, start=0, end=20, delta_t=5, seed=2, verbose=False)
+    rec, module = _run(cb)
+    assert sum(_kept(rec.masks_after[0]).values()) == TARGET_TOTAL - round(0.5 * TARGET_TOTAL)
+    for step in range(1, STEPS):
+        before, after = rec.masks_before[step], rec.masks_after[step]
+        if step in (5, 10, 15, 20, 25, 30, 35):  # never at the last step (40)
+            start = before
+            if step <= 20:
+                target = cubic_sparsity(step, 0.5, 0.9, 0, 20)
+                start = prune_by_magnitude(rec.weights[step], before, target, "global")
+                assert sum(_kept(start).values()) == TARGET_TOTAL - round(target * TARGET_TOTAL), step
+            rate = cosine_fraction(0.5, step, STEPS, 0.005)
+            dropped = drop_magnitude(rec.weights[step], start, drop_counts(start, rate, "ceil"))
+            counts = {n: int(start[n].sum()) - int(dropped[n].sum()) for n in start}
+            expected = grow({n: g.abs() for n, g in rec.grads[step].items()}, dropped, counts)
+            assert all(torch.equal(after[n], expected[n]) for n in after), step
+            assert _kept(after) == _kept(start)  # regeneration: as many grown as dropped, per layer
+            assert any(not torch.equal(after[n], start[n]) for n in after), step  # it did rewire
+            _assert_grown_start_at_zero(rec, step, before, after)
+        else:
+            assert all(torch.equal(after[n], before[n]) for n in after), step
+    assert sum(int(m.sum()) for _, m in cb.masks.items()) == TARGET_TOTAL - round(0.9 * TARGET_TOTAL)
+    assert cb.updates == 7
+    params = dict(module.named_parameters())
+    for n, m in cb.masks.items():
+        assert torch.equal(params[n][~m], torch.zeros(int((~m).sum())))
+
+
+def test_granet_bad_arguments():
+    with pytest.raises(ValueError, match="`initial_sparsity`"):
+        GraNet(0.5, initial_sparsity=0.8)
+    with pytest.raises(ValueError, match="`update_on` must be 'step' for `GraNet`"):
+        GraNet(0.9, update_on="epoch")
+    with pytest.raises(ValueError, match="`prune_distribution` must be one of"):
+        GraNet(0.9, prune_distribution="erk")
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        {"accumulate_grad_batches": 2},
+        {"gradient_clip_val": 0.01, "gradient_clip_algorithm": "value"},
+        {"gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"},
+    ],
+    ids=["accumulate", "clip-value", "clip-norm"],
+)
+def test_rigl_grows_by_the_accumulated_unclipped_gradient(setup):
+    cb = RigL(0.8, delta_t=4, t_end=1.0, verbose=False)
+    steps = 16
+    rec, module = _run(cb, steps=steps, **setup)
+    assert cb.updates == 3  # steps 4, 8, 12 (never at the last step)
+    for step in (4, 8, 12):
+        before, after = rec.masks_before[step], rec.masks_after[step]
+        fraction = cosine_fraction(0.3, step, steps)
+        dropped = drop_magnitude(rec.weights[step], before, drop_counts(before, fraction))
+        counts = {n: int(before[n].sum()) - int(dropped[n].sum()) for n in before}
+        expected = grow({n: g.abs() for n, g in rec.grads[step].items()}, dropped, counts)
+        assert all(torch.equal(after[n], expected[n]) for n in after), step
+        assert _kept(after) == _kept(before)
+        _assert_grown_start_at_zero(rec, step, before, after)
+    if "gradient_clip_val" in setup:  # the recorded (and used) gradients were not clipped yet
+        assert max(float(g.abs().max()) for g in rec.grads[4].values()) > setup["gradient_clip_val"]
+    params = dict(module.named_parameters())
+    for n, m in cb.masks.items():
+        assert torch.equal(params[n][~m], torch.zeros(int((~m).sum())))
+
+
+def test_rigl_skips_the_update_of_a_step_the_grad_scaler_skips():
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class _InfAtStep8(type(make_module(seed=0))):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("inf") if self.trainer.global_step + 1 == 8 else loss
+
+    torch.manual_seed(0)
+    module = _InfAtStep8()
+    scaler = torch.amp.GradScaler("cpu")
+    cb = RigL(0.8, delta_t=4, t_end=1.0, verbose=False)
+    rec = _Recorder(cb)
+    trainer = make_trainer(
+        max_steps=16, callbacks=[rec, cb], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+    )
+    assert isinstance(trainer.precision_plugin, pl.plugins.precision.MixedPrecision)
+    trainer.fit(module, make_dataloader())
+    assert not all(torch.isfinite(g).all() for g in rec.grads[8].values())
+    assert scaler.get_scale() < 2.0**16  # the scaler saw the overflow and backed off
+    assert all(torch.equal(rec.masks_after[8][n], rec.masks_before[8][n]) for n in TARGET_SHAPES)
+    assert any(not torch.equal(rec.masks_after[4][n], rec.masks_before[4][n]) for n in TARGET_SHAPES)
+    assert any(not torch.equal(rec.masks_after[12][n], rec.masks_before[12][n]) for n in TARGET_SHAPES)
+    assert cb.updates == 2  # 4 and 12; 8 was skipped
+    params = dict(module.named_parameters())
+    for n, m in cb.masks.items():
+        assert torch.isfinite(params[n]).all()
+        assert torch.equal(params[n][~m], torch.zeros(int((~m).sum())))
+
+
+def test_unbounded_training_is_rejected():
+    trainer = make_trainer(max_steps=-1, max_epochs=-1, callbacks=[RigL(0.8, verbose=False)])
+    with pytest.raises(ValueError, match="set `max_steps` or `max_epochs`"):
+        trainer.fit(make_module(seed=0), make_dataloader())

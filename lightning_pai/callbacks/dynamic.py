@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -9,31 +10,53 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_pai.callbacks.base import SparseCallback
+from lightning_pai.callbacks.gradual import check_point, prune_by_magnitude, resolve_window
 from lightning_pai.callbacks.prune_at_init import PruneAtInit
 from lightning_pai.core.distributions import get_distribution
-from lightning_pai.core.dst import cosine_fraction, diff, drop_counts, drop_magnitude, drop_set, grow, random_scores
+from lightning_pai.core.dst import (
+    cosine_fraction,
+    cubic_sparsity,
+    diff,
+    drop_counts,
+    drop_magnitude,
+    drop_set,
+    grow,
+    layer_momentum,
+    momentum_growth_counts,
+    random_scores,
+    snfs_rates,
+)
 from lightning_pai.core.masks import check_sparsity
-from lightning_pai.core.pruning import check_choice
+from lightning_pai.core.pruning import check_choice, is_number
 from lightning_pai.core.scorers import get_scorer
 from lightning_pai.core.targets import Selectors
 
-GROWTH = ("random", "gradient")
+GROWTH = ("random", "gradient", "momentum")
 DROPS = ("magnitude", "set")
 DECAYS = ("cosine", "constant")
 UPDATE_ON = ("step", "epoch")
+REDISTRIBUTION = ("none", "momentum")
+ROUNDING = ("floor", "ceil")
 
 
 class DynamicSparseTraining(SparseCallback):
-    """Drop-and-grow dynamic sparse training at a constant number of weights (SET and RigL build on it).
+    """Drop-and-grow dynamic sparse training at a constant number of weights (SET, RigL, SNFS build on it).
 
     The network starts sparse (``init``: random masks with the ``distribution``'s per-layer budgets, or
     any pruning-at-initialization scorer) and, every ``delta_t`` optimizer steps (``update_on="step"``) or
-    at the end of every epoch (``update_on="epoch"``), each layer drops ``floor(f_t * active)`` active
-    weights (``drop``: smallest magnitude, or SET's sign-wise rule) and grows as many inactive ones
-    (``growth``: ``"random"`` or ``"gradient"`` = largest ``|dense gradient|`` of the update step), with
-    ``f_t = alpha / 2 * (1 + cos(pi * t / T_end))`` (``decay="cosine"``) or ``alpha``. Nothing changes
-    after ``t_end`` (a fraction of the total optimizer steps). Each layer's kept count, and so the
-    overall sparsity, stays exactly constant.
+    at the end of every epoch but the last (``update_on="epoch"``), each layer drops ``r(f_t * active)``
+    active weights (``r``: ``rounding`` down or up; ``drop``: smallest magnitude, or SET's sign-wise rule)
+    and grows inactive ones by the largest growth score (``growth``: ``"random"``, ``"gradient"`` =
+    ``|dense gradient|`` of the update step, or ``"momentum"`` = ``|dense momentum|``), with
+    ``f_t = m + (alpha - m) / 2 * (1 + cos(pi * t / T_end))`` (``decay="cosine"``, ``m = min_fraction``)
+    or ``alpha``. Nothing changes after ``t_end`` (a fraction of the total optimizer steps). Each layer
+    grows what it dropped (``redistribution="none"``), or the total dropped is shared between layers in
+    proportion to the mean ``|momentum|`` of their active weights (``"momentum"``, SNFS). Either way the
+    overall kept count stays exactly constant.
+
+    Momentum growth and redistribution read a *dense* momentum ``m <- beta * m + grad`` that the callback
+    keeps itself (every step with finite gradients, from the dense gradient before masking): the
+    optimizer's own momentum is zero on inactive weights because their gradients are masked.
 
     Grown weights start at exactly zero with zero optimizer state (a weight dropped and regrown in the
     same update keeps its value, as in RigL). The gradient used for growth is the dense, all-reduced
@@ -55,6 +78,10 @@ class DynamicSparseTraining(SparseCallback):
         update_on: ``"step"`` or ``"epoch"``.
         delta_t: Optimizer steps between updates (``update_on="step"``).
         t_end: Fraction of the total optimizer steps after which the topology is frozen.
+        min_fraction: Floor ``m`` of the cosine decay.
+        rounding: ``"floor"`` (RigL, SET) or ``"ceil"`` (SNFS, GraNet) of the per-layer drop count.
+        redistribution: ``"none"`` or ``"momentum"``.
+        beta: Decay of the dense momentum used by ``growth="momentum"`` and ``redistribution="momentum"``.
         include: Prunable parameters (default: weights of ``nn.Linear`` and ``nn.Conv1d/2d/3d``).
         exclude: Parameters left dense.
         seed: Seed of the initial masks and of random growth.
@@ -74,6 +101,10 @@ class DynamicSparseTraining(SparseCallback):
         update_on: str = "step",
         delta_t: int = 100,
         t_end: float = 0.75,
+        min_fraction: float = 0.0,
+        rounding: str = "floor",
+        redistribution: str = "none",
+        beta: float = 0.9,
         include: Selectors = None,
         exclude: Selectors = None,
         seed: int = 0,
@@ -87,21 +118,30 @@ class DynamicSparseTraining(SparseCallback):
         check_choice(drop, DROPS, "drop")
         check_choice(decay, DECAYS, "decay")
         check_choice(update_on, UPDATE_ON, "update_on")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        check_choice(rounding, ROUNDING, "rounding")
+        check_choice(redistribution, REDISTRIBUTION, "redistribution")
+        if not is_number(alpha) or not 0 < alpha < 1:
             raise ValueError(f"`alpha` (the drop fraction) must be in (0, 1); got {alpha!r}.")
-        if isinstance(delta_t, bool) or not isinstance(delta_t, int) or delta_t < 1:
+        if not is_number(min_fraction) or not 0 <= min_fraction <= alpha:
+            raise ValueError(f"`min_fraction` must be in [0, `alpha`={alpha}]; got {min_fraction!r}.")
+        if not is_number(beta) or not 0 <= beta < 1:
+            raise ValueError(f"`beta` (the momentum decay) must be in [0, 1); got {beta!r}.")
+        if not is_number(delta_t, integer=True) or delta_t < 1:
             raise ValueError(f"`delta_t` must be a positive integer (optimizer steps); got {delta_t!r}.")
-        if isinstance(t_end, bool) or not isinstance(t_end, (int, float)) or not 0 < t_end <= 1:
+        if not is_number(t_end) or not 0 < t_end <= 1:
             raise ValueError(f"`t_end` is a fraction of the training steps in (0, 1]; got {t_end!r}.")
         self.distribution, self.init, self.growth, self.drop = distribution, init, growth, drop
         self.alpha, self.decay, self.update_on = float(alpha), decay, update_on
         self.delta_t, self.t_end, self.seed = delta_t, float(t_end), int(seed)
+        self.min_fraction, self.rounding, self.redistribution = float(min_fraction), rounding, redistribution
+        self.beta = float(beta)
+        self._momentum: dict[str, Tensor] | None = None  # dense gradient momentum (SNFS)
         self._initializer = PruneAtInit(init, self.sparsity, distribution=distribution, seed=self.seed, verbose=False)
         self._scores: dict[str, Tensor] | None = None  # growth scores captured for the coming update
         self._scores_step = -1
         self._fired: dict[str, Tensor] | None = None
         self.updates = 0
-        self._t_end_steps = 0
+        self._t_end_steps = self._total_steps = 0
 
     @property
     def state_key(self) -> str:
@@ -121,34 +161,60 @@ class DynamicSparseTraining(SparseCallback):
         super().on_fit_start(trainer, pl_module)
         if self._fired is None:
             self._fired = {n: m.clone() for n, m in self.masks.items()}
-        self._t_end_steps = int(self.t_end * trainer.estimated_stepping_batches)
+        if self._needs_momentum:
+            params = self.masks.params
+            if self._momentum is None:
+                self._momentum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+            else:  # restored from a checkpoint (CPU) or kept from a previous fit
+                self._momentum = {n: b.to(params[n].device) for n, b in self._momentum.items()}
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                f"`{type(self).__name__}` schedules its updates over the whole run: set `max_steps` or `max_epochs` "
+                "on the Trainer (training length is unbounded)."
+            )
+        self._total_steps = int(total)
+        self._t_end_steps = int(self.t_end * self._total_steps)
+
+    @property
+    def _needs_momentum(self) -> bool:
+        return self.growth == "momentum" or self.redistribution == "momentum"
 
     # ---------------------------------------------------------------- timing
     def _is_update_step(self, trainer: Any, step: int) -> bool:
-        """Whether the optimizer step numbered ``step`` (1-based) ends with a topology update."""
-        if self.update_on == "epoch" or step > self._t_end_steps:
+        """Whether the optimizer step numbered ``step`` (1-based) ends with a topology update.
+
+        Never the last step of training: nothing would train the grown weights.
+        """
+        if self.update_on == "epoch" or step > self._t_end_steps or step >= self._total_steps:
             return False
         return step % self.delta_t == 0
 
     def _fraction(self, step: int) -> float:
         if self.decay == "constant":
             return self.alpha
-        return cosine_fraction(self.alpha, step, self._t_end_steps)
+        return cosine_fraction(self.alpha, step, self._t_end_steps, self.min_fraction)
 
     @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         step = trainer.global_step + 1
         last_of_epoch = self.update_on == "epoch" and _is_last_step_of_epoch(trainer)
-        if self._is_update_step(trainer, step) or last_of_epoch:
+        update = self._is_update_step(trainer, step) or last_of_epoch
+        if update or self._needs_momentum:
             grads = [p.grad for p in self.masks.params.values()]
             finite = all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
-            self._scores = None
-            if finite:
-                if self.growth == "gradient":
-                    self._scores = {n: g.detach().abs() for n, g in zip(self.masks.names, grads)}
-                else:
-                    self._scores = {}  # random scores are drawn at update time
-                self._scores_step = step
+            if finite and self._needs_momentum:
+                bufs = list(self._momentum.values())
+                torch._foreach_mul_(bufs, self.beta)
+                torch._foreach_add_(bufs, [g.detach().float() for g in grads])
+            if update:
+                self._scores = None
+                if finite:
+                    if self.growth == "gradient":
+                        self._scores = {n: g.detach().abs() for n, g in zip(self.masks.names, grads)}
+                    else:
+                        self._scores = {}  # random and momentum scores are read at update time
+                    self._scores_step = step
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     @override
@@ -165,17 +231,33 @@ class DynamicSparseTraining(SparseCallback):
         self._scores = None
 
     # ---------------------------------------------------------------- update
+    def _prune(self, masks: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """Masks to drop and grow from at ``step`` (GraNet prunes here first; unchanged by default)."""
+        return masks
+
+    def _growth_scores(self, masks: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        if self.growth == "gradient":
+            return self._scores
+        if self.growth == "momentum":
+            return {n: b.abs() for n, b in self._momentum.items()}
+        return random_scores(masks, self.seed * 1_000_003 + step)
+
     def _update(self, trainer: Any, pl_module: Any, step: int) -> None:
         fraction = self._fraction(step)
         old = {n: m.clone() for n, m in self.masks.items()}
+        start = self._prune(old, step)
         weights = self.masks.params
         if self.drop == "set":
-            after_drop = drop_set(weights, old, fraction)
+            after_drop = drop_set(weights, start, fraction)
         else:
-            after_drop = drop_magnitude(weights, old, drop_counts(old, fraction))
-        counts = {n: int(old[n].sum()) - int(after_drop[n].sum()) for n in old}
-        scores = self._scores if self.growth == "gradient" else random_scores(old, self.seed * 1_000_003 + step)
-        new = grow(scores, after_drop, counts)
+            rates: float | dict[str, float] = fraction
+            if self.redistribution == "momentum":
+                rates = snfs_rates(start, fraction, layer_momentum(self._momentum, start))
+            after_drop = drop_magnitude(weights, start, drop_counts(start, rates, self.rounding))
+        counts = {n: int(start[n].sum()) - int(after_drop[n].sum()) for n in start}
+        if self.redistribution == "momentum":
+            counts = momentum_growth_counts(self._momentum, start, after_drop, sum(counts.values()))
+        new = grow(self._growth_scores(start, step), after_drop, counts)
         new = self._from_rank_zero(trainer, new)
         update = diff(old, {n: m.to(old[n].device) for n, m in new.items()})
         self.masks.update_(update.masks, trainer.optimizers)
@@ -184,6 +266,7 @@ class DynamicSparseTraining(SparseCallback):
         self._scores = None
         self.updates += 1
         metrics = {
+            "sparsity/global": 1.0 - self.masks.density,
             "sparsity/itop": self.itop,
             "dst/fraction": fraction,
             "dst/dropped": float(sum(update.dropped.values())),
@@ -203,7 +286,8 @@ class DynamicSparseTraining(SparseCallback):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         fired = None if self._fired is None else {n: f.cpu().clone() for n, f in self._fired.items()}
-        state.update(updates=self.updates, fired=fired)
+        momentum = None if self._momentum is None else {n: b.cpu().clone() for n, b in self._momentum.items()}
+        state.update(updates=self.updates, fired=fired, momentum=momentum)
         return state
 
     @override
@@ -213,6 +297,9 @@ class DynamicSparseTraining(SparseCallback):
         fired = state_dict.get("fired")
         if fired is not None:
             self._fired = {n: f.clone() for n, f in fired.items()}
+        momentum = state_dict.get("momentum")
+        if momentum is not None:
+            self._momentum = {n: b.clone() for n, b in momentum.items()}
 
 
 def _is_last_step_of_epoch(trainer: Any) -> bool:
@@ -249,3 +336,118 @@ class SET(DynamicSparseTraining):
         kwargs.setdefault("update_on", "epoch")
         kwargs.setdefault("t_end", 1.0)
         super().__init__(sparsity, **kwargs)
+
+
+class SNFS(DynamicSparseTraining):
+    """Sparse momentum / SNFS (Dettmers & Zettlemoyer 2019, arXiv:1907.04840).
+
+    At the end of every epoch but the last, each layer removes ``ceil(p_t * active)`` of its
+    smallest-magnitude weights, with the prune rate decayed per optimizer step as
+    ``p_t = 0.005 + (p - 0.005) / 2 * (1 + cos(pi * t / T))`` over the whole run (``alpha=p=0.5``,
+    ``min_fraction=0.005``, ``t_end=1.0``). The removed weights are redistributed: layer ``l`` regrows a
+    share ``mu_l / sum_k mu_k`` of them, ``mu_l`` being the mean ``|momentum|`` of its active weights
+    (capped by its free slots, the rest shared among the others; a nearly dense layer — sparsity below 0.2
+    and an above-average share — prunes at most its sparsity). Within a layer the inactive weights with
+    the largest ``|momentum|`` grow. The momentum is the dense gradient's, ``m <- 0.9 m + grad``, kept by the
+    callback (``beta``), as the official code reads SGD's momentum of unmasked gradients. Grown weights
+    start at zero with zero optimizer state; the total kept count is exactly constant (the official code
+    only approximately restores it). Initial masks are uniform per layer by default, as in the
+    official code's initialisation. See :class:`DynamicSparseTraining` for the arguments.
+    """
+
+    def __init__(self, sparsity: float = 0.9, **kwargs: Any) -> None:
+        defaults = {
+            "distribution": "uniform",
+            "growth": "momentum",
+            "redistribution": "momentum",
+            "alpha": 0.5,
+            "min_fraction": 0.005,
+            "t_end": 1.0,
+            "update_on": "epoch",
+            "rounding": "ceil",
+        }
+        super().__init__(sparsity, **{**defaults, **kwargs})
+
+
+class GraNet(DynamicSparseTraining):
+    """GraNet (Liu et al. 2021, arXiv:2106.10404): gradual magnitude pruning with zero-cost neuroregeneration.
+
+    Starts from ``init`` masks at ``initial_sparsity`` (ERK budgets; 0 = dense) and, every ``delta_t``
+    optimizer steps from ``start`` on:
+
+    1. while ``start <= t <= end``, prunes to Zhu & Gupta's cubic schedule
+       ``s_t = s_f + (s_i - s_f) * (1 - (t - start) / (end - start)) ** 3`` by removing the
+       smallest-magnitude remaining weights across all layers (``prune_distribution="global"``; also
+       ``"uniform"``, ``"lamp"``); ``end`` always gets an update, so ``s_f = sparsity`` is reached exactly;
+    2. then, at every update until training ends (also after ``end``, as in the official code),
+       each layer drops ``ceil(r_t * active)`` of its smallest-magnitude weights and regrows the same
+       number of inactive weights with the largest ``|dense gradient|``, with the death rate
+       ``r_t = 0.005 + (r - 0.005) / 2 * (1 + cos(pi * t / T))``, ``r = alpha = 0.5``.
+
+    Defaults are the paper's CIFAR settings: ``alpha=0.5``, ``delta_t=1000``, ``initial_sparsity=0.5``,
+    pruning until 110 / 160 of training. Grown weights start at zero with zero optimizer state.
+
+    Args:
+        sparsity: Final sparsity ``s_f``.
+        initial_sparsity: ``s_i``, the sparsity of the initial masks.
+        start: First pruning step (``int``) or fraction of training (``float``).
+        end: Step (``int``) or fraction (``float``) at which ``sparsity`` is reached.
+        prune_distribution: ``"global"``, ``"uniform"`` or ``"lamp"`` for the gradual pruning.
+        **kwargs: :class:`DynamicSparseTraining` arguments (``distribution``, ``init``, ``delta_t``, ...).
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        *,
+        initial_sparsity: float = 0.5,
+        start: int | float = 0.0,
+        end: int | float = 110 / 160,
+        prune_distribution: str = "global",
+        **kwargs: Any,
+    ) -> None:
+        defaults = {
+            "growth": "gradient",
+            "alpha": 0.5,
+            "min_fraction": 0.005,
+            "t_end": 1.0,
+            "delta_t": 1000,
+            "rounding": "ceil",
+        }
+        super().__init__(sparsity, **{**defaults, **kwargs})
+        self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
+        if self.initial_sparsity > self.sparsity:
+            raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must not exceed `sparsity` ({sparsity}).")
+        if self.update_on != "step":
+            raise ValueError(f"`update_on` must be 'step' for `GraNet`; got {self.update_on!r}.")
+        check_point(start, "start")
+        check_point(end, "end")
+        check_choice(prune_distribution, ("global", "uniform", "lamp"), "prune_distribution")
+        self.start, self.end, self.prune_distribution = start, end, prune_distribution
+        self._start_step = self._end_step = 0
+        self._initializer = PruneAtInit(
+            self.init, self.initial_sparsity, distribution=self.distribution, seed=self.seed, verbose=False
+        )
+
+    @override
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._start_step, self._end_step = resolve_window(self.start, self.end, trainer.estimated_stepping_batches)
+
+    def target_sparsity(self, step: int) -> float:
+        """``s_t`` of the cubic schedule at optimizer step ``step``."""
+        return cubic_sparsity(step, self.initial_sparsity, self.sparsity, self._start_step, self._end_step)
+
+    def _is_update_step(self, trainer: Any, step: int) -> bool:
+        if step < self._start_step:
+            return False
+        return super()._is_update_step(trainer, step) or (step == self._end_step and step <= self._t_end_steps)
+
+    def _prune(self, masks: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        if step > self._end_step:
+            return masks
+        target = self.target_sparsity(step)
+        kept = sum(int(m.sum()) for m in masks.values())
+        if kept <= round((1.0 - target) * sum(m.numel() for m in masks.values())):
+            return masks
+        return prune_by_magnitude(self.masks.params, masks, target, self.prune_distribution)

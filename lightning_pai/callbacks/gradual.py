@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -15,13 +16,36 @@ from lightning_pai.core.masks import check_sparsity, compute_masks
 from lightning_pai.core.targets import Selectors
 
 
-def _check_point(value: int | float, argument: str) -> None:
+def check_point(value: int | float, argument: str) -> None:
+    """Validate a training point: an optimizer step (``int >= 0``) or a fraction of training (``float``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise ValueError(
             f"`{argument}` is an optimizer step (int >= 0) or a fraction of training (float); got {value!r}."
         )
     if isinstance(value, float) and value > 1:
         raise ValueError(f"`{argument}` as a float is a fraction of the training steps in [0, 1]; got {value!r}.")
+
+
+def resolve_window(start: int | float, end: int | float, total: int) -> tuple[int, int]:
+    """``start`` and ``end`` (steps or fractions of ``total`` steps) as optimizer steps, ``start < end``.
+
+    Raises:
+        ValueError: If ``end`` does not come after ``start``.
+    """
+    first = start if isinstance(start, int) else int(start * total)
+    last = end if isinstance(end, int) else int(end * total)
+    if last <= first:
+        raise ValueError(
+            f"`end` (step {last}) must come after `start` (step {first}); training has {total} optimizer steps."
+        )
+    return first, last
+
+
+def prune_by_magnitude(
+    params: Mapping[str, Tensor], masks: Mapping[str, Tensor], sparsity: float, distribution: str
+) -> dict[str, Tensor]:
+    """``masks`` shrunk to ``sparsity`` by removing the smallest-magnitude remaining ``params``."""
+    return compute_masks({n: p.detach().abs() for n, p in params.items()}, sparsity, distribution, masks=masks)
 
 
 class GradualMagnitudePruning(SparseCallback):
@@ -64,8 +88,8 @@ class GradualMagnitudePruning(SparseCallback):
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
         if self.initial_sparsity > self.sparsity:
             raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must not exceed `sparsity` ({sparsity}).")
-        _check_point(start, "start")
-        _check_point(end, "end")
+        check_point(start, "start")
+        check_point(end, "end")
         if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
             raise ValueError(f"`frequency` must be a positive integer (optimizer steps); got {frequency!r}.")
         if distribution not in ("uniform", "global", "lamp"):
@@ -88,14 +112,7 @@ class GradualMagnitudePruning(SparseCallback):
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_fit_start(trainer, pl_module)
-        total = trainer.estimated_stepping_batches
-        self._start_step = self.start if isinstance(self.start, int) else int(self.start * total)
-        self._end_step = self.end if isinstance(self.end, int) else int(self.end * total)
-        if self._end_step <= self._start_step:
-            raise ValueError(
-                f"`end` (step {self._end_step}) must come after `start` (step {self._start_step}); training has "
-                f"{total} optimizer steps."
-            )
+        self._start_step, self._end_step = resolve_window(self.start, self.end, trainer.estimated_stepping_batches)
 
     def target_sparsity(self, step: int) -> float:
         """``s_t`` of the cubic schedule at optimizer step ``step``."""
@@ -112,8 +129,7 @@ class GradualMagnitudePruning(SparseCallback):
         if step == self._last_step or not self._is_update_step(step):
             return
         self._last_step = step  # with gradient accumulation, several batches share one step
-        scores = {n: p.detach().abs() for n, p in self.masks.params.items()}
         current = dict(self.masks.items())
-        new = compute_masks(scores, self.target_sparsity(step), self.distribution, masks=current)
+        new = prune_by_magnitude(self.masks.params, current, self.target_sparsity(step), self.distribution)
         self.masks.update_(self._from_rank_zero(trainer, new), trainer.optimizers)
         self._log_metrics(trainer, {"sparsity/global": 1.0 - self.masks.density}, step)

@@ -25,11 +25,16 @@ from torch import Tensor
 from lightning_pai.core.select import apportion, topk_mask
 
 
-def cosine_fraction(alpha: float, step: int, t_end: int) -> float:
-    """RigL's drop-fraction schedule ``alpha / 2 * (1 + cos(pi * step / t_end))``; 0 from ``t_end`` on."""
+def cosine_fraction(alpha: float, step: int, t_end: int, minimum: float = 0.0) -> float:
+    """Cosine-decayed drop fraction ``m + (alpha - m) / 2 * (1 + cos(pi * step / t_end))``, ``m = minimum``.
+
+    With ``minimum=0`` this is RigL's ``alpha / 2 * (1 + cos(pi * t / T_end))``; SNFS and GraNet decay their
+    prune rate per iteration to ``minimum=0.005`` (``CosineAnnealingLR``'s ``eta_min`` in their code).
+    ``minimum`` from ``t_end`` on.
+    """
     if t_end <= 0 or step >= t_end:
-        return 0.0
-    return alpha / 2 * (1 + math.cos(math.pi * step / t_end))
+        return minimum
+    return minimum + (alpha - minimum) / 2 * (1 + math.cos(math.pi * step / t_end))
 
 
 def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int) -> float:
@@ -44,18 +49,20 @@ def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int
     return final + (initial - final) * (1 - (step - start) / (end - start)) ** 3
 
 
-def drop_counts(masks: Mapping[str, Tensor], fraction: float, rounding: str = "floor") -> dict[str, int]:
+def drop_counts(
+    masks: Mapping[str, Tensor], fraction: float | Mapping[str, float], rounding: str = "floor"
+) -> dict[str, int]:
     """Per layer, how many active weights one update drops.
 
-    ``fraction * active`` rounded down (RigL: ``int(n_ones * drop_fraction)``) or up (``"ceil"``: SNFS's and
-    GraNet's ``ceil(rate * nonzeros)``).
+    ``fraction * active`` (``fraction`` may be per layer) rounded down (RigL: ``int(n_ones * drop_fraction)``)
+    or up (``"ceil"``: SNFS's and GraNet's ``ceil(rate * nonzeros)``).
     """
     if rounding not in ("floor", "ceil"):
         raise ValueError(f"`rounding` must be 'floor' or 'ceil'; got {rounding!r}.")
     out = {}
     for n, m in masks.items():
         active = int(m.sum())
-        exact = fraction * active
+        exact = (fraction[n] if isinstance(fraction, Mapping) else fraction) * active
         out[n] = min(active, math.floor(exact + 1e-9) if rounding == "floor" else math.ceil(exact - 1e-9))
     return out
 
@@ -117,6 +124,30 @@ def random_scores(masks: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
     return {n: torch.rand(m.shape, generator=gen).to(m.device) for n, m in masks.items()}
 
 
+def layer_momentum(momentum: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, float]:
+    """SNFS's redistribution statistic: the mean ``|momentum|`` of each layer's active weights (0 if none)."""
+    out = {}
+    for n, m in masks.items():
+        active = int(m.sum())
+        out[n] = float(momentum[n].detach().abs().float()[m].sum()) / active if active else 0.0
+    return out
+
+
+def snfs_rates(masks: Mapping[str, Tensor], rate: float, means: Mapping[str, float]) -> dict[str, float]:
+    """SNFS's per-layer prune rates: ``rate``, except ``min(sparsity, rate)`` for a nearly dense layer.
+
+    A layer with sparsity below 0.2 whose share of the total mean momentum exceeds ``1 / layers`` prunes
+    at most its sparsity (``adjust_prune_rate`` in the official code), so it can grow towards dense.
+    """
+    total = sum(means.values())
+    out = {}
+    for n, m in masks.items():
+        sparsity = 1.0 - int(m.sum()) / m.numel()
+        share = means[n] / total if total > 0 else 0.0
+        out[n] = min(sparsity, rate) if sparsity < 0.2 and share > 1.0 / len(masks) else rate
+    return out
+
+
 def momentum_growth_counts(
     momentum: Mapping[str, Tensor], masks: Mapping[str, Tensor], dropped: Mapping[str, Tensor], total: int
 ) -> dict[str, int]:
@@ -127,10 +158,7 @@ def momentum_growth_counts(
     (``dropped``); the remainder goes to the layers with room, by the same proportions (largest-remainder
     rounding, so the counts sum to ``total`` whenever there is room).
     """
-    means = {}
-    for n, m in masks.items():
-        active = int(m.sum())
-        means[n] = float(momentum[n].detach().abs().float()[m].sum()) / active if active else 0.0
+    means = layer_momentum(momentum, masks)
     caps = {n: d.numel() - int(d.sum()) for n, d in dropped.items()}
     counts = {n: 0 for n in masks}
     left, open_layers = total, [n for n in masks if caps[n] > 0]

@@ -25,6 +25,11 @@ def check_choice(value: object, allowed: tuple, argument: str, optional: bool = 
     raise ValueError(f"`{argument}` must be one of {choices}; got {value!r}.")
 
 
+def is_number(value: object, integer: bool = False) -> bool:
+    """Whether ``value`` is an ``int`` (or, unless ``integer``, a ``float``), ``bool`` excluded."""
+    return not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+
+
 def round_sparsities(sparsity: float, iterations: int, schedule: str = "exponential") -> list[float]:
     """Sparsity after each of ``iterations`` rounds, ending at ``sparsity``.
 
