@@ -122,9 +122,17 @@ def test_set_updates_each_epoch_with_sign_wise_drop_and_random_growth():
     assert cb.updates == 4
 
 
-def test_rigl_resume_gives_the_same_topology_sequence(tmp_path):
+_RESUMABLE = {
+    "rigl": lambda: RigL(0.8, delta_t=4, t_end=1.0, verbose=False),
+    "snfs": lambda: SNFS(0.8, update_on="step", delta_t=4, verbose=False),  # momentum state must survive
+    "granet": lambda: GraNet(0.9, initial_sparsity=0.5, end=24, delta_t=4, verbose=False),
+}
+
+
+@pytest.mark.parametrize("method", sorted(_RESUMABLE))
+def test_resume_gives_the_same_topology_sequence(tmp_path, method):
     pl = pytest.importorskip("lightning.pytorch")
-    full = RigL(0.8, delta_t=4, t_end=1.0, verbose=False)
+    full = _RESUMABLE[method]()
     full_rec, _ = _run(full)
 
     class _Stop(CallbackBase):
@@ -133,13 +141,13 @@ def test_rigl_resume_gives_the_same_topology_sequence(tmp_path):
                 raise RuntimeError("crash")
 
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_top_k=-1)
-    first = RigL(0.8, delta_t=4, t_end=1.0, verbose=False)
+    first = _RESUMABLE[method]()
     module = make_module(seed=0)
     trainer = make_trainer(max_steps=STEPS, callbacks=[first, _Stop(), ckpt], enable_checkpointing=True)
     with pytest.raises(RuntimeError, match="crash"):
         trainer.fit(module, make_dataloader())
     path = tmp_path / "epoch=1-step=16.ckpt"  # saved after step 16 (the update at 16 included); crash at 21
-    resumed = RigL(0.8, delta_t=4, t_end=1.0, verbose=False)
+    resumed = _RESUMABLE[method]()
     rec = _Recorder(resumed)
     trainer = make_trainer(max_steps=STEPS, callbacks=[rec, resumed])
     trainer.fit(make_module(seed=0), make_dataloader(), ckpt_path=path)
@@ -148,6 +156,8 @@ def test_rigl_resume_gives_the_same_topology_sequence(tmp_path):
         assert all(torch.equal(rec.masks_after[step][n], full_rec.masks_after[step][n]) for n in TARGET_SHAPES), step
     assert resumed.updates == full.updates
     assert resumed.itop == full.itop
+    if full._momentum is not None:
+        assert all(torch.equal(resumed._momentum[n], full._momentum[n]) for n in full._momentum)
 
 
 @pytest.mark.parametrize(
