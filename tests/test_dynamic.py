@@ -8,7 +8,7 @@ from helpers import TARGET_SHAPES, TARGET_TOTAL, make_dataloader, make_module, m
 
 from lightning_pai.callbacks._compat import CallbackBase
 from lightning_pai.callbacks.dynamic import SET, SNFS, GraNet, RigL
-from lightning_pai.callbacks.gradual import GradualMagnitudePruning, prune_by_magnitude
+from lightning_pai.callbacks.gradual import GradualMagnitudePruning
 from lightning_pai.core.dst import (
     cosine_fraction,
     cubic_sparsity,
@@ -18,6 +18,7 @@ from lightning_pai.core.dst import (
     grow,
     layer_momentum,
     momentum_growth_counts,
+    prune_by_magnitude,
     random_scores,
     snfs_rates,
 )

@@ -10,21 +10,16 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_pai.callbacks.base import SparseCallback
-from lightning_pai.callbacks.gradual import check_point, prune_by_magnitude, resolve_window
+from lightning_pai.callbacks.gradual import check_point, resolve_window
 from lightning_pai.callbacks.prune_at_init import PruneAtInit
 from lightning_pai.core.distributions import get_distribution
 from lightning_pai.core.dst import (
     cosine_fraction,
     cubic_sparsity,
     diff,
-    drop_counts,
-    drop_magnitude,
-    drop_set,
-    grow,
-    layer_momentum,
-    momentum_growth_counts,
+    drop_and_grow,
+    prune_by_magnitude,
     random_scores,
-    snfs_rates,
 )
 from lightning_pai.core.masks import check_sparsity
 from lightning_pai.core.pruning import check_choice, is_number
@@ -246,18 +241,15 @@ class DynamicSparseTraining(SparseCallback):
         fraction = self._fraction(step)
         old = {n: m.clone() for n, m in self.masks.items()}
         start = self._prune(old, step)
-        weights = self.masks.params
-        if self.drop == "set":
-            after_drop = drop_set(weights, start, fraction)
-        else:
-            rates: float | dict[str, float] = fraction
-            if self.redistribution == "momentum":
-                rates = snfs_rates(start, fraction, layer_momentum(self._momentum, start))
-            after_drop = drop_magnitude(weights, start, drop_counts(start, rates, self.rounding))
-        counts = {n: int(start[n].sum()) - int(after_drop[n].sum()) for n in start}
-        if self.redistribution == "momentum":
-            counts = momentum_growth_counts(self._momentum, start, after_drop, sum(counts.values()))
-        new = grow(self._growth_scores(start, step), after_drop, counts)
+        new = drop_and_grow(
+            self.masks.params,
+            start,
+            fraction,
+            self._growth_scores(start, step),
+            drop=self.drop,
+            rounding=self.rounding,
+            momentum=self._momentum if self.redistribution == "momentum" else None,
+        )
         new = self._from_rank_zero(trainer, new)
         update = diff(old, {n: m.to(old[n].device) for n, m in new.items()})
         self.masks.update_(update.masks, trainer.optimizers)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -11,7 +10,7 @@ from typing_extensions import override
 
 from lightning_pai.callbacks.base import SparseCallback
 from lightning_pai.core.distributions import get_distribution
-from lightning_pai.core.dst import cubic_sparsity
+from lightning_pai.core.dst import cubic_sparsity, prune_by_magnitude
 from lightning_pai.core.masks import check_sparsity, compute_masks
 from lightning_pai.core.targets import Selectors
 
@@ -39,13 +38,6 @@ def resolve_window(start: int | float, end: int | float, total: int) -> tuple[in
             f"`end` (step {last}) must come after `start` (step {first}); training has {total} optimizer steps."
         )
     return first, last
-
-
-def prune_by_magnitude(
-    params: Mapping[str, Tensor], masks: Mapping[str, Tensor], sparsity: float, distribution: str
-) -> dict[str, Tensor]:
-    """``masks`` shrunk to ``sparsity`` by removing the smallest-magnitude remaining ``params``."""
-    return compute_masks({n: p.detach().abs() for n, p in params.items()}, sparsity, distribution, masks=masks)
 
 
 class GradualMagnitudePruning(SparseCallback):

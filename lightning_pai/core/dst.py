@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_pai.core.masks import compute_masks
 from lightning_pai.core.select import apportion, topk_mask
 
 
@@ -175,6 +176,52 @@ def momentum_growth_counts(
         left = total - sum(counts.values())
         open_layers = [n for n in open_layers if counts[n] < caps[n]]
     return counts
+
+
+def drop_and_grow(
+    weights: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
+    fraction: float,
+    scores: Mapping[str, Tensor],
+    *,
+    drop: str = "magnitude",
+    rounding: str = "floor",
+    momentum: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """One topology update: drop, then grow as many weights as were dropped.
+
+    Args:
+        weights: Current weights by name.
+        masks: Current bool masks.
+        fraction: Drop fraction ``f_t`` (SET's ``zeta``, RigL's ``alpha_t``, SNFS's prune rate).
+        scores: Growth scores (``|gradient|``, ``|momentum|`` or random); the highest inactive ones grow.
+        drop: ``"magnitude"`` (``rounding(f_t * active)`` smallest ``|w|`` per layer) or ``"set"``
+            (:func:`drop_set`).
+        rounding: ``"floor"`` or ``"ceil"`` of the per-layer drop count.
+        momentum: When given, SNFS's redistribution: prune rates from :func:`snfs_rates` and regrowth
+            counts from :func:`momentum_growth_counts`. Otherwise each layer regrows what it dropped.
+
+    Returns:
+        New bool masks with exactly as many active weights in total as ``masks``.
+    """
+    if drop == "set":
+        after = drop_set(weights, masks, fraction)
+    else:
+        rates: float | dict[str, float] = fraction
+        if momentum is not None:
+            rates = snfs_rates(masks, fraction, layer_momentum(momentum, masks))
+        after = drop_magnitude(weights, masks, drop_counts(masks, rates, rounding))
+    counts = {n: int(masks[n].sum()) - int(after[n].sum()) for n in masks}
+    if momentum is not None:
+        counts = momentum_growth_counts(momentum, masks, after, sum(counts.values()))
+    return grow(scores, after, counts)
+
+
+def prune_by_magnitude(
+    params: Mapping[str, Tensor], masks: Mapping[str, Tensor], sparsity: float, distribution: str
+) -> dict[str, Tensor]:
+    """``masks`` shrunk to ``sparsity`` by removing the smallest-magnitude remaining ``params`` (GMP, GraNet)."""
+    return compute_masks({n: p.detach().abs() for n, p in params.items()}, sparsity, distribution, masks=masks)
 
 
 @dataclass
