@@ -75,12 +75,17 @@ def glorot_normal_(weight: Tensor, gen: torch.Generator) -> None:
 def mlp(sizes: Sequence[int], seed: int, init: str = "variance_scaling") -> nn.Sequential:
     """``Flatten -> Linear -> ReLU -> ... -> Linear`` with the named initialiser and zero biases.
 
+    ``init="torch"`` keeps PyTorch's default ``nn.Linear`` initialisation (biases included), seeded.
+
     The weights are named ``"{2i + 1}.weight"`` (``1.weight``, ``3.weight``, ...).
     """
     layers: list[nn.Module] = [nn.Flatten()]
     for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
         layers += [nn.Linear(n_in, n_out)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
     net = nn.Sequential(*layers)
+    if init == "torch":  # PyTorch's default nn.Linear initialisation, seeded
+        torch.manual_seed(seed)
+        return nn.Sequential(*[type(m)(m.in_features, m.out_features) if isinstance(m, nn.Linear) else m for m in net])
     fill = {"variance_scaling": variance_scaling_, "glorot_normal": glorot_normal_}[init]
     gen = torch.Generator().manual_seed(seed)
     for layer in net:
@@ -121,18 +126,21 @@ class StackedMLP:
     def __len__(self) -> int:
         return len(self.weights[0])
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """``x``: ``[M, B, in]`` (or ``[1, B, in]``, broadcast) -> logits ``[M, B, classes]``."""
+    def __call__(self, x: Tensor, dropout: float = 0.0) -> Tensor:
+        """``x``: ``[M, B, in]`` (or ``[1, B, in]``, broadcast) -> logits ``[M, B, classes]``.
+
+        ``dropout``: probability of dropping each hidden activation (training only).
+        """
         h = x
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             h = torch.baddbmm(b, h.expand(len(self), -1, -1), w)
             if i < len(self.weights) - 1:
-                h = F.relu(h)
+                h = F.dropout(F.relu(h), dropout) if dropout else F.relu(h)
         return h
 
-    def losses(self, x: Tensor, y: Tensor) -> Tensor:
+    def losses(self, x: Tensor, y: Tensor, dropout: float = 0.0) -> Tensor:
         """Mean cross-entropy per model, ``[M]``; ``x``: ``[M, B, in]``, ``y``: ``[M, B]``."""
-        logits = self(x)
+        logits = self(x, dropout)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
 
     @torch.no_grad()

@@ -251,6 +251,30 @@ def test_masked_weights_and_state_stay_zero(opt_name):
         assert state and all((v[off] == 0).all() for v in state)
 
 
+def test_other_optimizers_get_the_masks_reapplied_after_each_step():
+    class Drifting(torch.optim.SGD):  # a subclass: not known to keep zeros, so the post-hook is registered
+        @torch.no_grad()
+        def step(self, closure=None):
+            out = super().step(closure)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(0.01)
+            return out
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    masks = MaskSet.from_module(model)
+    masks.update_(compute_masks(get_scorer("magnitude")(ScoringContext(masks.params)), 0.75, "uniform"))
+    opt = Drifting(model.parameters(), lr=0.1)
+    _train(model, masks, opt, steps=5)
+    assert len(masks._handles) == 2  # grad pre-hook and weight post-hook
+    for name, p in masks.params.items():
+        assert (p[~masks[name]] == 0).all()
+    plain = MaskSet.from_module(model)
+    plain.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert len(plain._handles) == 1  # SGD keeps zeros by itself: only the grad pre-hook
+
+
 def test_without_enforcement_weights_revive():
     """Control for the test above: masking once, then training densely, does not keep zeros."""
     torch.manual_seed(0)

@@ -84,6 +84,12 @@ def compute_masks(
     return masks_from_counts(scores, counts)
 
 
+#: Optimizers (exact types, not subclasses) whose step keeps a weight at exactly zero when the weight,
+#: its gradient and its state are zero: every term of their update (momentum, dampening, Nesterov, L2 or
+#: decoupled weight decay, Adam's moments and ``m / (sqrt(v) + eps)``) is then zero.
+ZERO_PRESERVING: tuple[type, ...] = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
 class MaskSet:
     """One bool keep-mask per prunable parameter, keyed by fully qualified name.
 
@@ -92,7 +98,8 @@ class MaskSet:
     (:meth:`apply_`), their gradients before the optimizer step (:meth:`mask_grads_`) and their
     optimizer state when the masks change (:meth:`mask_optimizer_state_`). With zero weight, zero
     gradient and zero state, SGD (momentum, weight decay, Nesterov) and Adam(W) leave the weight at
-    exactly zero; :meth:`attach` also re-applies the masks after every step for any other optimizer.
+    exactly zero, so :meth:`attach` skips re-applying the masks after their steps; it re-applies them
+    after every step of any other optimizer.
 
     Args:
         params: Prunable parameters by name.
@@ -197,14 +204,16 @@ class MaskSet:
     def attach(self, optimizer: torch.optim.Optimizer, mask_grads: bool = True) -> None:
         """Enforce the masks around every ``optimizer.step()``.
 
-        Registers a step post-hook that re-applies the masks to the weights and, if ``mask_grads``, a
-        pre-hook that zeroes masked gradients. Lightning calls the step with a closure that runs
-        backward *inside* the step, after the pre-hook; there, pass ``mask_grads=False`` and call
-        :meth:`mask_grads_` from ``on_before_optimizer_step`` instead.
+        Registers a step post-hook that re-applies the masks to the weights (not for the optimizers in
+        :data:`ZERO_PRESERVING`, which leave zero weights with zero gradient and zero state at exactly
+        zero) and, if ``mask_grads``, a pre-hook that zeroes masked gradients. Lightning calls the step
+        with a closure that runs backward *inside* the step, after the pre-hook; there, pass
+        ``mask_grads=False`` and call :meth:`mask_grads_` from ``on_before_optimizer_step`` instead.
         """
         if mask_grads:
             self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.mask_grads_()))
-        self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply_()))
+        if type(optimizer) not in ZERO_PRESERVING:
+            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply_()))
 
     def detach(self) -> None:
         """Remove every hook :meth:`attach` registered."""
