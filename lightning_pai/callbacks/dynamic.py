@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -300,72 +301,148 @@ def _is_last_step_of_epoch(trainer: Any) -> bool:
     return loop._num_ready_batches_reached() if hasattr(loop, "_num_ready_batches_reached") else False
 
 
+_BASE_PARAMS = frozenset(inspect.signature(DynamicSparseTraining.__init__).parameters) - {"self", "sparsity"}
+
+
+def _base_kwargs(local: dict[str, Any], **fixed: Any) -> dict[str, Any]:
+    """:class:`DynamicSparseTraining` keyword arguments: a subclass's same-named ``locals()`` plus ``fixed``."""
+    return {**{k: v for k, v in local.items() if k in _BASE_PARAMS}, **fixed}
+
+
 class RigL(DynamicSparseTraining):
     """RigL (Evci et al. 2020, arXiv:1911.11134): drop by magnitude, grow by the dense gradient.
 
-    Defaults from the paper: ERK initial masks, ``alpha=0.3`` with cosine decay
-    ``f_t = alpha / 2 * (1 + cos(pi * t / T_end))``, ``delta_t=100`` steps, ``t_end=0.75`` of training.
-    See :class:`DynamicSparseTraining` for the arguments.
+    Every ``delta_t`` optimizer steps until ``t_end`` of training, each layer drops the
+    ``floor(f_t * active)`` smallest-magnitude active weights, ``f_t = alpha / 2 * (1 + cos(pi * t / T_end))``,
+    and grows as many inactive weights with the largest ``|dense gradient|`` of that step. Defaults from
+    the paper: ERK initial masks, ``alpha=0.3``, ``delta_t=100``, ``t_end=0.75``.
+
+    Args:
+        sparsity: Fraction of the targeted weights removed, constant during training.
+        distribution: Per-layer budgets of the initial masks.
+        init: ``"random"`` or a registered scorer (e.g. ``"snip"``) for the initial masks.
+        alpha: Initial drop fraction.
+        delta_t: Optimizer steps between updates.
+        t_end: Fraction of training after which the topology is frozen.
+        include, exclude, seed, verbose: As for :class:`DynamicSparseTraining`.
     """
 
-    def __init__(self, sparsity: float = 0.9, **kwargs: Any) -> None:
-        kwargs.setdefault("growth", "gradient")
-        super().__init__(sparsity, **kwargs)
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        *,
+        distribution: str = "erk",
+        init: str = "random",
+        alpha: float = 0.3,
+        delta_t: int = 100,
+        t_end: float = 0.75,
+        include: Selectors = None,
+        exclude: Selectors = None,
+        seed: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(sparsity, **_base_kwargs(locals(), growth="gradient"))
 
 
 class SET(DynamicSparseTraining):
     """SET (Mocanu et al. 2018, Nature Communications 9:2383): sign-wise magnitude drop, random growth.
 
-    Defaults from the paper: Erdős–Rényi initial masks (``distribution="er"``), a constant drop fraction
-    ``zeta=0.3`` (``alpha``), one update at the end of every epoch but the last. See
-    :class:`DynamicSparseTraining` for the arguments.
+    At the end of every epoch but the last (or every ``delta_t`` steps with ``update_on="step"``), each
+    layer removes the fraction ``zeta`` of its positive active weights closest to zero and, separately,
+    ``zeta`` of its negative ones, and grows as many inactive weights uniformly at random. Defaults from
+    the paper: Erdős–Rényi initial masks, ``zeta=0.3``, per-epoch updates.
+
+    Args:
+        sparsity: Fraction of the targeted weights removed, constant during training.
+        distribution: Per-layer budgets of the initial masks (``"er"``: Erdős–Rényi).
+        init: ``"random"`` or a registered scorer for the initial masks.
+        zeta: Fraction of each sign's active weights replaced per update.
+        update_on: ``"epoch"`` or ``"step"``.
+        delta_t: Optimizer steps between updates with ``update_on="step"``.
+        include, exclude, seed, verbose: As for :class:`DynamicSparseTraining`.
     """
 
-    def __init__(self, sparsity: float = 0.9, **kwargs: Any) -> None:
-        for key, value in (("distribution", "er"), ("growth", "random"), ("drop", "set")):
-            kwargs.setdefault(key, value)
-        kwargs.setdefault("decay", "constant")
-        kwargs.setdefault("update_on", "epoch")
-        kwargs.setdefault("t_end", 1.0)
-        super().__init__(sparsity, **kwargs)
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        *,
+        distribution: str = "er",
+        init: str = "random",
+        zeta: float = 0.3,
+        update_on: str = "epoch",
+        delta_t: int = 100,
+        include: Selectors = None,
+        exclude: Selectors = None,
+        seed: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(
+            sparsity, **_base_kwargs(locals(), alpha=zeta, growth="random", drop="set", decay="constant", t_end=1.0)
+        )
 
 
 class SNFS(DynamicSparseTraining):
     """Sparse momentum / SNFS (Dettmers & Zettlemoyer 2019, arXiv:1907.04840).
 
     At the end of every epoch but the last, each layer removes ``ceil(p_t * active)`` of its
-    smallest-magnitude weights, with the prune rate decayed per optimizer step as
-    ``p_t = 0.005 + (p - 0.005) / 2 * (1 + cos(pi * t / T))`` over the whole run (``alpha=p=0.5``,
-    ``min_fraction=0.005``, ``t_end=1.0``). The removed weights are redistributed: layer ``l`` regrows a
-    share ``mu_l / sum_k mu_k`` of them, ``mu_l`` being the mean ``|momentum|`` of its active weights
-    (capped by its free slots, the rest shared among the others; a nearly dense layer — sparsity below 0.2
-    and an above-average share — prunes at most its sparsity). Within a layer the inactive weights with
-    the largest ``|momentum|`` grow. The momentum is the dense gradient's, ``m <- 0.9 m + grad``, kept by the
-    callback (``beta``), as the official code reads SGD's momentum of unmasked gradients. Grown weights
-    start at zero with zero optimizer state; the total kept count is exactly constant (the official code
-    only approximately restores it). Initial masks are uniform per layer by default, as in the
-    official code's initialisation. See :class:`DynamicSparseTraining` for the arguments.
+    smallest-magnitude weights, with the prune rate decayed per optimizer step over the whole run as
+    ``p_t = m + (p - m) / 2 * (1 + cos(pi * t / T))`` (``p = prune_rate = 0.5``, ``m = min_rate = 0.005``).
+    The removed weights are redistributed: layer ``l`` regrows a share ``mu_l / sum_k mu_k`` of them,
+    ``mu_l`` being the mean ``|momentum|`` of its active weights (capped by its free slots, the rest shared
+    among the others; a nearly dense layer — sparsity below 0.2 and an above-average share — prunes at
+    most its sparsity). Within a layer the inactive weights with the largest ``|momentum|`` grow. The
+    momentum is the dense gradient's, ``m <- beta m + grad`` (``beta=0.9``), kept by the callback, as the
+    official code reads SGD's momentum of unmasked gradients. Grown weights start at zero with zero
+    optimizer state; the total kept count is exactly constant (the official code only approximately
+    restores it). Initial masks are uniform per layer by default, as in the official code.
+
+    Args:
+        sparsity: Fraction of the targeted weights removed, constant during training.
+        distribution: Per-layer budgets of the initial masks.
+        init: ``"random"`` or a registered scorer for the initial masks.
+        prune_rate: Initial prune rate ``p``.
+        min_rate: Final prune rate ``m`` of the cosine decay.
+        update_on: ``"epoch"`` or ``"step"``.
+        delta_t: Optimizer steps between updates with ``update_on="step"``.
+        beta: Decay of the dense momentum.
+        include, exclude, seed, verbose: As for :class:`DynamicSparseTraining`.
     """
 
-    def __init__(self, sparsity: float = 0.9, **kwargs: Any) -> None:
-        defaults = {
-            "distribution": "uniform",
-            "growth": "momentum",
-            "redistribution": "momentum",
-            "alpha": 0.5,
-            "min_fraction": 0.005,
-            "t_end": 1.0,
-            "update_on": "epoch",
-            "rounding": "ceil",
-        }
-        super().__init__(sparsity, **{**defaults, **kwargs})
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        *,
+        distribution: str = "uniform",
+        init: str = "random",
+        prune_rate: float = 0.5,
+        min_rate: float = 0.005,
+        update_on: str = "epoch",
+        delta_t: int = 100,
+        beta: float = 0.9,
+        include: Selectors = None,
+        exclude: Selectors = None,
+        seed: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(
+            sparsity,
+            **_base_kwargs(
+                locals(),
+                alpha=prune_rate,
+                min_fraction=min_rate,
+                growth="momentum",
+                redistribution="momentum",
+                rounding="ceil",
+                t_end=1.0,
+            ),
+        )
 
 
 class GraNet(DynamicSparseTraining):
     """GraNet (Liu et al. 2021, arXiv:2106.10404): gradual magnitude pruning with zero-cost neuroregeneration.
 
-    Starts from ``init`` masks at ``initial_sparsity`` (ERK budgets; 0 = dense) and, every ``delta_t``
-    optimizer steps from ``start`` on:
+    Starts from ``init`` masks at ``initial_sparsity`` (``distribution`` budgets; 0 = dense) and, every
+    ``delta_t`` optimizer steps from ``start`` on:
 
     1. while ``start <= t <= end``, prunes to Zhu & Gupta's cubic schedule
        ``s_t = s_f + (s_i - s_f) * (1 - (t - start) / (end - start)) ** 3`` by removing the
@@ -374,10 +451,11 @@ class GraNet(DynamicSparseTraining):
     2. then, at every update until training ends (also after ``end``, as in the official code),
        each layer drops ``ceil(r_t * active)`` of its smallest-magnitude weights and regrows the same
        number of inactive weights with the largest ``|dense gradient|``, with the death rate
-       ``r_t = 0.005 + (r - 0.005) / 2 * (1 + cos(pi * t / T))``, ``r = alpha = 0.5``.
+       ``r_t = m + (r - m) / 2 * (1 + cos(pi * t / T))`` (``r = death_rate``, ``m = min_rate``).
 
-    Defaults are the paper's CIFAR settings: ``alpha=0.5``, ``delta_t=1000``, ``initial_sparsity=0.5``,
-    pruning until 110 / 160 of training. Grown weights start at zero with zero optimizer state.
+    Defaults are the paper's CIFAR settings: ``death_rate=0.5``, ``delta_t=1000``,
+    ``initial_sparsity=0.5``, ERK, pruning until 110 / 160 of training. Grown weights start at zero with
+    zero optimizer state.
 
     Args:
         sparsity: Final sparsity ``s_f``.
@@ -385,7 +463,12 @@ class GraNet(DynamicSparseTraining):
         start: First pruning step (``int``) or fraction of training (``float``).
         end: Step (``int``) or fraction (``float``) at which ``sparsity`` is reached.
         prune_distribution: ``"global"``, ``"uniform"`` or ``"lamp"`` for the gradual pruning.
-        **kwargs: :class:`DynamicSparseTraining` arguments (``distribution``, ``init``, ``delta_t``, ...).
+        distribution: Per-layer budgets of the initial masks.
+        init: ``"random"`` or a registered scorer for the initial masks.
+        death_rate: Initial drop fraction ``r`` of the regeneration.
+        min_rate: Final drop fraction ``m`` of the cosine decay.
+        delta_t: Optimizer steps between updates.
+        include, exclude, seed, verbose: As for :class:`DynamicSparseTraining`.
     """
 
     def __init__(
@@ -396,22 +479,25 @@ class GraNet(DynamicSparseTraining):
         start: int | float = 0.0,
         end: int | float = 110 / 160,
         prune_distribution: str = "global",
-        **kwargs: Any,
+        distribution: str = "erk",
+        init: str = "random",
+        death_rate: float = 0.5,
+        min_rate: float = 0.005,
+        delta_t: int = 1000,
+        include: Selectors = None,
+        exclude: Selectors = None,
+        seed: int = 0,
+        verbose: bool = True,
     ) -> None:
-        defaults = {
-            "growth": "gradient",
-            "alpha": 0.5,
-            "min_fraction": 0.005,
-            "t_end": 1.0,
-            "delta_t": 1000,
-            "rounding": "ceil",
-        }
-        super().__init__(sparsity, **{**defaults, **kwargs})
+        super().__init__(
+            sparsity,
+            **_base_kwargs(
+                locals(), alpha=death_rate, min_fraction=min_rate, growth="gradient", rounding="ceil", t_end=1.0
+            ),
+        )
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
         if self.initial_sparsity > self.sparsity:
             raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must not exceed `sparsity` ({sparsity}).")
-        if self.update_on != "step":
-            raise ValueError(f"`update_on` must be 'step' for `GraNet`; got {self.update_on!r}.")
         check_point(start, "start")
         check_point(end, "end")
         check_choice(prune_distribution, ("global", "uniform", "lamp"), "prune_distribution")
