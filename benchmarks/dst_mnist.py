@@ -34,7 +34,7 @@ seeds) goes to ``benchmarks/results/dst_mnist.md`` / ``dst_fashion.md``.
 
 Usage::
 
-    python benchmarks/dst_mnist.py --epochs 20              # what the results file was made with
+    python benchmarks/dst_mnist.py                          # 100 epochs: what the results file was made with
     python benchmarks/dst_mnist.py --task fashion --epochs 100
     python benchmarks/dst_mnist.py --epochs 1 --seeds 1 --out /tmp/smoke.md   # smoke run
 """
@@ -103,7 +103,11 @@ class DSTTrainer:
             lr=args.lr,
             momentum=0.9,
         )
-        self.momentum = [torch.zeros_like(w) for w in self.models.weights]  # dense gradient momentum (SNFS)
+        # dense gradient momentum, kept for the SNFS models only (row of model k: self.snfs_row[k])
+        snfs = [k for k, run in enumerate(runs) if run.method == "snfs"]
+        self.snfs_index = torch.tensor(snfs, dtype=torch.long)
+        self.snfs_row = {k: row for row, k in enumerate(snfs)}
+        self.momentum = [w.new_zeros((len(snfs), *w.shape[1:])) for w in self.models.weights]
         self.updates = [0] * len(runs)
 
     def _initial(self, net: torch.nn.Sequential, run: Run) -> dict | None:
@@ -160,7 +164,7 @@ class DSTTrainer:
             fraction = cosine_fraction(0.3, t, int(0.75 * self.total))
             new = drop_and_grow(weights, masks, fraction, {n: g.abs() for n, g in dense_grad.items()})
         elif run.method == "snfs":
-            mom = {n: m[k].t() for n, m in zip(self.names, self.momentum)}
+            mom = {n: m[self.snfs_row[k]].t() for n, m in zip(self.names, self.momentum)}
             fraction = cosine_fraction(0.5, t, self.total, 0.005)
             scores = {n: m.abs() for n, m in mom.items()}
             new = drop_and_grow(weights, masks, fraction, scores, rounding="ceil", momentum=mom)
@@ -186,9 +190,10 @@ class DSTTrainer:
             loss.backward()
             due = [k for k, run in enumerate(self.runs) if self._due(run, t)]
             grads = [w.grad.clone() for w in models.weights] if due else None
-            with torch.no_grad():
-                torch._foreach_mul_(self.momentum, 0.9)
-                torch._foreach_add_(self.momentum, [w.grad for w in models.weights])
+            if len(self.snfs_index):
+                with torch.no_grad():
+                    torch._foreach_mul_(self.momentum, 0.9)
+                    torch._foreach_add_(self.momentum, [w.grad[self.snfs_index] for w in models.weights])
             models.mask_grads_()
             self.optimizer.step()
             models.apply_masks_()
