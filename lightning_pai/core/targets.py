@@ -13,6 +13,56 @@ DEFAULT_TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Co
 Selector = str | type[nn.Module]
 Selectors = Selector | Sequence[Selector] | None
 
+#: Named selections usable in ``include`` / ``exclude``: the input layer (``"stem"``), the classifier
+#: (``"head"``) or both (``"stem_and_head"``). See :func:`preset_names`.
+PRESETS = ("stem", "head", "stem_and_head")
+
+
+def _cfg_names(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+def preset_names(module: nn.Module, preset: str) -> list[str]:
+    """Parameter names a preset selects.
+
+    timm models (found anywhere inside ``module``, e.g. as a LightningModule's backbone) name their input
+    layer and classifier in ``pretrained_cfg["first_conv"]`` and ``pretrained_cfg["classifier"]``
+    (``conv1`` / ``fc`` for ResNets, ``patch_embed.proj`` / ``head`` for ViTs, ``stem.0`` / ``head.fc`` for
+    ConvNeXt); the preset selects those modules' ``weight``. Without a timm model, ``"stem"`` is the
+    first and ``"head"`` the last ``nn.Linear``/``nn.Conv*`` weight in registration order.
+
+    Raises:
+        ValueError: If ``preset`` is not one of :data:`PRESETS`.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; presets are {', '.join(map(repr, PRESETS))}.")
+    parts = ("stem", "head") if preset == "stem_and_head" else (preset,)
+    params = dict(module.named_parameters())
+    names: list[str] = []
+    for prefix, mod in module.named_modules():
+        cfg = getattr(mod, "pretrained_cfg", None)
+        if not isinstance(cfg, dict):
+            continue
+        for part in parts:
+            for layer in _cfg_names(cfg.get("first_conv" if part == "stem" else "classifier")):
+                name = f"{prefix}.{layer}.weight" if prefix else f"{layer}.weight"
+                if name in params and name not in names:
+                    names.append(name)
+    if names:
+        return names
+    defaults = [
+        f"{prefix}.weight" if prefix else "weight"
+        for prefix, mod in module.named_modules()
+        if isinstance(mod, DEFAULT_TARGET_TYPES) and isinstance(getattr(mod, "weight", None), nn.Parameter)
+    ]
+    if not defaults:
+        return []
+    return [defaults[0] if part == "stem" else defaults[-1] for part in parts]
+
 
 def _as_list(selectors: Selectors, argument: str) -> list[Selector]:
     if selectors is None:
@@ -25,6 +75,13 @@ def _as_list(selectors: Selectors, argument: str) -> list[Selector]:
             raise TypeError(
                 f"`{argument}` takes glob patterns of parameter names (str) or `nn.Module` subclasses, got {s!r}."
             )
+    return out
+
+
+def _expand_presets(module: nn.Module, selectors: list[Selector]) -> list[Selector]:
+    out: list[Selector] = []
+    for s in selectors:
+        out.extend(preset_names(module, s) or [s] if isinstance(s, str) and s in PRESETS else [s])
     return out
 
 
@@ -55,8 +112,10 @@ def select_targets(module: nn.Module, include: Selectors = None, exclude: Select
     Args:
         module: The model.
         include: Replaces the default targets. Each entry is a glob over parameter names
-            (``"encoder.*.weight"``, ``"*.bias"``) or a module type (selects that type's ``weight``).
-        exclude: Removed from the targets; same forms as ``include``.
+            (``"encoder.*.weight"``, ``"*.bias"``), a module type (selects that type's ``weight``) or a
+            preset of :data:`PRESETS` (``"stem"``, ``"head"``, ``"stem_and_head"``, see :func:`preset_names`).
+        exclude: Removed from the targets; same forms as ``include`` (e.g. ``exclude="stem_and_head"``
+            keeps a timm model's input layer and classifier dense).
 
     Returns:
         Ordered mapping from parameter name to parameter.
@@ -65,8 +124,8 @@ def select_targets(module: nn.Module, include: Selectors = None, exclude: Select
         ValueError: If an ``include`` or ``exclude`` entry matches no parameter, or nothing is left to prune.
 
     """
-    inc = _as_list(include, "include")
-    exc = _as_list(exclude, "exclude")
+    inc = _expand_presets(module, _as_list(include, "include"))
+    exc = _expand_presets(module, _as_list(exclude, "exclude"))
     owners = [
         (f"{prefix}.{attr}" if prefix else attr, mod, attr, p)
         for prefix, mod in module.named_modules()
