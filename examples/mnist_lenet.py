@@ -94,6 +94,36 @@ def load_mnist(root: str, train: bool, download: bool = False) -> TensorDataset:
     return TensorDataset(x, ds.targets.to(torch.int64))
 
 
+class MNISTDataModule(pl.LightningDataModule):
+    """MNIST from ``data_dir`` (torchvision layout) as in-memory tensors: 55k train, 5k validation, 10k test.
+
+    Args:
+        data_dir: torchvision ``MNIST`` root.
+        batch_size: Training batch size.
+        download: Download MNIST into ``data_dir`` if it is missing.
+    """
+
+    def __init__(self, data_dir: str = "../shared/data", batch_size: int = 128, download: bool = False) -> None:
+        super().__init__()
+        self.data_dir, self.batch_size, self.download = data_dir, batch_size, download
+
+    def setup(self, stage: str) -> None:
+        full = load_mnist(self.data_dir, train=True, download=self.download)
+        self.train_set, self.val_set = random_split(
+            full, [len(full) - VAL_SIZE, VAL_SIZE], generator=torch.Generator().manual_seed(0)
+        )
+        self.test_set = load_mnist(self.data_dir, train=False, download=self.download)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=1_000)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=1_000)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -119,14 +149,9 @@ def main(argv: list[str] | None = None) -> float:
     warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")  # inside Lightning, not ours
     pl.seed_everything(args.seed)
 
-    full_train = load_mnist(args.data_dir, train=True, download=args.download)
-    test_set = load_mnist(args.data_dir, train=False, download=args.download)
-    train_set, val_set = random_split(
-        full_train, [len(full_train) - VAL_SIZE, VAL_SIZE], generator=torch.Generator().manual_seed(0)
-    )
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
-    val_loader = DataLoader(val_set, batch_size=1_000)
-    test_loader = DataLoader(test_set, batch_size=1_000)
+    data = MNISTDataModule(args.data_dir, args.batch_size, args.download)
+    data.setup("fit")
+    train_loader, val_loader, test_loader = data.train_dataloader(), data.val_dataloader(), data.test_dataloader()
 
     model = LeNet300100(lr=args.lr)
     pruning = PruneAtInit(args.method, args.sparsity, distribution=args.distribution, seed=args.seed)

@@ -36,6 +36,7 @@ from lightning_pai import (
     get_scorer,
     register_scorer,
 )
+from lightning_pai.callbacks._compat import CallbackBase
 
 SPARSITY = 0.8
 MAX_STEPS = 20
@@ -108,7 +109,7 @@ def lottery(outdir: str, strategy: str) -> None:
     )
 
 
-class _MaskRecorder(pl.Callback):
+class _MaskRecorder(CallbackBase):
     """After a DST callback: its masks at every batch start."""
 
     def __init__(self, cb) -> None:
@@ -138,6 +139,37 @@ def dynamic(outdir: str, method: str) -> None:
     torch.save(result, Path(outdir) / f"{method}{rank}.pt")
 
 
+def timm_rigl(outdir: str) -> None:
+    """RigL on a timm ViT (pytorch_lightning namespace, ``exclude="stem_and_head"``) under 2-process DDP."""
+    import pytorch_lightning
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from timm_finetune import TimmClassifier
+
+    torch.manual_seed(0)
+    module = TimmClassifier("vit_tiny_patch16_224", 10, model_kwargs={"img_size": 32})
+    cb = RigL(0.8, delta_t=2, t_end=1.0, exclude="stem_and_head", verbose=False)
+    recorder = _MaskRecorder(cb)
+    gen = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 3, 32, 32, generator=gen), torch.randint(0, 10, (32,)))
+    trainer = pytorch_lightning.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        callbacks=[cb, recorder],
+        max_steps=8,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4, shuffle=True))
+    params = dict(module.named_parameters())
+    zero = {n: bool((params[n][~m] == 0).all()) for n, m in cb.masks.items()}
+    result = {"masks": recorder.masks, "updates": cb.updates, "names": cb.masks.names, "zero": zero}
+    torch.save(result, Path(outdir) / f"timm{trainer.global_rank}.pt")
+
+
 def _trainer(strategy: str, callbacks: list, **kwargs) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
@@ -156,6 +188,9 @@ def main(outdir: str, strategy: str = "ddp", method: str = "rank_random") -> Non
     torch.set_num_threads(1)
     if method == "lottery":
         lottery(outdir, strategy)
+        return
+    if method == "timm":
+        timm_rigl(outdir)
         return
     if method in ("rigl", "set", "snfs", "granet"):
         dynamic(outdir, method)

@@ -178,3 +178,17 @@ def test_dynamic_topology_identical_across_ranks(tmp_path, method):
     if method == "snfs":  # the dense momentum is built from all-reduced gradients: the same on both ranks
         assert all(torch.equal(r0["momentum"][n], r1["momentum"][n]) for n in r0["momentum"])
         assert any(float(b.abs().sum()) > 0 for b in r0["momentum"].values())
+
+
+def test_rigl_on_a_timm_vit_identical_across_ranks(tmp_path):
+    """2-process DDP, RigL every 2 steps on vit_tiny (stem and head dense): same topology on both ranks."""
+    run_script(tmp_path, "ddp", "timm")
+    r0, r1 = (torch.load(tmp_path / f"timm{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["updates"] == r1["updates"] == 3  # steps 2, 4, 6 (not 8, the last)
+    assert "net.patch_embed.proj.weight" not in r0["names"] and "net.head.weight" not in r0["names"]
+    assert len(r0["names"]) == 48
+    assert sorted(r0["masks"]) == sorted(r1["masks"]) == list(range(8))
+    for step in range(8):
+        assert masks_equal(r0["masks"][step], r1["masks"][step]), step
+    assert not masks_equal(r0["masks"][0], r0["masks"][7])
+    assert all(r0["zero"].values()) and all(r1["zero"].values())
