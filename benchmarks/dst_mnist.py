@@ -34,7 +34,7 @@ seeds) goes to ``benchmarks/results/dst_mnist.md`` / ``dst_fashion.md``.
 
 Usage::
 
-    python benchmarks/dst_mnist.py                          # 100 epochs: what the results file was made with
+    python benchmarks/dst_mnist.py --epochs 50              # what the results file was made with (CPU time)
     python benchmarks/dst_mnist.py --task fashion --epochs 100
     python benchmarks/dst_mnist.py --epochs 1 --seeds 1 --out /tmp/smoke.md   # smoke run
 """

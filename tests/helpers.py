@@ -66,6 +66,14 @@ def make_module(ns: str | ModuleType = "lightning.pytorch", optimizer: str = "sg
             self.log("train_loss", loss)
             return loss
 
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+        def test_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("test_loss", nn.functional.cross_entropy(self(x), y))
+
         def configure_optimizers(self):
             return make_optimizer(self.optimizer_name, self.parameters())
 

@@ -1,0 +1,155 @@
+"""Every callback under the training set-ups users have: precision, accumulation, clipping, torch.compile,
+step-bounded runs, validate/test after fit, repeated fits, both Lightning namespaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import NAMESPACES, TARGET_TOTAL, import_ns, make_dataloader, make_module, make_trainer
+
+from lightning_pai import SET, SNFS, GradualMagnitudePruning, GraNet, LotteryTicket, PruneAtInit, RigL
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CALLBACKS = {  # 16 optimizer steps (2 epochs of 8 batches); every one ends at sparsity 0.8 (lottery: 0.5)
+    "prune_at_init": lambda: PruneAtInit("magnitude", 0.8, verbose=False),
+    "lottery": lambda: LotteryTicket(rounds=2, prune_fraction=0.5, epochs_per_round=1, verbose=False),
+    "rigl": lambda: RigL(0.8, delta_t=2, t_end=1.0, verbose=False),
+    "set": lambda: SET(0.8, verbose=False),
+    "snfs": lambda: SNFS(0.8, verbose=False),
+    "granet": lambda: GraNet(0.8, initial_sparsity=0.5, delta_t=2, end=6, verbose=False),
+    "gmp": lambda: GradualMagnitudePruning(0.8, start=0, end=6, frequency=2),
+}
+FINAL_SPARSITY = {name: 0.5 if name == "lottery" else 0.8 for name in CALLBACKS}
+
+
+def _check_enforced(cb, module, sparsity: float) -> None:
+    kept = sum(int(m.sum()) for _, m in cb.masks.items())
+    assert abs(kept - (1 - sparsity) * TARGET_TOTAL) <= 3, kept  # GMP rounds per layer
+    params = dict(module.named_parameters())
+    for n, m in cb.masks.items():
+        assert torch.equal(params[n][~m].detach().float().cpu(), torch.zeros(int((~m).sum())))
+
+
+def _fit(name: str, ns: str = "lightning.pytorch", module=None, **trainer_kwargs):
+    cb = CALLBACKS[name]()
+    module = make_module(ns, seed=0) if module is None else module
+    trainer = make_trainer(ns, callbacks=[cb], **{"max_epochs": 2, "max_steps": -1, **trainer_kwargs})
+    trainer.fit(module, make_dataloader(), make_dataloader(n=16))
+    return cb, module, trainer
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+@pytest.mark.parametrize("name", list(CALLBACKS))
+def test_both_namespaces(name, ns):
+    cb, module, trainer = _fit(name, ns)
+    assert isinstance(cb, import_ns(ns).Callback)
+    assert trainer.global_step == 16
+    _check_enforced(cb, module, FINAL_SPARSITY[name])
+
+
+SETUPS = {
+    "bf16-mixed": {"precision": "bf16-mixed"},
+    "accumulate": {"accumulate_grad_batches": 2},
+    "clip-norm": {"gradient_clip_val": 0.5},
+    "clip-value": {"gradient_clip_val": 0.05, "gradient_clip_algorithm": "value"},
+}
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+@pytest.mark.parametrize("name", list(CALLBACKS))
+def test_training_setups(name, setup):
+    cb, module, trainer = _fit(name, **SETUPS[setup])
+    assert trainer.global_step == (8 if setup == "accumulate" else 16)
+    _check_enforced(cb, module, FINAL_SPARSITY[name])
+    if hasattr(cb, "updates") and name in ("rigl", "granet"):
+        assert cb.updates >= 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="16-bit AMP with a GradScaler needs CUDA in Lightning")
+@pytest.mark.parametrize("name", list(CALLBACKS))
+def test_16_mixed_on_cuda(name):
+    cb, module, trainer = _fit(name, accelerator="gpu", devices=1, precision="16-mixed")
+    assert trainer.global_step == 16
+    _check_enforced(cb, module, FINAL_SPARSITY[name])
+
+
+@pytest.mark.parametrize("name", list(CALLBACKS))
+def test_compiled_module(name):
+    module = make_module(seed=0)
+    compiled = torch.compile(module, backend="aot_eager")
+    cb, _, trainer = _fit(name, module=compiled)
+    assert trainer.global_step == 16
+    _check_enforced(cb, module, FINAL_SPARSITY[name])  # the masks act on the original module's parameters
+    assert all(n.startswith(("conv", "fc")) for n in cb.masks.names)  # no "_orig_mod." prefix
+
+
+def test_compiled_module_with_inductor():
+    pytest.importorskip("torch._inductor")
+    module = make_module(seed=0)
+    cb, _, _ = _fit("rigl", module=torch.compile(module))
+    assert cb.updates == 7
+    _check_enforced(cb, module, 0.8)
+
+
+@pytest.mark.parametrize("name", list(CALLBACKS))
+def test_max_steps_without_epochs(name):
+    if name == "lottery":  # rounds are epochs: a step-bounded run is refused before training
+        with pytest.raises(ValueError, match="max_steps"):
+            _fit(name, max_epochs=-1, max_steps=12)
+        return
+    cb, module, trainer = _fit(name, max_epochs=-1, max_steps=12)
+    assert trainer.global_step == 12
+    _check_enforced(cb, module, FINAL_SPARSITY[name])
+
+
+@pytest.mark.parametrize("name", list(CALLBACKS))
+def test_validate_and_test_after_fit_leave_the_sparse_model_alone(name):
+    cb, module, trainer = _fit(name)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    masks = cb.masks.state_dict()
+    (val,) = trainer.validate(module, make_dataloader(n=16), verbose=False)
+    (test,) = trainer.test(module, make_dataloader(n=16), verbose=False)
+    assert val["val_loss"] > 0 and test["test_loss"] > 0
+    assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
+    assert all(torch.equal(m, masks[n]) for n, m in cb.masks.state_dict().items())
+
+
+@pytest.mark.parametrize("name", list(CALLBACKS))
+def test_a_second_fit_continues_from_the_masks(name):
+    """Documented behaviour: a second ``fit`` with the same callback never re-initialises the masks.
+
+    PruneAtInit and LotteryTicket keep the final masks fixed (no new pruning, no rounds repeated);
+    the dynamic callbacks continue rewiring from them at the same sparsity.
+    """
+    cb = CALLBACKS[name]()
+    module = make_module(seed=0)
+    make_trainer(callbacks=[cb], max_epochs=2, max_steps=-1).fit(module, make_dataloader())
+    first = cb.masks.state_dict()
+    updates = getattr(cb, "updates", None)
+    trainer = make_trainer(callbacks=[cb], max_epochs=2, max_steps=-1)
+    trainer.fit(module, make_dataloader())
+    assert trainer.global_step == 16
+    _check_enforced(cb, module, FINAL_SPARSITY[name])
+    same = all(torch.equal(m, first[n]) for n, m in cb.masks.state_dict().items())
+    if name in ("prune_at_init", "lottery", "gmp"):
+        assert same
+    else:
+        assert cb.updates > updates
+        kept, kept_first = {n: int(m.sum()) for n, m in cb.masks.items()}, {n: int(m.sum()) for n, m in first.items()}
+        if name == "snfs":  # budgets move between layers, the total stays
+            assert sum(kept.values()) == sum(kept_first.values())
+        else:
+            assert kept == kept_first
+    if name == "lottery":
+        assert cb.round == 1 and len(cb.results) == 2
+
+
+@pytest.mark.parametrize("name", list(CALLBACKS))
+def test_sharded_strategies_fail_at_setup(name):
+    pl = import_ns("lightning.pytorch")
+    FSDPStrategy = type("FSDPStrategy", (pl.strategies.SingleDeviceStrategy,), {})  # strategy="fsdp" needs a GPU
+    trainer = make_trainer(callbacks=[CALLBACKS[name]()], strategy=FSDPStrategy(device=torch.device("cpu")))
+    with pytest.raises(RuntimeError, match="supports single-device training and the DDP family"):
+        trainer.fit(make_module(seed=0), make_dataloader())
+    assert trainer.global_step == 0
