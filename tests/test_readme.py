@@ -1,0 +1,36 @@
+"""The README's Python examples run as pasted (in a temporary directory, on a few CPU steps)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _block_after(heading: str) -> str:
+    text = README.read_text()
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks, f"no python example under {heading!r}"
+    return blocks[0]
+
+
+@pytest.mark.parametrize("heading", ["Add sparsity to your existing trainer", "timm backbones and sparse fine-tuning"])
+def test_readme_example_runs(heading, tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)  # lightning_logs/ and resnet18.pth land here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    namespace: dict = {"__name__": "__readme__"}
+    exec(compile(_block_after(heading), f"README: {heading}", "exec"), namespace)
+    callbacks = [v for v in namespace.values() if type(v).__module__.startswith("lightning_pai")]
+    trainers = [v for v in namespace.values() if type(v).__name__ == "Trainer"]
+    if heading.startswith("Add"):
+        (trainer,) = trainers
+        (cb,) = [c for c in trainer.callbacks if type(c).__name__ == "RigL"]
+        assert trainer.global_step == 48 and cb.updates == 3  # 3 epochs of 16 steps: at 10, 20, 30 (t_end 36)
+    else:
+        (cb,) = callbacks
+        assert abs(cb.masks.density - 0.2) < 1e-3
+    assert cb.masks.density == pytest.approx(0.1 if heading.startswith("Add") else 0.2, abs=1e-3)
