@@ -28,6 +28,7 @@ from helpers import make_dataloader, make_module
 from lightning_pai import (
     SET,
     SNFS,
+    GradualMagnitudePruning,
     GraNet,
     LotteryTicket,
     PruneAtInit,
@@ -170,6 +171,43 @@ def timm_rigl(outdir: str) -> None:
     torch.save(result, Path(outdir) / f"timm{trainer.global_rank}.pt")
 
 
+class _FinalMasks(CallbackBase):
+    """In every worker: write the DST callback's final masks to ``{outdir}/spawn_{name}_{rank}.pt``."""
+
+    def __init__(self, cb, outdir: str, name: str) -> None:
+        self.cb, self.outdir, self.name = cb, outdir, name
+
+    def on_train_end(self, trainer, pl_module):
+        state = {"masks": self.cb.masks.state_dict(), "updates": getattr(self.cb, "updates", None)}
+        torch.save(state, Path(self.outdir) / f"spawn_{self.name}_{trainer.global_rank}.pt")
+
+
+def spawn_dst(outdir: str) -> None:
+    """Each DST callback under ``ddp_spawn``; the launching process records what it holds afterwards."""
+    factories = {
+        "rigl": lambda: RigL(0.8, delta_t=2, t_end=1.0, verbose=False),
+        "set": lambda: SET(0.8, seed=5, verbose=False),
+        "snfs": lambda: SNFS(0.8, verbose=False),
+        "granet": lambda: GraNet(0.8, initial_sparsity=0.5, end=6, delta_t=2, verbose=False),
+        "gmp": lambda: GradualMagnitudePruning(0.8, start=0, end=6, frequency=2),
+    }
+    main = {}
+    for name, factory in factories.items():
+        cb = factory()
+        module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
+        trainer = _trainer("ddp_spawn", [cb, _FinalMasks(cb, outdir, name)], max_epochs=2)
+        trainer.fit(module, make_dataloader(n=64, batch_size=8))
+        params = dict(module.named_parameters())
+        masks = cb.state_dict()["masks"]
+        main[name] = {
+            "global_step": trainer.global_step,
+            "masks": masks,
+            "updates": getattr(cb, "updates", None),
+            "zero": all(bool((params[n].detach()[~m] == 0).all()) for n, m in masks.items()),
+        }
+    torch.save(main, Path(outdir) / "spawn_main.pt")
+
+
 def _trainer(strategy: str, callbacks: list, **kwargs) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
@@ -188,6 +226,9 @@ def main(outdir: str, strategy: str = "ddp", method: str = "rank_random") -> Non
     torch.set_num_threads(1)
     if method == "lottery":
         lottery(outdir, strategy)
+        return
+    if method == "spawn_dst":
+        spawn_dst(outdir)
         return
     if method == "timm":
         timm_rigl(outdir)

@@ -39,17 +39,15 @@ def make_optimizer(name: str, params) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def make_module(ns: str | ModuleType = "lightning.pytorch", optimizer: str = "sgd", seed: int | None = 0):
-    """A tiny Conv1d + 2-layer MLP classifier deriving from ``ns.LightningModule``.
-
-    Inputs are ``(B, 2, 16)`` floats, targets ``(B,)`` class indices in ``[0, 4)``. Prunable weights:
-    ``conv.weight`` (4x2x3), ``fc1.weight`` (32x56), ``fc2.weight`` (4x32); all layers have biases.
-    ``seed`` (if not None) seeds the parameter initialisation.
-    """
+def _module_class(ns: str) -> type:
+    """``TinyModule`` for namespace ``ns``, defined at module level (so ``ddp_spawn`` can pickle it)."""
+    name = "TinyModule_" + ns.replace(".", "_")
+    if name in globals():
+        return globals()[name]
     pl = import_ns(ns)
 
     class TinyModule(pl.LightningModule):
-        def __init__(self) -> None:
+        def __init__(self, optimizer: str = "sgd") -> None:
             super().__init__()
             self.conv = nn.Conv1d(IN_CHANNELS, 4, kernel_size=3)
             self.fc1 = nn.Linear(4 * (LENGTH - 2), 32)
@@ -77,9 +75,31 @@ def make_module(ns: str | ModuleType = "lightning.pytorch", optimizer: str = "sg
         def configure_optimizers(self):
             return make_optimizer(self.optimizer_name, self.parameters())
 
+    TinyModule.__name__ = TinyModule.__qualname__ = name
+    TinyModule.__module__ = __name__
+    globals()[name] = TinyModule
+    return TinyModule
+
+
+for _ns in NAMESPACES:
+    try:
+        _module_class(_ns)
+    except ImportError:  # pragma: no cover - depends on the environment
+        pass
+
+
+def make_module(ns: str | ModuleType = "lightning.pytorch", optimizer: str = "sgd", seed: int | None = 0):
+    """A tiny Conv1d + 2-layer MLP classifier deriving from ``ns.LightningModule``.
+
+    Inputs are ``(B, 2, 16)`` floats, targets ``(B,)`` class indices in ``[0, 4)``. Prunable weights:
+    ``conv.weight`` (4x2x3), ``fc1.weight`` (32x56), ``fc2.weight`` (4x32); all layers have biases.
+    ``seed`` (if not None) seeds the parameter initialisation.
+    """
+    ns_name = ns if isinstance(ns, str) else ns.__name__
+    cls = _module_class(ns_name)
     if seed is not None:
         torch.manual_seed(seed)
-    return TinyModule()
+    return cls(optimizer)
 
 
 def make_dataloader(n: int = 64, batch_size: int = 8, seed: int = 123) -> DataLoader:

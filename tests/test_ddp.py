@@ -192,3 +192,19 @@ def test_rigl_on_a_timm_vit_identical_across_ranks(tmp_path):
         assert masks_equal(r0["masks"][step], r1["masks"][step]), step
     assert not masks_equal(r0["masks"][0], r0["masks"][7])
     assert all(r0["zero"].values()) and all(r1["zero"].values())
+
+
+def test_dynamic_callbacks_under_ddp_spawn(tmp_path):
+    """ddp_spawn (2 CPU workers, 2 epochs of 4 steps each): both workers end with the same masks, and the
+    launching process gets rank zero's masks, update count and trained weights back."""
+    run_script(tmp_path, "ddp_spawn", "spawn_dst")
+    main = torch.load(tmp_path / "spawn_main.pt", weights_only=False)
+    expected_updates = {"rigl": 3, "set": 1, "snfs": 1, "granet": 3, "gmp": None}  # never at the last step (8)
+    for name, got in main.items():
+        w0, w1 = (torch.load(tmp_path / f"spawn_{name}_{r}.pt", weights_only=False) for r in (0, 1))
+        assert masks_equal(w0["masks"], w1["masks"]), name
+        assert masks_equal(got["masks"], w0["masks"]), name
+        assert got["zero"], name  # the trained weights came back (Lightning does not restore global_step)
+        assert got["updates"] == w0["updates"] == expected_updates[name], name
+        kept = sum(int(m.sum()) for m in got["masks"].values())
+        assert abs(kept - round(0.2 * TARGET_TOTAL)) <= 3, name
