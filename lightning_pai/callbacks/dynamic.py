@@ -157,6 +157,8 @@ class DynamicSparseTraining(SparseCallback):
         super().on_fit_start(trainer, pl_module)
         if self._fired is None:
             self._fired = {n: m.clone() for n, m in self.masks.items()}
+        else:  # restored from a checkpoint (CPU) or kept from a previous fit
+            self._fired = {n: f.to(self.masks[n].device) for n, f in self._fired.items()}
         if self._needs_momentum:
             params = self.masks.params
             if self._momentum is None:
