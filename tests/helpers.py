@@ -138,3 +138,22 @@ def masks_equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
 def as_dict(masks) -> dict[str, Tensor]:
     """A MaskSet (or mapping) as a plain ``{name: bool cpu tensor}`` dict."""
     return {n: m.detach().cpu().bool().clone() for n, m in masks.items()}
+
+
+def every_callback(end: int, scorer: str = "magnitude", lottery_fraction: float = 0.5) -> dict:
+    """Factories of every lightning_pai callback, sized for short fits of 2 epochs.
+
+    All reach sparsity 0.8 by optimizer step ``end`` (the lottery ticket: ``lottery_fraction`` after its
+    second round); RigL and GraNet update every 2 steps, SET and SNFS at the first epoch's end.
+    """
+    from lightning_pai import SET, SNFS, GradualMagnitudePruning, GraNet, LotteryTicket, PruneAtInit, RigL
+
+    return {
+        "prune_at_init": lambda: PruneAtInit(scorer, 0.8, verbose=False),
+        "lottery": lambda: LotteryTicket(rounds=2, prune_fraction=lottery_fraction, epochs_per_round=1, verbose=False),
+        "rigl": lambda: RigL(0.8, delta_t=2, t_end=1.0, verbose=False),
+        "set": lambda: SET(0.8, verbose=False),
+        "snfs": lambda: SNFS(0.8, verbose=False),
+        "granet": lambda: GraNet(0.8, initial_sparsity=0.5, delta_t=2, end=end, verbose=False),
+        "gmp": lambda: GradualMagnitudePruning(0.8, start=0, end=end, frequency=2),
+    }

@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import NAMESPACES, TARGET_TOTAL, import_ns, make_dataloader, make_module, make_trainer
-
-from lightning_pai import SET, SNFS, GradualMagnitudePruning, GraNet, LotteryTicket, PruneAtInit, RigL
+from helpers import NAMESPACES, TARGET_TOTAL, every_callback, import_ns, make_dataloader, make_module, make_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CALLBACKS = {  # 16 optimizer steps (2 epochs of 8 batches); every one ends at sparsity 0.8 (lottery: 0.5)
-    "prune_at_init": lambda: PruneAtInit("magnitude", 0.8, verbose=False),
-    "lottery": lambda: LotteryTicket(rounds=2, prune_fraction=0.5, epochs_per_round=1, verbose=False),
-    "rigl": lambda: RigL(0.8, delta_t=2, t_end=1.0, verbose=False),
-    "set": lambda: SET(0.8, verbose=False),
-    "snfs": lambda: SNFS(0.8, verbose=False),
-    "granet": lambda: GraNet(0.8, initial_sparsity=0.5, delta_t=2, end=6, verbose=False),
-    "gmp": lambda: GradualMagnitudePruning(0.8, start=0, end=6, frequency=2),
-}
+CALLBACKS = every_callback(end=6)  # 16 optimizer steps (2 epochs of 8 batches); sparsity 0.8 (lottery: 0.5)
 FINAL_SPARSITY = {name: 0.5 if name == "lottery" else 0.8 for name in CALLBACKS}
 
 

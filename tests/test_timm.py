@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import every_callback
 from torch.utils.data import DataLoader, TensorDataset
 
 timm = pytest.importorskip("timm")
@@ -15,16 +16,7 @@ pl = pytest.importorskip("pytorch_lightning")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from timm_finetune import TimmClassifier, make_pruning  # noqa: E402
 
-from lightning_pai import (  # noqa: E402
-    SET,
-    SNFS,
-    GradualMagnitudePruning,
-    GraNet,
-    LotteryTicket,
-    PruneAtInit,
-    RigL,
-    select_targets,
-)
+from lightning_pai import select_targets  # noqa: E402
 from lightning_pai.core.targets import preset_names  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,15 +27,7 @@ MODELS = {
     "convnext_atto": ({}, 41, ("net.stem.0.weight", "net.head.fc.weight")),
 }
 
-CALLBACKS = {  # each reaches sparsity 0.8 within 2 epochs of 3 steps
-    "prune_at_init": lambda: PruneAtInit("snip", 0.8, verbose=False),
-    "lottery": lambda: LotteryTicket(rounds=2, prune_fraction=0.8, epochs_per_round=1, verbose=False),
-    "rigl": lambda: RigL(0.8, delta_t=2, t_end=1.0, verbose=False),
-    "set": lambda: SET(0.8, verbose=False),
-    "snfs": lambda: SNFS(0.8, verbose=False),
-    "granet": lambda: GraNet(0.8, initial_sparsity=0.5, delta_t=2, end=4, verbose=False),
-    "gmp": lambda: GradualMagnitudePruning(0.8, start=0, end=4, frequency=2),
-}
+CALLBACKS = every_callback(end=4, scorer="snip", lottery_fraction=0.8)  # 2 epochs of 3 steps; sparsity 0.8
 UPDATES = {"rigl": 2, "set": 1, "snfs": 1, "granet": 2}  # steps 2 and 4 (not 6, the last); epoch 1's end
 
 

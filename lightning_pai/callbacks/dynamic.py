@@ -11,12 +11,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_pai.callbacks.base import SparseCallback
-from lightning_pai.callbacks.gradual import check_point, resolve_window
+from lightning_pai.callbacks.gradual import CubicSchedule
 from lightning_pai.callbacks.prune_at_init import PruneAtInit
 from lightning_pai.core.distributions import get_distribution
 from lightning_pai.core.dst import (
     cosine_fraction,
-    cubic_sparsity,
     diff,
     drop_and_grow,
     prune_by_magnitude,
@@ -440,7 +439,7 @@ class SNFS(DynamicSparseTraining):
         )
 
 
-class GraNet(DynamicSparseTraining):
+class GraNet(CubicSchedule, DynamicSparseTraining):
     """GraNet (Liu et al. 2021, arXiv:2106.10404): gradual magnitude pruning with zero-cost neuroregeneration.
 
     Starts from ``init`` masks at ``initial_sparsity`` (``distribution`` budgets; 0 = dense) and, every
@@ -497,26 +496,12 @@ class GraNet(DynamicSparseTraining):
                 locals(), alpha=death_rate, min_fraction=min_rate, growth="gradient", rounding="ceil", t_end=1.0
             ),
         )
-        self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
-        if self.initial_sparsity > self.sparsity:
-            raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must not exceed `sparsity` ({sparsity}).")
-        check_point(start, "start")
-        check_point(end, "end")
+        self._init_schedule(initial_sparsity, start, end)
         check_choice(prune_distribution, ("global", "uniform", "lamp"), "prune_distribution")
-        self.start, self.end, self.prune_distribution = start, end, prune_distribution
-        self._start_step = self._end_step = 0
+        self.prune_distribution = prune_distribution
         self._initializer = PruneAtInit(
             self.init, self.initial_sparsity, distribution=self.distribution, seed=self.seed, verbose=False
         )
-
-    @override
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        super().on_fit_start(trainer, pl_module)
-        self._start_step, self._end_step = resolve_window(self.start, self.end, trainer.estimated_stepping_batches)
-
-    def target_sparsity(self, step: int) -> float:
-        """``s_t`` of the cubic schedule at optimizer step ``step``."""
-        return cubic_sparsity(step, self.initial_sparsity, self.sparsity, self._start_step, self._end_step)
 
     def _is_update_step(self, trainer: Any, step: int) -> bool:
         if step < self._start_step:

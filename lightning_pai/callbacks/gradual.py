@@ -40,7 +40,34 @@ def resolve_window(start: int | float, end: int | float, total: int) -> tuple[in
     return first, last
 
 
-class GradualMagnitudePruning(SparseCallback):
+class CubicSchedule:
+    """Mixin: Zhu & Gupta's cubic sparsity schedule, for :class:`GradualMagnitudePruning` and ``GraNet``.
+
+    Goes from ``initial_sparsity`` to ``sparsity`` between ``start`` and ``end`` (optimizer steps, or
+    fractions of the fit's steps resolved at fit start). Place it before the callback base class.
+    """
+
+    sparsity: float
+
+    def _init_schedule(self, initial_sparsity: float, start: int | float, end: int | float) -> None:
+        self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
+        if self.initial_sparsity > self.sparsity:
+            raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must not exceed `sparsity` ({self.sparsity}).")
+        check_point(start, "start")
+        check_point(end, "end")
+        self.start, self.end = start, end
+        self._start_step = self._end_step = 0
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_fit_start(trainer, pl_module)  # type: ignore[misc]
+        self._start_step, self._end_step = resolve_window(self.start, self.end, trainer.estimated_stepping_batches)
+
+    def target_sparsity(self, step: int) -> float:
+        """``s_t`` of the cubic schedule at optimizer step ``step``."""
+        return cubic_sparsity(step, self.initial_sparsity, self.sparsity, self._start_step, self._end_step)
+
+
+class GradualMagnitudePruning(CubicSchedule, SparseCallback):
     """Gradual magnitude pruning (Zhu & Gupta 2017, arXiv:1710.01878), no regrowth.
 
     From optimizer step ``start`` to ``end``, every ``frequency`` steps (and at ``end``), the sparsity
@@ -77,18 +104,13 @@ class GradualMagnitudePruning(SparseCallback):
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
         self.sparsity = check_sparsity(sparsity)
-        self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
-        if self.initial_sparsity > self.sparsity:
-            raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must not exceed `sparsity` ({sparsity}).")
-        check_point(start, "start")
-        check_point(end, "end")
+        self._init_schedule(initial_sparsity, start, end)
         if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
             raise ValueError(f"`frequency` must be a positive integer (optimizer steps); got {frequency!r}.")
         if distribution not in ("uniform", "global", "lamp"):
             raise ValueError(f"`distribution` must be one of ['uniform', 'global', 'lamp']; got {distribution!r}.")
         get_distribution(distribution)
-        self.start, self.end, self.frequency, self.distribution = start, end, frequency, distribution
-        self._start_step = self._end_step = 0
+        self.frequency, self.distribution = frequency, distribution
         self._last_step: int | None = None
 
     @property
@@ -100,15 +122,6 @@ class GradualMagnitudePruning(SparseCallback):
         if self.initial_sparsity == 0:
             return {n: torch.ones(p.shape, dtype=torch.bool) for n, p in params.items()}
         return compute_masks({n: p.detach().abs() for n, p in params.items()}, self.initial_sparsity, self.distribution)
-
-    @override
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        super().on_fit_start(trainer, pl_module)
-        self._start_step, self._end_step = resolve_window(self.start, self.end, trainer.estimated_stepping_batches)
-
-    def target_sparsity(self, step: int) -> float:
-        """``s_t`` of the cubic schedule at optimizer step ``step``."""
-        return cubic_sparsity(step, self.initial_sparsity, self.sparsity, self._start_step, self._end_step)
 
     def _is_update_step(self, step: int) -> bool:
         if step < self._start_step or step > self._end_step:
