@@ -105,6 +105,10 @@ def test_set_drops_each_sign_separately():
     m2 = {"a": torch.ones(8, dtype=torch.bool)}
     assert drop_set(w2, m2, 0.25)["a"].tolist() == [False, True, True, True, False, True, True, True]
     assert drop_magnitude(w2, m2, {"a": 2})["a"].tolist() == [False, False, True, True, True, True, True, True]
+    # active weights at exactly zero (grown, never moved) always go; the sign-wise counts exclude them
+    w3 = {"a": t(0.0, 0.0, 0.5, 0.1, -0.3, -0.2)}
+    m3 = {"a": b(1, 1, 1, 1, 1, 1)}
+    assert drop_set(w3, m3, 0.5)["a"].tolist() == [False, False, True, False, True, False]
 
 
 def test_momentum_redistribution_by_hand():

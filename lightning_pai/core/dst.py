@@ -87,12 +87,16 @@ def drop_set(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], zeta: f
     ``zeta`` of the *negative* active weights closest to zero.
 
     Counts per sign are ``floor(zeta * n_positive)`` and ``floor(zeta * n_negative)`` (the official code
-    truncates its indices). Active weights that are exactly zero count with neither sign and are kept.
+    truncates its indices). Active weights that are exactly zero are closer to zero than either side and are
+    always dropped, as in the official Keras implementation (its kept set is ``w > smallest positive kept``
+    or ``w < largest negative kept``). Keeping them instead would let grown weights whose gradient is
+    always zero (e.g. into dead units) pile up: they would never be dropped, and each update would remove
+    ``zeta`` of the remaining useful weights.
     """
     out = {}
     for n, m in masks.items():
         w = weights[n].detach().float()
-        new = m.clone()
+        new = m & (w != 0)
         for side in (w > 0, w < 0):
             active = m & side
             k = math.floor(zeta * int(active.sum()) + 1e-9)
