@@ -12,7 +12,7 @@ the non-update steps, and the update step's extra time.
 
 Usage::
 
-    python benchmarks/rigl_overhead.py                   # defaults: 2 pairs, batch 64, ~5 min on 2 cores
+    python benchmarks/rigl_overhead.py --pairs 4         # what the results file was made with, ~9 min on 2 cores
     python benchmarks/rigl_overhead.py --pairs 1 --warmup 3 --delta-t 10   # smoke run
 """
 
@@ -99,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     dense_steps: list[float] = []
     rigl_steps: list[float] = []
     update_extra: list[float] = []
+    pair_means: list[dict[bool, float]] = []
     for pair in range(args.pairs):
+        pair_means.append({})
         for rigl in (False, True) if pair % 2 == 0 else (True, False):
             steps, _ = fit_once(rigl, args)
+            pair_means[-1][rigl] = statistics.mean(steps)
             (rigl_steps if rigl else dense_steps).extend(steps)
             if rigl:
                 at = args.delta_t - args.warmup - 1  # index of step `delta_t` in the timed window
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| dense step, mean | {dense_mean * 1e3:.1f} ms |",
         f"| RigL step, mean over windows with one update per {n} steps | {rigl_mean * 1e3:.1f} ms |",
         f"| **ratio RigL / dense (amortized)** | **{rigl_mean / dense_mean:.3f}** |",
+        "| ratio per (dense, RigL) pair | " + ", ".join(f"{m[True] / m[False]:.3f}" for m in pair_means) + " |",
         f"| ratio of medians, steps without update | {median_ratio:.3f} |",
         f"| update step minus median step | {statistics.mean(update_extra) * 1e3:.1f} ms |",
     ]
