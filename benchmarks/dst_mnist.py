@@ -256,7 +256,7 @@ def run_mnist(args: argparse.Namespace) -> str:
     lines.append("")
     for s in MNIST_SPARSITIES if "static" in methods else ():
         static = [e for e, _, _ in results["static", s]]
-        spread = max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in [static])
+        spread = statistics.stdev(static) if len(static) > 1 else 0.0
         notes = []
         for m in methods[1:]:
             errs = [e for e, _, _ in results[m, s]]

@@ -79,13 +79,14 @@ def mlp(sizes: Sequence[int], seed: int, init: str = "variance_scaling") -> nn.S
 
     The weights are named ``"{2i + 1}.weight"`` (``1.weight``, ``3.weight``, ...).
     """
+    if init == "torch":  # PyTorch's default nn.Linear initialisation, seeded
+        torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Flatten()]
     for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
         layers += [nn.Linear(n_in, n_out)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
     net = nn.Sequential(*layers)
-    if init == "torch":  # PyTorch's default nn.Linear initialisation, seeded
-        torch.manual_seed(seed)
-        return nn.Sequential(*[type(m)(m.in_features, m.out_features) if isinstance(m, nn.Linear) else m for m in net])
+    if init == "torch":
+        return net
     fill = {"variance_scaling": variance_scaling_, "glorot_normal": glorot_normal_}[init]
     gen = torch.Generator().manual_seed(seed)
     for layer in net:

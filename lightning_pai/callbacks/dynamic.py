@@ -66,7 +66,7 @@ class DynamicSparseTraining(SparseCallback):
         sparsity: Fraction of the targeted weights removed, constant during training.
         distribution: Per-layer budgets of the initial masks (``"erk"``, ``"er"``, ``"uniform"``, ...).
         init: ``"random"`` or the name of a registered scorer (e.g. ``"snip"``) for the initial masks.
-        growth: ``"random"`` or ``"gradient"``.
+        growth: ``"random"``, ``"gradient"`` or ``"momentum"``.
         drop: ``"magnitude"`` or ``"set"`` (Mocanu et al. 2018's sign-wise rule).
         alpha: Initial drop fraction.
         decay: ``"cosine"`` or ``"constant"``.
@@ -131,7 +131,6 @@ class DynamicSparseTraining(SparseCallback):
         self.min_fraction, self.rounding, self.redistribution = float(min_fraction), rounding, redistribution
         self.beta = float(beta)
         self._momentum: dict[str, Tensor] | None = None  # dense gradient momentum (SNFS)
-        self._initializer = PruneAtInit(init, self.sparsity, distribution=distribution, seed=self.seed, verbose=False)
         self._scores: dict[str, Tensor] | None = None  # growth scores captured for the coming update
         self._scores_step = -1
         self._fired: dict[str, Tensor] | None = None
@@ -142,9 +141,15 @@ class DynamicSparseTraining(SparseCallback):
     def state_key(self) -> str:
         return self._generate_state_key(sparsity=self.sparsity, growth=self.growth, drop=self.drop)
 
+    def _start_sparsity(self) -> float:
+        """Sparsity of the initial masks (GraNet starts below its final ``sparsity``)."""
+        return self.sparsity
+
     def initial_masks(self, trainer: Any, pl_module: Any, params: dict[str, Any]) -> dict[str, Tensor]:
-        """The ``init`` masks at ``sparsity`` with the ``distribution``'s budgets."""
-        return self._initializer.initial_masks(trainer, pl_module, params)
+        """The ``init`` masks at the starting sparsity with the ``distribution``'s budgets."""
+        sparsity, dist = self._start_sparsity(), self.distribution
+        scorer = PruneAtInit(self.init, sparsity, distribution=dist, seed=self.seed, verbose=False)
+        return scorer.initial_masks(trainer, pl_module, params)
 
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -199,7 +204,8 @@ class DynamicSparseTraining(SparseCallback):
         update = self._is_update_step(trainer, step) or last_of_epoch
         if update or self._needs_momentum:
             grads = [p.grad for p in self.masks.params.values()]
-            finite = all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+            # one host sync for all layers (this runs every step when a dense momentum is kept)
+            finite = all(g is not None for g in grads) and bool(torch.stack([g.isfinite().all() for g in grads]).all())
             if finite and self._needs_momentum:
                 bufs = list(self._momentum.values())
                 torch._foreach_mul_(bufs, self.beta)
@@ -499,9 +505,9 @@ class GraNet(CubicSchedule, DynamicSparseTraining):
         self._init_schedule(initial_sparsity, start, end)
         check_choice(prune_distribution, ("global", "uniform", "lamp"), "prune_distribution")
         self.prune_distribution = prune_distribution
-        self._initializer = PruneAtInit(
-            self.init, self.initial_sparsity, distribution=self.distribution, seed=self.seed, verbose=False
-        )
+
+    def _start_sparsity(self) -> float:
+        return self.initial_sparsity
 
     def _is_update_step(self, trainer: Any, step: int) -> bool:
         if step < self._start_step:

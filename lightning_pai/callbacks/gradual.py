@@ -12,12 +12,13 @@ from lightning_pai.callbacks.base import SparseCallback
 from lightning_pai.core.distributions import get_distribution
 from lightning_pai.core.dst import cubic_sparsity, prune_by_magnitude
 from lightning_pai.core.masks import check_sparsity, compute_masks
+from lightning_pai.core.pruning import is_number
 from lightning_pai.core.targets import Selectors
 
 
 def check_point(value: int | float, argument: str) -> None:
     """Validate a training point: an optimizer step (``int >= 0``) or a fraction of training (``float``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if not is_number(value) or value < 0:
         raise ValueError(
             f"`{argument}` is an optimizer step (int >= 0) or a fraction of training (float); got {value!r}."
         )
@@ -105,7 +106,7 @@ class GradualMagnitudePruning(CubicSchedule, SparseCallback):
         super().__init__(include=include, exclude=exclude, verbose=verbose)
         self.sparsity = check_sparsity(sparsity)
         self._init_schedule(initial_sparsity, start, end)
-        if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
+        if not is_number(frequency, integer=True) or frequency < 1:
             raise ValueError(f"`frequency` must be a positive integer (optimizer steps); got {frequency!r}.")
         if distribution not in ("uniform", "global", "lamp"):
             raise ValueError(f"`distribution` must be one of ['uniform', 'global', 'lamp']; got {distribution!r}.")
