@@ -1,0 +1,276 @@
+"""Sparse inference on the CPU: end-to-end latency of a dense model against its to_sparse_inference copy.
+
+One process, 2 intra-op threads (``torch.set_num_threads(2)``). For each model, sparsity and batch size, the
+masked dense model and two sparse copies run interleaved (dense, auto, forced, dense, ...; the order rotates
+each repeat) under ``torch.inference_mode``:
+
+- ``auto``: ``to_sparse_inference(model, masks, batch_size=rows)``, the crossover measured on this machine at
+  conversion time (layers it predicts slower stay dense);
+- ``forced``: ``crossover=1.0``, every supported layer sparse (what the sparse kernels alone give).
+
+The reported ratio is ``median(dense) / median(sparse)`` (> 1: sparse is faster). Masks: magnitude top-k per
+layer at the same sparsity for every layer (``distribution="uniform"``) over the default targets (every
+``nn.Linear`` / ``nn.Conv*`` weight), computed here on freshly initialized weights.
+
+Models: LeNet-300-100 (784-300-100-10 MLP), a transformer MLP stack (4 blocks of Linear(256, 1024) -> GELU ->
+Linear(1024, 256), residual and LayerNorm; inputs of ``batch x 64`` tokens) and torchvision's ResNet-18
+(224x224; only its ``fc`` is a matmul the converter takes: its 3x3 convs and its strided 1x1 downsampling
+convs stay dense, so its ratio shows the cost of converting what can be).
+
+It also writes checkpoint sizes: ``save_sparse`` against ``torch.save(model.state_dict())`` for LeNet-300-100
+and ResNet-18 (expected about ``4 (1 - s) + 0.125`` bytes per masked float32 weight).
+
+Usage::
+
+    python benchmarks/sparse_inference.py                 # what the results file was made with (~6 min on 2 cores)
+    python benchmarks/sparse_inference.py --quick         # smoke run, results not written
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from lightning_pai.core.masks import compute_masks
+from lightning_pai.core.targets import select_targets
+from lightning_pai.export import make_permanent, save_sparse
+from lightning_pai.inference import conversion_report, to_sparse_inference
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEQ = 64
+warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
+
+
+def lenet() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int = 256, hidden: int = 1024) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.fc2(self.act(self.fc1(x))))
+
+
+def mlp_stack() -> nn.Module:
+    return nn.Sequential(*[Block() for _ in range(4)])
+
+
+def resnet18() -> nn.Module:
+    return torchvision.models.resnet18()
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], torch.Tensor], Callable[[int], int]]] = {
+    # name: (factory, input for a batch size, matmul rows per call for a batch size)
+    "lenet-300-100": (lenet, lambda b: torch.randn(b, 784), lambda b: b),
+    "transformer-mlp": (mlp_stack, lambda b: torch.randn(b, SEQ, 256), lambda b: b * SEQ),
+    "resnet18": (resnet18, lambda b: torch.randn(b, 3, 224, 224), lambda b: b),
+}
+
+
+def magnitude_masks(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
+    targets = select_targets(model)
+    return compute_masks({n: p.detach().abs() for n, p in targets.items()}, sparsity, "uniform")
+
+
+def interleaved(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int = 2) -> dict[str, list]:
+    """Seconds per call of each model, calls interleaved (the order rotates every repeat)."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    names = list(models)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for model in models.values():
+                model(x)
+        for r in range(repeats):
+            for k in names[r % len(names) :] + names[: r % len(names)]:
+                start = time.perf_counter()
+                models[k](x)
+                times[k].append(time.perf_counter() - start)
+    return times
+
+
+def repeats_for(model: str, batch: int, scale: float) -> int:
+    base = {"lenet-300-100": 400, "transformer-mlp": 60 if batch == 1 else 12, "resnet18": 40 if batch == 1 else 5}
+    return max(3, int(base[model] * scale))
+
+
+def latency(models: list[str], sparsities: list[float], batches: list[int], scale: float) -> list[dict]:
+    rows = []
+    for name in models:
+        factory, make_input, rows_for = MODELS[name]
+        for sparsity in sparsities:
+            torch.manual_seed(0)
+            base = factory().eval()
+            masks = magnitude_masks(base, sparsity)
+            dense = make_permanent(base, masks)
+            for batch in batches:
+                start = time.perf_counter()
+                auto = to_sparse_inference(dense, masks, batch_size=rows_for(batch))
+                convert_s = time.perf_counter() - start
+                forced = to_sparse_inference(dense, masks, crossover=1.0, batch_size=rows_for(batch))
+                x = make_input(batch)
+                with torch.inference_mode():
+                    ref = dense(x)
+                    err = max(float((m(x) - ref).abs().max()) for m in (auto, forced))
+                models = {"dense": dense, "auto": auto, "forced": forced}
+                times = interleaved(models, x, repeats_for(name, batch, scale))
+                med = {k: statistics.median(v) for k, v in times.items()}
+                row = {
+                    "model": name,
+                    "sparsity": sparsity,
+                    "batch": batch,
+                    "dense_ms": med["dense"] * 1e3,
+                    "auto_ms": med["auto"] * 1e3,
+                    "forced_ms": med["forced"] * 1e3,
+                    "ratio_auto": med["dense"] / med["auto"],
+                    "ratio_forced": med["dense"] / med["forced"],
+                    "auto_converted": conversion_report(auto).converted,
+                    "forced_converted": len(conversion_report(forced).converted),
+                    "considered": len(conversion_report(forced).rows),
+                    "convert_s": convert_s,
+                    "repeats": len(times["dense"]),
+                    "max_abs_err": err,
+                }
+                rows.append(row)
+                print(
+                    f"{name:16s} s={sparsity:.2f} b={batch:3d}  dense {row['dense_ms']:9.3f} ms  "
+                    f"auto {row['auto_ms']:9.3f} ms (x{row['ratio_auto']:.2f}, {len(row['auto_converted'])} layers)  "
+                    f"forced {row['forced_ms']:9.3f} ms (x{row['ratio_forced']:.2f}, {row['forced_converted']})  "
+                    f"err {err:.1e}  load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
+    return rows
+
+
+def file_sizes(sparsities: list[float]) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("lenet-300-100", "resnet18"):
+            for sparsity in sparsities:
+                torch.manual_seed(0)
+                base = MODELS[name][0]()
+                masks = magnitude_masks(base, sparsity)
+                model = make_permanent(base, masks)
+                dense_path, sparse_path = Path(tmp, "dense.pt"), Path(tmp, "sparse.pt")
+                torch.save(model.state_dict(), dense_path)
+                save_sparse(model, sparse_path, masks)
+                masked = sum(m.numel() for m in masks.values())
+                kept = sum(int(m.sum()) for m in masks.values())
+                other = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n not in masks)
+                sparse_bytes, dense_bytes = sparse_path.stat().st_size, dense_path.stat().st_size
+                row = {
+                    "model": name,
+                    "sparsity": sparsity,
+                    "dense_bytes": dense_bytes,
+                    "sparse_bytes": sparse_bytes,
+                    "ratio": sparse_bytes / dense_bytes,
+                    "masked_weights": masked,
+                    "bytes_per_masked_weight": (sparse_bytes - other) / masked,
+                    "expected_bytes_per_masked_weight": 4 * kept / masked + 0.125,
+                }
+                rows.append(row)
+                print(
+                    f"{name:14s} s={sparsity:.2f}  dense {dense_bytes / 1e6:8.3f} MB  "
+                    f"sparse {sparse_bytes / 1e6:7.3f} MB  "
+                    f"ratio {row['ratio']:.4f}  {row['bytes_per_masked_weight']:.4f} B/weight "
+                    f"(expected {row['expected_bytes_per_masked_weight']:.4f})",
+                    flush=True,
+                )
+    return rows
+
+
+def markdown(lat: list[dict], sizes: list[dict], meta: dict) -> str:
+    out = [
+        "# Sparse inference on the CPU",
+        "",
+        f"`python benchmarks/sparse_inference.py {' '.join(meta['argv'])}`: {meta['cpu']}, "
+        f"{meta['threads']} threads, torch {meta['torch']}; load average {meta['load_before']:.2f} before, "
+        f"{meta['load_after']:.2f} after; {meta['minutes']:.1f} min.",
+        "",
+        "Ratio = median dense latency / median sparse latency over interleaved repeats (> 1: sparse faster). "
+        "*auto*: crossover measured at conversion (slower layers stay dense); *forced*: `crossover=1.0`, every "
+        "supported layer sparse. Masks: uniform magnitude top-k per layer. ResNet-18: only `fc` is convertible.",
+        "",
+        "| model | sparsity | batch | dense ms | auto ms | auto ratio | auto layers | forced ms | forced ratio | "
+        "forced layers | max abs err |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in lat:
+        out.append(
+            f"| {r['model']} | {r['sparsity']:.2f} | {r['batch']} | {r['dense_ms']:.3f} | {r['auto_ms']:.3f} | "
+            f"**{r['ratio_auto']:.2f}** | {len(r['auto_converted'])}/{r['considered']} | {r['forced_ms']:.3f} | "
+            f"{r['ratio_forced']:.2f} | {r['forced_converted']}/{r['considered']} | {r['max_abs_err']:.1e} |"
+        )
+    out += [
+        "",
+        "## Checkpoint sizes",
+        "",
+        "`save_sparse(model, path, masks)` against `torch.save(model.state_dict(), path)`; bytes per masked weight "
+        "= (sparse file - other tensors) / masked weights; expected 4 x density + 0.125.",
+        "",
+        "| model | sparsity | dense bytes | sparse bytes | ratio | bytes / masked weight | expected |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sizes:
+        out.append(
+            f"| {r['model']} | {r['sparsity']:.2f} | {r['dense_bytes']} | {r['sparse_bytes']} | {r['ratio']:.4f} | "
+            f"{r['bytes_per_masked_weight']:.4f} | {r['expected_bytes_per_masked_weight']:.4f} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.95, 0.98])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--repeat-scale", type=float, default=1.0, help="multiplies every model's repeat count")
+    parser.add_argument("--quick", action="store_true", help="few repeats, LeNet and the MLP stack; nothing written")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.repeat_scale, args.no_write = ["lenet-300-100", "transformer-mlp"], 0.1, True
+    torch.set_num_threads(2)
+    start, load_before = time.time(), os.getloadavg()[0]
+    lat = latency(args.models, args.sparsities, args.batches, args.repeat_scale)
+    sizes = file_sizes(args.sparsities)
+    meta = {
+        "argv": sys.argv[1:],
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
+        "minutes": (time.time() - start) / 60,
+    }
+    text = markdown(lat, sizes, meta)
+    print()
+    print(text)
+    if not args.no_write:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "sparse_inference.md").write_text(text)
+        payload = {"meta": meta, "latency": lat, "file_sizes": sizes}
+        (RESULTS / "sparse_inference.json").write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {RESULTS / 'sparse_inference.md'} and .json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,629 @@
+"""Sparse inference: masked layers replaced by ``torch.sparse`` matmuls that compute the same outputs.
+
+:func:`to_sparse_inference` swaps, in a copy of the model, each sparse enough matmul layer for a module that
+stores only its kept weights and multiplies with them:
+
+- ``nn.Linear`` (subclasses that keep ``nn.Linear.forward``): ``y = x W^T + b`` for inputs ``(..., in)``;
+- ``nn.Conv2d`` with a 1x1 kernel, stride 1, no padding and one group: ``y[n, :, h, w] = W x[n, :, h, w] + b``,
+  a matmul over channels;
+- Hugging Face style ``Conv1D`` (recognised without importing ``transformers``: a module with an ``nf``
+  attribute and a 2-D ``weight`` of shape ``(in, nf)``): ``y = x W + b``.
+
+Every other layer stays dense and is listed, with the reason, in the :class:`ConversionReport`. In particular
+``nn.MultiheadAttention.out_proj`` is skipped: ``nn.MultiheadAttention`` passes ``out_proj.weight`` straight
+to ``F.multi_head_attention_forward``, so a replaced ``out_proj`` would never be called.
+
+The sparse modules compute ``y^T = W x^T`` with ``W`` in CSR (or BSR) form: ``torch.sparse.mm(W, x^T, "sum")``
+(PyTorch's native row-parallel CSR kernel, the fastest on CPU from about 16 rows) or
+``torch.addmm(b, W, x^T)`` (MKL on CPU, cuSPARSE on CUDA). The input is transposed once to ``(in, rows)``;
+the output is returned as the transposed view ``(y^T)^T``, so a chain of sparse layers (with elementwise
+activations between them, which keep the layout) transposes only at its first layer. The outputs are
+therefore not contiguous; pass ``contiguous_outputs=True`` if your code calls ``.view`` on them.
+
+On CUDA, a ``Linear``/``Conv1D`` whose mask is exactly 2:4 along the input dimension (each group of 4
+consecutive input weights of every output row keeps exactly 2) uses
+``torch.sparse.to_sparse_semi_structured`` instead: the weight is cast to float16 (or kept in
+float16/bfloat16 if already so), the input is cast to it and the output cast back, so results match the
+dense layer to float16 precision, not float32. PyTorch requires both weight dimensions to be multiples of
+its minimum block (16 to 64 depending on the backend); other shapes fall back to CSR.
+
+The sparse modules are **inference only**: calling them with gradients enabled on an input that requires
+grad raises ``RuntimeError``. Their weights are buffers, so ``model.to(device)`` and ``state_dict()`` work
+(except for 2:4 layers, which must be created on their final device).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: Sparse layouts :func:`to_sparse_inference` can use for unstructured masks.
+LAYOUTS = ("csr", "bsr")
+#: Sparse kernels: ``"sum"`` = ``torch.sparse.mm(W, x^T, "sum")``, ``"mm"`` = ``torch.addmm(b, W, x^T)``.
+KERNELS = ("auto", "sum", "mm")
+#: Densities at which :func:`measure_crossover` times the sparse kernel (a line is fitted through them).
+_PROBE_DENSITIES = (0.05, 0.3)
+_CROSSOVER_CACHE: dict[tuple, float] = {}
+
+
+def _check_inference(x: Tensor, module: nn.Module) -> None:
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{type(module).__name__} is an inference-only sparse layer and cannot backpropagate: call it under "
+            "`torch.no_grad()` / `torch.inference_mode()` or with an input that does not require grad. Train the "
+            "dense model (its masks stay in the checkpoint) and convert it again."
+        )
+
+
+def _resolve_kernel(kernel: str, layout: str, device: torch.device, rows: int) -> str:
+    if kernel != "auto":
+        return kernel
+    if layout == "bsr" or device.type != "cpu":
+        return "mm"
+    return "sum" if rows >= 16 else "mm"
+
+
+class SparseMatmul(nn.Module):
+    """Inference-only ``y^T = W x^T + b`` with ``W`` (``out x in``) stored as CSR or BSR.
+
+    The kept entries of ``weight`` (where ``mask`` is True, including kept entries that happen to be zero;
+    everything else counts as zero) are stored in three buffers: ``crow_indices``, ``col_indices`` (int32)
+    and ``values``, so the module deep-copies, moves with ``.to()`` and saves with ``state_dict()``.
+
+    Args:
+        weight: Dense ``(out, in)`` matrix.
+        bias: ``(out,)`` or ``None``.
+        mask: Bool ``(out, in)`` keep-mask (default: ``weight != 0``).
+        layout: ``"csr"`` or ``"bsr"`` (square ``blocksize`` blocks; both dimensions must divide).
+        blocksize: BSR block edge.
+        kernel: ``"sum"`` (``torch.sparse.mm(W, x^T, "sum")``, CSR on CPU only) or ``"mm"``
+            (``torch.addmm``; MKL on CPU, cuSPARSE on CUDA).
+        contiguous_outputs: Return contiguous outputs (one extra transpose copy) instead of transposed views.
+
+    Raises:
+        ValueError: If ``layout``/``kernel`` are unknown or incompatible, or the BSR block does not divide.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        mask: Tensor | None = None,
+        *,
+        layout: str = "csr",
+        blocksize: int = 4,
+        kernel: str = "sum",
+        contiguous_outputs: bool = False,
+    ) -> None:
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}.")
+        if kernel not in ("sum", "mm"):
+            raise ValueError(f"`kernel` must be 'sum' or 'mm', got {kernel!r}.")
+        if kernel == "sum" and (layout != "csr" or weight.device.type != "cpu"):
+            raise ValueError("`kernel='sum'` needs the CSR layout on the CPU; use kernel='mm'.")
+        weight = weight.detach()
+        mask = (weight != 0) if mask is None else mask.to(device=weight.device, dtype=torch.bool)
+        self.out_features, self.in_features = weight.shape
+        self.layout, self.blocksize, self.kernel = layout, blocksize, kernel
+        self.contiguous_outputs = contiguous_outputs
+        if layout == "csr":
+            rows, cols = mask.nonzero(as_tuple=True)  # row-major order, as CSR needs
+            counts = torch.bincount(rows, minlength=self.out_features)
+            crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            values = weight[rows, cols]
+        else:
+            if self.out_features % blocksize or self.in_features % blocksize:
+                raise ValueError(
+                    f"{blocksize}x{blocksize} BSR blocks do not tile a {self.out_features}x{self.in_features} matrix."
+                )
+            bsr = weight.masked_fill(~mask, 0).to_sparse_bsr((blocksize, blocksize))
+            crow, cols, values = bsr.crow_indices(), bsr.col_indices(), bsr.values()
+        index_dtype = torch.int32 if max(weight.shape) < 2**31 and values.shape[0] < 2**31 else torch.int64
+        self.register_buffer("crow_indices", crow.to(index_dtype).contiguous())
+        self.register_buffer("col_indices", cols.to(index_dtype).contiguous())
+        self.register_buffer("values", values.contiguous().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone().unsqueeze(1))
+        self._cache: tuple[tuple, Tensor] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"] = None  # sparse tensors cannot be deep-copied or pickled; rebuilt on the next call
+        return state
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored weights (for BSR: every entry of every stored block)."""
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        """Stored fraction of the matrix, ``nnz / (out * in)``."""
+        return self.nnz / max(1, self.out_features * self.in_features)
+
+    def sparse_weight(self) -> Tensor:
+        """``W`` as a ``torch.sparse_csr`` / ``torch.sparse_bsr`` tensor over the buffers (cached)."""
+        # the sparse tensor aliases the buffers, so in-place edits show through; a new buffer (``.to()``,
+        # ``load_state_dict`` with ``assign=True``) has a new data pointer and triggers a rebuild
+        key = tuple((t.data_ptr(), t.dtype, t.device) for t in (self.crow_indices, self.col_indices, self.values))
+        if self._cache is None or self._cache[0] != key:
+            make = torch.sparse_csr_tensor if self.layout == "csr" else torch.sparse_bsr_tensor
+            size = (self.out_features, self.in_features)
+            self._cache = (key, make(self.crow_indices, self.col_indices, self.values, size, check_invariants=False))
+        return self._cache[1]
+
+    def matmul_t(self, xt: Tensor) -> Tensor:
+        """``W @ xt + b`` for a contiguous ``(in, cols)`` input; returns ``(out, cols)``."""
+        w = self.sparse_weight()
+        if self.kernel == "sum":
+            y = torch.sparse.mm(w, xt, "sum")
+            return y if self.bias is None else y.add_(self.bias)
+        if self.bias is None:
+            return torch.mm(w, xt)
+        return torch.addmm(self.bias, w, xt)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
+            f"kernel={self.kernel}, density={self.density:.4f}, bias={self.bias is not None}"
+        )
+
+
+class SparseLinear(SparseMatmul):
+    """Inference-only sparse ``nn.Linear``: ``y = x W^T + b`` for inputs ``(..., in)``, as ``(W x^T)^T``.
+
+    Built from an ``nn.Linear`` (``weight`` ``(out, in)``) or a ``Conv1D`` (``weight`` ``(in, out)``, pass its
+    transpose). See :class:`SparseMatmul` for the arguments.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_inference(x, self)
+        lead = x.shape[:-1]
+        xt = x.reshape(-1, self.in_features).t()
+        if not xt.is_contiguous():  # free when x is the transposed output of another sparse layer
+            xt = xt.contiguous()
+        y = self.matmul_t(xt).t().reshape(*lead, self.out_features)
+        return y.contiguous() if self.contiguous_outputs else y
+
+
+class SparseConv1x1(SparseMatmul):
+    """Inference-only sparse 1x1 ``nn.Conv2d`` (stride 1, no padding, one group): ``y[n,:,h,w] = W x[n,:,h,w] + b``.
+
+    Computed as ``W @ X`` with ``X`` the ``(C_in, N*H*W)`` matrix of the input's pixels (a copy when ``N > 1``);
+    the output is a permuted view of the ``(C_out, N, H, W)`` result. See :class:`SparseMatmul`.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_inference(x, self)
+        if x.dim() == 3:
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        n, c, h, w = x.shape
+        xt = x.reshape(c, h * w) if n == 1 else x.reshape(n, c, h * w).transpose(0, 1).reshape(c, n * h * w)
+        y = self.matmul_t(xt.contiguous()).view(self.out_features, n, h, w).permute(1, 0, 2, 3)
+        return y.contiguous() if self.contiguous_outputs else y
+
+
+class SemiStructuredLinear(nn.Module):
+    """Inference-only 2:4 sparse linear layer on CUDA (``torch.sparse.to_sparse_semi_structured``).
+
+    ``y = cast(x, dtype) W_{2:4}^T + b`` cast back to the input's dtype: the weight is stored compressed in
+    ``dtype`` (float16 or bfloat16, what the sparse tensor cores take), so results match the dense float32
+    layer to ``dtype`` precision. The compressed weight is not a buffer: build this module on its final device.
+
+    Args:
+        weight: Dense ``(out, in)`` CUDA matrix, 2:4 sparse along ``in``.
+        bias: ``(out,)`` or ``None``.
+        dtype: ``torch.float16`` or ``torch.bfloat16``.
+
+    Raises:
+        RuntimeError: From PyTorch, if the device, dtype or shape is not supported (dimensions must be multiples
+            of the backend's block, 16 to 64).
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype = torch.float16) -> None:
+        super().__init__()
+        from torch.sparse import to_sparse_semi_structured
+
+        self.out_features, self.in_features = weight.shape
+        self.dtype = dtype
+        self.weight_2to4 = to_sparse_semi_structured(weight.detach().to(dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("A SemiStructuredLinear cannot be copied or pickled; convert the dense model again.")
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_inference(x, self)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
+        y = F.linear(x2, self.weight_2to4, self.bias)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, 2:4"
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_time(fn: Callable[[], Any], device: torch.device, budget_s: float) -> float:
+    """Fastest of as many ``fn()`` calls as fit in ``budget_s`` (3 to 25, after one warm-up call), in seconds.
+
+    The minimum, not the median: other processes on the machine only ever add time.
+    """
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - start
+    best = math.inf
+    for _ in range(max(3, min(25, int(budget_s / max(first, 1e-6)) - 1))):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_crossover(
+    out_features: int,
+    in_features: int,
+    rows: int = 64,
+    *,
+    layout: str = "csr",
+    blocksize: int = 4,
+    kernel: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    budget_s: float = 0.3,
+) -> float:
+    """Density below which a sparse ``(out, in)`` matmul beats the dense one on this machine, for ``rows`` rows.
+
+    Times (best of several calls) ``F.linear`` on a row-major ``(rows, in)`` input against
+    :class:`SparseLinear` (input transpose included) at densities 0.05 and 0.3 with random masks (for BSR:
+    random blocks), fits
+    ``t_sparse(d) = a + c d`` through the two points and returns ``d* = (t_dense - a) / c`` clipped to
+    ``[0, 1]``. Results are cached per shape, rows, layout, kernel, dtype, device and thread count, so each
+    distinct shape is measured once per process (in about ``budget_s`` seconds).
+
+    Args:
+        out_features: Rows of ``W``.
+        in_features: Columns of ``W``.
+        rows: Rows of the input matrix (batch, or batch x sequence for token inputs, or batch x H x W for 1x1
+            convolutions).
+        layout: ``"csr"`` or ``"bsr"``.
+        blocksize: BSR block edge.
+        kernel: ``"auto"``, ``"sum"`` or ``"mm"`` (see :class:`SparseMatmul`).
+        dtype: Floating dtype of the layer.
+        device: Device of the layer.
+        budget_s: Approximate time to spend measuring.
+
+    Returns:
+        The crossover density in ``[0, 1]`` (the fraction of weights kept, ``1 - sparsity``).
+    """
+    device = torch.device(device)
+    kernel = _resolve_kernel(kernel, layout, device, rows)
+    key = (out_features, in_features, rows, layout, blocksize, kernel, dtype, str(device), torch.get_num_threads())
+    if key in _CROSSOVER_CACHE:
+        return _CROSSOVER_CACHE[key]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, in_features, generator=gen).to(device=device, dtype=dtype)
+    w = torch.randn(out_features, in_features, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(out_features, generator=gen).to(device=device, dtype=dtype)
+    layers = []
+    for d in _PROBE_DENSITIES:
+        if layout == "bsr":
+            blocks = torch.rand(out_features // blocksize, in_features // blocksize, generator=gen) < d
+            mask = blocks.repeat_interleave(blocksize, 0).repeat_interleave(blocksize, 1)
+        else:
+            mask = torch.rand(out_features, in_features, generator=gen) < d
+        layers.append(SparseLinear(w, b, mask.to(device), layout=layout, blocksize=blocksize, kernel=kernel))
+    with torch.inference_mode():
+        t_dense = _best_time(lambda: F.linear(x, w, b), device, budget_s / 3)
+        t_sparse = [_best_time(lambda layer=layer: layer(x), device, budget_s / 3) for layer in layers]
+    (d0, d1), (t0, t1) = _PROBE_DENSITIES, t_sparse
+    slope = (t1 - t0) / (d1 - d0)
+    if slope <= 0:  # timing noise swamped the nnz dependence
+        crossover = 1.0 if t1 < t_dense else 0.0
+    else:
+        crossover = min(1.0, max(0.0, d0 + (t_dense - t0) / slope))
+    _CROSSOVER_CACHE[key] = crossover
+    return crossover
+
+
+# --------------------------------------------------------------------------------------------- converting
+@dataclass(frozen=True)
+class LayerConversion:
+    """What :func:`to_sparse_inference` did with one layer.
+
+    Attributes:
+        name: Module name in the model.
+        kind: ``"Linear"``, ``"Conv2d 1x1"``, ``"Conv1D"``, or the module's class name when unsupported.
+        shape: ``(out, in)`` of the layer's matmul (the weight's shape for unsupported layers).
+        density: Fraction of weights kept (``1 - sparsity``); for BSR, the fraction stored in kept blocks.
+        converted: Whether the layer was replaced.
+        implementation: ``"csr/sum"``, ``"csr/mm"``, ``"bsr4/mm"``, ``"2:4/float16"``, or ``"dense"``.
+        reason: Why (``"density 0.100 < crossover 0.420 (measured)"``, ``"stride (2, 2)"``, ...).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    density: float
+    converted: bool
+    implementation: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    """Per-layer outcome of :func:`to_sparse_inference`; ``str()`` gives a markdown table."""
+
+    rows: list[LayerConversion]
+
+    @property
+    def converted(self) -> list[str]:
+        """Names of the replaced layers."""
+        return [r.name for r in self.rows if r.converted]
+
+    @property
+    def dense(self) -> list[str]:
+        """Names of the layers left dense."""
+        return [r.name for r in self.rows if not r.converted]
+
+    def __str__(self) -> str:
+        lines = ["| layer | kind | shape | density | sparse | how / why |", "|---|---|---|---:|---|---|"]
+        for r in self.rows:
+            shape = "x".join(map(str, r.shape))
+            lines.append(
+                f"| {r.name or '(root)'} | {r.kind} | {shape} | {r.density:.4f} | "
+                f"{r.implementation if r.converted else 'no'} | {r.reason} |"
+            )
+        return "\n".join(lines)
+
+
+def _is_conv1d_like(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+        and isinstance(getattr(module, "nf", None), int)
+        and isinstance(weight, Tensor)
+        and weight.dim() == 2
+        and weight.shape[1] == module.nf
+    )
+
+
+def _classify(name: str, module: nn.Module, parent: nn.Module | None) -> tuple[str, str | None]:
+    """``(kind, reason it cannot be converted or None)``."""
+    if isinstance(parent, nn.MultiheadAttention):
+        return type(module).__name__, "inside nn.MultiheadAttention, which reads out_proj.weight directly"
+    if isinstance(module, nn.Linear):
+        if type(module).forward is not nn.Linear.forward:
+            return type(module).__name__, f"{type(module).__name__} overrides nn.Linear.forward"
+        return "Linear", None
+    if isinstance(module, nn.Conv2d):
+        if type(module).forward is not nn.Conv2d.forward:
+            return type(module).__name__, f"{type(module).__name__} overrides nn.Conv2d.forward"
+        problems = []
+        if tuple(module.kernel_size) != (1, 1):
+            problems.append(f"kernel {tuple(module.kernel_size)}")
+        if tuple(module.stride) != (1, 1):
+            problems.append(f"stride {tuple(module.stride)}")
+        if module.padding not in ("valid", "same", (0, 0)):  # "same" pads nothing for a 1x1 kernel
+            problems.append(f"padding {module.padding}")
+        if module.groups != 1:
+            problems.append(f"groups {module.groups}")
+        if not problems:
+            return "Conv2d 1x1", None
+        return "Conv2d", "only 1x1 stride-1 unpadded ungrouped convs are matmuls; this one has " + ", ".join(problems)
+    if _is_conv1d_like(module):
+        return "Conv1D", None
+    return type(module).__name__, "not an nn.Linear, a 1x1 nn.Conv2d or a Conv1D"
+
+
+def _matrix(kind: str, module: nn.Module, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The layer's ``(out, in)`` matmul weight and mask."""
+    w = module.weight.detach()
+    if kind == "Conv1D":
+        return w.t(), mask.t()
+    if kind == "Conv2d 1x1":
+        return w.reshape(w.shape[0], -1), mask.reshape(w.shape[0], -1)
+    return w, mask
+
+
+def is_two_four(mask: Tensor) -> bool:
+    """Whether an ``(out, in)`` mask is exactly 2:4 along ``in``: every 4 consecutive entries of a row keep 2."""
+    if mask.dim() != 2 or mask.shape[1] % 4 or mask.numel() == 0:
+        return False
+    return bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all())
+
+
+def to_sparse_inference(
+    model: nn.Module,
+    masks: Mapping[str, Tensor] | Any | None = None,
+    *,
+    crossover: float | None = None,
+    layout: str = "csr",
+    blocksize: int = 4,
+    kernel: str = "auto",
+    batch_size: int = 64,
+    semi_structured: bool = True,
+    contiguous_outputs: bool = False,
+    inplace: bool = False,
+) -> nn.Module:
+    """Replace each sparse enough matmul layer by an inference-only ``torch.sparse`` equivalent.
+
+    A supported layer (see the module docstring: ``nn.Linear``, 1x1 ``nn.Conv2d``, ``Conv1D``) with density
+    ``d`` (fraction of weights kept, ``1 - sparsity``) is converted when ``d < crossover``; its output equals
+    the masked dense layer's up to float rounding (summation order). With ``crossover=None`` the crossover is
+    measured on this machine for each distinct layer shape (:func:`measure_crossover` at ``batch_size`` rows,
+    cached; well under a second per shape). On CUDA a layer with an exact 2:4 mask uses
+    ``to_sparse_semi_structured`` (float16, see the module docstring) whatever the crossover, unless
+    ``semi_structured=False``.
+
+    The report (:class:`ConversionReport`: each considered layer, converted or not, and why) is attached to
+    the returned model as ``model.sparse_conversion``; :func:`conversion_report` returns it.
+
+    Args:
+        model: The pruned model (weights with zeros at pruned positions).
+        masks: Bool keep-masks by parameter name (a dict or a :class:`~lightning_pai.MaskSet`); the layers
+            whose ``weight`` has a mask are considered, and weights outside a mask count as zero. ``None``:
+            every supported layer is considered, with the mask ``weight != 0``.
+        crossover: Density threshold in ``[0, 1]``: ``0.0`` converts nothing, ``1.0`` every considered layer
+            with at least one zero weight. ``None`` measures it.
+        layout: ``"csr"`` or ``"bsr"`` (``blocksize`` square blocks; the density compared is then the fraction
+            stored in nonzero blocks). CSR is the faster for unstructured masks.
+        blocksize: BSR block edge.
+        kernel: ``"auto"`` (CPU: ``"sum"`` from 16 rows of ``batch_size``, else ``"mm"``; CUDA or BSR: ``"mm"``),
+            ``"sum"`` or ``"mm"`` (see :class:`SparseMatmul`).
+        batch_size: Expected rows per call (batch; batch x sequence for token inputs; batch x H x W for 1x1
+            convs), used to pick the kernel and to measure the crossover.
+        semi_structured: Use 2:4 semi-structured sparsity for exact 2:4 masks on CUDA.
+        contiguous_outputs: Make sparse layers return contiguous tensors (costs a copy per layer).
+        inplace: Modify ``model`` itself instead of a deep copy.
+
+    Returns:
+        The converted model (``model`` itself if ``inplace``, unless ``model`` is itself the converted layer).
+
+    Raises:
+        ValueError: If an argument is out of range, or a mask's shape differs from its weight's.
+        KeyError: If a mask names no parameter of ``model``.
+    """
+    if crossover is not None and (isinstance(crossover, bool) or not 0.0 <= crossover <= 1.0):
+        raise ValueError(f"`crossover` must be None (measure it) or a density in [0, 1], got {crossover!r}.")
+    if layout not in LAYOUTS:
+        raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}.")
+    if kernel not in KERNELS:
+        raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` (rows per call) must be a positive int, got {batch_size!r}.")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"`blocksize` must be a positive int, got {blocksize!r}.")
+    given = None if masks is None else dict(masks.items())
+    if given is not None:
+        params = dict(model.named_parameters())
+        missing = [n for n in given if n not in params]
+        if missing:
+            raise KeyError(f"The model has no parameter named {missing[:5]}; the masks were made for another model.")
+    out = model if inplace else copy.deepcopy(model)
+    parents: dict[str, nn.Module] = {}
+    for prefix, mod in out.named_modules():
+        for child_name, _ in mod.named_children():
+            parents.setdefault(f"{prefix}.{child_name}" if prefix else child_name, mod)
+    rows: list[LayerConversion] = []
+    consumed: set[str] = set()
+    replacements: list[tuple[str, nn.Module]] = []
+    for name, module in list(out.named_modules()):
+        weight_name = f"{name}.weight" if name else "weight"
+        weight = module._parameters.get("weight")
+        if given is not None:
+            if weight_name not in given or weight is None:
+                continue
+            consumed.add(weight_name)
+            mask = given[weight_name].to(device=weight.device, dtype=torch.bool)
+            if mask.shape != weight.shape:
+                raise ValueError(
+                    f"Mask {weight_name!r} has shape {tuple(mask.shape)}, its weight {tuple(weight.shape)}."
+                )
+        else:
+            if weight is None or not isinstance(module, (nn.Linear, nn.Conv2d)) and not _is_conv1d_like(module):
+                continue
+            mask = weight.detach() != 0
+        density = float(mask.sum()) / max(1, mask.numel())
+        kind, problem = _classify(name, module, parents.get(name))
+        if problem is not None:
+            rows.append(LayerConversion(name, kind, tuple(weight.shape), density, False, "dense", problem))
+            continue
+        w, m = _matrix(kind, module, mask)
+        bias = getattr(module, "bias", None)
+        if semi_structured and kind != "Conv2d 1x1" and w.is_cuda and is_two_four(m):
+            dtype = w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float16
+            try:
+                new: nn.Module = SemiStructuredLinear(w.masked_fill(~m, 0), bias, dtype)
+            except (RuntimeError, ValueError) as err:
+                reason_24 = f"2:4 not usable ({str(err).splitlines()[0][:80]}); "
+            else:
+                impl = f"2:4/{str(dtype).removeprefix('torch.')}"
+                rows.append(LayerConversion(name, kind, tuple(w.shape), density, True, impl, "exact 2:4 mask on CUDA"))
+                replacements.append((name, new))
+                continue
+        else:
+            reason_24 = ""
+        stored = density
+        if layout == "bsr":
+            if w.shape[0] % blocksize or w.shape[1] % blocksize:
+                why = f"{reason_24}{blocksize}x{blocksize} BSR blocks do not tile {w.shape[0]}x{w.shape[1]}"
+                rows.append(LayerConversion(name, kind, tuple(w.shape), density, False, "dense", why))
+                continue
+            blocks = m.reshape(w.shape[0] // blocksize, blocksize, w.shape[1] // blocksize, blocksize).any(3).any(1)
+            stored = float(blocks.sum()) / max(1, blocks.numel())
+        if crossover is None:
+            threshold = measure_crossover(
+                w.shape[0], w.shape[1], batch_size, layout=layout, blocksize=blocksize, kernel=kernel,
+                dtype=w.dtype, device=w.device,
+            )  # fmt: skip
+            source = "measured"
+        else:
+            threshold, source = crossover, "given"
+        if not stored < threshold:
+            why = f"{reason_24}density {stored:.3f} >= crossover {threshold:.3f} ({source})"
+            rows.append(LayerConversion(name, kind, tuple(w.shape), stored, False, "dense", why))
+            continue
+        chosen = _resolve_kernel(kernel, layout, w.device, batch_size)
+        cls = SparseConv1x1 if kind == "Conv2d 1x1" else SparseLinear
+        new = cls(w, bias, m, layout=layout, blocksize=blocksize, kernel=chosen, contiguous_outputs=contiguous_outputs)
+        impl = f"{layout}{blocksize if layout == 'bsr' else ''}/{chosen}"
+        why = f"{reason_24}density {stored:.3f} < crossover {threshold:.3f} ({source})"
+        rows.append(LayerConversion(name, kind, tuple(w.shape), stored, True, impl, why))
+        replacements.append((name, new))
+    for name in [n for n in given or () if n not in consumed]:
+        shape = tuple(given[name].shape)
+        density = float(given[name].sum()) / max(1, given[name].numel())
+        rows.append(LayerConversion(name, "parameter", shape, density, False, "dense", "not a module's `weight`"))
+    for name, new in replacements:
+        if not name:
+            out = new
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent_name) if parent_name else out, child, new)
+    out.sparse_conversion = ConversionReport(rows)
+    return out
+
+
+def conversion_report(model: nn.Module) -> ConversionReport:
+    """The :class:`ConversionReport` :func:`to_sparse_inference` attached to ``model``.
+
+    Raises:
+        ValueError: If ``model`` did not come from :func:`to_sparse_inference`.
+    """
+    report = getattr(model, "sparse_conversion", None)
+    if not isinstance(report, ConversionReport):
+        raise ValueError("This model has no conversion report: it was not returned by `to_sparse_inference`.")
+    return report
+
+
+__all__ = [
+    "KERNELS",
+    "LAYOUTS",
+    "ConversionReport",
+    "LayerConversion",
+    "SemiStructuredLinear",
+    "SparseConv1x1",
+    "SparseLinear",
+    "SparseMatmul",
+    "conversion_report",
+    "is_two_four",
+    "measure_crossover",
+    "to_sparse_inference",
+]

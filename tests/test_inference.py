@@ -1,0 +1,390 @@
+"""to_sparse_inference: sparse layers compute the dense outputs, the crossover is respected, the rest is reported."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from lightning_pai.core.masks import MaskSet
+from lightning_pai.inference import (
+    ConversionReport,
+    SparseConv1x1,
+    SparseLinear,
+    SparseMatmul,
+    conversion_report,
+    is_two_four,
+    measure_crossover,
+    to_sparse_inference,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse (CSR|BSR) tensor support is in beta")
+
+TOL = {"atol": 1e-5, "rtol": 1e-4}
+
+
+class Conv1D(nn.Module):
+    """What transformers' GPT-2 ``Conv1D`` is: ``weight`` of shape ``(in, nf)``, ``y = x W + b``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.02)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class GPTMLP(nn.Module):
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.c_fc = Conv1D(4 * d, d)
+        self.c_proj = Conv1D(d, 4 * d)
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x):
+        return self.ln(x + self.c_proj(torch.nn.functional.gelu(self.c_fc(x))))
+
+
+def lenet() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw1 = nn.Conv2d(8, 16, 1)
+        self.pw2 = nn.Conv2d(16, 8, 1, bias=False)
+        self.k3 = nn.Conv2d(8, 8, 3, padding=1)  # not a matmul: left dense
+        self.down = nn.Conv2d(8, 12, 1, stride=2)  # strided: left dense
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.pw1(x))
+        x = self.k3(torch.relu(self.pw2(x)))
+        return self.head(self.down(x).mean((-2, -1)))
+
+
+def prune(model: nn.Module, sparsity: float, include=None, seed: int = 0) -> MaskSet:
+    g = torch.Generator().manual_seed(seed)
+    masks = MaskSet.from_module(model, include=include)
+    masks.load_state_dict({n: torch.rand(p.shape, generator=g) >= sparsity for n, p in masks.params.items()})
+    masks.apply_()
+    return masks
+
+
+def kinds(model: nn.Module) -> dict[str, str]:
+    return {n: type(m).__name__ for n, m in model.named_modules() if n}
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+@pytest.mark.parametrize("kernel", ["auto", "sum", "mm"])
+@pytest.mark.parametrize("shape", [(1, 784), (64, 784), (2, 5, 784), (784,)], ids=str)
+def test_lenet_outputs(kernel, shape, one_thread):
+    torch.manual_seed(0)
+    model = lenet().eval()
+    masks = prune(model, 0.9)
+    sparse = to_sparse_inference(model, masks, crossover=1.0, kernel=kernel)
+    assert [n for n, t in kinds(sparse).items() if t == "SparseLinear"] == ["0", "2", "4"]
+    assert conversion_report(sparse).converted == ["0", "2", "4"]
+    x = torch.randn(shape)
+    with torch.no_grad():
+        expected = model(x)
+        got = sparse(x)
+    assert got.shape == expected.shape
+    assert_close(got, expected, **TOL)
+    assert sparse[0].nnz == int(masks["0.weight"].sum())
+    assert isinstance(model[0], nn.Linear)  # the original is untouched
+
+
+def test_masks_none_infers_zeros_and_matches(one_thread):
+    torch.manual_seed(0)
+    model = lenet()
+    masks = prune(model, 0.95)
+    sparse = to_sparse_inference(model, crossover=0.5)
+    report = conversion_report(sparse)
+    assert report.converted == ["0", "2", "4"]
+    assert [r.density for r in report.rows] == [
+        masks.kept()[f"{i}.weight"] / masks[f"{i}.weight"].numel() for i in "024"
+    ]
+    assert [sparse[i].nnz for i in (0, 2, 4)] == [masks.kept()[f"{i}.weight"] for i in (0, 2, 4)]
+    x = torch.randn(16, 784)
+    with torch.no_grad():
+        assert_close(sparse(x), model(x), **TOL)
+
+
+def test_weights_outside_mask_count_as_zero(one_thread):
+    torch.manual_seed(0)
+    model = lenet()
+    masks = MaskSet.from_module(model)
+    masks.load_state_dict({n: torch.rand(p.shape) < 0.1 for n, p in masks.params.items()})
+    sparse = to_sparse_inference(model, masks, crossover=1.0)  # weights not zeroed: the mask decides
+    masks.apply_()
+    x = torch.randn(8, 784)
+    with torch.no_grad():
+        assert_close(sparse(x), model(x), **TOL)
+
+
+def test_conv1x1_net(one_thread):
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    masks = prune(model, 0.8)
+    sparse = to_sparse_inference(model, masks, crossover=1.0)
+    assert kinds(sparse) == {"pw1": "SparseConv1x1", "pw2": "SparseConv1x1", "k3": "Conv2d", "down": "Conv2d",
+                             "head": "SparseLinear"}  # fmt: skip
+    report = {r.name: r for r in conversion_report(sparse).rows}
+    assert "kernel (3, 3)" in report["k3"].reason and "padding (1, 1)" in report["k3"].reason
+    assert "stride (2, 2)" in report["down"].reason
+    assert report["pw1"].kind == "Conv2d 1x1" and report["pw1"].shape == (16, 8)
+    for x in (torch.randn(3, 8, 6, 5), torch.randn(1, 8, 4, 4), torch.randn(8, 4, 4)):
+        with torch.no_grad():
+            assert_close(sparse(x), model(x), **TOL)
+        with torch.no_grad():
+            assert_close(sparse.pw1(x), model.pw1(x), **TOL)
+
+
+def test_conv1d_like(one_thread):
+    torch.manual_seed(0)
+    model = GPTMLP().eval()
+    masks = prune(model, 0.9, include=["c_fc.weight", "c_proj.weight"])
+    sparse = to_sparse_inference(model, masks, crossover=1.0)
+    assert kinds(sparse) == {"c_fc": "SparseLinear", "c_proj": "SparseLinear", "ln": "LayerNorm"}
+    rows = conversion_report(sparse).rows
+    assert [(r.kind, r.shape) for r in rows] == [("Conv1D", (128, 32)), ("Conv1D", (32, 128))]
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert_close(sparse(x), model(x), **TOL)
+    # without masks, Conv1D-like modules are found by their ``nf`` attribute and 2-D (in, nf) weight
+    assert conversion_report(to_sparse_inference(model, crossover=1.0)).converted == ["c_fc", "c_proj"]
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_chained_layout(contiguous, one_thread):
+    torch.manual_seed(0)
+    model = lenet()
+    prune(model, 0.9)
+    sparse = to_sparse_inference(model, crossover=1.0, contiguous_outputs=contiguous)
+    with torch.no_grad():
+        y = sparse(torch.randn(4, 784))
+        hidden = sparse[1](sparse[0](torch.randn(4, 784)))
+    assert y.is_contiguous() == contiguous
+    # the transposed output of one sparse layer is the next one's contiguous (in, rows) input: no copy
+    assert hidden.t().is_contiguous() == (not contiguous)
+
+
+def test_bsr_layout(one_thread):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 6))
+    blocks = torch.rand(8, 16) < 0.25
+    mask = blocks.repeat_interleave(4, 0).repeat_interleave(4, 1)
+    masks = {"0.weight": mask, "2.weight": torch.rand(6, 32) < 0.2}
+    with torch.no_grad():
+        model[0].weight.mul_(mask)
+        model[2].weight.mul_(masks["2.weight"])
+    sparse = to_sparse_inference(model, masks, crossover=1.0, layout="bsr", blocksize=4)
+    report = conversion_report(sparse).rows
+    assert (report[0].converted, report[0].implementation) == (True, "bsr4/mm")
+    assert report[0].density == pytest.approx(float(blocks.float().mean()))
+    assert not report[1].converted and "do not tile 6x32" in report[1].reason
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert_close(sparse(x), model(x), **TOL)
+
+
+# --------------------------------------------------------------------------------------------- crossover
+def test_crossover_bounds(one_thread):
+    torch.manual_seed(0)
+    model = ConvNet()
+    masks = prune(model, 0.5)
+    none = to_sparse_inference(model, masks, crossover=0.0)
+    assert conversion_report(none).converted == []
+    assert kinds(none) == kinds(model)
+    assert all(">= crossover 0.000 (given)" in r.reason for r in conversion_report(none).rows if r.kind != "Conv2d")
+    every = to_sparse_inference(model, masks, crossover=1.0)
+    assert conversion_report(every).converted == ["pw1", "pw2", "head"]  # every eligible layer
+    assert conversion_report(every).dense == ["k3", "down"]
+
+
+def test_crossover_threshold_per_layer(one_thread):
+    torch.manual_seed(0)
+    model = lenet()
+    densities = {"0.weight": 0.05, "2.weight": 0.3, "4.weight": 0.6}
+    masks = {n: torch.rand(p.shape) < densities[n] for n, p in model.named_parameters() if n in densities}
+    sparse = to_sparse_inference(model, masks, crossover=0.4)
+    report = conversion_report(sparse)
+    assert report.converted == ["0", "2"] and report.dense == ["4"]
+    assert [r.density for r in report.rows] == [int(m.sum()) / m.numel() for m in masks.values()]
+    assert kinds(sparse)["4"] == "Linear"
+
+
+def test_measured_crossover(one_thread):
+    value = measure_crossover(40, 60, 8, budget_s=0.05)
+    assert 0.0 <= value <= 1.0
+    assert measure_crossover(40, 60, 8, budget_s=0.05) == value  # cached per shape
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(60, 40), nn.ReLU(), nn.Linear(40, 40), nn.Linear(40, 40))
+    masks = prune(model, 0.95)
+    sparse = to_sparse_inference(model, masks, batch_size=8)
+    for row in conversion_report(sparse).rows:
+        assert row.reason.endswith("(measured)")
+        threshold = measure_crossover(*row.shape, 8)
+        assert row.converted == (row.density < threshold)
+    x = torch.randn(8, 60)
+    with torch.no_grad():
+        assert_close(sparse(x), model(x), **TOL)
+
+
+# ----------------------------------------------------------------------------------- unsupported / errors
+class Scaled(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.scaled = Scaled(16, 16)
+        self.conv = nn.Conv1d(16, 16, 1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        h = self.attn(h, h, h, need_weights=False)[0]
+        h = self.conv(self.scaled(h).transpose(1, 2)).transpose(1, 2)
+        return self.fc(h)
+
+
+def test_unsupported_left_dense_and_reported(one_thread):
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    include = ["emb.weight", "attn.out_proj.weight", "scaled.weight", "conv.weight", "fc.weight", "fc.bias"]
+    masks = prune(model, 0.9, include=include)
+    sparse = to_sparse_inference(model, masks, crossover=1.0)
+    report = {r.name: r for r in conversion_report(sparse).rows}
+    assert set(report) == {"emb", "attn.out_proj", "scaled", "conv", "fc", "fc.bias"}
+    assert [n for n, r in report.items() if r.converted] == ["fc"]
+    assert "MultiheadAttention" in report["attn.out_proj"].reason
+    assert "overrides nn.Linear.forward" in report["scaled"].reason
+    assert "not an nn.Linear" in report["emb"].reason and "not an nn.Linear" in report["conv"].reason
+    assert report["fc.bias"].reason == "not a module's `weight`"
+    assert report["emb"].density == pytest.approx(0.1, abs=0.03)
+    assert type(sparse.attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear"
+    assert "| fc | Linear | 4x16 |" in str(conversion_report(sparse))
+    tokens = torch.randint(0, 20, (2, 9))
+    with torch.no_grad():
+        assert_close(sparse(tokens), model(tokens), **TOL)
+
+
+def test_inference_only_error():
+    model = lenet()
+    prune(model, 0.9)
+    sparse = to_sparse_inference(model, crossover=1.0)
+    x = torch.randn(2, 784, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference-only.*torch.no_grad"):
+        sparse(x)
+    with torch.no_grad():
+        assert sparse(x).shape == (2, 10)
+    with torch.inference_mode():
+        assert sparse(x.detach()).shape == (2, 10)
+    y = sparse(x.detach())  # grad mode but nothing requires grad: fine, and nothing to backpropagate
+    assert not y.requires_grad
+
+
+def test_copy_save_move_inplace(one_thread):
+    torch.manual_seed(0)
+    model = lenet()
+    prune(model, 0.9)
+    sparse = to_sparse_inference(model, crossover=1.0)
+    x = torch.randn(3, 784)
+    with torch.no_grad():
+        expected = sparse(x)  # builds the cached sparse tensors
+        assert torch.equal(copy.deepcopy(sparse)(x), expected)
+        assert torch.equal(pickle.loads(pickle.dumps(sparse))(x), expected)
+        buf = io.BytesIO()
+        torch.save(sparse.state_dict(), buf)
+        buf.seek(0)
+        other = to_sparse_inference(model, crossover=1.0)
+        with torch.no_grad():
+            for mod in other.modules():
+                if isinstance(mod, SparseMatmul):
+                    mod.values.zero_()
+        assert other(x).abs().sum() > 0  # biases only
+        other.load_state_dict(torch.load(buf, weights_only=True))
+        assert torch.equal(other(x), expected)  # in-place buffer copies reach the cached sparse tensors
+        assert_close(copy.deepcopy(sparse).double()(x.double()), expected.double(), **TOL)
+    same = to_sparse_inference(model, crossover=1.0, inplace=True)
+    assert same is model and isinstance(model[0], SparseLinear)
+    root = to_sparse_inference(nn.Linear(5, 3), crossover=1.0, masks={"weight": torch.rand(3, 5) < 0.5})
+    assert isinstance(root, SparseLinear) and conversion_report(root).converted == [""]
+
+
+def test_argument_errors():
+    model = lenet()
+    with pytest.raises(ValueError, match="crossover"):
+        to_sparse_inference(model, crossover=1.5)
+    with pytest.raises(ValueError, match="layout"):
+        to_sparse_inference(model, layout="coo")
+    with pytest.raises(ValueError, match="kernel"):
+        to_sparse_inference(model, kernel="fast")
+    with pytest.raises(ValueError, match="batch_size"):
+        to_sparse_inference(model, batch_size=0)
+    with pytest.raises(KeyError, match="nope.weight"):
+        to_sparse_inference(model, {"nope.weight": torch.ones(1, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="shape"):
+        to_sparse_inference(model, {"0.weight": torch.ones(1, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="no conversion report"):
+        conversion_report(model)
+    with pytest.raises(ValueError, match="CSR layout on the CPU"):
+        SparseLinear(torch.randn(4, 4), layout="bsr", kernel="sum")
+    assert isinstance(conversion_report(to_sparse_inference(model, crossover=0.0)), ConversionReport)
+    assert SparseConv1x1(torch.randn(4, 4)).density == 1.0
+
+
+# --------------------------------------------------------------------------------------------------- 2:4
+def two_four_mask(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(rows, cols // 4, 4, generator=g).argsort(-1)[..., :2]
+    return torch.zeros(rows, cols // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).reshape(rows, cols)
+
+
+def test_is_two_four():
+    mask = two_four_mask(8, 16)
+    assert is_two_four(mask) and float(mask.float().mean()) == 0.5
+    broken = mask.clone()
+    broken[0, :4] = torch.tensor([True, True, True, False])
+    assert not is_two_four(broken)
+    assert not is_two_four(torch.ones(8, 6, dtype=torch.bool)) and not is_two_four(torch.ones(8, dtype=torch.bool))
+
+
+def test_two_four_on_cpu_uses_crossover(one_thread):
+    model = nn.Sequential(nn.Linear(64, 64))
+    sparse = to_sparse_inference(model, {"0.weight": two_four_mask(64, 64)}, crossover=0.6)
+    assert conversion_report(sparse).rows[0].implementation == "csr/sum"  # no 2:4 kernels without CUDA
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured sparsity needs CUDA")
+def test_two_four_cuda():
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("2:4 sparse tensor cores need compute capability 8.0+")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128)).cuda().eval()
+    masks = {"0.weight": two_four_mask(512, 256).cuda(), "2.weight": two_four_mask(128, 512, 1).cuda()}
+    with torch.no_grad():
+        for i in (0, 2):
+            model[i].weight.mul_(masks[f"{i}.weight"])
+    sparse = to_sparse_inference(model, masks, crossover=0.0)
+    assert [r.implementation for r in conversion_report(sparse).rows] == ["2:4/float16", "2:4/float16"]
+    x = torch.randn(64, 256, device="cuda")
+    with torch.no_grad():
+        assert_close(sparse(x), model(x), atol=2e-2, rtol=2e-2)
+        half = copy.deepcopy(model).half()
+        assert_close(sparse(x), half(x.half()).float(), atol=5e-3, rtol=5e-3)
