@@ -4,15 +4,18 @@
 """
 
 from lightning_pai.callbacks import (
+    DSR,
     SET,
     SNFS,
     DynamicSparseTraining,
     GradualMagnitudePruning,
     GraNet,
     LotteryTicket,
+    MovementPruning,
     PruneAtInit,
     RigL,
     SparseCallback,
+    TopologyCallback,
 )
 from lightning_pai.core import (
     DEFAULT_TARGET_TYPES,
@@ -27,6 +30,7 @@ from lightning_pai.core import (
     list_scorers,
     register_distribution,
     register_scorer,
+    scorer_info,
     select_targets,
     sparsity_report,
 )
@@ -35,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TARGET_TYPES",
+    "DSR",
     "SET",
     "SNFS",
     "DynamicSparseTraining",
@@ -43,11 +48,13 @@ __all__ = [
     "LayerSparsity",
     "LotteryTicket",
     "MaskSet",
+    "MovementPruning",
     "PruneAtInit",
     "RigL",
     "ScoringContext",
     "SparseCallback",
     "SparsityReport",
+    "TopologyCallback",
     "compute_masks",
     "get_distribution",
     "get_scorer",
@@ -55,6 +62,7 @@ __all__ = [
     "list_scorers",
     "register_distribution",
     "register_scorer",
+    "scorer_info",
     "select_targets",
     "sparsity_report",
 ]

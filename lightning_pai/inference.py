@@ -18,7 +18,8 @@ The sparse modules compute ``y^T = W x^T`` with ``W`` in CSR (or BSR) form: ``to
 ``torch.addmm(b, W, x^T)`` (MKL on CPU, cuSPARSE on CUDA). The input is transposed once to ``(in, rows)``;
 the output is returned as the transposed view ``(y^T)^T``, so a chain of sparse layers (with elementwise
 activations between them, which keep the layout) transposes only at its first layer. The outputs are
-therefore not contiguous; pass ``contiguous_outputs=True`` if your code calls ``.view`` on them.
+therefore not contiguous; pass ``contiguous_outputs=True`` if your code calls ``.view`` on them. A single
+row (batch 1) uses the sparse matrix-vector product ``torch.addmv(b, W, x)`` and returns a contiguous output.
 
 On CUDA, a ``Linear``/``Conv1D`` whose mask is exactly 2:4 along the input dimension (each group of 4
 consecutive input weights of every output row keeps exactly 2) uses
@@ -151,24 +152,29 @@ class SparseMatmul(nn.Module):
 
     def sparse_weight(self) -> Tensor:
         """``W`` as a ``torch.sparse_csr`` / ``torch.sparse_bsr`` tensor over the buffers (cached)."""
-        # the sparse tensor aliases the buffers, so in-place edits show through; a new buffer (``.to()``,
-        # ``load_state_dict`` with ``assign=True``) has a new data pointer and triggers a rebuild
-        key = tuple((t.data_ptr(), t.dtype, t.device) for t in (self.crow_indices, self.col_indices, self.values))
-        if self._cache is None or self._cache[0] != key:
+        # The sparse tensor aliases the buffers, so in-place edits (``load_state_dict``) show through; a
+        # replaced buffer (``.to()``, ``.double()``) is another object and triggers a rebuild.
+        buffers = self._buffers
+        crow, col, values = buffers["crow_indices"], buffers["col_indices"], buffers["values"]
+        cache = self._cache
+        if cache is None or cache[0][0] is not values or cache[0][1] is not crow or cache[0][2] is not col:
             make = torch.sparse_csr_tensor if self.layout == "csr" else torch.sparse_bsr_tensor
             size = (self.out_features, self.in_features)
-            self._cache = (key, make(self.crow_indices, self.col_indices, self.values, size, check_invariants=False))
-        return self._cache[1]
+            cache = self._cache = ((values, crow, col), make(crow, col, values, size, check_invariants=False))
+        return cache[1]
 
     def matmul_t(self, xt: Tensor) -> Tensor:
         """``W @ xt + b`` for a contiguous ``(in, cols)`` input; returns ``(out, cols)``."""
-        w = self.sparse_weight()
+        w, bias = self.sparse_weight(), self._buffers["bias"]
         if self.kernel == "sum":
             y = torch.sparse.mm(w, xt, "sum")
-            return y if self.bias is None else y.add_(self.bias)
-        if self.bias is None:
-            return torch.mm(w, xt)
-        return torch.addmm(self.bias, w, xt)
+            return y if bias is None else y.add_(bias)
+        return torch.mm(w, xt) if bias is None else torch.addmm(bias, w, xt)
+
+    def matvec(self, x: Tensor) -> Tensor:
+        """``W @ x + b`` for one ``(in,)`` vector (sparse matrix-vector product, ``torch.addmv``)."""
+        w, bias = self.sparse_weight(), self._buffers["bias"]
+        return torch.mv(w, x) if bias is None else torch.addmv(bias.view(-1), w, x)
 
     def extra_repr(self) -> str:
         return (
@@ -187,6 +193,9 @@ class SparseLinear(SparseMatmul):
     def forward(self, x: Tensor) -> Tensor:
         _check_inference(x, self)
         lead = x.shape[:-1]
+        if x.numel() == self.in_features and (self.layout == "csr" or x.device.type == "cpu"):
+            # one row: sparse matrix-vector product, no transposes
+            return self.matvec(x.reshape(self.in_features)).reshape(*lead, self.out_features)
         xt = x.reshape(-1, self.in_features).t()
         if not xt.is_contiguous():  # free when x is the transposed output of another sparse layer
             xt = xt.contiguous()
@@ -340,6 +349,11 @@ def measure_crossover(
         crossover = min(1.0, max(0.0, d0 + (t_dense - t0) / slope))
     _CROSSOVER_CACHE[key] = crossover
     return crossover
+
+
+def clear_crossover_cache() -> None:
+    """Forget every crossover :func:`measure_crossover` measured (e.g. after the machine's load changed)."""
+    _CROSSOVER_CACHE.clear()
 
 
 # --------------------------------------------------------------------------------------------- converting
@@ -622,6 +636,7 @@ __all__ = [
     "SparseConv1x1",
     "SparseLinear",
     "SparseMatmul",
+    "clear_crossover_cache",
     "conversion_report",
     "is_two_four",
     "measure_crossover",

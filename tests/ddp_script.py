@@ -5,7 +5,8 @@ masks on both ranks can only come from rank zero's masks being broadcast. Each r
 ``OUTDIR/rank{r}.pt`` with its masks, the masks its own scores would have given, its final zero pattern
 and its final weights.
 
-With ``METHOD="lottery"``: a LotteryTicket fit (3 rounds of 2 epochs, rewind to epoch 1, shuffled data);
+With ``METHOD="lottery"``: a LotteryTicket fit (3 rounds, round 0 of 3 epochs, rewind to epoch 1, so later rounds
+replay epochs 1-2; shuffled data);
 each rank writes ``OUTDIR/lottery{r}.pt`` with its masks and weights at every epoch start and the first
 batch of every epoch.
 
@@ -23,13 +24,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from helpers import make_dataloader, make_module
+from helpers import DYNAMIC, every_callback, make_dataloader, make_module
 
 from lightning_pai import (
-    SET,
-    SNFS,
-    GradualMagnitudePruning,
-    GraNet,
     LotteryTicket,
     PruneAtInit,
     RigL,
@@ -92,11 +89,11 @@ class _RoundRecorder(pl.Callback):
 
 def lottery(outdir: str, strategy: str) -> None:
     module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
-    cb = LotteryTicket(3, 0.3, 2, rewind_to="epoch:1", verbose=False)
+    cb = LotteryTicket(3, 0.3, 3, rewind_to="epoch:1", verbose=False)
     recorder = _RoundRecorder(cb)
     loader = make_dataloader(n=64, batch_size=8)
     loader = torch.utils.data.DataLoader(loader.dataset, batch_size=8, shuffle=True)
-    trainer = _trainer(strategy, [cb, recorder], max_epochs=6, max_steps=-1)
+    trainer = _trainer(strategy, [cb, recorder], max_epochs=3 + 2 * 2, max_steps=-1)  # later rounds: epochs 1-2
     trainer.fit(module, loader)
     if strategy != "ddp":  # the launching process: rank zero's progress must have come back
         torch.save(
@@ -121,22 +118,20 @@ class _MaskRecorder(CallbackBase):
 
 
 def dynamic(outdir: str, method: str) -> None:
-    """A DST callback under 2-process DDP: RigL / GraNet every 3 steps, SET / SNFS every epoch."""
+    """A topology-changing callback of ``helpers.every_callback`` under 2-process DDP (4 epochs of 4 steps)."""
     module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
-    cb = {
-        "rigl": lambda: RigL(0.8, delta_t=3, t_end=1.0, verbose=False),
-        "set": lambda: SET(0.8, seed=5, verbose=False),
-        "snfs": lambda: SNFS(0.8, seed=5, verbose=False),
-        "granet": lambda: GraNet(0.9, initial_sparsity=0.5, end=9, delta_t=3, verbose=False),
-    }[method]()
+    cb = every_callback(end=6)[method]()
     recorder = _MaskRecorder(cb)
     loader = make_dataloader(n=64, batch_size=8)
     loader = torch.utils.data.DataLoader(loader.dataset, batch_size=8, shuffle=True)
     trainer = _trainer("ddp", [cb, recorder], max_epochs=4, max_steps=-1)
     trainer.fit(module, loader)
     rank = trainer.global_rank
-    momentum = None if cb._momentum is None else {n: b.cpu() for n, b in cb._momentum.items()}
-    result = {"rank": rank, "masks": recorder.masks, "updates": cb.updates, "momentum": momentum}
+    opt = trainer.optimizers[0]
+    momentum = {n: opt.state[p]["momentum_buffer"].cpu() for n, p in cb.masks.params.items()}
+    params = dict(module.named_parameters())
+    zero = all(bool((params[n].detach()[~m] == 0).all()) for n, m in cb.masks.items())
+    result = {"rank": rank, "masks": recorder.masks, "updates": cb.updates, "momentum": momentum, "zero": zero}
     torch.save(result, Path(outdir) / f"{method}{rank}.pt")
 
 
@@ -183,17 +178,10 @@ class _FinalMasks(CallbackBase):
 
 
 def spawn_dst(outdir: str) -> None:
-    """Each DST callback under ``ddp_spawn``; the launching process records what it holds afterwards."""
-    factories = {
-        "rigl": lambda: RigL(0.8, delta_t=2, t_end=1.0, verbose=False),
-        "set": lambda: SET(0.8, seed=5, verbose=False),
-        "snfs": lambda: SNFS(0.8, verbose=False),
-        "granet": lambda: GraNet(0.8, initial_sparsity=0.5, end=6, delta_t=2, verbose=False),
-        "gmp": lambda: GradualMagnitudePruning(0.8, start=0, end=6, frequency=2),
-    }
+    """Each topology-changing callback under ``ddp_spawn``; the launching process records what it holds afterwards."""
     main = {}
-    for name, factory in factories.items():
-        cb = factory()
+    for name in DYNAMIC:
+        cb = every_callback(end=6)[name]()
         module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
         trainer = _trainer("ddp_spawn", [cb, _FinalMasks(cb, outdir, name)], max_epochs=2)
         trainer.fit(module, make_dataloader(n=64, batch_size=8))
@@ -233,7 +221,7 @@ def main(outdir: str, strategy: str = "ddp", method: str = "rank_random") -> Non
     if method == "timm":
         timm_rigl(outdir)
         return
-    if method in ("rigl", "set", "snfs", "granet"):
+    if method in DYNAMIC:
         dynamic(outdir, method)
         return
     module = make_module("lightning.pytorch", optimizer="sgd", seed=0)

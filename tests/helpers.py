@@ -141,12 +141,24 @@ def as_dict(masks) -> dict[str, Tensor]:
 
 
 def every_callback(end: int, scorer: str = "magnitude", lottery_fraction: float = 0.5) -> dict:
-    """Factories of every lightning_pai callback, sized for short fits of 2 epochs.
+    """Factories of every lightning_pai method callback (the one list the suites parametrize over).
 
-    All reach sparsity 0.8 by optimizer step ``end`` (the lottery ticket: ``lottery_fraction`` after its
-    second round); RigL and GraNet update every 2 steps, SET and SNFS at the first epoch's end.
+    Sized for short fits of 2 epochs: all reach sparsity 0.8 by optimizer step ``end`` (the lottery ticket:
+    ``lottery_fraction`` after its second round); RigL, DSR and GraNet update every 2 steps, SET and SNFS at
+    the first epoch's end, GMP and movement pruning every 2 steps until ``end``.
+    ``test_setups.test_every_public_callback_is_in_the_test_list`` keeps it complete.
     """
-    from lightning_pai import SET, SNFS, GradualMagnitudePruning, GraNet, LotteryTicket, PruneAtInit, RigL
+    from lightning_pai import (
+        DSR,
+        SET,
+        SNFS,
+        GradualMagnitudePruning,
+        GraNet,
+        LotteryTicket,
+        MovementPruning,
+        PruneAtInit,
+        RigL,
+    )
 
     return {
         "prune_at_init": lambda: PruneAtInit(scorer, 0.8, verbose=False),
@@ -155,5 +167,11 @@ def every_callback(end: int, scorer: str = "magnitude", lottery_fraction: float 
         "set": lambda: SET(0.8, verbose=False),
         "snfs": lambda: SNFS(0.8, verbose=False),
         "granet": lambda: GraNet(0.8, initial_sparsity=0.5, delta_t=2, end=end, verbose=False),
+        "dsr": lambda: DSR(0.8, delta_t=2, verbose=False),
         "gmp": lambda: GradualMagnitudePruning(0.8, start=0, end=end, frequency=2),
+        "movement": lambda: MovementPruning(0.8, start=0, end=end, frequency=2),
     }
+
+
+#: Callbacks whose topology changes during training (they count ``updates``).
+DYNAMIC = ("rigl", "set", "snfs", "granet", "dsr", "gmp", "movement")

@@ -8,8 +8,6 @@ import pytest
 import torch
 
 from lightning_pai.core.dst import (
-    cosine_fraction,
-    cubic_sparsity,
     diff,
     drop_counts,
     drop_magnitude,
@@ -20,6 +18,16 @@ from lightning_pai.core.dst import (
     random_scores,
     snfs_rates,
 )
+from lightning_pai.core.schedules import Cosine, Cubic
+from lightning_pai.core.select import active_counts
+
+
+def cosine_fraction(alpha, step, t_end, minimum=0.0):
+    return Cosine(alpha, minimum, t_end)(step, t_end)
+
+
+def cubic_sparsity(step, initial, final, start, end):
+    return Cubic(initial, final, start, end)(step, end)
 
 
 def t(*values):
@@ -56,7 +64,8 @@ def test_cubic_sparsity():
 
 
 def test_drop_counts_floor_and_ceil():
-    masks = {"a": torch.ones(10, dtype=torch.bool), "b": b(1, 1, 1, 0, 0, 0, 0)}
+    masks = active_counts({"a": torch.ones(10, dtype=torch.bool), "b": b(1, 1, 1, 0, 0, 0, 0)})
+    assert masks == {"a": 10, "b": 3}
     assert drop_counts(masks, 0.3) == {"a": 3, "b": 0}  # int(10 * .3) = 3, int(3 * .3) = 0
     assert drop_counts(masks, 0.3, "ceil") == {"a": 3, "b": 1}  # ceil(0.9) = 1
     assert drop_counts(masks, 0.25) == {"a": 2, "b": 0}
@@ -69,7 +78,7 @@ def test_rigl_drop_then_grow_by_hand():
     w = {"a": t(0.5, -0.1, 0.0, 0.3, -0.7, 0.0, 0.2, 0.0)}
     m = {"a": b(1, 1, 0, 1, 1, 0, 1, 0)}  # 5 active
     g = {"a": t(0.0, 9.0, 0.4, 0.1, 0.0, 0.8, 0.3, 0.05)}  # dense |gradient|
-    counts = drop_counts(m, 0.4)  # int(5 * .4) = 2
+    counts = drop_counts(active_counts(m), 0.4)  # int(5 * .4) = 2
     assert counts == {"a": 2}
     dropped = drop_magnitude(w, m, counts)  # the two smallest active |w|: -0.1 (idx 1), 0.2 (idx 6)
     assert dropped["a"].tolist() == [True, False, False, True, True, False, False, False]
@@ -134,9 +143,9 @@ def test_snfs_rates_cap_nearly_dense_layers_with_a_large_momentum_share():
     means = layer_momentum(momentum, masks)
     assert means == {"dense": 5.0, "sparse": 4.0, "quiet": 1.0}
     # shares 0.5, 0.4, 0.1 against 1/3: only "dense" is both nearly dense and above average
-    rates = snfs_rates(masks, 0.5, means)
+    rates = snfs_rates(active_counts(masks), {n: 10 for n in masks}, 0.5, means)
     assert rates["dense"] == pytest.approx(0.1) and rates["sparse"] == 0.5 and rates["quiet"] == 0.5
-    assert drop_counts(masks, rates, "ceil") == {"dense": 1, "sparse": 1, "quiet": 5}
+    assert drop_counts(active_counts(masks), rates, "ceil") == {"dense": 1, "sparse": 1, "quiet": 5}
 
 
 def test_snfs_update_by_hand():
@@ -144,7 +153,7 @@ def test_snfs_update_by_hand():
     w = {"a": t(0.9, 0.1, 0.5, 0.0, 0.0, 0.0), "b": t(0.3, -0.2, 0.0, 0.0, 0.0, 0.0)}
     m = {"a": b(1, 1, 1, 0, 0, 0), "b": b(1, 1, 0, 0, 0, 0)}
     mom = {"a": t(0.1, 0.1, 0.1, 0.2, 0.05, 0.0), "b": t(0.6, 0.3, 0.9, 0.1, 0.8, 0.0)}
-    counts = drop_counts(m, 0.5, "ceil")  # ceil(1.5) = 2, ceil(1) = 1
+    counts = drop_counts(active_counts(m), 0.5, "ceil")  # ceil(1.5) = 2, ceil(1) = 1
     assert counts == {"a": 2, "b": 1}
     dropped = drop_magnitude(w, m, counts)  # a keeps 0.9; b keeps 0.3
     assert dropped["a"].tolist() == [True, False, False, False, False, False]

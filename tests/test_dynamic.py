@@ -10,8 +10,6 @@ from lightning_pai.callbacks._compat import CallbackBase
 from lightning_pai.callbacks.dynamic import SET, SNFS, DynamicSparseTraining, GraNet, RigL
 from lightning_pai.callbacks.gradual import GradualMagnitudePruning
 from lightning_pai.core.dst import (
-    cosine_fraction,
-    cubic_sparsity,
     drop_counts,
     drop_magnitude,
     drop_set,
@@ -22,6 +20,21 @@ from lightning_pai.core.dst import (
     random_scores,
     snfs_rates,
 )
+from lightning_pai.core.schedules import Cosine, Cubic
+from lightning_pai.core.select import active_counts
+
+
+def cosine_fraction(alpha, step, t_end, minimum=0.0):
+    return Cosine(alpha, minimum, t_end)(step, t_end)
+
+
+def cubic_sparsity(step, initial, final, start, end):
+    return Cubic(initial, final, start, end)(step, end)
+
+
+def _drop(weights, masks, fraction, rounding="floor"):
+    return drop_magnitude(weights, masks, drop_counts(active_counts(masks), fraction, rounding))
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,6 +56,13 @@ class _Recorder(CallbackBase):
         step = trainer.global_step
         self.weights[step] = {n: p.detach().clone() for n, p in self.cb.masks.params.items()}
         self.masks_before[step] = self.cb.masks.state_dict()
+        opt = trainer.optimizers[0]
+        self.opt_state = getattr(self, "opt_state", {})
+        self.opt_state[step] = {
+            n: {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v) and v.shape == p.shape}
+            for n, p in self.cb.masks.params.items()
+            if p in opt.state
+        }
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step  # steps done so far: the masks after update `step`
@@ -74,7 +94,7 @@ def test_rigl_updates_match_core_on_recorded_inputs():
     cb = RigL(0.8, delta_t=10, t_end=0.75, verbose=False)
     rec, module = _run(cb)
     t_end = int(0.75 * STEPS)
-    assert cb._t_end_steps == t_end == 30
+    assert t_end == 30 and cb._total_steps == STEPS
     initial = rec.masks_after[0]
     assert sum(_kept(initial).values()) == round(0.2 * TARGET_TOTAL)
     changed = []
@@ -83,7 +103,7 @@ def test_rigl_updates_match_core_on_recorded_inputs():
         assert _kept(after) == _kept(initial)  # every layer's count is constant
         if step in (10, 20, 30):
             fraction = cosine_fraction(0.3, step, t_end)
-            dropped = drop_magnitude(rec.weights[step], before, drop_counts(before, fraction))
+            dropped = _drop(rec.weights[step], before, fraction)
             counts = {n: int(before[n].sum()) - int(dropped[n].sum()) for n in before}
             expected = grow({n: g.abs() for n, g in rec.grads[step].items()}, dropped, counts)
             assert all(torch.equal(after[n], expected[n]) for n in after), step
@@ -157,15 +177,16 @@ def test_resume_gives_the_same_topology_sequence(tmp_path, method):
         assert all(torch.equal(rec.masks_after[step][n], full_rec.masks_after[step][n]) for n in TARGET_SHAPES), step
     assert resumed.updates == full.updates
     assert resumed.itop == full.itop
-    if full._momentum is not None:
-        assert all(torch.equal(resumed._momentum[n], full._momentum[n]) for n in full._momentum)
+    if full.updater.momentum is not None:
+        assert all(torch.equal(resumed.updater.momentum[n], full.updater.momentum[n]) for n in full.updater.momentum)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"growth": "hebbian"}, "`growth` must be one of"),
-        ({"redistribution": "magnitude"}, "`redistribution` must be one of"),
+        ({"growth": "hebbian"}, "Unknown `growth` 'hebbian'. Valid growth rules: gradient, magnitude, momentum"),
+        ({"redistribution": "magnitude"}, "Unknown `redistribution` 'magnitude'. Valid redistribution rules"),
+        ({"drop": "oldest"}, "Unknown `drop` 'oldest'. Valid drop rules: magnitude, set, threshold"),
         ({"rounding": "round"}, "`rounding` must be one of"),
         ({"min_fraction": 0.5}, "`min_fraction` must be in"),
         ({"beta": 1.0}, "`beta`"),
@@ -254,37 +275,81 @@ def _assert_grown_start_at_zero(rec, step, before, after):
             assert torch.equal(rec.state[step][n][grown], torch.zeros(int(grown.sum())))
 
 
-def test_snfs_momentum_growth_and_redistribution_match_core():
+def _check_snfs_update(rec, step, momentum, before, after):
+    """The update at ``step`` equals the core's SNFS rules on the recorded weights and ``momentum``."""
+    rate = cosine_fraction(0.5, step, STEPS, 0.005)
+    rates = snfs_rates(_kept(before), {n: m.numel() for n, m in before.items()}, rate, layer_momentum(momentum, before))
+    dropped = _drop(rec.weights[step], before, rates, "ceil")
+    removed = sum(_kept(before).values()) - sum(_kept(dropped).values())
+    counts = momentum_growth_counts(momentum, before, dropped, removed)
+    expected = grow({n: v.abs() for n, v in momentum.items()}, dropped, counts)
+    assert all(torch.equal(after[n], expected[n]) for n in after), step
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_snfs_reads_the_optimizer_momentum_as_the_reference_code(optimizer):
+    """Momentum = SGD's momentum_buffer / Adam's exp_avg / (sqrt(exp_avg_sq) + eps), dense on inactive weights;
+    after every update its inactive entries are the mean of the active ones (``reset_momentum``)."""
     cb = SNFS(0.8, seed=1, verbose=False)
-    rec, module = _run(cb, steps=STEPS, max_epochs=5)
+    module = make_module(seed=0, optimizer=optimizer)
+    rec = _Recorder(cb)
+    make_trainer(max_steps=STEPS, max_epochs=5, callbacks=[rec, cb]).fit(module, make_dataloader())
+    assert cb.updater.dense_gradients and cb.updater.momentum is None  # no buffer of its own
     initial = rec.masks_after[0]
     for n, shape in TARGET_SHAPES.items():  # uniform initial budgets (the official code's)
-        size = torch.Size(shape).numel()
-        assert abs(int(initial[n].sum()) - 0.2 * size) < 1
-    momentum = {n: torch.zeros(shape) for n, shape in TARGET_SHAPES.items()}
+        assert abs(int(initial[n].sum()) - 0.2 * torch.Size(shape).numel()) < 1
     counts_seen = [_kept(initial)]
     for step in range(1, STEPS):
-        momentum = {n: 0.9 * momentum[n] + rec.grads[step][n] for n in momentum}  # dense momentum
         before, after = rec.masks_before[step], rec.masks_after[step]
+        state = rec.opt_state[step]
+        if optimizer == "sgd":
+            momentum = {n: state[n]["momentum_buffer"] for n in before}
+        else:
+            momentum = {n: state[n]["exp_avg"] / (state[n]["exp_avg_sq"].sqrt() + 1e-8) for n in before}
+        for n, m in before.items():  # the optimizer saw the dense gradients: momentum on inactive weights
+            assert not (~m).any() or float(momentum[n][~m].abs().sum()) > 0, (step, n)
+            assert torch.equal(rec.weights[step][n][~m], torch.zeros(int((~m).sum())))  # yet weights stay 0
         assert sum(_kept(after).values()) == sum(_kept(initial).values())  # total exactly constant
         if step in (8, 16, 24, 32):
-            rate = cosine_fraction(0.5, step, STEPS, 0.005)
-            rates = snfs_rates(before, rate, layer_momentum(momentum, before))
-            dropped = drop_magnitude(rec.weights[step], before, drop_counts(before, rates, "ceil"))
-            removed = sum(_kept(before).values()) - sum(_kept(dropped).values())
-            counts = momentum_growth_counts(momentum, before, dropped, removed)
-            expected = grow({n: v.abs() for n, v in momentum.items()}, dropped, counts)
-            assert all(torch.equal(after[n], expected[n]) for n in after), step
-            _assert_grown_start_at_zero(rec, step, before, after)
+            _check_snfs_update(rec, step, momentum, before, after)
+            reset = rec.state.get(step)  # SGD's buffer at the next batch start (after the update)
+            if optimizer == "sgd":
+                for n, m in after.items():
+                    mean = (momentum[n] * m).sum() / m.sum()
+                    assert torch.allclose(reset[n][~m], mean.expand(int((~m).sum()))), (step, n)
+                    assert torch.equal(reset[n][m], momentum[n][m])  # active and grown keep their momentum
             counts_seen.append(_kept(after))
         else:
             assert all(torch.equal(after[n], before[n]) for n in after), step
     assert len({tuple(c.values()) for c in counts_seen}) > 1  # budgets moved between layers
     assert cb.updates == 4
-    assert all(torch.allclose(cb._momentum[n], 0.9 * momentum[n] + rec.grads[STEPS][n]) for n in momentum)
     params = dict(module.named_parameters())
     for n, m in cb.masks.items():
         assert torch.equal(params[n][~m], torch.zeros(int((~m).sum())))
+
+
+def test_snfs_keeps_its_own_momentum_when_the_optimizer_has_none():
+    cb = SNFS(0.8, seed=1, verbose=False)
+    module = make_module(seed=0)
+    module.configure_optimizers = lambda: torch.optim.SGD(module.parameters(), lr=0.1)  # no momentum
+    rec = _Recorder(cb)
+    make_trainer(max_steps=STEPS, max_epochs=5, callbacks=[rec, cb]).fit(module, make_dataloader())
+    assert not cb.updater.dense_gradients and cb.updater.momentum is not None
+    momentum = {n: torch.zeros(shape) for n, shape in TARGET_SHAPES.items()}
+    for step in range(1, STEPS):
+        momentum = {n: 0.9 * momentum[n] + rec.grads[step][n] for n in momentum}  # from the dense gradients
+        before, after = rec.masks_before[step], rec.masks_after[step]
+        if step in (8, 16, 24, 32):
+            _check_snfs_update(rec, step, momentum, before, after)
+            _assert_grown_start_at_zero(rec, step, before, after)
+            momentum = {  # the buffer is reset as the optimizer state would be
+                n: torch.where(after[n], b, (b * after[n]).sum() / after[n].sum()) for n, b in momentum.items()
+            }
+        else:
+            assert all(torch.equal(after[n], before[n]) for n in after), step
+    final = {n: 0.9 * momentum[n] + rec.grads[STEPS][n] for n in momentum}
+    assert all(torch.allclose(cb.updater.momentum[n], final[n], atol=1e-6) for n in momentum)
+    assert cb.updates == 4
 
 
 def test_granet_prunes_on_the_cubic_schedule_and_regenerates():
@@ -299,8 +364,9 @@ def test_granet_prunes_on_the_cubic_schedule_and_regenerates():
                 target = cubic_sparsity(step, 0.5, 0.9, 0, 20)
                 start = prune_by_magnitude(rec.weights[step], before, target, "global")
                 assert sum(_kept(start).values()) == TARGET_TOTAL - round(target * TARGET_TOTAL), step
+                assert cb.target_sparsity(step) == pytest.approx(target)
             rate = cosine_fraction(0.5, step, STEPS, 0.005)
-            dropped = drop_magnitude(rec.weights[step], start, drop_counts(start, rate, "ceil"))
+            dropped = _drop(rec.weights[step], start, rate, "ceil")
             counts = {n: int(start[n].sum()) - int(dropped[n].sum()) for n in start}
             expected = grow({n: g.abs() for n, g in rec.grads[step].items()}, dropped, counts)
             assert all(torch.equal(after[n], expected[n]) for n in after), step
@@ -340,7 +406,7 @@ def test_rigl_grows_by_the_accumulated_unclipped_gradient(setup):
     for step in (4, 8, 12):
         before, after = rec.masks_before[step], rec.masks_after[step]
         fraction = cosine_fraction(0.3, step, steps)
-        dropped = drop_magnitude(rec.weights[step], before, drop_counts(before, fraction))
+        dropped = _drop(rec.weights[step], before, fraction)
         counts = {n: int(before[n].sum()) - int(dropped[n].sum()) for n in before}
         expected = grow({n: g.abs() for n, g in rec.grads[step].items()}, dropped, counts)
         assert all(torch.equal(after[n], expected[n]) for n in after), step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -91,11 +92,22 @@ def test_bad_arguments(kwargs, message):
 @pytest.mark.parametrize(
     ("cb_kwargs", "trainer_kwargs", "message"),
     [
-        ({"rounds": 3, "epochs_per_round": 2}, {"max_epochs": 5}, r"trains 6 epochs: set `Trainer\(max_epochs=6\)`"),
+        (
+            {"rounds": 3, "epochs_per_round": 2},
+            {"max_epochs": 5},
+            r"trains 6 epochs \(round 0: 2, each later round: 2\): set `Trainer\(max_epochs=6\)`",
+        ),
+        (  # late rewinding: later rounds train T - k
+            {"rounds": 3, "epochs_per_round": 2, "rewind_to": "epoch:1"},
+            {"max_epochs": 6},
+            r"trains 4 epochs \(round 0: 2, each later round: 1\): set `Trainer\(max_epochs=4\)`",
+        ),
+        ({"rounds": 3, "rewind_to": "epoch:1"}, {"max_epochs": 6}, r"must equal E \+ 2 \* \(E - 1\)"),
+        ({"rounds": 3, "rewind_to": "step:2"}, {"max_epochs": 6}, "pass `epochs_per_round`"),
         ({"rounds": 4}, {"max_epochs": 6}, "must be a positive multiple of 4"),
         ({"rounds": 3, "epochs_per_round": 2}, {"max_epochs": 6, "max_steps": 30}, "leave `Trainer"),
         ({"rounds": 3, "epochs_per_round": 2, "rewind_to": "epoch:2"}, {"max_epochs": 6}, "an epoch of round 0"),
-        ({"rounds": 3, "epochs_per_round": 2, "rewind_to": "step:17"}, {"max_epochs": 6}, "beyond round 0"),
+        ({"rounds": 3, "epochs_per_round": 2, "rewind_to": "step:17"}, {"max_steps": 31}, "beyond round 0"),
         ({"rounds": 3, "epochs_per_round": 2, "layer_fractions": {"head*": 0.1}}, {"max_epochs": 6}, "matches no"),
     ],
 )
@@ -164,11 +176,11 @@ class _Probe(CallbackBase):
             self.at_step = _snapshot(trainer, pl_module)
 
 
-def _fit(rewind_to="init", control=None, probe_step=None, shuffle=True, seed=0, **kwargs):
+def _fit(rewind_to="init", control=None, probe_step=None, shuffle=True, seed=0, max_epochs=ROUNDS * EPOCHS, **kwargs):
     module = _with_scheduler(make_module(seed=seed))
     cb = LotteryTicket(ROUNDS, 0.2, EPOCHS, rewind_to=rewind_to, control=control, verbose=False, **kwargs)
     probe = _Probe(probe_step)
-    trainer = make_trainer(max_steps=-1, max_epochs=ROUNDS * EPOCHS, callbacks=[cb, probe])
+    trainer = make_trainer(max_steps=-1, max_epochs=max_epochs, callbacks=[cb, probe])
     loader = make_dataloader()
     if shuffle:
         loader = torch.utils.data.DataLoader(loader.dataset, batch_size=8, shuffle=True)
@@ -225,21 +237,94 @@ def test_rewind_to_init_restores_weights_optimizer_scheduler_and_data_order():
 
 
 def test_rewind_to_epoch():
-    cb, probe, _ = _fit("epoch:1")
-    _check_masks_shrink(probe)
+    cb, probe, _ = _fit("epoch:1", max_epochs=EPOCHS + (ROUNDS - 1) * (EPOCHS - 1))
+    starts = [0, EPOCHS, EPOCHS + 1]  # later rounds train epochs 1..E-1 only: T - k
+    kept = [sum(int(m.sum()) for m in probe.masks[e].values()) for e in starts]
+    assert kept == _kept_sequence()
     point = probe.epoch_start[1]
     assert len(point["momentum"]) == 3 + 3  # momentum exists after epoch 0 (weights and biases)
-    for r in range(1, ROUNDS):
-        _assert_rewound(probe.epoch_start[r * EPOCHS], point, probe.masks[r * EPOCHS])
-        assert torch.equal(probe.first_x[r * EPOCHS], probe.first_x[1])  # replays from epoch 1's order
+    for epoch in starts[1:]:
+        _assert_rewound(probe.epoch_start[epoch], point, probe.masks[epoch])
+        assert torch.equal(probe.first_x[epoch], probe.first_x[1])  # replays from epoch 1's order
+    assert cb.results[-1]["round"] == ROUNDS - 1 and len(cb.results) == ROUNDS
 
 
-def test_rewind_to_step():
-    cb, probe, _ = _fit("step:3", probe_step=3)
-    _check_masks_shrink(probe)
-    assert probe.at_step["step"] == 3
-    for r in range(1, ROUNDS):
-        _assert_rewound(probe.epoch_start[r * EPOCHS], probe.at_step, probe.masks[r * EPOCHS])
+def _cosine_module(t_max: int, interval: str = "epoch"):
+    module = make_module(seed=0)
+
+    def configure_optimizers():
+        opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
+
+    module.configure_optimizers = configure_optimizers
+    return _Validated.add_validation(module)
+
+
+def test_late_rewinding_rounds_train_t_minus_k_and_the_schedule_continues_from_k():
+    """epoch:1 of a 4-epoch round 0 with CosineAnnealingLR(T_max=4): every pruned round trains epochs 1-3 again,
+    with the LR of epochs 1-3, and ends where round 0 ended (it never asks the schedule for epoch 4+)."""
+    epochs, k = 4, 1
+    cb = LotteryTicket(ROUNDS, 0.2, epochs, rewind_to=f"epoch:{k}", monitor="val_acc", verbose=False)
+    probe = _Probe()
+    max_epochs = epochs + (ROUNDS - 1) * (epochs - k)
+    trainer = make_trainer(max_steps=-1, max_epochs=max_epochs, callbacks=[cb, probe])
+    trainer.fit(_cosine_module(epochs), make_dataloader(), make_dataloader(seed=7))
+    cosine = [0.1 * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)]
+    lrs = [probe.lrs[e][0] for e in range(max_epochs)]
+    assert lrs == pytest.approx(cosine + cosine[k:] * (ROUNDS - 1), abs=1e-12)
+    assert max(lrs[epochs:]) < lrs[0]  # the LR never climbs back up past the schedule's end
+    assert trainer.global_step == BATCHES * (epochs + (ROUNDS - 1) * (epochs - k)) == 80
+    assert [r["round"] for r in cb.results] == [0, 1, 2]
+    steps_at_start = [probe.epoch_start[e]["step"] for e in (0, epochs, epochs + epochs - k)]
+    assert steps_at_start == [0, 32, 56]  # round lengths 32, 24, 24 steps: T and twice T - k
+
+
+def test_step_rewinding_rounds_train_exactly_t_minus_k_steps():
+    """step:3 of a 16-step round 0 with a per-step cosine over 16 steps: each pruned round trains 13 steps from
+    the rewind point, LR of steps 3..15, and is validated at its last step (mid-epoch)."""
+    k, steps = 3, EPOCHS * BATCHES
+    cb = LotteryTicket(ROUNDS, 0.2, EPOCHS, rewind_to=f"step:{k}", monitor="val_acc", verbose=False)
+    probe = _Probe(k)
+
+    class _Rounds(CallbackBase):
+        def __init__(self):
+            self.validated, self.round_starts, self.rounds = [], {}, []
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.validated.append(trainer.global_step)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # after LotteryTicket's
+            if cb.round not in self.round_starts:
+                self.round_starts[cb.round] = _snapshot(trainer, pl_module)
+                self.round_starts[cb.round]["masks"] = cb.masks.state_dict()
+            self.rounds.append(cb.round)
+
+    rounds = _Rounds()
+    total = steps + (ROUNDS - 1) * (steps - k)
+    trainer = make_trainer(max_steps=total, max_epochs=-1, callbacks=[cb, probe, rounds])
+    trainer.fit(_cosine_module(steps, "step"), make_dataloader(), make_dataloader(seed=7))
+    assert trainer.global_step == total == 42
+    cosine = [0.1 * (1 + math.cos(math.pi * t / steps)) / 2 for t in range(steps)]
+    per_step = [lr for e in sorted(probe.lrs) for lr in probe.lrs[e]]
+    assert per_step == pytest.approx(cosine + cosine[k:] * (ROUNDS - 1), abs=1e-12)  # never past the schedule
+    assert rounds.rounds == [0] * 16 + [1] * 13 + [2] * 13  # round lengths T, T - k, T - k
+    for r in (1, 2):
+        _assert_rewound(rounds.round_starts[r], probe.at_step, rounds.round_starts[r]["masks"])
+    kept = [sum(int(m.sum()) for m in rounds.round_starts[r]["masks"].values()) for r in range(3)]
+    assert kept == _kept_sequence()
+    assert 16 in rounds.validated and 29 in rounds.validated and rounds.validated[-1] == 42  # every round's end
+    assert [r["round"] for r in cb.results] == [0, 1, 2]
+    assert all(r["last"] is not None for r in cb.results)
+
+
+def test_step_rewinding_asks_for_max_steps():
+    cb = LotteryTicket(ROUNDS, 0.2, EPOCHS, rewind_to="step:3", verbose=False)
+    trainer = make_trainer(max_steps=-1, max_epochs=6, callbacks=[cb])
+    with pytest.raises(ValueError, match=r"trains 42 optimizer steps .* set `Trainer\(max_steps=42, max_epochs=-1\)`"):
+        trainer.fit(make_module(seed=0), make_dataloader())
+    assert trainer.global_step == 0
 
 
 def test_learning_rate_rewinding_keeps_weights():
@@ -293,11 +378,48 @@ def test_random_reinit_control_redraws_kept_weights():
             kept = masks[name]
             assert not torch.equal(start[name][kept], init[name][kept])  # fresh draw, not the init
             assert torch.equal(start[name][~kept], torch.zeros(int((~kept).sum())))
+            assert torch.isin(start[name][kept], init[name]).all()  # drawn from the layer's own initial values
             bias = name.replace("weight", "bias")
             assert torch.equal(start[bias], init[bias])  # other parameters rewound to the init
-        # the fresh draw comes from the layer's own initializer: same scale as the init
-        std_new, std_init = start["fc1.weight"][masks["fc1.weight"]].std(), init["fc1.weight"].std()
-        assert 0.8 < float(std_new / std_init) < 1.25
+
+
+def _scaled_init(module, factor=3.0):
+    """A custom initialisation that `reset_parameters()` would not reproduce (3x PyTorch's default scale)."""
+    with torch.no_grad():
+        for name in TARGET_SHAPES:
+            module.get_parameter(name).mul_(factor)
+    return module
+
+
+def test_random_reinit_keeps_the_original_init_scale_and_can_use_a_tickets_masks():
+    """The LTH paper's control: the finished ticket's masks in every round, kept weights re-drawn from the
+    original per-layer init distribution (here 3x PyTorch's default, which `reset_parameters()` would shrink)."""
+
+    def fit(**kwargs):
+        module = _scaled_init(_with_scheduler(make_module(seed=0)))
+        cb = LotteryTicket(ROUNDS, 0.2, EPOCHS, verbose=False, **kwargs)
+        probe = _Probe()
+        make_trainer(max_steps=-1, max_epochs=ROUNDS * EPOCHS, callbacks=[cb, probe]).fit(module, make_dataloader())
+        return cb, probe
+
+    ticket, _ = fit()
+    history = ticket.mask_history
+    assert len(history) == ROUNDS and all(bool(m.all()) for m in history[0].values())
+    control, probe = fit(control="random_reinit", ticket=ticket, seed=5)
+    init = probe.fit_start["weights"]
+    for r in range(1, ROUNDS):
+        masks = probe.masks[r * EPOCHS]
+        assert all(torch.equal(masks[n], history[r][n]) for n in TARGET_SHAPES)  # the ticket's masks
+        start = probe.epoch_start[r * EPOCHS]["weights"]
+        for name in TARGET_SHAPES:
+            redrawn = start[name][masks[name]]
+            assert torch.isin(redrawn, init[name]).all() and not torch.equal(redrawn, init[name][masks[name]])
+        fc1 = start["fc1.weight"][masks["fc1.weight"]]
+        default = 1 / math.sqrt(3 * 56)  # std of nn.Linear's reset_parameters for fan_in 56
+        assert float(fc1.std()) == pytest.approx(float(init["fc1.weight"].std()), rel=0.1)
+        assert float(fc1.std()) > 2.5 * default
+    with pytest.raises(ValueError, match="`ticket` hands a finished ticket's masks"):
+        LotteryTicket(ROUNDS, 0.2, EPOCHS, ticket=ticket)
 
 
 # ----------------------------------------------------------------- results
@@ -353,33 +475,45 @@ class _Crash(CallbackBase):
             raise RuntimeError("simulated crash")
 
 
-@pytest.mark.parametrize("rewind_to", ["init", "epoch:1"])
-def test_crash_mid_round_and_resume(tmp_path, rewind_to):
+@pytest.mark.parametrize(
+    ("rewind_to", "epochs", "limits", "crash_epoch", "ckpt_name"),
+    [
+        ("init", 2, {"max_epochs": 6}, 3, "epoch=2-step=24.ckpt"),  # round 1 = epochs 2, 3
+        ("epoch:1", 3, {"max_epochs": 7}, 4, "epoch=3-step=32.ckpt"),  # round 1 = epochs 3, 4
+        # round 1 = steps 16-28; checkpoints every 8 steps: with `max_steps` set, Lightning 2.6 itself replays a
+        # batch and steps epoch-interval LR schedulers again when resuming from an *end-of-epoch* checkpoint
+        # (seen without any callback), so this case saves and resumes by steps.
+        ("step:3", 2, {"max_steps": 42, "max_epochs": -1}, 3, "epoch=2-step=24.ckpt"),
+    ],
+)
+def test_crash_mid_round_and_resume(tmp_path, rewind_to, epochs, limits, crash_epoch, ckpt_name):
     pl = pytest.importorskip("lightning.pytorch")
 
     def run(callbacks, ckpt_path=None):
-        module = _with_scheduler(make_module(seed=0))
-        cb = LotteryTicket(ROUNDS, 0.2, EPOCHS, rewind_to=rewind_to, verbose=False)
-        ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
-        trainer = make_trainer(
-            max_steps=-1, max_epochs=ROUNDS * EPOCHS, callbacks=[cb, *callbacks, ckpt], enable_checkpointing=True
-        )
+        module = make_module(seed=0) if rewind_to.startswith("step") else _with_scheduler(make_module(seed=0))
+        cb = LotteryTicket(ROUNDS, 0.2, epochs, rewind_to=rewind_to, verbose=False)
+        every = {"every_n_train_steps": 8} if rewind_to.startswith("step") else {"every_n_epochs": 1}
+        ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, **every)
+        callbacks = [cb, *callbacks, ckpt]
+        trainer = make_trainer(**{"max_steps": -1, **limits}, callbacks=callbacks, enable_checkpointing=True)
         trainer.fit(module, make_dataloader(), ckpt_path=ckpt_path)
-        return cb, module
+        return cb, module, trainer
 
-    full, full_module = run([])
-    crash_epoch = EPOCHS + 1  # the second epoch of round 1
+    full, full_module, full_trainer = run([])
     with pytest.raises(RuntimeError, match="simulated crash"):
         run([_Crash(crash_epoch)])
-    ckpt_file = tmp_path / f"epoch={crash_epoch - 1}-step={crash_epoch * BATCHES}.ckpt"
+    ckpt_file = tmp_path / ckpt_name
     state = torch.load(ckpt_file, weights_only=False)["callbacks"][full.state_key]
     assert state["round"] == 1
     rewind = full._rewind_point
     for k, v in rewind["model"].items():  # the checkpoint carries the rewind point
         assert torch.equal(state["rewind_point"]["model"][k], v)
-    resumed, resumed_module = run([], ckpt_path=ckpt_file)
+    resumed, resumed_module, resumed_trainer = run([], ckpt_path=ckpt_file)
+    assert resumed_trainer.global_step == full_trainer.global_step
     assert resumed.round == full.round == ROUNDS - 1
     assert all(torch.equal(resumed.masks[n], full.masks[n]) for n in full.masks.names)
     for k, v in full_module.state_dict().items():
         assert torch.equal(resumed_module.state_dict()[k], v), k
     assert [r["density"] for r in resumed.results] == [r["density"] for r in full.results]
+    assert len(resumed.mask_history) == ROUNDS
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(resumed.mask_history, full.mask_history) for n in a)

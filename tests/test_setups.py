@@ -5,12 +5,38 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import NAMESPACES, TARGET_TOTAL, every_callback, import_ns, make_dataloader, make_module, make_trainer
+from helpers import (
+    DYNAMIC,
+    NAMESPACES,
+    TARGET_TOTAL,
+    every_callback,
+    import_ns,
+    make_dataloader,
+    make_module,
+    make_trainer,
+)
+
+import lightning_pai
+from lightning_pai.callbacks import CALLBACKS as PUBLIC_CALLBACKS
+from lightning_pai.callbacks._compat import CallbackBase
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CALLBACKS = every_callback(end=6)  # 16 optimizer steps (2 epochs of 8 batches); sparsity 0.8 (lottery: 0.5)
 FINAL_SPARSITY = {name: 0.5 if name == "lottery" else 0.8 for name in CALLBACKS}
+
+
+def test_every_public_callback_is_in_the_test_list():
+    """A new method is picked up by every suite that parametrizes over `every_callback` the day it is added."""
+    classes = {type(factory()) for factory in CALLBACKS.values()}
+    assert classes == set(PUBLIC_CALLBACKS)
+    exported = {
+        obj
+        for name in lightning_pai.__all__
+        if isinstance(obj := getattr(lightning_pai, name), type) and issubclass(obj, lightning_pai.SparseCallback)
+    }
+    bases = {lightning_pai.SparseCallback, lightning_pai.TopologyCallback, lightning_pai.DynamicSparseTraining}
+    assert exported - bases == set(PUBLIC_CALLBACKS)
 
 
 def _check_enforced(cb, module, sparsity: float) -> None:
@@ -52,7 +78,7 @@ def test_training_setups(name, setup):
     cb, module, trainer = _fit(name, **SETUPS[setup])
     assert trainer.global_step == (8 if setup == "accumulate" else 16)
     _check_enforced(cb, module, FINAL_SPARSITY[name])
-    if hasattr(cb, "updates") and name in ("rigl", "granet"):
+    if name in ("rigl", "granet", "dsr", "gmp", "movement"):
         assert cb.updates >= 2
 
 
@@ -127,7 +153,7 @@ def test_a_second_fit_continues_from_the_masks(name):
     else:
         assert cb.updates > updates
         kept, kept_first = {n: int(m.sum()) for n, m in cb.masks.items()}, {n: int(m.sum()) for n, m in first.items()}
-        if name == "snfs":  # budgets move between layers, the total stays
+        if name in ("snfs", "dsr"):  # budgets move between layers, the total stays
             assert sum(kept.values()) == sum(kept_first.values())
         else:
             assert kept == kept_first
@@ -143,3 +169,48 @@ def test_sharded_strategies_fail_at_setup(name):
     with pytest.raises(RuntimeError, match="supports single-device training and the DDP family"):
         trainer.fit(make_module(seed=0), make_dataloader())
     assert trainer.global_step == 0
+
+
+class _Trace(CallbackBase):
+    """Masks and target weights at every batch start, and a crash at ``crash_step`` if given."""
+
+    def __init__(self, cb, crash_step: int | None = None):
+        self.cb, self.crash_step, self.masks, self.weights = cb, crash_step, {}, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.crash_step:
+            raise RuntimeError("simulated crash")
+        self.masks[trainer.global_step] = self.cb.masks.state_dict()
+
+    def on_train_end(self, trainer, pl_module):
+        self.weights = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+@pytest.mark.parametrize("name", list(CALLBACKS))
+def test_crash_and_resume_reproduces_the_uninterrupted_run(tmp_path, name):
+    """Crash at step 11, resume from the checkpoint saved after step 8 (the last batch of epoch 0; a mid-epoch one
+    would replay other batches, Lightning's dataloaders not being resumable): every later mask and the final
+    weights equal the uninterrupted run's, bit for bit."""
+    pl = import_ns("lightning.pytorch")
+
+    def run(crash_step=None, ckpt_path=None, folder="full"):
+        cb = CALLBACKS[name]()
+        trace = _Trace(cb, crash_step)
+        ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=4, save_top_k=-1)
+        trainer = make_trainer(
+            callbacks=[cb, trace, ckpt], max_epochs=2, max_steps=-1, enable_checkpointing=True, logger=False
+        )
+        trainer.fit(make_module(seed=0), make_dataloader(), ckpt_path=ckpt_path)
+        return cb, trace, trainer
+
+    full, full_trace, _ = run()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crash_step=11, folder="crashed")
+    assert sorted(p.name for p in (tmp_path / "crashed").iterdir()) == ["epoch=0-step=4.ckpt", "epoch=0-step=8.ckpt"]
+    resumed, trace, trainer = run(ckpt_path=tmp_path / "crashed" / "epoch=0-step=8.ckpt", folder="resumed")
+    assert trainer.global_step == 16 and sorted(trace.masks) == list(range(8, 16))
+    for step in range(8, 16):
+        assert all(torch.equal(trace.masks[step][n], full_trace.masks[step][n]) for n in full_trace.masks[step])
+    assert all(torch.equal(trace.weights[n], w) for n, w in full_trace.weights.items())
+    if name in DYNAMIC:
+        assert resumed.updates == full.updates

@@ -69,22 +69,34 @@ class SparseCallback(CallbackBase):
             computed = self.initial_masks(trainer, pl_module, masks.params)
             masks.load_state_dict(self._from_rank_zero(trainer, computed))
         self.masks = masks
+        dense = self._dense_gradients(trainer)
         for opt in trainer.optimizers:
-            masks.mask_optimizer_state_(opt)
-            masks.attach(opt, mask_grads=False)
+            if not dense:
+                masks.mask_optimizer_state_(opt)
+            masks.attach(opt, mask_grads=False, mask_weights=dense)
         masks.apply_()
         self.on_masks_changed(trainer, pl_module)
+
+    def _dense_gradients(self, trainer: Any) -> bool:
+        """Whether masked weights' gradients reach the optimizer.
+
+        If so, their weights are re-zeroed after each step and their optimizer state is left alone; by
+        default (False) their gradients are masked before every step.
+        """
+        return False
 
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # A resumed fit loads the optimizer state after `on_fit_start`: clean it again (a no-op when the
         # checkpoint was saved with these masks, essential when it was saved dense).
-        for opt in trainer.optimizers:
-            self.masks.mask_optimizer_state_(opt)
+        if not self._dense_gradients(trainer):
+            for opt in trainer.optimizers:
+                self.masks.mask_optimizer_state_(opt)
 
     @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        self.masks.mask_grads_()
+        if not self._dense_gradients(trainer):
+            self.masks.mask_grads_()
 
     @override
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -155,3 +167,9 @@ class SparseCallback(CallbackBase):
             self.masks.apply_()
         else:
             self._restored = masks
+
+
+def is_last_batch_of_epoch(trainer: Any) -> bool:
+    """Whether the running training batch is the epoch's last (Lightning's own test, or False if unavailable)."""
+    loop = trainer.fit_loop.epoch_loop
+    return loop._num_ready_batches_reached() if hasattr(loop, "_num_ready_batches_reached") else False

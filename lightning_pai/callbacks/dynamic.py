@@ -1,73 +1,274 @@
-"""Dynamic sparse training: callbacks that rewire the topology during training at constant sparsity."""
+"""Dynamic sparse training: Lightning hooks wired to a :class:`~lightning_pai.core.dst.TopologyUpdater`."""
 
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_pai.callbacks.base import SparseCallback
-from lightning_pai.callbacks.gradual import CubicSchedule
+from lightning_pai.callbacks.base import SparseCallback, is_last_batch_of_epoch
 from lightning_pai.callbacks.prune_at_init import PruneAtInit
 from lightning_pai.core.distributions import get_distribution
-from lightning_pai.core.dst import (
-    cosine_fraction,
-    diff,
-    drop_and_grow,
-    prune_by_magnitude,
-    random_scores,
-)
+from lightning_pai.core.dst import Plan, Pruning, Rewire, TopologyUpdater
 from lightning_pai.core.masks import check_sparsity
 from lightning_pai.core.pruning import check_choice, is_number
+from lightning_pai.core.schedules import Constant, Cosine, Cubic, EpochEnds, Every, check_point, resolve_window
 from lightning_pai.core.scorers import get_scorer
 from lightning_pai.core.targets import Selectors
 
-GROWTH = ("random", "gradient", "momentum")
-DROPS = ("magnitude", "set")
 DECAYS = ("cosine", "constant")
 UPDATE_ON = ("step", "epoch")
-REDISTRIBUTION = ("none", "momentum")
 ROUNDING = ("floor", "ceil")
+PRUNE_DISTRIBUTIONS = ("global", "uniform", "lamp")
 
 
-class DynamicSparseTraining(SparseCallback):
-    """Drop-and-grow dynamic sparse training at a constant number of weights (SET, RigL, SNFS build on it).
+class TopologyCallback(SparseCallback):
+    """Base of the callbacks that change the masks during training; subclasses only say *what* (:meth:`plan`).
 
-    The network starts sparse (``init``: random masks with the ``distribution``'s per-layer budgets, or
-    any pruning-at-initialization scorer) and, every ``delta_t`` optimizer steps (``update_on="step"``) or
-    at the end of every epoch but the last (``update_on="epoch"``), each layer drops ``r(f_t * active)``
-    active weights (``r``: ``rounding`` down or up; ``drop``: smallest magnitude, or SET's sign-wise rule)
-    and grows inactive ones by the largest growth score (``growth``: ``"random"``, ``"gradient"`` =
-    ``|dense gradient|`` of the update step, or ``"momentum"`` = ``|dense momentum|``), with
-    ``f_t = m + (alpha - m) / 2 * (1 + cos(pi * t / T_end))`` (``decay="cosine"``, ``m = min_fraction``)
-    or ``alpha``. Nothing changes after ``t_end`` (a fraction of the total optimizer steps). Each layer
-    grows what it dropped (``redistribution="none"``), or the total dropped is shared between layers in
-    proportion to the mean ``|momentum|`` of their active weights (``"momentum"``, SNFS). Either way the
-    overall kept count stays exactly constant.
+    Wiring: ``on_before_optimizer_step`` hands the dense gradients (accumulated over
+    ``accumulate_grad_batches``, all-reduced under DDP, before masking and clipping) to
+    :meth:`TopologyUpdater.observe <lightning_pai.core.dst.TopologyUpdater.observe>` and, on an update step,
+    keeps them for the update; the update runs after that optimizer step (``on_train_batch_end``) or at the
+    end of the epoch (schedules with ``at_epoch_end``, after validation). A method that grows weights skips an
+    update whose step had non-finite gradients (e.g. skipped by a 16-bit ``GradScaler``) and never updates at
+    the last step. New masks are computed on every rank and rank zero's are broadcast. Masks, the updater's
+    state (update count, ITOP set, momentum buffer, rule memory) and nothing else are in the checkpoint.
 
-    Momentum growth and redistribution read a *dense* momentum ``m <- beta * m + grad`` that the callback
-    keeps itself (every step with finite gradients, from the dense gradient before masking): the
-    optimizer's own momentum is zero on inactive weights because their gradients are masked.
+    Args:
+        sparsity: Final fraction of the targeted weights removed.
+        distribution: Per-layer budgets of the initial masks.
+        init: ``"random"`` or a registered scorer for the initial masks.
+        seed: Seed of the initial masks and of random rules.
+        beta: Decay of the updater's own momentum buffer (used when the optimizer has no momentum).
+        include: Prunable parameters, see :func:`~lightning_pai.core.targets.select_targets`.
+        exclude: Parameters left dense.
+        verbose: Print the sparsity table at fit start (rank zero).
+    """
 
-    Grown weights start at exactly zero with zero optimizer state (a weight dropped and regrown in the
-    same update keeps its value, as in RigL). The gradient used for growth is the dense, all-reduced
-    gradient of the update step (accumulated over ``accumulate_grad_batches``), read before the masks
-    are applied to it; a step whose gradients are not finite (e.g. skipped by a 16-bit ``GradScaler``)
-    never updates the topology — that update is skipped. Random growth draws from a generator seeded with
-    ``(seed, step)``, so every DDP rank grows the same weights; the new masks are also broadcast from rank
-    zero. The fraction of targeted weights that have ever been active (in-time over-parameterization,
-    Liu et al. 2021) is logged as ``sparsity/itop`` with ``dst/dropped`` and ``dst/grown`` per update.
+    def __init__(
+        self,
+        sparsity: float,
+        *,
+        distribution: str,
+        init: str = "random",
+        seed: int = 0,
+        beta: float = 0.9,
+        include: Selectors = None,
+        exclude: Selectors = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(include=include, exclude=exclude, verbose=verbose)
+        self.sparsity = check_sparsity(sparsity)
+        get_distribution(distribution)
+        get_scorer(init)
+        if not is_number(beta) or not 0 <= beta < 1:
+            raise ValueError(f"`beta` (the momentum decay) must be in [0, 1); got {beta!r}.")
+        self.distribution, self.init, self.seed, self.beta = distribution, init, int(seed), float(beta)
+        self._updater: TopologyUpdater | None = None
+        self._restored_updater: dict[str, Any] | None = None
+        self._pending: tuple[int, dict[str, Tensor] | None] | None = None
+        self._total_steps = 0
+
+    # ------------------------------------------------------------- to override
+    def plan(self) -> Plan:
+        """The method: update schedule, pruning and rewiring stages (see :class:`~lightning_pai.core.dst.Plan`)."""
+        raise NotImplementedError
+
+    def _start_sparsity(self) -> float:
+        """Sparsity of the initial masks (gradual methods start below their final ``sparsity``)."""
+        return self.sparsity
+
+    def _check(self) -> None:
+        """Build the plan once so that bad arguments fail in ``__init__``."""
+        self.plan().validate()
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def updater(self) -> TopologyUpdater:
+        """The engine object that owns the method's state (created at fit start)."""
+        if self._updater is None:
+            raise RuntimeError(f"`{type(self).__name__}` has no updater yet: it is created when `trainer.fit` starts.")
+        return self._updater
+
+    @property
+    def updates(self) -> int:
+        """Number of topology updates applied so far."""
+        self._collect_handoff()
+        if self._updater is not None:
+            return self._updater.updates
+        return int((self._restored_updater or {}).get("updates", 0))
+
+    @property
+    def itop(self) -> float:
+        """Fraction of the targeted weights that have been active at some point (Liu et al. 2021)."""
+        return 0.0 if self._updater is None else self._updater.itop
+
+    def initial_masks(self, trainer: Any, pl_module: Any, params: dict[str, Any]) -> dict[str, Tensor]:
+        """Dense at starting sparsity 0, else the ``init`` masks with the ``distribution``'s budgets."""
+        start = self._start_sparsity()
+        if start == 0:
+            return {n: torch.ones(p.shape, dtype=torch.bool) for n, p in params.items()}
+        scorer = PruneAtInit(self.init, start, distribution=self.distribution, seed=self.seed, verbose=False)
+        return scorer.initial_masks(trainer, pl_module, params)
+
+    def _dense_gradients(self, trainer: Any) -> bool:
+        return self._make_updater(trainer).dense_gradients
+
+    def _make_updater(self, trainer: Any) -> TopologyUpdater:
+        if self._updater is None:
+            self._updater = TopologyUpdater(self.plan(), seed=self.seed, beta=self.beta)
+            if self._restored_updater is not None:
+                self._updater.load_state_dict(self._restored_updater)
+                self._restored_updater = None
+        self._updater.use_optimizer(trainer.optimizers[0] if trainer.optimizers else None)
+        return self._updater
+
+    @override
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if len(trainer.optimizers) > 1:
+            raise ValueError(
+                f"`{type(self).__name__}` supports one optimizer; `configure_optimizers` returned "
+                f"{len(trainer.optimizers)}."
+            )
+        total = trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise ValueError(
+                f"`{type(self).__name__}` schedules its updates over the whole run: set `max_steps` or `max_epochs` "
+                "on the Trainer (training length is unbounded)."
+            )
+        self._total_steps = int(total)
+        self._make_updater(trainer)
+        self.plan_check(self._total_steps)
+        super().on_fit_start(trainer, pl_module)
+        self._updater.bind(dict(self.masks.items()))
+
+    def plan_check(self, total: int) -> None:
+        """Raise before training when the plan's windows do not fit a fit of ``total`` optimizer steps."""
+        prune = self._updater.plan.prune
+        if prune is not None and isinstance(prune.sparsity, Cubic):
+            resolve_window(prune.sparsity.start, prune.sparsity.end, total)
+
+    # ---------------------------------------------------------------- stepping
+    @override
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        updater, step = self._updater, trainer.global_step + 1
+        params = self.masks.params
+        grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+        complete = len(grads) == len(params)
+        if complete and updater.observes_every_step:
+            updater.observe(params, grads)
+        if updater.is_update(step, self._total_steps, is_last_batch_of_epoch(trainer)):
+            self._pending = None
+            grows = updater.plan.rewire is not None
+            finite = complete and bool(torch.stack([g.isfinite().all() for g in grads.values()]).all())
+            if finite or not grows:
+                kept = {n: g.detach().clone() for n, g in grads.items()} if updater.needs_grads else None
+                self._pending = (step, kept)
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    @override
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # An epoch-end update still pending here was interrupted: a checkpoint saved after the epoch's last
+        # step and resumed (Lightning does not replay that epoch's end hooks). Run it before the next step.
+        self._run_pending(trainer)
+
+    @override
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._updater.plan.when.at_epoch_end:
+            self._run_pending(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._updater.plan.when.at_epoch_end:
+            self._run_pending(trainer)
+        self._pending = None
+
+    def _run_pending(self, trainer: Any) -> None:
+        if self._pending is None or self._pending[0] != trainer.global_step:
+            return
+        step, grads = self._pending
+        self._pending = None
+        if grads is not None:
+            grads = {n: g.to(self.masks[n].device) for n, g in grads.items()}
+        old = {n: m.clone() for n, m in self.masks.items()}
+        new = self._updater.compute(step, self._total_steps, self.masks.params, old, grads)
+        new = self._from_rank_zero(trainer, new)
+        new = {n: m.to(old[n].device) for n, m in new.items()}
+        self.masks.update_(new, trainer.optimizers, fill="mean" if self._updater.dense_gradients else "zero")
+        update = self._updater.record(old, new)
+        rewire = self._updater.plan.rewire
+        metrics = {"sparsity/global": 1.0 - self.masks.density, "sparsity/itop": self._updater.itop}
+        metrics["dst/dropped"] = float(sum(update.dropped.values()))
+        metrics["dst/grown"] = float(sum(update.grown.values()))
+        if rewire is not None:
+            metrics["dst/fraction"] = rewire.fraction(step, self._total_steps)
+        self._log_metrics(trainer, metrics, step)
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._updater is not None:
+            state["updater"] = self._updater.state_dict()
+        elif self._restored_updater is not None:
+            state["updater"] = self._restored_updater
+        if self._pending is not None:  # an update decided at a step and due at its epoch's end
+            step, grads = self._pending
+            state["pending"] = (step, None if grads is None else {n: g.cpu() for n, g in grads.items()})
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._pending = state_dict.get("pending")
+        if state_dict.get("updater") is None:
+            return
+        if self._updater is not None:
+            self._updater.load_state_dict(state_dict["updater"])
+        else:
+            self._restored_updater = state_dict["updater"]
+
+
+class DynamicSparseTraining(TopologyCallback):
+    """Drop-and-grow dynamic sparse training at a constant number of weights, from any registered rules.
+
+    The network starts sparse (``init``: random masks with the ``distribution``'s per-layer budgets, or any
+    pruning-at-initialization scorer) and, every ``delta_t`` optimizer steps (``update_on="step"``) or at the
+    end of every epoch but the last (``update_on="epoch"``), until ``t_end`` (a fraction of the optimizer
+    steps), each update drops active weights with the ``drop`` rule (fraction
+    ``f_t = m + (alpha - m) / 2 * (1 + cos(pi * t / T_end))`` with ``decay="cosine"``, ``m = min_fraction``,
+    or ``alpha``; per-layer counts rounded by ``rounding``), lets the ``redistribution`` rule decide how many
+    weights each layer grows back, and grows the inactive weights with the highest ``growth`` scores.
+    Rules are registries (:func:`~lightning_pai.core.dst.list_drop_rules`, ``list_growth_rules``,
+    ``list_redistributions``): ``drop`` ``"magnitude"`` / ``"set"`` / ``"threshold"``, ``growth``
+    ``"random"`` / ``"gradient"`` (``|dense gradient|``) / ``"momentum"``, ``redistribution`` ``"none"``
+    (constant per-layer counts) / ``"momentum"`` (SNFS) / ``"survivors"`` (DSR), and any registered one.
+
+    Momentum rules read the optimizer's own momentum (SGD ``momentum_buffer``, Adam ``m / (sqrt(v) + eps)``)
+    as the SNFS reference code does; the masked weights' gradients then reach the optimizer (their weights
+    are re-masked after every step) and after every update the inactive entries of the optimizer state are
+    set to the mean of the active ones (the reference ``reset_momentum``). With an optimizer without
+    momentum, the callback keeps ``m <- beta m + grad`` itself, from the dense gradients.
+
+    Grown weights start at exactly zero (with zero optimizer state unless momentum rules keep the
+    optimizer's); a weight dropped and regrown in the same update keeps its value, as in RigL. Random growth
+    is seeded by ``(seed, step)``, so every DDP rank grows the same weights; masks are broadcast from rank
+    zero. Logged per update: ``sparsity/itop`` (weights ever active, Liu et al. 2021), ``dst/dropped``,
+    ``dst/grown``, ``dst/fraction``.
+
+    Targets: by default the weights of every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (the papers' own
+    set-ups differ: RigL's ImageNet runs keep the first layer dense, ``exclude="stem"``; SET's keep the
+    output layer dense, ``exclude="head"``).
 
     Args:
         sparsity: Fraction of the targeted weights removed, constant during training.
         distribution: Per-layer budgets of the initial masks (``"erk"``, ``"er"``, ``"uniform"``, ...).
         init: ``"random"`` or the name of a registered scorer (e.g. ``"snip"``) for the initial masks.
-        growth: ``"random"``, ``"gradient"`` or ``"momentum"``.
-        drop: ``"magnitude"`` or ``"set"`` (Mocanu et al. 2018's sign-wise rule).
+        growth: Growth rule.
+        drop: Drop rule.
         alpha: Initial drop fraction.
         decay: ``"cosine"`` or ``"constant"``.
         update_on: ``"step"`` or ``"epoch"``.
@@ -75,10 +276,10 @@ class DynamicSparseTraining(SparseCallback):
         t_end: Fraction of the total optimizer steps after which the topology is frozen.
         min_fraction: Floor ``m`` of the cosine decay.
         rounding: ``"floor"`` (RigL, SET) or ``"ceil"`` (SNFS, GraNet) of the per-layer drop count.
-        redistribution: ``"none"`` or ``"momentum"``.
-        beta: Decay of the dense momentum used by ``growth="momentum"`` and ``redistribution="momentum"``.
+        redistribution: Redistribution rule.
+        beta: Decay of the callback's own momentum (optimizers without momentum only).
         include: Prunable parameters (default: weights of ``nn.Linear`` and ``nn.Conv1d/2d/3d``).
-        exclude: Parameters left dense.
+        exclude: Parameters left dense (``"stem"``, ``"head"``, name globs, module types).
         seed: Seed of the initial masks and of random growth.
         verbose: Print the sparsity table at fit start (rank zero).
     """
@@ -105,207 +306,48 @@ class DynamicSparseTraining(SparseCallback):
         seed: int = 0,
         verbose: bool = True,
     ) -> None:
-        super().__init__(include=include, exclude=exclude, verbose=verbose)
-        self.sparsity = check_sparsity(sparsity)
-        get_distribution(distribution)
-        get_scorer(init)
-        check_choice(growth, GROWTH, "growth")
-        check_choice(drop, DROPS, "drop")
+        super().__init__(
+            sparsity,
+            distribution=distribution,
+            init=init,
+            seed=seed,
+            beta=beta,
+            include=include,
+            exclude=exclude,
+            verbose=verbose,
+        )
         check_choice(decay, DECAYS, "decay")
         check_choice(update_on, UPDATE_ON, "update_on")
         check_choice(rounding, ROUNDING, "rounding")
-        check_choice(redistribution, REDISTRIBUTION, "redistribution")
         if not is_number(alpha) or not 0 < alpha < 1:
             raise ValueError(f"`alpha` (the drop fraction) must be in (0, 1); got {alpha!r}.")
         if not is_number(min_fraction) or not 0 <= min_fraction <= alpha:
             raise ValueError(f"`min_fraction` must be in [0, `alpha`={alpha}]; got {min_fraction!r}.")
-        if not is_number(beta) or not 0 <= beta < 1:
-            raise ValueError(f"`beta` (the momentum decay) must be in [0, 1); got {beta!r}.")
         if not is_number(delta_t, integer=True) or delta_t < 1:
             raise ValueError(f"`delta_t` must be a positive integer (optimizer steps); got {delta_t!r}.")
         if not is_number(t_end) or not 0 < t_end <= 1:
             raise ValueError(f"`t_end` is a fraction of the training steps in (0, 1]; got {t_end!r}.")
-        self.distribution, self.init, self.growth, self.drop = distribution, init, growth, drop
+        self.growth, self.drop, self.redistribution = growth, drop, redistribution
         self.alpha, self.decay, self.update_on = float(alpha), decay, update_on
-        self.delta_t, self.t_end, self.seed = delta_t, float(t_end), int(seed)
-        self.min_fraction, self.rounding, self.redistribution = float(min_fraction), rounding, redistribution
-        self.beta = float(beta)
-        self._momentum: dict[str, Tensor] | None = None  # dense gradient momentum (SNFS)
-        self._scores: dict[str, Tensor] | None = None  # growth scores captured for the coming update
-        self._scores_step = -1
-        self._fired: dict[str, Tensor] | None = None
-        self.updates = 0
-        self._t_end_steps = self._total_steps = 0
+        self.delta_t, self.t_end = delta_t, float(t_end)
+        self.min_fraction, self.rounding = float(min_fraction), rounding
+        self._check()
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(sparsity=self.sparsity, growth=self.growth, drop=self.drop)
 
-    def _start_sparsity(self) -> float:
-        """Sparsity of the initial masks (GraNet starts below its final ``sparsity``)."""
-        return self.sparsity
-
-    def initial_masks(self, trainer: Any, pl_module: Any, params: dict[str, Any]) -> dict[str, Tensor]:
-        """The ``init`` masks at the starting sparsity with the ``distribution``'s budgets."""
-        sparsity, dist = self._start_sparsity(), self.distribution
-        scorer = PruneAtInit(self.init, sparsity, distribution=dist, seed=self.seed, verbose=False)
-        return scorer.initial_masks(trainer, pl_module, params)
-
-    @override
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if len(trainer.optimizers) > 1:
-            raise ValueError(
-                f"`{type(self).__name__}` supports one optimizer; `configure_optimizers` returned "
-                f"{len(trainer.optimizers)}."
-            )
-        super().on_fit_start(trainer, pl_module)
-        if self._fired is None:
-            self._fired = {n: m.clone() for n, m in self.masks.items()}
-        else:  # restored from a checkpoint (CPU) or kept from a previous fit
-            self._fired = {n: f.to(self.masks[n].device) for n, f in self._fired.items()}
-        if self._needs_momentum:
-            params = self.masks.params
-            if self._momentum is None:
-                self._momentum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-            else:  # restored from a checkpoint (CPU) or kept from a previous fit
-                self._momentum = {n: b.to(params[n].device) for n, b in self._momentum.items()}
-        total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError(
-                f"`{type(self).__name__}` schedules its updates over the whole run: set `max_steps` or `max_epochs` "
-                "on the Trainer (training length is unbounded)."
-            )
-        self._total_steps = int(total)
-        self._t_end_steps = int(self.t_end * self._total_steps)
-
-    @property
-    def _needs_momentum(self) -> bool:
-        return self.growth == "momentum" or self.redistribution == "momentum"
-
-    # ---------------------------------------------------------------- timing
-    def _is_update_step(self, trainer: Any, step: int) -> bool:
-        """Whether the optimizer step numbered ``step`` (1-based) ends with a topology update.
-
-        Never the last step of training: nothing would train the grown weights.
-        """
-        if self.update_on == "epoch" or step > self._t_end_steps or step >= self._total_steps:
-            return False
-        return step % self.delta_t == 0
-
-    def _fraction(self, step: int) -> float:
-        if self.decay == "constant":
-            return self.alpha
-        return cosine_fraction(self.alpha, step, self._t_end_steps, self.min_fraction)
-
-    @override
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        step = trainer.global_step + 1
-        last_of_epoch = self.update_on == "epoch" and _is_last_step_of_epoch(trainer)
-        update = self._is_update_step(trainer, step) or last_of_epoch
-        if update or self._needs_momentum:
-            grads = [p.grad for p in self.masks.params.values()]
-            # one host sync for all layers (this runs every step when a dense momentum is kept)
-            finite = all(g is not None for g in grads) and bool(torch.stack([g.isfinite().all() for g in grads]).all())
-            if finite and self._needs_momentum:
-                bufs = list(self._momentum.values())
-                torch._foreach_mul_(bufs, self.beta)
-                torch._foreach_add_(bufs, [g.detach().float() for g in grads])
-            if update:
-                self._scores = None
-                if finite:
-                    if self.growth == "gradient":
-                        self._scores = {n: g.detach().abs() for n, g in zip(self.masks.names, grads)}
-                    else:
-                        self._scores = {}  # random and momentum scores are read at update time
-                    self._scores_step = step
-        super().on_before_optimizer_step(trainer, pl_module, optimizer)
-
-    @override
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.update_on == "step" and self._scores is not None and trainer.global_step == self._scores_step:
-            self._update(trainer, pl_module, trainer.global_step)
-
-    @override
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.update_on == "epoch" and self._scores is not None and trainer.global_step == self._scores_step:
-            last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-            if trainer.global_step <= self._t_end_steps and not last_epoch:
-                self._update(trainer, pl_module, trainer.global_step)
-        self._scores = None
-
-    # ---------------------------------------------------------------- update
-    def _prune(self, masks: dict[str, Tensor], step: int) -> dict[str, Tensor]:
-        """Masks to drop and grow from at ``step`` (GraNet prunes here first; unchanged by default)."""
-        return masks
-
-    def _growth_scores(self, masks: dict[str, Tensor], step: int) -> dict[str, Tensor]:
-        if self.growth == "gradient":
-            return self._scores
-        if self.growth == "momentum":
-            return {n: b.abs() for n, b in self._momentum.items()}
-        return random_scores(masks, self.seed * 1_000_003 + step)
-
-    def _update(self, trainer: Any, pl_module: Any, step: int) -> None:
-        fraction = self._fraction(step)
-        old = {n: m.clone() for n, m in self.masks.items()}
-        start = self._prune(old, step)
-        new = drop_and_grow(
-            self.masks.params,
-            start,
-            fraction,
-            self._growth_scores(start, step),
-            drop=self.drop,
-            rounding=self.rounding,
-            momentum=self._momentum if self.redistribution == "momentum" else None,
+    def plan(self) -> Plan:
+        """Every ``delta_t`` steps (or epoch end) until ``t_end``: ``drop``, ``redistribution``, ``growth``."""
+        if self.update_on == "epoch":
+            when = EpochEnds(end=self.t_end)
+        else:
+            when = Every(self.delta_t, end=self.t_end)
+        fraction = (
+            Constant(self.alpha) if self.decay == "constant" else Cosine(self.alpha, self.min_fraction, self.t_end)
         )
-        new = self._from_rank_zero(trainer, new)
-        update = diff(old, {n: m.to(old[n].device) for n, m in new.items()})
-        self.masks.update_(update.masks, trainer.optimizers)
-        for n, m in self.masks.items():
-            self._fired[n] |= m
-        self._scores = None
-        self.updates += 1
-        metrics = {
-            "sparsity/global": 1.0 - self.masks.density,
-            "sparsity/itop": self.itop,
-            "dst/fraction": fraction,
-            "dst/dropped": float(sum(update.dropped.values())),
-            "dst/grown": float(sum(update.grown.values())),
-        }
-        self._log_metrics(trainer, metrics, step)
-
-    @property
-    def itop(self) -> float:
-        """Fraction of the targeted weights that have been active at some point (Liu et al. 2021)."""
-        if self._fired is None:
-            return 0.0
-        return sum(int(f.sum()) for f in self._fired.values()) / sum(f.numel() for f in self._fired.values())
-
-    # ------------------------------------------------------------------ state
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        fired = None if self._fired is None else {n: f.cpu().clone() for n, f in self._fired.items()}
-        momentum = None if self._momentum is None else {n: b.cpu().clone() for n, b in self._momentum.items()}
-        state.update(updates=self.updates, fired=fired, momentum=momentum)
-        return state
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.updates = int(state_dict.get("updates", 0))
-        fired = state_dict.get("fired")
-        if fired is not None:
-            self._fired = {n: f.clone() for n, f in fired.items()}
-        momentum = state_dict.get("momentum")
-        if momentum is not None:
-            self._momentum = {n: b.clone() for n, b in momentum.items()}
-
-
-def _is_last_step_of_epoch(trainer: Any) -> bool:
-    """Whether the optimizer step about to happen is the epoch's last."""
-    loop = trainer.fit_loop.epoch_loop
-    return loop._num_ready_batches_reached() if hasattr(loop, "_num_ready_batches_reached") else False
+        rewire = Rewire(fraction, self.drop, self.growth, self.redistribution)
+        return Plan(when=when, rewire=rewire, options={"rounding": self.rounding})
 
 
 _BASE_PARAMS = frozenset(inspect.signature(DynamicSparseTraining.__init__).parameters) - {"self", "sparsity"}
@@ -322,7 +364,8 @@ class RigL(DynamicSparseTraining):
     Every ``delta_t`` optimizer steps until ``t_end`` of training, each layer drops the
     ``floor(f_t * active)`` smallest-magnitude active weights, ``f_t = alpha / 2 * (1 + cos(pi * t / T_end))``,
     and grows as many inactive weights with the largest ``|dense gradient|`` of that step. Defaults from
-    the paper: ERK initial masks, ``alpha=0.3``, ``delta_t=100``, ``t_end=0.75``.
+    the paper: ERK initial masks, ``alpha=0.3``, ``delta_t=100``, ``t_end=0.75``. The paper's ImageNet
+    set-up keeps the first layer dense: ``RigL(..., exclude="stem")``.
 
     Args:
         sparsity: Fraction of the targeted weights removed, constant during training.
@@ -357,7 +400,8 @@ class SET(DynamicSparseTraining):
     At the end of every epoch but the last (or every ``delta_t`` steps with ``update_on="step"``), each
     layer removes the fraction ``zeta`` of its positive active weights closest to zero and, separately,
     ``zeta`` of its negative ones, and grows as many inactive weights uniformly at random. Defaults from
-    the paper: Erdős–Rényi initial masks, ``zeta=0.3``, per-epoch updates.
+    the paper: Erdős–Rényi initial masks, ``zeta=0.3``, per-epoch updates. The paper's MLPs keep the output
+    layer dense: ``SET(..., exclude="head")``.
 
     Args:
         sparsity: Fraction of the targeted weights removed, constant during training.
@@ -397,11 +441,16 @@ class SNFS(DynamicSparseTraining):
     The removed weights are redistributed: layer ``l`` regrows a share ``mu_l / sum_k mu_k`` of them,
     ``mu_l`` being the mean ``|momentum|`` of its active weights (capped by its free slots, the rest shared
     among the others; a nearly dense layer — sparsity below 0.2 and an above-average share — prunes at
-    most its sparsity). Within a layer the inactive weights with the largest ``|momentum|`` grow. The
-    momentum is the dense gradient's, ``m <- beta m + grad`` (``beta=0.9``), kept by the callback, as the
-    official code reads SGD's momentum of unmasked gradients. Grown weights start at zero with zero
-    optimizer state; the total kept count is exactly constant (the official code only approximately
-    restores it). Initial masks are uniform per layer by default, as in the official code.
+    most its sparsity). Within a layer the inactive weights with the largest ``|momentum|`` grow.
+
+    The momentum is the optimizer's own, as in the official code: SGD's ``momentum_buffer``, Adam's
+    ``exp_avg / (sqrt(exp_avg_sq) + eps)``. To let it build up on inactive weights, their gradients reach
+    the optimizer and their weights are re-zeroed after every step (the official code's ``apply_mask``);
+    after every update the inactive entries of the optimizer state are set to the mean of the active ones
+    (its ``reset_momentum``), and grown weights keep their momentum. With an optimizer without momentum the
+    callback keeps ``m <- beta m + grad`` from the dense gradients itself. The total kept count is exactly
+    constant (the official code only approximately restores it). Initial masks are uniform per layer by
+    default, as in the official code.
 
     Args:
         sparsity: Fraction of the targeted weights removed, constant during training.
@@ -411,7 +460,7 @@ class SNFS(DynamicSparseTraining):
         min_rate: Final prune rate ``m`` of the cosine decay.
         update_on: ``"epoch"`` or ``"step"``.
         delta_t: Optimizer steps between updates with ``update_on="step"``.
-        beta: Decay of the dense momentum.
+        beta: Decay of the callback's own momentum (optimizers without momentum only).
         include, exclude, seed, verbose: As for :class:`DynamicSparseTraining`.
     """
 
@@ -445,7 +494,7 @@ class SNFS(DynamicSparseTraining):
         )
 
 
-class GraNet(CubicSchedule, DynamicSparseTraining):
+class GraNet(DynamicSparseTraining):
     """GraNet (Liu et al. 2021, arXiv:2106.10404): gradual magnitude pruning with zero-cost neuroregeneration.
 
     Starts from ``init`` masks at ``initial_sparsity`` (``distribution`` budgets; 0 = dense) and, every
@@ -496,29 +545,98 @@ class GraNet(CubicSchedule, DynamicSparseTraining):
         seed: int = 0,
         verbose: bool = True,
     ) -> None:
+        self.initial_sparsity = check_gradual(sparsity, initial_sparsity, start, end)
+        check_choice(prune_distribution, PRUNE_DISTRIBUTIONS, "prune_distribution")
+        self.start, self.end, self.prune_distribution = start, end, prune_distribution
         super().__init__(
             sparsity,
             **_base_kwargs(
                 locals(), alpha=death_rate, min_fraction=min_rate, growth="gradient", rounding="ceil", t_end=1.0
             ),
         )
-        self._init_schedule(initial_sparsity, start, end)
-        check_choice(prune_distribution, ("global", "uniform", "lamp"), "prune_distribution")
-        self.prune_distribution = prune_distribution
 
     def _start_sparsity(self) -> float:
         return self.initial_sparsity
 
-    def _is_update_step(self, trainer: Any, step: int) -> bool:
-        if step < self._start_step:
-            return False
-        return super()._is_update_step(trainer, step) or (step == self._end_step and step <= self._t_end_steps)
+    def target_sparsity(self, step: int) -> float:
+        """``s_t`` of the cubic schedule at optimizer step ``step`` (of this fit)."""
+        return self.plan().prune.sparsity(step, self._total_steps)
 
-    def _prune(self, masks: dict[str, Tensor], step: int) -> dict[str, Tensor]:
-        if step > self._end_step:
-            return masks
-        target = self.target_sparsity(step)
-        kept = sum(int(m.sum()) for m in masks.values())
-        if kept <= round((1.0 - target) * sum(m.numel() for m in masks.values())):
-            return masks
-        return prune_by_magnitude(self.masks.params, masks, target, self.prune_distribution)
+    def plan(self) -> Plan:
+        """Every ``delta_t`` steps from ``start`` (and at ``end``): cubic global pruning, then regeneration."""
+        rigl = super().plan()
+        sparsity = Cubic(self.initial_sparsity, self.sparsity, self.start, self.end)
+        when = Every(self.delta_t, self.start, 1.0, also=(self.end,))
+        return Plan(
+            when=when,
+            prune=Pruning(sparsity, "magnitude", self.prune_distribution),
+            rewire=rigl.rewire,
+            options=rigl.options,
+        )
+
+
+def check_gradual(sparsity: float, initial_sparsity: float, start: int | float, end: int | float) -> float:
+    """Validate a gradual schedule from ``initial_sparsity`` to ``sparsity`` over ``[start, end]``; return ``s_i``.
+
+    Raises:
+        ValueError: On a sparsity outside ``[0, 1)``, ``initial_sparsity > sparsity`` or bad window points.
+    """
+    initial = check_sparsity(initial_sparsity, "initial_sparsity")
+    if initial > check_sparsity(sparsity):
+        raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must not exceed `sparsity` ({sparsity}).")
+    check_point(start, "start")
+    check_point(end, "end")
+    return initial
+
+
+class DSR(DynamicSparseTraining):
+    """Dynamic sparse reparameterization (Mostafa & Wang 2019, arXiv:1902.05967).
+
+    Every ``delta_t`` optimizer steps, every active weight with ``|w| < H`` is dropped (one threshold for all
+    layers); ``H`` (from ``threshold``) doubles when fewer than ``(1 - tolerance) K`` were dropped and halves
+    when more than ``(1 + tolerance) K``, ``K = prune_fraction * active``. The ``D`` dropped weights regrow at
+    random, zero-initialised, layer ``l`` getting ``D R_l / sum_k R_k`` of them (``R_l``: its survivors;
+    capped by its free slots). Defaults from the reference code: ``H = 1e-3``, tolerance 0.1, uniform initial
+    density; ``prune_fraction=0.1`` of the active weights corresponds to its 1 % of all parameters at 90 %
+    sparsity. The paper's period doubling every 40 epochs is not applied (``delta_t`` is constant).
+
+    Args:
+        sparsity: Fraction of the targeted weights removed, constant during training.
+        distribution: Per-layer budgets of the initial masks.
+        init: ``"random"`` or a registered scorer for the initial masks.
+        prune_fraction: Target fraction ``K / active`` the threshold adapts to.
+        threshold: Initial threshold ``H``.
+        tolerance: Relative band around ``K`` in which ``H`` is left unchanged.
+        delta_t: Optimizer steps between updates.
+        include, exclude, seed, verbose: As for :class:`DynamicSparseTraining`.
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        *,
+        distribution: str = "uniform",
+        init: str = "random",
+        prune_fraction: float = 0.1,
+        threshold: float = 1e-3,
+        tolerance: float = 0.1,
+        delta_t: int = 100,
+        include: Selectors = None,
+        exclude: Selectors = None,
+        seed: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        if not is_number(threshold) or threshold <= 0:
+            raise ValueError(f"`threshold` (the initial magnitude threshold H) must be > 0; got {threshold!r}.")
+        if not is_number(tolerance) or not 0 <= tolerance < 1:
+            raise ValueError(f"`tolerance` must be in [0, 1); got {tolerance!r}.")
+        self.threshold, self.tolerance = float(threshold), float(tolerance)
+        kwargs = _base_kwargs(locals(), alpha=prune_fraction, decay="constant", t_end=1.0, growth="random")
+        super().__init__(sparsity, **kwargs, drop="threshold", redistribution="survivors")
+
+    def plan(self) -> Plan:
+        """Every ``delta_t`` steps: threshold drop, regrowth in proportion to each layer's survivors."""
+        base = super().plan()
+        return Plan(
+            when=base.when, rewire=base.rewire, options={"threshold": self.threshold, "tolerance": self.tolerance}
+        )

@@ -11,12 +11,10 @@ from torch import Tensor
 from lightning_pai.callbacks.base import SparseCallback
 from lightning_pai.core.distributions import Distribution, get_distribution
 from lightning_pai.core.masks import check_min_density, check_sparsity
-from lightning_pai.core.pruning import ABLATIONS, check_choice, prune, round_sparsities
-from lightning_pai.core.scorers import Scorer, ScoringContext, default_forward, get_scorer
+from lightning_pai.core.pruning import ABLATIONS, check_choice, prune
+from lightning_pai.core.schedules import round_sparsities
+from lightning_pai.core.scorers import Scorer, ScoringContext, default_forward, get_scorer, scorer_info
 from lightning_pai.core.targets import Selectors
-
-#: Scorers that need no data at all.
-DATA_FREE = ("magnitude", "random")
 
 
 class PruneAtInit(SparseCallback):
@@ -51,14 +49,18 @@ class PruneAtInit(SparseCallback):
         distribution: How the kept count is split across layers: ``"global"`` (scores ranked across
             layers), ``"uniform"``, ``"erk"``, ``"er"``, ``"lamp"`` (per-layer budgets, ranked within
             each layer) or a registered/callable one.
-        iterations: Scoring rounds (default: 100 for ``"synflow"``, else 1).
+        iterations: Scoring rounds (default: the scorer's registered ``iterations``: 100 for ``"synflow"``,
+            else 1).
         schedule: ``"exponential"`` (same fraction of the remaining weights each round) or ``"linear"``.
         batches: Number of train batches the data-driven scorers use.
-        include: Prunable parameters (default: weights of ``nn.Linear`` and ``nn.Conv1d/2d/3d``);
+        include: Prunable parameters (default: weights of ``nn.Linear`` and ``nn.Conv1d/2d/3d``, every
+            layer including the first and the last — the papers' set-ups vary, e.g. ``exclude="stem_and_head"``);
             glob patterns over parameter names or module types.
         exclude: Parameters left dense; same forms as ``include``.
         ablation: Sanity-check control (Frankle et al. 2021; Su et al. 2020): ``"shuffle"`` (permute each
-            layer's mask), ``"reinit"`` (re-draw the kept weights with the layer's initializer),
+            layer's mask), ``"reinit"`` (re-draw the kept weights from the layer's own initial values, a
+            seeded permutation: the original per-layer init distribution, see
+            :func:`~lightning_pai.core.pruning.reinitialize_`),
             ``"invert"`` (keep the lowest-scored weights, same per-layer counts), or None.
         min_density: Every layer keeps at least this fraction of its weights (layer-collapse guard).
         loss_fn: Optional ``loss_fn(logits, targets) -> loss`` replacing ``training_step`` for SNIP and
@@ -97,9 +99,16 @@ class PruneAtInit(SparseCallback):
         super().__init__(include=include, exclude=exclude, verbose=verbose)
         get_scorer(method)
         get_distribution(distribution)
+        info = scorer_info(method)
         if iterations is None:
-            iterations = 100 if method == "synflow" else 1
+            iterations = info["iterations"]
         round_sparsities(check_sparsity(sparsity), iterations, schedule)  # validates all three
+        if info["signed"] and distribution == "lamp":
+            raise ValueError(
+                f"`distribution='lamp'` ranks non-negative magnitudes; `method={_name(method)!r}` gives signed "
+                "scores (squaring them would keep the weights the method wants to remove first). Use 'global', "
+                "'uniform', 'erk' or 'er'."
+            )
         check_choice(ablation, ABLATIONS, "ablation", optional=True)
         if not isinstance(batches, int) or batches < 1:
             raise ValueError(f"`batches` must be a positive integer; got {batches!r}.")
@@ -134,7 +143,7 @@ class PruneAtInit(SparseCallback):
         if self.loss_fn is not None:
             user_loss = self.loss_fn
             loss_fn = lambda module, batch: user_loss(*forward(module, batch))  # noqa: E731
-        elif self.method not in DATA_FREE:
+        elif scorer_info(self.method)["needs"] == "data":
             loss_fn = _training_step_loss
         ctx = ScoringContext(
             params=params,
@@ -163,9 +172,10 @@ class PruneAtInit(SparseCallback):
         )
 
     def _scoring_batches(self, trainer: Any) -> list[Any]:
-        if self.method in DATA_FREE or (self.method == "synflow" and self.input_shape is not None):
+        needs = scorer_info(self.method)["needs"]
+        if needs == "nothing" or (needs == "shape" and self.input_shape is not None):
             return []
-        n = 1 if self.method == "synflow" else self.batches
+        n = 1 if needs == "shape" else self.batches
         trainer.fit_loop.setup_data()
         loader = trainer.train_dataloader
         if loader is None or not isinstance(loader, Iterable) or isinstance(loader, (dict, list, tuple)):

@@ -146,9 +146,21 @@ def lamp_scores(scores: Tensor) -> Tensor:
     with the layer's entries sorted so that ``s_1^2 <= ... <= s_n^2``,
     ``lamp(u) = s_u^2 / sum_{v >= u} s_v^2``. For the magnitude scorer ``s = |w|``, exactly the paper.
     Entries at ``-inf`` (not keepable) stay ``-inf``.
+
+    LAMP ranks magnitudes: squaring a signed score (GraSP's ``θ ⊙ Hg``) would rank a strongly negative
+    score — one GraSP wants to prune first — like a strongly positive one. Signed scores are therefore
+    rejected rather than silently reordered.
+
+    Raises:
+        ValueError: If a keepable score is negative.
     """
     flat = scores.detach().reshape(-1).double()
     keepable = torch.isfinite(flat)
+    if bool((flat[keepable] < 0).any()):
+        raise ValueError(
+            "`distribution='lamp'` normalises non-negative magnitudes (Lee et al. 2021), but the scores have "
+            "negative values (a signed scorer such as 'grasp'); use 'global', 'uniform', 'erk' or 'er'."
+        )
     sq = torch.where(keepable, flat, torch.zeros_like(flat)).square()
     order = torch.sort(sq, stable=True).indices
     sorted_sq = sq[order]

@@ -1,83 +1,170 @@
-"""Dynamic sparse training: the topology-update core shared by SET, RigL, SNFS, GraNet and GMP.
+"""Dynamic sparse training as combinations of registered rules, driven by one :class:`TopologyUpdater`.
 
-One update drops active weights and grows inactive ones, per layer:
+A topology update has up to two stages, both optional (a :class:`Plan`):
 
-- drop: the ``n`` active weights with the smallest magnitude (or SET's sign-wise rule, see
-  :func:`drop_set`);
-- grow: the ``n`` highest growth scores among the weights inactive *after* the drop (so a weight just
-  dropped may come straight back; it then keeps its value, as in RigL's default ``reinit_when_same=False``).
-  Growth scores: ``random`` (SET), ``|dense gradient|`` (RigL, GraNet), ``|momentum|`` (SNFS).
+1. **pruning** (:class:`Pruning`): raise the sparsity to a value schedule's target (Zhu & Gupta's cubic one)
+   by keeping the highest *scores* of the still-active weights under a layer-wise distribution (GMP,
+   GraNet's pruning phase, movement pruning);
+2. **rewiring** (:class:`Rewire`): a *drop rule* removes active weights (``fraction`` from a value
+   schedule), a *redistribution rule* decides how many weights each layer grows back, and a *growth rule*
+   scores the inactive weights (the highest grow).
 
-Weights that become active start at exactly zero (they were masked, so they are zero) and the caller
-zeroes their optimizer state (:meth:`~lightning_pai.core.masks.MaskSet.update_` does). Everything here is
-deterministic given its inputs (ties are broken by position) so every DDP rank computes the same masks.
+*When* updates happen is an update schedule (:mod:`lightning_pai.core.schedules`). Each family is a
+registry with one signature, and rules declare what they read (``needs``) in their metadata, so the
+updater and the Lightning adapter never test for a method's name:
+
+- drop rule: ``fn(ctx: UpdateContext, fraction: float | dict[str, float]) -> dict[str, Tensor]`` (masks
+  after the drop; :func:`register_drop_rule`);
+- growth rule: ``fn(ctx: UpdateContext) -> dict[str, Tensor]`` (one score per weight, higher = grown first;
+  pruning keeps the highest; :func:`register_growth_rule`);
+- redistribution rule: ``fn(ctx: UpdateContext, dropped: dict[str, Tensor]) -> dict[str, int]`` (weights
+  each layer grows; :func:`register_redistribution`).
+
+Weights that become active start at exactly zero (they were masked) and the caller zeroes their optimizer
+state. Everything is deterministic given its inputs (ties are broken by position), so every DDP rank
+computes the same masks.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_pai.core.masks import compute_masks
-from lightning_pai.core.select import apportion, topk_mask
+from lightning_pai.core.registry import Registry
+from lightning_pai.core.schedules import Schedule, UpdateSchedule
+from lightning_pai.core.select import active_counts, apportion, topk_mask
 
 
-def cosine_fraction(alpha: float, step: int, t_end: int, minimum: float = 0.0) -> float:
-    """Cosine-decayed drop fraction ``m + (alpha - m) / 2 * (1 + cos(pi * step / t_end))``, ``m = minimum``.
+@dataclass
+class UpdateContext:
+    """Everything a rule may read during one topology update.
 
-    With ``minimum=0`` this is RigL's ``alpha / 2 * (1 + cos(pi * t / T_end))``; SNFS and GraNet decay their
-    prune rate per iteration to ``minimum=0.005`` (``CosineAnnealingLR``'s ``eta_min`` in their code).
-    ``minimum`` from ``t_end`` on.
+    Attributes:
+        weights: Current weights by name.
+        masks: Current keep-masks (for the rewiring stage: after the pruning stage).
+        kept: Active weights per layer of ``masks``.
+        step: Optimizer step of the update (1-based).
+        seed: Base seed of the run (random rules combine it with ``step``).
+        grads: Dense gradients of the update step (before masking), when a rule needs them.
+        momentum: Dense momentum (the optimizer's, or the updater's own buffer), when a rule needs it.
+        memory: Persistent state of stateful rules (e.g. DSR's threshold, movement scores); saved in checkpoints.
+        options: Method options for the rules (e.g. ``rounding``, DSR's ``tolerance``).
     """
-    if t_end <= 0 or step >= t_end:
-        return minimum
-    return minimum + (alpha - minimum) / 2 * (1 + math.cos(math.pi * step / t_end))
+
+    weights: Mapping[str, Tensor]
+    masks: dict[str, Tensor]
+    kept: dict[str, int]
+    step: int = 0
+    seed: int = 0
+    grads: Mapping[str, Tensor] | None = None
+    momentum: Mapping[str, Tensor] | None = None
+    memory: dict[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def need(self, what: str, rule: str) -> Mapping[str, Tensor]:
+        """``self.<what>``, or a clear error when the rule's input was not provided."""
+        value = getattr(self, what)
+        if value is None:
+            raise ValueError(f"The `{rule}` rule needs `{what}`, which this update did not provide.")
+        return value
 
 
-def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int) -> float:
-    """Zhu & Gupta 2017's gradual schedule ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (t_end - t0))^3``.
+DropRule = Callable[[UpdateContext, "float | Mapping[str, float]"], dict[str, Tensor]]
+GrowthRule = Callable[[UpdateContext], dict[str, Tensor]]
+Redistribution = Callable[[UpdateContext, dict[str, Tensor]], dict[str, int]]
 
-    ``initial`` before ``start``, ``final`` from ``end`` on.
+#: ``needs``: inputs read from the context (``"grads"``, ``"momentum"``). ``observe``: called every optimizer
+#: step with ``(memory, weights, grads, finite)`` (``finite`` a 0-d bool tensor) to accumulate state.
+_RULE_INFO = {"needs": (), "observe": None, "rates": None}
+_DROP: Registry[DropRule] = Registry("drop rule", "drop", "lightning_pai.core.dst.register_drop_rule", _RULE_INFO)
+_GROWTH: Registry[GrowthRule] = Registry(
+    "growth rule", "growth", "lightning_pai.core.dst.register_growth_rule", _RULE_INFO
+)
+_REDISTRIBUTION: Registry[Redistribution] = Registry(
+    "redistribution rule", "redistribution", "lightning_pai.core.dst.register_redistribution", _RULE_INFO
+)
+
+
+def register_drop_rule(name: str, fn: DropRule | None = None, *, overwrite: bool = False, **info: Any):
+    """Register a drop rule ``fn(ctx, fraction) -> masks`` (decorator if ``fn`` is None); ``info``: ``needs``."""
+    return _DROP.register(name, fn, overwrite=overwrite, **info)
+
+
+def register_growth_rule(name: str, fn: GrowthRule | None = None, *, overwrite: bool = False, **info: Any):
+    """Register a growth rule ``fn(ctx) -> scores`` (decorator if ``fn`` is None); ``info``: ``needs``, ``observe``."""
+    return _GROWTH.register(name, fn, overwrite=overwrite, **info)
+
+
+def register_redistribution(name: str, fn: Redistribution | None = None, *, overwrite: bool = False, **info: Any):
+    """Register a redistribution rule ``fn(ctx, dropped) -> counts``; ``info``: ``needs``, ``rates``.
+
+    ``rates(ctx, fraction) -> {name: fraction}`` (optional) adjusts the per-layer drop fractions first.
     """
-    if step <= start:
-        return initial
-    if step >= end:
-        return final
-    return final + (initial - final) * (1 - (step - start) / (end - start)) ** 3
+    return _REDISTRIBUTION.register(name, fn, overwrite=overwrite, **info)
 
 
+def list_drop_rules() -> list[str]:
+    """Names of the registered drop rules."""
+    return _DROP.list()
+
+
+def list_growth_rules() -> list[str]:
+    """Names of the registered growth rules (also the scores gradual pruning can keep by)."""
+    return _GROWTH.list()
+
+
+def list_redistributions() -> list[str]:
+    """Names of the registered redistribution rules."""
+    return _REDISTRIBUTION.list()
+
+
+# ------------------------------------------------------------------------------------------ drop rules
 def drop_counts(
-    masks: Mapping[str, Tensor], fraction: float | Mapping[str, float], rounding: str = "floor"
+    kept: Mapping[str, int], fraction: float | Mapping[str, float], rounding: str = "floor"
 ) -> dict[str, int]:
-    """Per layer, how many active weights one update drops.
+    """Per layer, how many of its ``kept[name]`` active weights one update drops.
 
     ``fraction * active`` (``fraction`` may be per layer) rounded down (RigL: ``int(n_ones * drop_fraction)``)
     or up (``"ceil"``: SNFS's and GraNet's ``ceil(rate * nonzeros)``).
+
+    Raises:
+        ValueError: If ``rounding`` is not ``"floor"`` or ``"ceil"``.
     """
     if rounding not in ("floor", "ceil"):
         raise ValueError(f"`rounding` must be 'floor' or 'ceil'; got {rounding!r}.")
     out = {}
-    for n, m in masks.items():
-        active = int(m.sum())
+    for n, active in kept.items():
         exact = (fraction[n] if isinstance(fraction, Mapping) else fraction) * active
         out[n] = min(active, math.floor(exact + 1e-9) if rounding == "floor" else math.ceil(exact - 1e-9))
     return out
 
 
 def drop_magnitude(
-    weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], counts: Mapping[str, int]
+    weights: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
+    counts: Mapping[str, int],
+    kept: Mapping[str, int] | None = None,
 ) -> dict[str, Tensor]:
     """Masks with the ``counts[name]`` smallest-magnitude *active* weights of each layer removed."""
+    kept = active_counts(masks) if kept is None else kept
     out = {}
     for n, m in masks.items():
-        keep = int(m.sum()) - counts[n]
         score = weights[n].detach().abs().float().masked_fill(~m, -math.inf)
-        out[n] = topk_mask(score, keep)
+        out[n] = topk_mask(score, kept[n] - counts[n])
     return out
+
+
+@register_drop_rule("magnitude")
+def magnitude_drop(ctx: UpdateContext, fraction: float | Mapping[str, float]) -> dict[str, Tensor]:
+    """Drop ``r(f * active)`` smallest ``|w|`` per layer (RigL, SNFS, GraNet); ``r``: ``options["rounding"]``."""
+    counts = drop_counts(ctx.kept, fraction, ctx.options.get("rounding", "floor"))
+    return drop_magnitude(ctx.weights, ctx.masks, counts, ctx.kept)
 
 
 def drop_set(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], zeta: float) -> dict[str, Tensor]:
@@ -107,6 +194,13 @@ def drop_set(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], zeta: f
     return out
 
 
+@register_drop_rule("set")
+def set_drop(ctx: UpdateContext, fraction: float | Mapping[str, float]) -> dict[str, Tensor]:
+    """SET's sign-wise rule, see :func:`drop_set` (``fraction`` is ``zeta``)."""
+    return drop_set(ctx.weights, ctx.masks, float(fraction))
+
+
+# ---------------------------------------------------------------------------------------- growth rules
 def grow(scores: Mapping[str, Tensor], masks: Mapping[str, Tensor], counts: Mapping[str, int]) -> dict[str, Tensor]:
     """Masks with the ``counts[name]`` highest-scored *inactive* weights of each layer added.
 
@@ -114,8 +208,9 @@ def grow(scores: Mapping[str, Tensor], masks: Mapping[str, Tensor], counts: Mapp
         ValueError: If a layer has fewer inactive weights than it must grow.
     """
     out = {}
+    kept = active_counts(masks)
     for n, m in masks.items():
-        free = m.numel() - int(m.sum())
+        free = m.numel() - kept[n]
         if counts[n] > free:
             raise ValueError(f"Layer {n!r} cannot grow {counts[n]} weights: only {free} are inactive.")
         score = scores[n].detach().float().masked_fill(m, -math.inf)
@@ -129,50 +224,60 @@ def random_scores(masks: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
     return {n: torch.rand(m.shape, generator=gen).to(m.device) for n, m in masks.items()}
 
 
-def layer_momentum(momentum: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, float]:
-    """SNFS's redistribution statistic: the mean ``|momentum|`` of each layer's active weights (0 if none)."""
-    out = {}
-    for n, m in masks.items():
-        active = int(m.sum())
-        out[n] = float(momentum[n].detach().abs().float()[m].sum()) / active if active else 0.0
-    return out
+@register_growth_rule("random")
+def random_growth(ctx: UpdateContext) -> dict[str, Tensor]:
+    """Uniform scores seeded with ``seed * 1_000_003 + step`` (SET, DSR)."""
+    return random_scores(ctx.masks, ctx.seed * 1_000_003 + ctx.step)
 
 
-def snfs_rates(masks: Mapping[str, Tensor], rate: float, means: Mapping[str, float]) -> dict[str, float]:
-    """SNFS's per-layer prune rates: ``rate``, except ``min(sparsity, rate)`` for a nearly dense layer.
+@register_growth_rule("gradient", needs=("grads",))
+def gradient_growth(ctx: UpdateContext) -> dict[str, Tensor]:
+    """``|dense gradient|`` of the update step (RigL, GraNet)."""
+    return {n: g.detach().abs() for n, g in ctx.need("grads", "gradient").items()}
 
-    A layer with sparsity below 0.2 whose share of the total mean momentum exceeds ``1 / layers`` prunes
-    at most its sparsity (``adjust_prune_rate`` in the official code), so it can grow towards dense.
+
+@register_growth_rule("momentum", needs=("momentum",))
+def momentum_growth(ctx: UpdateContext) -> dict[str, Tensor]:
+    """``|dense momentum|`` (SNFS)."""
+    return {n: b.detach().abs() for n, b in ctx.need("momentum", "momentum").items()}
+
+
+@register_growth_rule("magnitude")
+def magnitude_score(ctx: UpdateContext) -> dict[str, Tensor]:
+    """``|w|``: the score gradual magnitude pruning keeps by (inactive weights are zero)."""
+    return {n: w.detach().abs() for n, w in ctx.weights.items()}
+
+
+def _accumulate_movement(memory: dict[str, Any], weights: Mapping[str, Tensor], grads, finite: Tensor) -> None:
+    scores = memory.setdefault("movement", {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()})
+    for n, w in weights.items():  # S <- S - W * dL/dW; a step with non-finite gradients adds nothing
+        scores[n].sub_(torch.where(finite, w.detach().float() * grads[n].float(), 0.0))
+
+
+@register_growth_rule("movement", observe=_accumulate_movement)
+def movement_score(ctx: UpdateContext) -> dict[str, Tensor]:
+    """Movement scores ``S = -sum_t W_t * dL/dW_t`` accumulated every step (Sanh et al. 2020, first order)."""
+    scores = ctx.memory.get("movement")
+    if scores is None:
+        raise ValueError("The `movement` score has no accumulated scores yet (no optimizer step observed).")
+    return dict(scores)
+
+
+# ---------------------------------------------------------------------------------- redistribution rules
+def proportional_counts(shares: Mapping[str, float], caps: Mapping[str, int], total: int) -> dict[str, int]:
+    """Split ``total`` over layers in proportion to ``shares``, never above ``caps``; the excess is re-split.
+
+    Largest-remainder rounding, so the counts sum to ``total`` whenever the caps allow it (equal shares
+    when all shares are zero).
     """
-    total = sum(means.values())
-    out = {}
-    for n, m in masks.items():
-        sparsity = 1.0 - int(m.sum()) / m.numel()
-        share = means[n] / total if total > 0 else 0.0
-        out[n] = min(sparsity, rate) if sparsity < 0.2 and share > 1.0 / len(masks) else rate
-    return out
-
-
-def momentum_growth_counts(
-    momentum: Mapping[str, Tensor], masks: Mapping[str, Tensor], dropped: Mapping[str, Tensor], total: int
-) -> dict[str, int]:
-    """SNFS's momentum redistribution (Dettmers & Zettlemoyer 2019): per-layer regrowth counts.
-
-    Splits ``total`` regrown weights over layers in proportion to the mean ``|momentum|`` of each layer's
-    active weights (``masks``, before the drop), never more than a layer has free after the drop
-    (``dropped``); the remainder goes to the layers with room, by the same proportions (largest-remainder
-    rounding, so the counts sum to ``total`` whenever there is room).
-    """
-    means = layer_momentum(momentum, masks)
-    caps = {n: d.numel() - int(d.sum()) for n, d in dropped.items()}
-    counts = {n: 0 for n in masks}
-    left, open_layers = total, [n for n in masks if caps[n] > 0]
+    counts = {n: 0 for n in caps}
+    left, open_layers = total, [n for n in caps if caps[n] > 0]
     while left > 0 and open_layers:
-        weight = sum(means[n] for n in open_layers)
+        weight = sum(shares[n] for n in open_layers)
         if weight <= 0:
             ideal = {n: left / len(open_layers) for n in open_layers}
         else:
-            ideal = {n: left * means[n] / weight for n in open_layers}
+            ideal = {n: left * shares[n] / weight for n in open_layers}
         room = {n: caps[n] - counts[n] for n in open_layers}
         add = apportion({n: min(ideal[n], room[n]) for n in open_layers}, room, min(left, sum(room.values())))
         for n, a in add.items():
@@ -182,55 +287,170 @@ def momentum_growth_counts(
     return counts
 
 
-def drop_and_grow(
-    weights: Mapping[str, Tensor],
-    masks: Mapping[str, Tensor],
-    fraction: float,
-    scores: Mapping[str, Tensor],
-    *,
-    drop: str = "magnitude",
-    rounding: str = "floor",
-    momentum: Mapping[str, Tensor] | None = None,
-) -> dict[str, Tensor]:
-    """One topology update: drop, then grow as many weights as were dropped.
+def _dropped_and_caps(ctx: UpdateContext, dropped: Mapping[str, Tensor]) -> tuple[int, dict[str, int], dict[str, int]]:
+    after = active_counts(dropped)
+    caps = {n: m.numel() - after[n] for n, m in dropped.items()}
+    return sum(ctx.kept.values()) - sum(after.values()), after, caps
 
-    Args:
-        weights: Current weights by name.
-        masks: Current bool masks.
-        fraction: Drop fraction ``f_t`` (SET's ``zeta``, RigL's ``alpha_t``, SNFS's prune rate).
-        scores: Growth scores (``|gradient|``, ``|momentum|`` or random); the highest inactive ones grow.
-        drop: ``"magnitude"`` (``rounding(f_t * active)`` smallest ``|w|`` per layer) or ``"set"``
-            (:func:`drop_set`).
-        rounding: ``"floor"`` or ``"ceil"`` of the per-layer drop count.
-        momentum: When given, SNFS's redistribution: prune rates from :func:`snfs_rates` and regrowth
-            counts from :func:`momentum_growth_counts`. Otherwise each layer regrows what it dropped.
 
-    Returns:
-        New bool masks with exactly as many active weights in total as ``masks``.
+@register_redistribution("none")
+def no_redistribution(ctx: UpdateContext, dropped: dict[str, Tensor]) -> dict[str, int]:
+    """Each layer grows back what it dropped: per-layer counts stay constant."""
+    after = active_counts(dropped)
+    return {n: ctx.kept[n] - after[n] for n in dropped}
+
+
+def layer_momentum(momentum: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, float]:
+    """SNFS's redistribution statistic: the mean ``|momentum|`` of each layer's active weights (0 if none)."""
+    sums = torch.stack([(momentum[n].detach().abs().float() * m).sum() for n, m in masks.items()]).tolist()
+    kept = active_counts(masks)
+    return {n: s / kept[n] if kept[n] else 0.0 for n, s in zip(masks, sums)}
+
+
+def snfs_rates(kept: Mapping[str, int], sizes: Mapping[str, int], rate: float, means: Mapping[str, float]) -> dict:
+    """SNFS's per-layer prune rates: ``rate``, except ``min(sparsity, rate)`` for a nearly dense layer.
+
+    A layer with sparsity below 0.2 whose share of the total mean momentum exceeds ``1 / layers`` prunes
+    at most its sparsity (``adjust_prune_rate`` in the official code), so it can grow towards dense.
     """
-    if drop == "set":
-        after = drop_set(weights, masks, fraction)
-    else:
-        rates: float | dict[str, float] = fraction
-        if momentum is not None:
-            rates = snfs_rates(masks, fraction, layer_momentum(momentum, masks))
-        after = drop_magnitude(weights, masks, drop_counts(masks, rates, rounding))
-    counts = {n: int(masks[n].sum()) - int(after[n].sum()) for n in masks}
-    if momentum is not None:
-        counts = momentum_growth_counts(momentum, masks, after, sum(counts.values()))
-    return grow(scores, after, counts)
+    total = sum(means.values())
+    out = {}
+    for n in kept:
+        sparsity = 1.0 - kept[n] / sizes[n]
+        share = means[n] / total if total > 0 else 0.0
+        out[n] = min(sparsity, rate) if sparsity < 0.2 and share > 1.0 / len(kept) else rate
+    return out
 
 
-def prune_by_magnitude(
-    params: Mapping[str, Tensor], masks: Mapping[str, Tensor], sparsity: float, distribution: str
-) -> dict[str, Tensor]:
-    """``masks`` shrunk to ``sparsity`` by removing the smallest-magnitude remaining ``params`` (GMP, GraNet)."""
-    return compute_masks({n: p.detach().abs() for n, p in params.items()}, sparsity, distribution, masks=masks)
+def _momentum_rates(ctx: UpdateContext, fraction: float) -> dict[str, float]:
+    means = layer_momentum(ctx.need("momentum", "momentum"), ctx.masks)
+    return snfs_rates(ctx.kept, {n: m.numel() for n, m in ctx.masks.items()}, fraction, means)
+
+
+def momentum_growth_counts(
+    momentum: Mapping[str, Tensor], masks: Mapping[str, Tensor], dropped: Mapping[str, Tensor], total: int
+) -> dict[str, int]:
+    """SNFS's momentum redistribution (Dettmers & Zettlemoyer 2019): per-layer regrowth counts.
+
+    Splits ``total`` regrown weights over layers in proportion to the mean ``|momentum|`` of each layer's
+    active weights (``masks``, before the drop), never more than a layer has free after the drop
+    (``dropped``), see :func:`proportional_counts`.
+    """
+    after = active_counts(dropped)
+    caps = {n: d.numel() - after[n] for n, d in dropped.items()}
+    return proportional_counts(layer_momentum(momentum, masks), caps, total)
+
+
+@register_redistribution("momentum", needs=("momentum",), rates=_momentum_rates)
+def momentum_redistribution(ctx: UpdateContext, dropped: dict[str, Tensor]) -> dict[str, int]:
+    """SNFS: the dropped total regrows in proportion to each layer's mean ``|momentum|`` (capped per layer)."""
+    total, _, _ = _dropped_and_caps(ctx, dropped)
+    return momentum_growth_counts(ctx.need("momentum", "momentum"), ctx.masks, dropped, total)
+
+
+# ------------------------------------------------------------------------------ DSR (Mostafa & Wang 2019)
+@register_drop_rule("threshold")
+def threshold_drop(ctx: UpdateContext, fraction: float | Mapping[str, float]) -> dict[str, Tensor]:
+    """DSR's adaptive global threshold: drop every active ``|w| < H``, then adapt ``H`` for the next update.
+
+    ``H`` starts at ``options["threshold"]`` (1e-3) and is doubled when fewer than ``(1 - d) * K`` weights
+    were dropped, halved when more than ``(1 + d) * K`` (``K = fraction * active``, ``d = options["tolerance"]``).
+    """
+    h = ctx.memory.get("threshold", ctx.options.get("threshold", 1e-3))
+    out = {n: m & (ctx.weights[n].detach().abs() >= h) for n, m in ctx.masks.items()}
+    dropped = sum(ctx.kept.values()) - sum(active_counts(out).values())
+    target, tolerance = float(fraction) * sum(ctx.kept.values()), ctx.options.get("tolerance", 0.1)
+    if dropped < (1 - tolerance) * target:
+        h *= 2
+    elif dropped > (1 + tolerance) * target:
+        h /= 2
+    ctx.memory["threshold"] = h
+    return out
+
+
+@register_redistribution("survivors")
+def survivor_redistribution(ctx: UpdateContext, dropped: dict[str, Tensor]) -> dict[str, int]:
+    """DSR: the dropped total regrows in proportion to each layer's surviving weights ``R_l`` (capped per layer)."""
+    total, after, caps = _dropped_and_caps(ctx, dropped)
+    return proportional_counts({n: float(r) for n, r in after.items()}, caps, total)
+
+
+# ------------------------------------------------------------------------------------------------ plans
+@dataclass(frozen=True)
+class Pruning:
+    """Gradual pruning stage: keep ``round((1 - s_t) N)`` weights, ``s_t = sparsity(step, total)``.
+
+    Attributes:
+        sparsity: Value schedule of the target sparsity (e.g. :class:`~lightning_pai.core.schedules.Cubic`).
+        score: Growth-rule name whose scores rank the active weights (``"magnitude"``, ``"movement"``).
+        distribution: How the kept count is split over layers (``"global"``, ``"uniform"``, ``"lamp"``).
+    """
+
+    sparsity: Schedule
+    score: str = "magnitude"
+    distribution: str = "global"
+
+
+@dataclass(frozen=True)
+class Rewire:
+    """Drop-and-grow stage at a constant total count.
+
+    Attributes:
+        fraction: Value schedule of the drop fraction ``f_t`` (RigL's cosine, SET's constant ``zeta``).
+        drop: Drop-rule name.
+        growth: Growth-rule name.
+        redistribution: Redistribution-rule name.
+    """
+
+    fraction: Schedule
+    drop: str = "magnitude"
+    growth: str = "gradient"
+    redistribution: str = "none"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A dynamic-sparse-training method: when updates happen, and what each one does.
+
+    Attributes:
+        when: Update schedule.
+        prune: Optional gradual-pruning stage (runs first).
+        rewire: Optional drop-and-grow stage.
+        options: Options the rules read (``rounding``, ...).
+    """
+
+    when: UpdateSchedule
+    prune: Pruning | None = None
+    rewire: Rewire | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def rules(self) -> list[tuple[Registry, str]]:
+        """The (registry, name) pairs this plan uses."""
+        out = []
+        if self.prune is not None:
+            out.append((_GROWTH, self.prune.score))
+        if self.rewire is not None:
+            r = self.rewire
+            out += [(_DROP, r.drop), (_GROWTH, r.growth), (_REDISTRIBUTION, r.redistribution)]
+        return out
+
+    def validate(self) -> None:
+        """Check every rule name (errors list the registered names)."""
+        for registry, name in self.rules():
+            registry.get(name)
+
+    def needs(self) -> set[str]:
+        """Inputs the rules read: subsets of ``{"grads", "momentum"}``."""
+        return {need for registry, name in self.rules() for need in registry.info(name)["needs"]}
+
+    def observers(self) -> list[Callable]:
+        """Per-step accumulators of the rules (e.g. movement scores)."""
+        return [obs for registry, name in self.rules() if (obs := registry.info(name)["observe"]) is not None]
 
 
 @dataclass
 class TopologyUpdate:
-    """Result of one drop/grow update.
+    """Result of one update.
 
     Attributes:
         masks: New bool masks by name.
@@ -245,8 +465,227 @@ class TopologyUpdate:
 
 def diff(old: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> TopologyUpdate:
     """Summarise the change from ``old`` to ``new`` masks."""
-    return TopologyUpdate(
-        masks=dict(new),
-        dropped={n: int((old[n] & ~new[n]).sum()) for n in old},
-        grown={n: int((new[n] & ~old[n]).sum()) for n in old},
-    )
+    dropped = active_counts({n: old[n] & ~new[n] for n in old})
+    grown = active_counts({n: new[n] & ~old[n] for n in old})
+    return TopologyUpdate(masks=dict(new), dropped=dropped, grown=grown)
+
+
+def optimizer_momentum(optimizer: torch.optim.Optimizer | None, params: Mapping[str, Tensor]) -> dict | None:
+    """The optimizer's own momentum per parameter, as the SNFS reference code reads it; None if it has none.
+
+    SGD: ``momentum_buffer``; Adam/AdamW: ``exp_avg / (sqrt(exp_avg_sq) + eps)``. Parameters without state
+    yet (before the first step) get zeros.
+    """
+    if not has_momentum(optimizer):
+        return None
+    out = {}
+    for n, p in params.items():
+        state = optimizer.state.get(p, {})
+        if "exp_avg" in state:
+            eps = next(g.get("eps", 1e-8) for g in optimizer.param_groups if any(q is p for q in g["params"]))
+            out[n] = state["exp_avg"] / (state["exp_avg_sq"].sqrt() + eps)
+        elif "momentum_buffer" in state and state["momentum_buffer"] is not None:
+            out[n] = state["momentum_buffer"]
+        else:
+            out[n] = torch.zeros_like(p)
+    return out
+
+
+def has_momentum(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether :func:`optimizer_momentum` can read a momentum: Adam/AdamW, or SGD with ``momentum > 0``."""
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return True
+    return isinstance(optimizer, torch.optim.SGD) and all(g.get("momentum", 0) > 0 for g in optimizer.param_groups)
+
+
+class TopologyUpdater:
+    """Runs a :class:`Plan`: decides update steps, computes new masks, owns the method's state.
+
+    The state (``updates``, the ITOP set ``fired`` — every weight ever active, Liu et al. 2021 —, the dense
+    momentum buffer when the optimizer has none, and the rules' ``memory``) round-trips through
+    :meth:`state_dict`. Framework-free: the Lightning adapter calls :meth:`observe` with the dense gradients
+    every step, :meth:`compute` at update steps, and :meth:`record` with the masks it finally applies.
+
+    Momentum: rules that need it read the optimizer's own momentum (:func:`optimizer_momentum`) when
+    :meth:`bind` found one; then the masked weights' gradients must reach the optimizer (``dense_gradients``
+    is True) so that the momentum of inactive weights is built from their dense gradients, as in the SNFS
+    reference code. Otherwise the updater keeps ``m <- beta * m + grad`` itself from the dense gradients.
+
+    Args:
+        plan: The method.
+        seed: Seed of random rules.
+        beta: Decay of the updater's own momentum buffer.
+    """
+
+    def __init__(self, plan: Plan, *, seed: int = 0, beta: float = 0.9) -> None:
+        plan.validate()
+        self.plan, self.seed, self.beta = plan, int(seed), float(beta)
+        self._needs = plan.needs()
+        self._observers = plan.observers()
+        self.updates = 0
+        self.fired: dict[str, Tensor] | None = None
+        self.momentum: dict[str, Tensor] | None = None
+        self.memory: dict[str, Any] = {}
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def use_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """The optimizer whose momentum rules may read (see :attr:`dense_gradients`)."""
+        self._optimizer = optimizer
+
+    def bind(self, masks: Mapping[str, Tensor]) -> None:
+        """Start (or continue, after :meth:`load_state_dict`) on ``masks``' devices (after :meth:`use_optimizer`)."""
+        optimizer = self._optimizer
+        if self.fired is None:
+            self.fired = {n: m.clone() for n, m in masks.items()}
+        else:
+            self.fired = {n: f.to(masks[n].device) for n, f in self.fired.items()}
+        if "momentum" in self._needs and not has_momentum(optimizer):
+            if self.momentum is None:
+                self.momentum = {n: torch.zeros(m.shape, device=m.device) for n, m in masks.items()}
+            else:
+                self.momentum = {n: b.to(masks[n].device) for n, b in self.momentum.items()}
+        self.memory = _to_device(self.memory, next(iter(masks.values())).device)
+
+    @property
+    def dense_gradients(self) -> bool:
+        """Whether the optimizer must see dense gradients (its own momentum is read for inactive weights)."""
+        return "momentum" in self._needs and has_momentum(self._optimizer)
+
+    @property
+    def observes_every_step(self) -> bool:
+        """Whether :meth:`observe` has work at every step (own momentum or a per-step accumulator)."""
+        return bool(self._observers) or self.momentum is not None
+
+    @property
+    def needs_grads(self) -> bool:
+        """Whether an update reads the dense gradients of its step."""
+        return "grads" in self._needs
+
+    def is_update(self, step: int, total: int, epoch_end: bool = False) -> bool:
+        """Whether optimizer step ``step`` of ``total`` ends with an update (a growing method never at the last)."""
+        if self.plan.rewire is not None and step >= total:
+            return False
+        return self.plan.when.is_update(step, total, epoch_end)
+
+    # ------------------------------------------------------------------- steps
+    @torch.no_grad()
+    def observe(self, weights: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> None:
+        """Accumulate per-step state from the dense gradients (no host synchronisation).
+
+        A step whose gradients are not all finite (e.g. skipped by a ``GradScaler``) adds nothing.
+        """
+        if not self.observes_every_step:
+            return
+        finite = torch.stack([g.isfinite().all() for g in grads.values()]).all()
+        if self.momentum is not None:
+            bufs = [self.momentum[n] for n in grads]
+            torch._foreach_mul_(bufs, torch.where(finite, self.beta, 1.0))
+            torch._foreach_add_(bufs, [torch.where(finite, g.float(), 0.0) for g in grads.values()])
+        for obs in self._observers:
+            obs(self.memory, weights, grads, finite)
+
+    def current_momentum(self, params: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """The momentum the rules read: the optimizer's, or the updater's own buffer."""
+        if "momentum" not in self._needs:
+            return None
+        return self.momentum if self.momentum is not None else optimizer_momentum(self._optimizer, params)
+
+    @torch.no_grad()
+    def compute(
+        self,
+        step: int,
+        total: int,
+        weights: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """The masks after the update at ``step``: pruning stage, then rewiring stage (pure but for ``memory``)."""
+        plan, masks = self.plan, {n: m.clone() for n, m in masks.items()}
+        ctx = UpdateContext(
+            weights=weights,
+            masks=masks,
+            kept=active_counts(masks),
+            step=step,
+            seed=self.seed,
+            grads=grads,
+            momentum=self.current_momentum(weights),
+            memory=self.memory,
+            options=plan.options,
+        )
+        if plan.prune is not None:
+            target = plan.prune.sparsity(step, total)
+            size = sum(m.numel() for m in masks.values())
+            if sum(ctx.kept.values()) > size - round(target * size):
+                scores = _GROWTH.get(plan.prune.score)(ctx)
+                ctx.masks = compute_masks(scores, target, plan.prune.distribution, masks=masks)
+                ctx.kept = active_counts(ctx.masks)
+        if plan.rewire is not None:
+            ctx.masks = drop_and_grow(ctx, plan.rewire.fraction(step, total), plan.rewire)
+        return ctx.masks
+
+    def record(self, old: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> TopologyUpdate:
+        """Count the applied update ``old -> new`` and add the new masks to the ITOP set."""
+        update = diff(old, new)
+        for n, m in new.items():
+            self.fired[n] |= m.to(self.fired[n].device)
+        if self.momentum is not None:  # as the optimizer state: inactive entries <- mean of the active ones
+            for n, m in new.items():
+                buf = self.momentum[n]
+                buf.copy_(torch.where(m, buf, (buf * m).sum() / m.sum().clamp_min(1)))
+        self.updates += 1
+        return update
+
+    @property
+    def itop(self) -> float:
+        """Fraction of the targeted weights that have been active at some point (Liu et al. 2021)."""
+        if self.fired is None:
+            return 0.0
+        return sum(active_counts(self.fired).values()) / sum(f.numel() for f in self.fired.values())
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, ITOP set, own momentum and rule memory (CPU tensors)."""
+        return {
+            "updates": self.updates,
+            "fired": _to_device(self.fired, "cpu"),
+            "momentum": _to_device(self.momentum, "cpu"),
+            "memory": _to_device(self.memory, "cpu"),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; call :meth:`bind` afterwards to move it to the masks' devices."""
+        self.updates = int(state.get("updates", 0))
+        for key in ("fired", "momentum"):
+            if state.get(key) is not None:
+                setattr(self, key, _to_device(state[key], "cpu"))
+        self.memory = _to_device(dict(state.get("memory") or {}), "cpu")
+
+
+def drop_and_grow(ctx: UpdateContext, fraction: float, rewire: Rewire) -> dict[str, Tensor]:
+    """One rewiring: per-layer drop fractions (the redistribution rule may adjust them), drop, count, grow.
+
+    Returns:
+        New bool masks; the total kept count is unchanged whenever the layers have room.
+    """
+    redistribution = _REDISTRIBUTION.get(rewire.redistribution)
+    rates_fn = _REDISTRIBUTION.info(rewire.redistribution)["rates"]
+    rates = rates_fn(ctx, fraction) if rates_fn is not None else fraction
+    dropped = _DROP.get(rewire.drop)(ctx, rates)
+    counts = redistribution(ctx, dropped)
+    return grow(_GROWTH.get(rewire.growth)(ctx), dropped, counts)
+
+
+def prune_by_magnitude(
+    params: Mapping[str, Tensor], masks: Mapping[str, Tensor], sparsity: float, distribution: str
+) -> dict[str, Tensor]:
+    """``masks`` shrunk to ``sparsity`` by removing the smallest-magnitude remaining ``params``."""
+    return compute_masks({n: p.detach().abs() for n, p in params.items()}, sparsity, distribution, masks=masks)
+
+
+def _to_device(obj: Any, device: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().to(device).clone() if str(device) == "cpu" else obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_pai.core.distributions import Distribution, get_distribution
-from lightning_pai.core.select import masks_from_counts, raise_to_floors
+from lightning_pai.core.select import active_counts, masks_from_counts, raise_to_floors
 from lightning_pai.core.targets import Selectors, select_targets
 
 
@@ -74,7 +74,8 @@ def compute_masks(
     if masks is not None:
         scores = {n: s.masked_fill(~masks[n].to(s.device), -math.inf) for n, s in scores.items()}
     counts = fn(scores, density)
-    available = {n: int(masks[n].sum()) if masks is not None else s.numel() for n, s in scores.items()}
+    kept = active_counts(masks) if masks is not None else None
+    available = {n: kept[n] if kept is not None else s.numel() for n, s in scores.items()}
     counts = {n: min(c, available[n]) for n, c in counts.items()}
     if min_density > 0:
         floors = {n: min(available[n], math.ceil(min_density * s.numel() - 1e-9)) for n, s in scores.items()}
@@ -127,6 +128,10 @@ class MaskSet:
     def _refresh_lists(self) -> None:
         self._plist = list(self._params.values())
         self._mlist = [self._masks[n] for n in self._params]
+        # The same bytes seen as uint8: a float tensor times a uint8 one takes PyTorch's fast same-kind
+        # multiply path, a float times a bool one a slow promotion path (2.3 vs 5.9 ms per step on ResNet-18
+        # on 2 CPU threads); still 1 byte per weight, and the views follow every in-place mask update.
+        self._ulist = [m.view(torch.uint8) for m in self._mlist]
 
     # ----------------------------------------------------------------- access
     @property
@@ -153,8 +158,8 @@ class MaskSet:
         return self._masks.items()
 
     def kept(self) -> dict[str, int]:
-        """Number of kept weights per layer."""
-        return {n: int(m.sum()) for n, m in self._masks.items()}
+        """Number of kept weights per layer (one host synchronisation for all layers)."""
+        return active_counts(self._masks)
 
     @property
     def total(self) -> int:
@@ -170,49 +175,66 @@ class MaskSet:
     @torch.no_grad()
     def apply_(self) -> None:
         """Zero every masked weight in place."""
-        torch._foreach_mul_(self._plist, self._mlist)
+        torch._foreach_mul_(self._plist, self._ulist)
 
     @torch.no_grad()
     def mask_grads_(self) -> None:
         """Zero the gradients of masked weights in place (call after backward, before the step)."""
-        pairs = [(p.grad, m) for p, m in zip(self._plist, self._mlist) if p.grad is not None]
+        pairs = [(p.grad, m) for p, m in zip(self._plist, self._ulist) if p.grad is not None]
         if pairs:
             grads, masks = zip(*pairs)
             torch._foreach_mul_(list(grads), list(masks))
 
     @torch.no_grad()
-    def mask_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero the masked entries of every parameter-shaped optimizer state (momentum, ``exp_avg``, ...)."""
-        for p, m in zip(self._plist, self._mlist):
+    def mask_optimizer_state_(self, optimizer: torch.optim.Optimizer, fill: str = "zero") -> None:
+        """Reset the masked entries of every parameter-shaped optimizer state (momentum, ``exp_avg``, ...).
+
+        Args:
+            optimizer: The optimizer whose ``state`` to edit.
+            fill: ``"zero"`` (the entries of masked weights become 0), or ``"mean"``: they become the mean of
+                the kept entries of the same tensor (SNFS's ``reset_momentum``, Dettmers & Zettlemoyer 2019).
+
+        """
+        if fill not in ("zero", "mean"):
+            raise ValueError(f"`fill` must be 'zero' or 'mean'; got {fill!r}.")
+        for p, m, u in zip(self._plist, self._mlist, self._ulist):
             for value in optimizer.state.get(p, {}).values():
                 if isinstance(value, Tensor) and value.shape == p.shape:
-                    value.mul_(m)
+                    if fill == "zero":
+                        value.mul_(u)
+                    else:
+                        mean = (value * u).sum() / u.sum().clamp_min(1)
+                        value.copy_(torch.where(m, value, mean))
 
-    def update_(self, masks: Mapping[str, Tensor], optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
-        """Replace the masks in place, zero the newly masked weights and their optimizer state.
+    def update_(
+        self, masks: Mapping[str, Tensor], optimizers: Iterable[torch.optim.Optimizer] = (), fill: str = "zero"
+    ) -> None:
+        """Replace the masks in place, zero the newly masked weights and reset their optimizer state.
 
         Args:
             masks: New bool mask per name (every name of this set, same shapes).
             optimizers: Optimizers whose state to clean.
+            fill: How masked state entries are reset, see :meth:`mask_optimizer_state_`.
 
         """
         self.load_state_dict(masks)
         self.apply_()
         for opt in optimizers:
-            self.mask_optimizer_state_(opt)
+            self.mask_optimizer_state_(opt, fill)
 
-    def attach(self, optimizer: torch.optim.Optimizer, mask_grads: bool = True) -> None:
+    def attach(self, optimizer: torch.optim.Optimizer, mask_grads: bool = True, mask_weights: bool = False) -> None:
         """Enforce the masks around every ``optimizer.step()``.
 
         Registers a step post-hook that re-applies the masks to the weights (not for the optimizers in
         :data:`ZERO_PRESERVING`, which leave zero weights with zero gradient and zero state at exactly
-        zero) and, if ``mask_grads``, a pre-hook that zeroes masked gradients. Lightning calls the step
-        with a closure that runs backward *inside* the step, after the pre-hook; there, pass
-        ``mask_grads=False`` and call :meth:`mask_grads_` from ``on_before_optimizer_step`` instead.
+        zero, unless ``mask_weights``) and, if ``mask_grads``, a pre-hook that zeroes masked gradients.
+        Lightning calls the step with a closure that runs backward *inside* the step, after the pre-hook;
+        there, pass ``mask_grads=False`` and call :meth:`mask_grads_` from ``on_before_optimizer_step``
+        instead. Pass ``mask_weights=True`` when the gradients of masked weights reach the optimizer.
         """
         if mask_grads:
             self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.mask_grads_()))
-        if type(optimizer) not in ZERO_PRESERVING:
+        if mask_weights or type(optimizer) not in ZERO_PRESERVING:
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply_()))
 
     def detach(self) -> None:

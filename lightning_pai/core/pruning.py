@@ -10,10 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_pai.core.distributions import Distribution
-from lightning_pai.core.masks import check_sparsity, compute_masks
+from lightning_pai.core.masks import compute_masks
+from lightning_pai.core.schedules import round_sparsities
 from lightning_pai.core.scorers import Scorer, ScoringContext, get_scorer
 
-SCHEDULES = ("exponential", "linear")
 ABLATIONS = ("shuffle", "reinit", "invert")
 
 
@@ -28,21 +28,6 @@ def check_choice(value: object, allowed: tuple, argument: str, optional: bool = 
 def is_number(value: object, integer: bool = False) -> bool:
     """Whether ``value`` is an ``int`` (or, unless ``integer``, a ``float``), ``bool`` excluded."""
     return not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-
-
-def round_sparsities(sparsity: float, iterations: int, schedule: str = "exponential") -> list[float]:
-    """Sparsity after each of ``iterations`` rounds, ending at ``sparsity``.
-
-    ``"exponential"`` (Tanaka et al. 2020): density after round ``r`` is ``(1 - sparsity) ** (r / k)``,
-    so each round removes the same fraction of the remaining weights. ``"linear"``: ``sparsity * r / k``.
-    """
-    check_sparsity(sparsity)
-    check_choice(schedule, SCHEDULES, "schedule")
-    if not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"`iterations` must be a positive integer; got {iterations!r}.")
-    if schedule == "exponential":
-        return [1.0 - (1.0 - sparsity) ** (r / iterations) for r in range(1, iterations + 1)]
-    return [sparsity * r / iterations for r in range(1, iterations + 1)]
 
 
 @contextmanager
@@ -85,32 +70,38 @@ def shuffle_masks(masks: Mapping[str, Tensor], seed: int = 0) -> dict[str, Tenso
 
 
 @torch.no_grad()
-def reinitialize_(module: nn.Module, names: list[str], seed: int = 0) -> None:
-    """Re-draw the named parameters with their layer's own initializer (``reset_parameters``), seeded.
+def reinitialize_(
+    module: nn.Module, names: list[str], seed: int = 0, initial: Mapping[str, Tensor] | None = None
+) -> None:
+    """Re-draw the named parameters from their layer's *original* initial distribution, seeded.
 
-    Only the named parameters change; other parameters of the same layers (e.g. biases) are kept.
+    Each parameter becomes a random permutation of its layer's recorded initial values (``initial[name]``;
+    default: the parameter's current values, i.e. its initialisation when called before training). The
+    new values therefore follow exactly the per-layer distribution the model was initialised with —
+    including a non-default initialiser such as torchvision's ``kaiming_normal_(mode="fan_out")`` — while
+    every position gets a new value. Calling the layer's ``reset_parameters()`` instead would draw from
+    PyTorch's *default* initialiser (for a torchvision ResNet conv a 2.5x smaller std) and confound "new
+    values" with "another scale" in the sanity checks (Frankle et al. 2021; Frankle & Carbin 2019's
+    random reinitialisation). Other parameters (e.g. biases) are untouched.
+
+    Args:
+        module: The model owning ``names``.
+        names: Fully qualified parameter names.
+        seed: Seed of the permutations (a CPU generator, so every rank draws the same).
+        initial: Recorded initial values by name (CPU or device tensors of the parameters' shapes).
 
     Raises:
-        ValueError: If a parameter's owning layer has no ``reset_parameters``.
-
+        KeyError: If a name is not a parameter of ``module``.
     """
-    modules = dict(module.named_modules())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for name in names:
-            owner_name, _, attr = name.rpartition(".")
-            owner = modules[owner_name]
-            if not hasattr(owner, "reset_parameters"):
-                raise ValueError(f"`ablation='reinit'`: layer {owner_name!r} has no `reset_parameters` initializer.")
-            keep = {k: p.detach().clone() for k, p in owner.named_parameters(recurse=False) if k != attr}
-            target = getattr(owner, attr)
-            owner.reset_parameters()
-            fresh = getattr(owner, attr)
-            if fresh is not target:  # a layer that re-created its parameter object: copy back into ours
-                target.copy_(fresh)
-                setattr(owner, attr, target)
-            for k, v in keep.items():
-                getattr(owner, k).copy_(v)
+    params = dict(module.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    for name in names:
+        if name not in params:
+            raise KeyError(f"`reinitialize_`: the model has no parameter {name!r}.")
+        p = params[name]
+        source = (initial[name] if initial is not None else p).detach().reshape(-1)
+        perm = torch.randperm(source.numel(), generator=gen)
+        p.copy_(source.to("cpu", copy=True)[perm].view_as(p).to(p.device))
 
 
 def prune(
@@ -140,8 +131,8 @@ def prune(
         schedule: ``"exponential"`` or ``"linear"``.
         ablation: Sanity-check control (Frankle et al. 2021, arXiv:2009.08576; Su et al. 2020,
             arXiv:2009.11094): ``"shuffle"`` permutes each layer's final mask, ``"reinit"`` re-draws the
-            kept weights with the layer's initializer, ``"invert"`` keeps the *lowest*-scored weights in
-            each round with the per-layer counts the method would have chosen.
+            kept weights from the layer's initial values (see :func:`reinitialize_`), ``"invert"`` keeps
+            the *lowest*-scored weights in each round with the per-layer counts the method would have chosen.
         min_density: Every layer keeps at least ``ceil(min_density * size)`` weights (layer-collapse guard).
 
     Returns:

@@ -1,36 +1,46 @@
-"""A small name -> function registry shared by scorers and distributions."""
+"""A small name -> function registry, with per-entry metadata, shared by every pluggable family."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from types import MappingProxyType
+from typing import Any, Generic, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
 
 class Registry(Generic[F]):
-    """Maps names to functions that all share one signature.
+    """Maps names to functions that all share one signature, each with a metadata dict.
+
+    Metadata describes what an entry needs or how it behaves (e.g. a scorer's ``needs="data"``, a growth
+    rule's ``needs=("grads",)``), so the callers never special-case names.
 
     Args:
         kind: What the registry holds, used in messages (e.g. ``"scorer"``).
         argument: The user-facing argument that takes a name from this registry (e.g. ``"method"``).
         register_hint: The public function that adds an entry, quoted in errors.
+        defaults: Metadata every entry has unless its registration overrides it.
 
     """
 
-    def __init__(self, kind: str, argument: str, register_hint: str) -> None:
+    def __init__(self, kind: str, argument: str, register_hint: str, defaults: dict[str, Any] | None = None) -> None:
         self.kind = kind
         self.argument = argument
         self.register_hint = register_hint
+        self.defaults = dict(defaults or {})
         self._entries: dict[str, F] = {}
+        self._info: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str, fn: F | None = None, *, overwrite: bool = False) -> Callable[[F], F] | F:
-        """Register ``fn`` under ``name``; usable as a decorator when ``fn`` is omitted.
+    def register(self, name: str, fn: F | None = None, *, overwrite: bool = False, **info: Any) -> Callable[[F], F] | F:
+        """Register ``fn`` under ``name`` with metadata ``info``; usable as a decorator when ``fn`` is omitted.
 
         Raises:
-            ValueError: If ``name`` is taken and ``overwrite`` is False.
+            ValueError: If ``name`` is taken and ``overwrite`` is False, or ``info`` has an unknown key.
 
         """
+        unknown = sorted(set(info) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"Unknown {self.kind} metadata {unknown}; known: {sorted(self.defaults)}.")
 
         def _add(f: F) -> F:
             key = name.lower()
@@ -39,6 +49,7 @@ class Registry(Generic[F]):
                     f"A {self.kind} named {name!r} is already registered; pass `overwrite=True` to replace it."
                 )
             self._entries[key] = f
+            self._info[key] = {**self.defaults, **info}
             return f
 
         return _add if fn is None else _add(fn)
@@ -58,6 +69,13 @@ class Registry(Generic[F]):
                 f"Register a new one with `{self.register_hint}(name, fn)`."
             )
         return self._entries[name.lower()]
+
+    def info(self, name: str | F) -> MappingProxyType:
+        """Metadata of ``name`` (read-only); a callable gets its ``__lightning_pai__`` dict or the defaults."""
+        if callable(name):
+            return MappingProxyType({**self.defaults, **getattr(name, "__lightning_pai__", {})})
+        self.get(name)
+        return MappingProxyType(self._info[name.lower()])
 
     def list(self) -> list[str]:
         """Names of all registered entries, sorted."""

@@ -41,7 +41,7 @@ def snip(ctx: ScoringContext) -> dict[str, Tensor]:
     return {n: (g * p.detach()).abs().float() for n, g, p in zip(names, total, params)}
 
 
-@register_scorer("grasp")
+@register_scorer("grasp", signed=True)
 def grasp(ctx: ScoringContext) -> dict[str, Tensor]:
     """GraSP, gradient signal preservation (Wang et al. 2020, arXiv:2002.07376).
 
@@ -93,7 +93,7 @@ def _linearized(module: nn.Module) -> Iterator[None]:
             t.data = data
 
 
-@register_scorer("synflow")
+@register_scorer("synflow", needs="shape", iterations=100)
 def synflow(ctx: ScoringContext) -> dict[str, Tensor]:
     """Iterative Synaptic Flow (Tanaka et al. 2020, arXiv:2006.05467); data-free.
 

@@ -4,7 +4,14 @@ Every scorer has the same signature::
 
     fn(ctx: ScoringContext) -> dict[str, Tensor]
 
-returning, for each name in ``ctx.params``, a float tensor shaped like the parameter.
+returning, for each name in ``ctx.params``, a float tensor shaped like the parameter. Each registered
+scorer carries metadata (:func:`scorer_info`) that callers read instead of special-casing names:
+
+- ``needs``: ``"nothing"`` (weights only), ``"shape"`` (one input's shape, e.g. SynFlow's all-ones
+  input) or ``"data"`` (batches and a loss);
+- ``iterations``: default number of scoring rounds (SynFlow: 100);
+- ``signed``: whether scores may be negative (GraSP), which rules out distributions that rank magnitudes
+  (LAMP).
 """
 
 from __future__ import annotations
@@ -84,12 +91,45 @@ class ScoringContext:
 
 Scorer = Callable[[ScoringContext], dict[str, Tensor]]
 
-_SCORERS: Registry[Scorer] = Registry("scorer", "method", "lightning_pai.register_scorer")
+SCORER_NEEDS = ("nothing", "shape", "data")
+_SCORERS: Registry[Scorer] = Registry(
+    "scorer",
+    "method",
+    "lightning_pai.register_scorer",
+    defaults={"needs": "data", "iterations": 1, "signed": False},
+)
 
 
-def register_scorer(name: str, fn: Scorer | None = None, *, overwrite: bool = False):
-    """Register a scorer ``fn(ctx) -> scores`` under ``name`` (decorator if ``fn`` is None)."""
-    return _SCORERS.register(name, fn, overwrite=overwrite)
+def register_scorer(
+    name: str,
+    fn: Scorer | None = None,
+    *,
+    overwrite: bool = False,
+    needs: str = "data",
+    iterations: int = 1,
+    signed: bool = False,
+):
+    """Register a scorer ``fn(ctx) -> scores`` under ``name`` (decorator if ``fn`` is None).
+
+    Args:
+        name: Registry name (case-insensitive).
+        fn: The scorer.
+        overwrite: Replace an existing entry of that name.
+        needs: ``"nothing"``, ``"shape"`` or ``"data"`` (see the module docstring).
+        iterations: Default number of scoring rounds.
+        signed: Whether the scores may be negative.
+
+    Raises:
+        ValueError: If ``needs`` is not one of :data:`SCORER_NEEDS` or the name is taken.
+    """
+    if needs not in SCORER_NEEDS:
+        raise ValueError(f"`needs` must be one of {', '.join(map(repr, SCORER_NEEDS))}; got {needs!r}.")
+    return _SCORERS.register(name, fn, overwrite=overwrite, needs=needs, iterations=iterations, signed=signed)
+
+
+def scorer_info(name: str | Scorer) -> Mapping[str, Any]:
+    """Metadata of a scorer: ``needs``, ``iterations``, ``signed`` (defaults for an unregistered callable)."""
+    return _SCORERS.info(name)
 
 
 def get_scorer(name: str | Scorer) -> Scorer:
@@ -107,14 +147,14 @@ def list_scorers() -> list[str]:
     return _SCORERS.list()
 
 
-@register_scorer("magnitude")
+@register_scorer("magnitude", needs="nothing")
 @torch.no_grad()
 def magnitude(ctx: ScoringContext) -> dict[str, Tensor]:
     """Magnitude pruning (Han et al. 2015, arXiv:1506.02626): score ``|w|``."""
     return {n: p.detach().abs().float() for n, p in ctx.params.items()}
 
 
-@register_scorer("random")
+@register_scorer("random", needs="nothing")
 @torch.no_grad()
 def random(ctx: ScoringContext) -> dict[str, Tensor]:
     """Random pruning: i.i.d. ``U(0, 1)`` scores from a CPU generator seeded with ``ctx.seed``.

@@ -9,6 +9,15 @@ import torch
 from torch import Tensor
 
 
+def active_counts(masks: Mapping[str, Tensor]) -> dict[str, int]:
+    """Kept weights per layer, read from the device with one synchronisation for all layers."""
+    if not masks:
+        return {}
+    first = next(iter(masks.values()))
+    sums = torch.stack([m.sum().to(first.device) for m in masks.values()]).tolist()
+    return dict(zip(masks, (int(s) for s in sums)))
+
+
 def topk_mask(scores: Tensor, k: int) -> Tensor:
     """Boolean mask keeping exactly the ``k`` highest scores.
 
