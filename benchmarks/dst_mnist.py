@@ -1,8 +1,9 @@
 """Dynamic sparse training on LeNet-300-100 / MNIST at 98 % and 99 % sparsity, and SET's Fashion-MNIST set-up.
 
-``--task mnist`` (default): dense, static random (ERK), SET, RigL, SNFS, GraNet and gradual magnitude
-pruning (GMP) on LeNet-300-100, beside the SNFS paper's numbers (Dettmers & Zettlemoyer 2019, Table 1:
-1.99 % test error at 98 %, 2.36 % at 99 %; 100 epochs, SGD lr 0.1, momentum 0.9, batch 100). Recipe:
+``--task mnist`` (default): dense, static random (ERK), SET, RigL, SNFS, GraNet, DSR, gradual magnitude
+pruning (GMP) and movement pruning on LeNet-300-100, beside the SNFS paper's numbers (Dettmers &
+Zettlemoyer 2019, Table 1: 1.99 % test error at 98 %, 2.36 % at 99 %; 100 epochs, SGD lr 0.1, momentum 0.9,
+batch 100). Recipe:
 SGD momentum 0.9, lr 0.1 x0.1 at 25k/50k of 54k iterations (scaled with ``--epochs``), weight decay
 5e-4, batch 100, PyTorch's default init, 6k training images held out.
 
@@ -12,12 +13,14 @@ momentum 0.9, weight decay 2e-4, dropout 0.2, batch 40, He initialisation scaled
 fan-in (at 4.5 % density PyTorch's dense init leaves the signal ~100x too small after 3 layers): SET
 against the same masks and initial weights kept static.
 
-Every method uses the library's engine calls with each callback's defaults (the callbacks run exactly
-these functions on a Lightning module): initial masks from :func:`lightning_pai.core.prune` with the
-method's distribution, topology updates from :func:`lightning_pai.core.dst.drop_and_grow`, gradual
-pruning from :func:`~lightning_pai.core.dst.prune_by_magnitude`, schedules from ``cosine_fraction`` /
-``cubic_sparsity``. As in the callbacks, growth uses the dense gradient of the update step (before
-masking) or a dense momentum ``m <- 0.9 m + g``; grown weights start at zero with zero momentum.
+Every method runs the library's own method definition: each model gets a
+:class:`lightning_pai.core.dst.TopologyUpdater` built from the callback's ``plan()`` with its defaults
+(``RigL(s).plan()``, ``SNFS(s).plan()``, ...), which decides the update steps and computes the masks,
+exactly as inside the Lightning callbacks; initial masks come from :func:`lightning_pai.core.prune` with
+the callback's ``distribution`` and starting sparsity. Growth uses the dense gradient of the update step
+(before masking). Momentum rules (SNFS) read the updater's own buffer ``m <- 0.9 m + g`` from the dense
+gradients (the callback reads the optimizer's SGD buffer instead, which here differs only by the weight
+decay term); grown weights start at zero with zero momentum.
 
 Per-method settings (callback defaults; T = total iterations, E = iterations per epoch):
 
@@ -28,7 +31,10 @@ Per-method settings (callback defaults; T = total iterations, E = iterations per
   0.005, ceil counts, momentum growth and redistribution.
 - GraNet: ERK at 50 %; every ``--granet-delta-t`` iterations, global cubic pruning to the target until
   110/160 T, then drop ceil(r_t n) and regrow by |grad| (r_t: 0.5 cosine to 0.005).
+- DSR: uniform masks; every 100 iterations drop |w| < H (H adapted towards 10 % of the active weights per
+  update, from 1e-3), random regrowth in proportion to each layer's surviving weights.
 - GMP: dense; every 100 iterations from 0 to 0.75 T, layer-wise magnitude pruning on the cubic schedule.
+- movement: as GMP, keeping the highest accumulated movement S = -sum W dL/dW instead of |W|.
 
 All (method, sparsity, seed) models train at once as one stacked batch (see ``mnist_common``), each
 with its own masks, data order and optimizer state. The table (final test error, mean +- std over
@@ -54,21 +60,24 @@ from pathlib import Path
 import torch
 from mnist_common import LENET_300_100, BatchStream, StackedMLP, base_parser, load_mnist, mlp, weight_names
 
-from lightning_pai.core import ScoringContext, prune
-from lightning_pai.core.dst import (
-    cosine_fraction,
-    cubic_sparsity,
-    drop_and_grow,
-    prune_by_magnitude,
-    random_scores,
-)
+from lightning_pai import DSR, SET, SNFS, GradualMagnitudePruning, GraNet, MovementPruning, RigL
+from lightning_pai.core import ScoringContext, TopologyUpdater, prune
 
-MNIST_METHODS = ("static", "set", "rigl", "snfs", "granet", "gmp")
+#: The callbacks whose default method each benchmark row runs (static: ERK random masks, never updated).
+CALLBACKS = {
+    "set": SET,
+    "rigl": RigL,
+    "snfs": SNFS,
+    "granet": GraNet,
+    "dsr": DSR,
+    "gmp": GradualMagnitudePruning,
+    "movement": MovementPruning,
+}
+MNIST_METHODS = ("static", *CALLBACKS)
 MNIST_SPARSITIES = (0.98, 0.99)
 PAPER_SNFS = {0.98: 1.99, 0.99: 2.36}  # Dettmers & Zettlemoyer 2019, Table 1 (test error %)
 FASHION_SIZES = (784, 1000, 1000, 1000, 10)
 PAPER_FASHION = {"set": 82.6, "static": 80.6}  # accuracy %, as cited in issue 5
-INITIAL = {"static": "erk", "set": "er", "rigl": "erk", "snfs": "uniform", "granet": "erk", "gmp": None}
 
 
 def er_sparsity(sizes: tuple[int, ...], epsilon: float) -> float:
@@ -79,10 +88,16 @@ def er_sparsity(sizes: tuple[int, ...], epsilon: float) -> float:
 
 
 class Run:
-    """One model: its method, target sparsity, seed and the method's schedule."""
+    """One model: its method, target sparsity, seed, and the callback that defines the method (None: static)."""
 
-    def __init__(self, method: str, sparsity: float, seed: int) -> None:
+    def __init__(self, method: str, sparsity: float, seed: int, granet_delta_t: int = 200) -> None:
         self.method, self.sparsity, self.seed = method, sparsity, seed
+        self.callback = None
+        if method in CALLBACKS:
+            kwargs = {"delta_t": granet_delta_t} if method == "granet" else {}
+            self.callback = CALLBACKS[method](sparsity, **kwargs)
+        self.distribution = "erk" if self.callback is None else self.callback.distribution
+        self.start = sparsity if self.callback is None else self.callback._start_sparsity()
 
 
 class DSTTrainer:
@@ -106,20 +121,22 @@ class DSTTrainer:
             lr=args.lr,
             momentum=0.9,
         )
-        # dense gradient momentum, kept for the SNFS models only (row of model k: self.snfs_row[k])
-        snfs = [k for k, run in enumerate(runs) if run.method == "snfs"]
-        self.snfs_index = torch.tensor(snfs, dtype=torch.long)
-        self.snfs_row = {k: row for row, k in enumerate(snfs)}
-        self.momentum = [w.new_zeros((len(snfs), *w.shape[1:])) for w in self.models.weights]
+        # one engine updater per model, from the callback's own method definition
+        self.updaters = {}
+        for k, run in enumerate(runs):
+            if run.callback is not None:
+                updater = TopologyUpdater(run.callback.plan(), seed=run.seed)
+                updater.use_optimizer(None)  # the stacked SGD is not per model: own momentum buffer
+                updater.bind(self._masks(k))
+                self.updaters[k] = updater
         self.updates = [0] * len(runs)
 
     def _initial(self, net: torch.nn.Sequential, run: Run) -> dict | None:
-        if run.method == "dense" or INITIAL[run.method] is None:
+        if run.method == "dense" or run.start == 0:
             return None
-        sparsity = 0.5 if run.method == "granet" else run.sparsity
         params = {n: p for n, p in net.named_parameters() if n in weight_names(net)}
         ctx = ScoringContext(params=params, module=net, seed=run.seed)
-        masks = prune(ctx, "random", sparsity, INITIAL[run.method])
+        masks = prune(ctx, "random", run.start, run.distribution)
         if self.args.init == "sparse_he":  # He init over each layer's *kept* fan-in: std sqrt(2 / (density fan_in))
             gen = torch.Generator().manual_seed(30_000 + run.seed)
             with torch.no_grad():
@@ -147,43 +164,16 @@ class DSTTrainer:
                 buf[grown] = 0.0
         self.updates[k] += 1
 
-    # ----------------------------------------------------------------- schedules
-    def _due(self, run: Run, t: int) -> bool:
-        if t >= self.total or run.method in ("dense", "static"):
-            return False
-        if run.method in ("set", "snfs"):
-            return t % self.per_epoch == 0
-        if run.method == "rigl":
-            return t % 100 == 0 and t <= int(0.75 * self.total)
-        if run.method == "granet":
-            end = int(110 / 160 * self.total)
-            return t % self.args.granet_delta_t == 0 or t == end
-        end = int(0.75 * self.total)  # gmp
-        return t <= end and (t % 100 == 0 or t == end)
+    # ----------------------------------------------------------------- updates
+    def _due(self, k: int, t: int) -> bool:
+        updater = self.updaters.get(k)
+        return updater is not None and updater.is_update(t, self.total, epoch_end=t % self.per_epoch == 0)
 
-    def _update(self, k: int, run: Run, t: int, grads: list | None) -> None:
-        masks, weights = self._masks(k), self._weights(k)
-        if run.method == "gmp":
-            target = cubic_sparsity(t, 0.0, run.sparsity, 0, int(0.75 * self.total))
-            self._set_masks(k, prune_by_magnitude(weights, masks, target, "uniform"))
-            return
+    def _update(self, k: int, t: int, grads: list | None) -> None:
         dense_grad = None if grads is None else {n: g[k].t() for n, g in zip(self.names, grads)}
-        if run.method == "set":
-            new = drop_and_grow(weights, masks, 0.3, random_scores(masks, run.seed * 1_000_003 + t), drop="set")
-        elif run.method == "rigl":
-            fraction = cosine_fraction(0.3, t, int(0.75 * self.total))
-            new = drop_and_grow(weights, masks, fraction, {n: g.abs() for n, g in dense_grad.items()})
-        elif run.method == "snfs":
-            mom = {n: m[self.snfs_row[k]].t() for n, m in zip(self.names, self.momentum)}
-            fraction = cosine_fraction(0.5, t, self.total, 0.005)
-            scores = {n: m.abs() for n, m in mom.items()}
-            new = drop_and_grow(weights, masks, fraction, scores, rounding="ceil", momentum=mom)
-        else:  # granet
-            end = int(110 / 160 * self.total)
-            if t <= end:
-                masks = prune_by_magnitude(weights, masks, cubic_sparsity(t, 0.5, run.sparsity, 0, end), "global")
-            fraction = cosine_fraction(0.5, t, self.total, 0.005)
-            new = drop_and_grow(weights, masks, fraction, {n: g.abs() for n, g in dense_grad.items()}, rounding="ceil")
+        old = self._masks(k)
+        new = self.updaters[k].compute(t, self.total, self._weights(k), old, dense_grad)
+        self.updaters[k].record(old, new)
         self._set_masks(k, new)
 
     # ----------------------------------------------------------------- training
@@ -198,18 +188,18 @@ class DSTTrainer:
             loss = models.losses(x[idx], y[idx], dropout).sum()
             self.optimizer.zero_grad(set_to_none=False)
             loss.backward()
-            due = [k for k, run in enumerate(self.runs) if self._due(run, t)]
+            due = [k for k in range(len(self.runs)) if self._due(k, t)]
             grads = [w.grad.clone() for w in models.weights] if due else None
-            if len(self.snfs_index):
-                with torch.no_grad():
-                    torch._foreach_mul_(self.momentum, 0.9)
-                    torch._foreach_add_(self.momentum, [w.grad[self.snfs_index] for w in models.weights])
+            for k, updater in self.updaters.items():  # own momentum (SNFS), movement scores
+                if updater.observes_every_step:
+                    dense_grad = {n: w.grad[k].t() for n, w in zip(self.names, models.weights)}
+                    updater.observe(self._weights(k), dense_grad)
             models.mask_grads_()
             self.optimizer.step()
             models.apply_masks_()
             scheduler.step()
             for k in due:
-                self._update(k, self.runs[k], t, grads)
+                self._update(k, t, grads)
             if log_every and t % log_every == 0:
                 elapsed = time.perf_counter() - start
                 print(
@@ -229,7 +219,7 @@ def run_mnist(args: argparse.Namespace) -> str:
     train_x, train_y, _, _, test_x, test_y = load_mnist(args.data_dir, args.download)
     methods = [m for m in MNIST_METHODS if m in args.methods]
     runs = [Run("dense", 0.0, s) for s in range(args.seeds)] if "dense" in args.methods else []
-    runs += [Run(m, sp, s) for s in range(args.seeds) for m in methods for sp in MNIST_SPARSITIES]
+    runs += [Run(m, sp, s, args.granet_delta_t) for s in range(args.seeds) for m in methods for sp in MNIST_SPARSITIES]
     trainer = DSTTrainer(runs, LENET_300_100, args, len(train_x) // args.batch_size)
     seconds = trainer.train(train_x, train_y, 0.0, args.log_every)
     errors = trainer.models.evaluate(test_x, test_y)[0]

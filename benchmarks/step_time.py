@@ -1,9 +1,12 @@
-"""Per-optimizer-step time of dense vs. PruneAtInit (90 % magnitude) training of ResNet-18 on CPU.
+"""Per-optimizer-step time of dense vs. PruneAtInit (90 % magnitude) vs. Lightning's ModelPruning on ResNet-18.
 
-Runs ``pytorch_lightning.Trainer`` on synthetic CIFAR-shaped data, interleaving dense and sparse fits
-(dense, sparse, dense, sparse, ...) in one process, and reports the median step time of each, their
-ratio, the mask memory, a check that pruned weights stay exactly zero, and the isolated cost of the two
-per-step mask operations (``MaskSet.mask_grads_`` and ``MaskSet.apply_``).
+Runs ``pytorch_lightning.Trainer`` on synthetic CIFAR-shaped data, interleaving dense, sparse (ours) and
+ModelPruning fits in one process (the order rotates every repeat, so slow drift of the machine's speed
+cancels), and reports the median step time of each, the ratio to dense per repeat and their median, the
+mask memory, a check that pruned weights stay exactly zero, and the isolated cost of the two per-step
+mask operations (``MaskSet.mask_grads_`` and ``MaskSet.apply_``). ModelPruning (``l1_unstructured``,
+global, amount 0.9 on the same layers) prunes at train start, so both sparse runs train masked from
+step 0.
 
 Usage::
 
@@ -119,16 +122,38 @@ def make_loader(batch_size: int, n_batches: int, seed: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False, num_workers=0)
 
 
-def fit_once(sparse: bool, args: argparse.Namespace) -> tuple[StepTimer, ResNetModule, PruneAtInit | None]:
+class ModelPruningAtStart(pl.callbacks.ModelPruning):
+    """Lightning's ModelPruning, pruning once when training starts (instead of at the first epoch's end)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.apply_pruning(self.amount)
+
+
+MODES = ("dense", "sparse", "modelpruning")
+
+
+def fit_once(mode: str, args: argparse.Namespace) -> tuple[StepTimer, ResNetModule, PruneAtInit | None]:
     """One fit of ``warmup + steps`` optimizer steps from the same seed; the timer keeps post-warm-up steps only."""
     torch.manual_seed(args.seed)
     model = ResNetModule()
     timer = StepTimer()
     callbacks: list[pl.Callback] = [timer]
     cb = None
-    if sparse:
+    if mode == "sparse":
         cb = PruneAtInit("magnitude", sparsity=args.sparsity, verbose=False)
         callbacks.append(cb)
+    elif mode == "modelpruning":
+        layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        callbacks.append(
+            ModelPruningAtStart(
+                "l1_unstructured",
+                parameters_to_prune=layers,
+                amount=args.sparsity,
+                use_global_unstructured=True,
+                apply_pruning=False,
+                verbose=0,
+            )
+        )
     callbacks.append(Mark(timer))
     n = args.warmup + args.steps
     trainer = pl.Trainer(
@@ -286,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=25, help="timed steps per fit (after warm-up)")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps per fit")
-    p.add_argument("--repeats", type=int, default=4, help="number of (dense, sparse) fit pairs, interleaved")
+    p.add_argument("--repeats", type=int, default=6, help="number of (dense, sparse, ModelPruning) fit triples")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--micro-iters", type=int, default=50, help="calls per mask-op micro-benchmark")
     p.add_argument(
@@ -318,35 +343,36 @@ def main(argv: list[str] | None = None) -> int:
     print("env: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print(
         f"resnet18(num_classes=10), batch {args.batch_size}x3x32x32, SGD(lr=0.1, momentum=0.9, wd=5e-4), "
-        f"{args.repeats}x(dense, sparse) fits of {args.warmup} warm-up + {args.steps} timed steps\n"
+        f"{args.repeats}x(dense, sparse, ModelPruning) fits of {args.warmup} warm-up + {args.steps} timed steps\n"
     )
 
     t_start = time.perf_counter()
-    times: dict[str, list[float]] = {"dense": [], "sparse": []}
-    per_run: list[tuple[str, float]] = []
-    phases: dict[str, list[dict[str, float]]] = {"dense": [], "sparse": []}
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    per_run: dict[str, list[float]] = {m: [] for m in MODES}
+    phases: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     utils: list[float] = []
     load0 = os.getloadavg()[0]
     last_sparse = None
     for r in range(args.repeats):
-        for mode in ("dense", "sparse"):
+        order = MODES[r % 3 :] + MODES[: r % 3]  # rotate: each mode runs first, second and third equally often
+        for mode in order:
             t0, c0 = time.perf_counter(), time.process_time()
-            timer, model, cb = fit_once(mode == "sparse", args)
+            timer, model, cb = fit_once(mode, args)
             run_times = timer.times
             phases[mode] += timer.phases
             util = (time.process_time() - c0) / (time.perf_counter() - t0)
             utils.append(util)
             times[mode] += run_times
-            per_run.append((mode, ms(run_times)))
+            per_run[mode].append(ms(run_times))
             lo, hi, fit_s = 1e3 * min(run_times), 1e3 * max(run_times), time.perf_counter() - t0
             print(
-                f"run {r + 1}/{args.repeats} {mode:6s}: median {ms(run_times):7.1f} ms/step "
+                f"run {r + 1}/{args.repeats} {mode:12s}: median {ms(run_times):7.1f} ms/step "
                 f"(min {lo:.1f}, max {hi:.1f}; fit {fit_s:.1f} s, cpu/wall {util:.2f}, load {os.getloadavg()[0]:.2f})"
             )
             if cb is not None:
                 last_sparse = (model, cb)
 
-    dense, sparse = ms(times["dense"]), ms(times["sparse"])
+    dense, sparse, mp = ms(times["dense"]), ms(times["sparse"]), ms(times["modelpruning"])
     ratio = sparse / dense
     load1 = os.getloadavg()[0]
     if min(utils) < 0.8 * env["threads"]:
@@ -354,17 +380,23 @@ def main(argv: list[str] | None = None) -> int:
             f"\nWARNING: this process got only {min(utils):.2f} CPUs of {env['threads']} threads in some fit "
             "(other load on the machine?); the step times are unreliable."
         )
-    pair_ratios = [per_run[i + 1][1] / per_run[i][1] for i in range(0, len(per_run), 2)]
-    print(f"\ndense : median {dense:.1f} ms/step over {len(times['dense'])} steps")
-    print(f"sparse: median {sparse:.1f} ms/step over {len(times['sparse'])} steps")
-    pair_median = statistics.median(pair_ratios)
+    pair_ratios = [s_ / d for s_, d in zip(per_run["sparse"], per_run["dense"])]
+    mp_ratios = [m_ / d for m_, d in zip(per_run["modelpruning"], per_run["dense"])]
+    pair_median, mp_median = statistics.median(pair_ratios), statistics.median(mp_ratios)
+    print(f"\ndense       : median {dense:.1f} ms/step over {len(times['dense'])} steps")
+    print(f"sparse (ours): median {sparse:.1f} ms/step")
+    print(f"ModelPruning: median {mp:.1f} ms/step")
     print(
-        f"ratio sparse/dense: {ratio:.3f} (per pair: {', '.join(f'{x:.3f}' for x in pair_ratios)}; "
-        f"median of pairs {pair_median:.3f})"
+        f"ratio ours/dense: {ratio:.3f} (per repeat: {', '.join(f'{x:.3f}' for x in pair_ratios)}; "
+        f"median of repeats {pair_median:.3f}, spread {min(pair_ratios):.3f}-{max(pair_ratios):.3f})"
+    )
+    print(
+        f"ratio ModelPruning/dense: {mp / dense:.3f} (per repeat: {', '.join(f'{x:.3f}' for x in mp_ratios)}; "
+        f"median of repeats {mp_median:.3f})"
     )
     ph = {m: {k: ms([p[k] for p in phases[m]]) for k in PHASES} for m in phases}
     print("\nphase medians (ms)   " + "".join(f"{k:>11s}" for k in PHASES))
-    for m in ("dense", "sparse"):
+    for m in MODES:
         print(f"  {m:19s}" + "".join(f"{ph[m][k]:11.2f}" for k in PHASES))
     print("  sparse - dense     " + "".join(f"{ph['sparse'][k] - ph['dense'][k]:+11.2f}" for k in PHASES))
 
@@ -419,9 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("dense step (median)", f"{dense:.1f} ms"),
         ("sparse step, PruneAtInit magnitude 0.9 (median)", f"{sparse:.1f} ms"),
-        ("ratio sparse / dense", f"{ratio:.3f}"),
-        ("ratio per (dense, sparse) pair", ", ".join(f"{x:.3f}" for x in pair_ratios)),
-        ("ratio, median of pairs", f"{pair_median:.3f}"),
+        ("ModelPruning l1_unstructured 0.9, pruned at train start (median)", f"{mp:.1f} ms"),
+        ("ratio sparse / dense (all steps pooled)", f"{ratio:.3f}"),
+        ("ratio sparse / dense per repeat", ", ".join(f"{x:.3f}" for x in pair_ratios)),
+        ("**ratio sparse / dense, median of repeats**", f"**{pair_median:.3f}**"),
+        ("ratio ModelPruning / dense per repeat", ", ".join(f"{x:.3f}" for x in mp_ratios)),
+        ("**ratio ModelPruning / dense, median of repeats**", f"**{mp_median:.3f}**"),
         *(
             (
                 f"phase `{k}`: dense / sparse / diff",
@@ -453,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     table = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     md = (
-        "# Step time: dense vs. PruneAtInit (ResNet-18, synthetic 3x32x32)\n\n"
+        "# Step time: dense vs. PruneAtInit vs. ModelPruning (ResNet-18, synthetic 3x32x32)\n\n"
         f"- command: `{command}`\n"
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}\n"
         f"- torch {env['torch']}, torchvision {env['torchvision']}, pytorch_lightning {env['pytorch_lightning']}, "
@@ -461,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- device: {env['device']}, torch threads: {env['threads']}; process cpu/wall per fit: "
         f"{', '.join(f'{u:.2f}' for u in utils)}; 1-min load average {load0:.2f} at start, {load1:.2f} after the fits\n"
         f"- setup: resnet18(num_classes=10), batch {args.batch_size}, SGD(lr=0.1, momentum=0.9, weight_decay=5e-4); "
-        f"{args.repeats} interleaved (dense, sparse) fits of {args.warmup} warm-up + {args.steps} timed steps; "
+        f"{args.repeats} interleaved (dense, sparse, ModelPruning) fits, order rotated per repeat, of "
+        f"{args.warmup} warm-up + {args.steps} timed steps; "
         f"step = `on_train_batch_start` -> `on_train_batch_end`; mask ops: median of {args.micro_iters} calls\n\n"
         f"{table}\n"
     )

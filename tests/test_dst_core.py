@@ -165,3 +165,117 @@ def test_snfs_update_by_hand():
     assert grown["a"].tolist() == [True, False, False, True, False, False]  # idx 3 has |m| 0.2
     assert grown["b"].tolist() == [True, False, True, False, True, False]  # 0.9 and 0.8
     assert sum(int(v.sum()) for v in grown.values()) == sum(int(v.sum()) for v in m.values())
+
+
+# ------------------------------------------------------------------ registries, schedules, updater
+from lightning_pai.core.dst import (  # noqa: E402
+    Plan,
+    Pruning,
+    Rewire,
+    TopologyUpdater,
+    UpdateContext,
+    list_drop_rules,
+    list_growth_rules,
+    list_redistributions,
+    proportional_counts,
+    register_growth_rule,
+    survivor_redistribution,
+    threshold_drop,
+)
+from lightning_pai.core.schedules import Constant, EpochEnds, Every, round_sparsities  # noqa: E402
+
+
+def test_rule_registries_list_every_rule_and_reject_unknown_names():
+    assert list_drop_rules() == ["magnitude", "set", "threshold"]
+    assert list_growth_rules() == ["gradient", "magnitude", "momentum", "movement", "random"]
+    assert list_redistributions() == ["momentum", "none", "survivors"]
+    with pytest.raises(ValueError, match=r"Unknown `growth` 'hebb'\. .* Register a new one with"):
+        Plan(when=Every(1), rewire=Rewire(Constant(0.1), growth="hebb")).validate()
+    with pytest.raises(ValueError, match="Unknown growth rule metadata"):
+        register_growth_rule("x", lambda ctx: {}, speed=3)
+
+
+def test_a_new_growth_rule_is_one_registration():
+    @register_growth_rule("largest_index", overwrite=True)
+    def largest_index(ctx):
+        return {n: torch.arange(m.numel(), dtype=torch.float32).view_as(m) for n, m in ctx.masks.items()}
+
+    updater = TopologyUpdater(Plan(when=Every(1), rewire=Rewire(Constant(0.5), growth="largest_index")))
+    w = {"a": t(0.5, -0.1, 0.0, 0.3, 0.0, 0.0)}
+    m = {"a": b(1, 1, 0, 1, 0, 0)}
+    new = updater.compute(1, 10, w, m)
+    assert new["a"].tolist() == [True, False, False, True, False, True]  # drop -0.1 (floor 1.5 = 1), grow idx 5
+
+
+def test_schedules():
+    assert Every(3).is_update(3, 10, False) and not Every(3).is_update(4, 10, False)
+    assert [s for s in range(1, 21) if Every(4, start=2, end=0.5, also=(0.5,)).is_update(s, 20, False)] == [2, 6, 10]
+    assert [s for s in range(1, 21) if Every(4, start=1, end=11, also=(11,)).is_update(s, 20, False)] == [1, 5, 9, 11]
+    epoch = EpochEnds(end=0.5)
+    assert epoch.at_epoch_end and epoch.is_update(8, 20, True) and not epoch.is_update(8, 20, False)
+    assert not epoch.is_update(16, 20, True)  # after `end`
+    assert round_sparsities(0.99, 2) == pytest.approx([0.9, 0.99])
+    with pytest.raises(ValueError, match="`schedule` must be one of 'exponential', 'linear'"):
+        round_sparsities(0.9, 2, "cosine")
+    with pytest.raises(ValueError, match="must come after `start`"):
+        Cubic(0.0, 0.9, 10, 5)(7, 20)
+
+
+def test_dsr_threshold_drop_by_hand():
+    w = {"a": t(0.0005, 0.002, -0.0008, 0.5, 0.0, 0.0), "b": t(-0.003, 0.0009, 0.4, 0.0)}
+    m = {"a": b(1, 1, 1, 1, 0, 0), "b": b(1, 1, 1, 0)}
+    ctx = UpdateContext(weights=w, masks=m, kept=active_counts(m), memory={}, options={"threshold": 1e-3})
+    out = threshold_drop(ctx, 0.5)  # |w| < 1e-3: a[0], a[2], b[1] -> 3 dropped of 7 active; K = 3.5
+    assert out["a"].tolist() == [False, True, False, True, False, False]
+    assert out["b"].tolist() == [True, False, True, False]
+    assert ctx.memory["threshold"] == 2e-3  # 3 dropped < (1 - 0.1) * 3.5 = 3.15: H doubles for the next update
+    ctx1 = UpdateContext(weights=w, masks=m, kept=active_counts(m), memory={"threshold": 1e-3})
+    threshold_drop(ctx1, 3 / 7)  # K = 3: within the band, H unchanged
+    assert ctx1.memory["threshold"] == 1e-3
+    ctx2 = UpdateContext(weights=w, masks=m, kept=active_counts(m), memory={"threshold": 1e-3})
+    threshold_drop(ctx2, 0.8)  # K = 5.6, 3 dropped < 5.04
+    assert ctx2.memory["threshold"] == 2e-3
+    ctx3 = UpdateContext(weights=w, masks=m, kept=active_counts(m), memory={"threshold": 1e-3})
+    threshold_drop(ctx3, 0.2)  # K = 1.4, 3 dropped > 1.54
+    assert ctx3.memory["threshold"] == 5e-4
+    # regrowth in proportion to the survivors R = {a: 2, b: 2}: 3 dropped -> 2 and 1 (largest remainder, ties first)
+    assert survivor_redistribution(ctx, out) == {"a": 2, "b": 1}
+    assert proportional_counts({"a": 3.0, "b": 1.0}, {"a": 1, "b": 10}, 4) == {"a": 1, "b": 3}  # capped, re-split
+
+
+def test_updater_state_round_trip_and_own_momentum_without_host_sync():
+    plan = Plan(when=Every(2), rewire=Rewire(Constant(0.5), growth="momentum"))
+    updater = TopologyUpdater(plan, beta=0.5)
+    m = {"a": b(1, 0, 1, 0)}
+    updater.use_optimizer(None)  # no optimizer momentum: the updater keeps its own buffer
+    updater.bind(m)
+    assert updater.momentum is not None and not updater.dense_gradients and updater.observes_every_step
+    w = {"a": t(0.3, 0.0, -0.2, 0.0)}
+    updater.observe(w, {"a": t(1.0, 2.0, 1.0, 4.0)})
+    updater.observe(w, {"a": t(1.0, float("inf"), 1.0, 1.0)})  # a non-finite step adds nothing
+    updater.observe(w, {"a": t(1.0, 0.0, 1.0, 0.0)})
+    assert updater.momentum["a"].tolist() == [1.5, 1.0, 1.5, 2.0]  # 0.5 * (1, 2, 1, 4) + (1, 0, 1, 0)
+    new = updater.compute(2, 10, w, m)  # drop floor(0.5 * 2) = 1 (|-0.2|), grow the largest inactive |m|: idx 3
+    assert new["a"].tolist() == [True, False, False, True]
+    update = updater.record(m, new)
+    assert (update.dropped, update.grown, updater.updates) == ({"a": 1}, {"a": 1}, 1)
+    assert updater.momentum["a"].tolist() == [1.5, 1.75, 1.75, 2.0]  # inactive <- mean of the active (1.5, 2)
+    assert updater.itop == 0.75
+    state = updater.state_dict()
+    again = TopologyUpdater(plan, beta=0.5)
+    again.load_state_dict(state)
+    again.use_optimizer(None)
+    again.bind(new)
+    assert again.updates == 1 and again.itop == 0.75 and torch.equal(again.momentum["a"], updater.momentum["a"])
+
+
+def test_gradual_pruning_stage_keeps_the_highest_scores_of_the_active_weights():
+    plan = Plan(when=Every(1), prune=Pruning(Cubic(0.0, 0.5, 0, 4), "magnitude", "global"))
+    updater = TopologyUpdater(plan)
+    w = {"a": t(0.1, -0.9, 0.3, 0.0), "b": t(0.5, 0.2, -0.05, 0.7)}
+    m = {"a": b(1, 1, 1, 0), "b": b(1, 1, 1, 1)}
+    new = updater.compute(4, 8, w, m)  # s = 0.5: keep 4 of 8, the largest |w| among the active
+    assert new["a"].tolist() == [False, True, True, False] and new["b"].tolist() == [True, False, False, True]
+    assert updater.is_update(8, 8, False)  # a pruning-only plan may update at the last step
+    rewiring = TopologyUpdater(Plan(when=Every(1), rewire=Rewire(Constant(0.1))))
+    assert not rewiring.is_update(8, 8, False)  # a growing one never does

@@ -7,9 +7,10 @@ import torch
 from helpers import TARGET_SHAPES, TARGET_TOTAL, make_dataloader, make_module, make_trainer
 
 from lightning_pai.callbacks._compat import CallbackBase
-from lightning_pai.callbacks.dynamic import SET, SNFS, DynamicSparseTraining, GraNet, RigL
-from lightning_pai.callbacks.gradual import GradualMagnitudePruning
+from lightning_pai.callbacks.dynamic import DSR, SET, SNFS, DynamicSparseTraining, GraNet, RigL
+from lightning_pai.callbacks.gradual import GradualMagnitudePruning, MovementPruning
 from lightning_pai.core.dst import (
+    TopologyUpdater,
     drop_counts,
     drop_magnitude,
     drop_set,
@@ -20,6 +21,7 @@ from lightning_pai.core.dst import (
     random_scores,
     snfs_rates,
 )
+from lightning_pai.core.masks import compute_masks
 from lightning_pai.core.schedules import Cosine, Cubic
 from lightning_pai.core.select import active_counts
 
@@ -51,6 +53,8 @@ class _Recorder(CallbackBase):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         step = trainer.global_step + 1
         self.grads[step] = {n: p.grad.detach().clone() for n, p in self.cb.masks.params.items()}
+        self.pre_weights = getattr(self, "pre_weights", {})
+        self.pre_weights[step] = {n: p.detach().clone() for n, p in self.cb.masks.params.items()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -454,3 +458,63 @@ def test_unbounded_training_is_rejected():
     trainer = make_trainer(max_steps=-1, max_epochs=-1, callbacks=[RigL(0.8, verbose=False)])
     with pytest.raises(ValueError, match="set `max_steps` or `max_epochs`"):
         trainer.fit(make_module(seed=0), make_dataloader())
+
+
+def test_dsr_updates_match_the_core_and_adapt_the_threshold():
+    cb = DSR(0.8, delta_t=5, prune_fraction=0.2, seed=4, verbose=False)
+    rec, module = _run(cb)
+    replay = TopologyUpdater(cb.plan(), seed=4)
+    thresholds = []
+    initial = rec.masks_after[0]
+    for n, shape in TARGET_SHAPES.items():  # uniform initial density, as in the reference code
+        assert abs(int(initial[n].sum()) - 0.2 * torch.Size(shape).numel()) < 1
+    for step in range(1, STEPS):
+        before, after = rec.masks_before[step], rec.masks_after[step]
+        assert sum(_kept(after).values()) == sum(_kept(initial).values())  # the total is constant
+        if step % 5 == 0:
+            expected = replay.compute(step, STEPS, rec.weights[step], before)
+            assert all(torch.equal(after[n], expected[n]) for n in after), step
+            thresholds.append(replay.memory["threshold"])
+            for n in after:  # everything that went had |w| below the threshold in force
+                gone = before[n] & ~after[n]
+                assert bool(
+                    (rec.weights[step][n][gone].abs() < (thresholds[-2] if len(thresholds) > 1 else 1e-3)).all()
+                )
+        else:
+            assert all(torch.equal(after[n], before[n]) for n in after), step
+    assert cb.updates == 7 and len(set(thresholds)) > 1  # H adapted
+    assert cb.updater.memory["threshold"] == thresholds[-1]  # and lives in the updater's state
+    assert len({tuple(_kept(rec.masks_after[s]).values()) for s in (0, 10, 20, 35)}) > 1  # budgets moved
+    params = dict(module.named_parameters())
+    for n, m in cb.masks.items():
+        assert torch.equal(params[n][~m], torch.zeros(int((~m).sum())))
+
+
+def test_movement_pruning_keeps_the_highest_accumulated_movement():
+    cb = MovementPruning(0.9, start=0, end=20, frequency=5)
+    rec, module = _run(cb)
+    scores = {n: torch.zeros(shape) for n, shape in TARGET_SHAPES.items()}
+    for step in range(1, STEPS):
+        scores = {n: scores[n] - rec.pre_weights[step][n] * rec.grads[step][n] for n in scores}  # S -= W dL/dW
+        before, after = rec.masks_before[step], rec.masks_after[step]
+        if step in (5, 10, 15, 20):
+            target = cubic_sparsity(step, 0.0, 0.9, 0, 20)
+            expected = compute_masks(scores, target, "uniform", masks=before)
+            assert all(torch.equal(after[n], expected[n]) for n in after), step
+            assert not any((after[n] & ~before[n]).any() for n in after)  # only shrinks
+        else:
+            assert all(torch.equal(after[n], before[n]) for n in after), step
+    assert all(
+        torch.allclose(
+            cb.updater.memory["movement"][n], scores[n] - rec.pre_weights[STEPS][n] * rec.grads[STEPS][n], atol=1e-6
+        )
+        for n in scores
+    )
+    kept = sum(_kept(cb.masks).values())
+    expected_kept = sum(torch.Size(s).numel() - round(0.9 * torch.Size(s).numel()) for s in TARGET_SHAPES.values())
+    assert kept == expected_kept
+    magnitude = compute_masks({n: rec.weights[20][n].abs() for n in scores}, 0.9, "uniform", masks=rec.masks_before[20])
+    assert not all(torch.equal(cb.masks[n], magnitude[n]) for n in scores)  # not magnitude pruning in disguise
+    params = dict(module.named_parameters())
+    for n, m in cb.masks.items():
+        assert torch.equal(params[n][~m], torch.zeros(int((~m).sum())))

@@ -142,3 +142,38 @@ def test_ablations_keep_per_layer_counts(ablation):
         w = make_module(seed=3).fc1.weight.abs()
         kept, dropped = w[cb.masks["fc1.weight"]], w[~cb.masks["fc1.weight"]]
         assert kept.max() <= dropped.min()
+
+
+def test_lamp_with_a_signed_scorer_is_rejected_before_training():
+    """LAMP squares its scores: with GraSP's signed θ⊙Hg it would keep the most negative (most prunable) weights."""
+    from lightning_pai import get_distribution, scorer_info
+
+    assert scorer_info("grasp")["signed"] and not scorer_info("snip")["signed"]
+    with pytest.raises(ValueError, match=r"`distribution='lamp'` ranks non-negative magnitudes; `method='grasp'`"):
+        PruneAtInit("grasp", 0.9, distribution="lamp")
+    lamp = get_distribution("lamp")
+    signed = {"a": torch.tensor([-3.0, 0.1, 0.2, 2.0]), "b": torch.tensor([0.5, -0.4])}
+    with pytest.raises(ValueError, match="scores have negative values"):
+        lamp(signed, 0.5)  # a custom signed scorer is caught at selection time too
+    assert sum(lamp({n: s.abs() for n, s in signed.items()}, 0.5).values()) == 3
+
+
+def test_scorer_metadata_drives_the_callback(monkeypatch):
+    """A registered data-free scorer needs no dataloader; its default rounds come from its registration."""
+    from lightning_pai import register_scorer
+
+    calls = []
+
+    @register_scorer("ones_twice", needs="nothing", iterations=2, overwrite=True)
+    def ones_twice(ctx):
+        calls.append(ctx.batches)
+        gen = torch.Generator().manual_seed(len(calls))
+        return {n: torch.rand(p.shape, generator=gen) for n, p in ctx.params.items()}
+
+    cb = PruneAtInit("ones_twice", 0.5, verbose=False)
+    assert cb.iterations == 2
+    trainer = make_trainer(max_steps=1, callbacks=[cb])
+    trainer.fit(make_module(seed=0), make_dataloader())
+    assert len(calls) == 2 and all(len(b) == 0 for b in calls)  # no batch was drawn for it
+    with pytest.raises(ValueError, match="`needs` must be one of 'nothing', 'shape', 'data'"):
+        register_scorer("bad", ones_twice, needs="labels")

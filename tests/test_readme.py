@@ -18,6 +18,22 @@ def _block_after(heading: str) -> str:
     return blocks[0]
 
 
+def test_readme_custom_rule_example_runs():
+    text = README.read_text().split("### A new method is a combination of registered rules\n", 1)[1]
+    (block,) = re.findall(r"```python\n(.*?)```", text.split("\n## ", 1)[0], flags=re.S)
+    namespace: dict = {"__name__": "__readme__"}
+    exec(compile(block, "README: custom rule", "exec"), namespace)
+    method = namespace["method"]
+    plan = method.plan()
+    assert plan.rewire.growth == "gradient_times_momentum" and plan.when.every == 10
+    assert plan.needs() == {"grads", "momentum"}
+    from helpers import make_dataloader, make_module, make_trainer
+
+    make_trainer(max_steps=40, callbacks=[method]).fit(make_module(seed=0), make_dataloader())
+    assert method.updates == 3 and method.updater.dense_gradients  # 10, 20, 30 (t_end); SGD momentum is read
+    assert abs(method.masks.density - 0.1) < 1e-3
+
+
 @pytest.mark.parametrize("heading", ["Add sparsity to your existing trainer", "timm backbones and sparse fine-tuning"])
 def test_readme_example_runs(heading, tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)  # lightning_logs/ and resnet18.pth land here
