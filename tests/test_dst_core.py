@@ -169,6 +169,7 @@ def test_snfs_update_by_hand():
 
 # ------------------------------------------------------------------ registries, schedules, updater
 from lightning_pai.core.dst import (  # noqa: E402
+    _GROWTH,
     Plan,
     Pruning,
     Rewire,
@@ -200,11 +201,14 @@ def test_a_new_growth_rule_is_one_registration():
     def largest_index(ctx):
         return {n: torch.arange(m.numel(), dtype=torch.float32).view_as(m) for n, m in ctx.masks.items()}
 
-    updater = TopologyUpdater(Plan(when=Every(1), rewire=Rewire(Constant(0.5), growth="largest_index")))
-    w = {"a": t(0.5, -0.1, 0.0, 0.3, 0.0, 0.0)}
-    m = {"a": b(1, 1, 0, 1, 0, 0)}
-    new = updater.compute(1, 10, w, m)
-    assert new["a"].tolist() == [True, False, False, True, False, True]  # drop -0.1 (floor 1.5 = 1), grow idx 5
+    try:
+        updater = TopologyUpdater(Plan(when=Every(1), rewire=Rewire(Constant(0.5), growth="largest_index")))
+        w = {"a": t(0.5, -0.1, 0.0, 0.3, 0.0, 0.0)}
+        m = {"a": b(1, 1, 0, 1, 0, 0)}
+        new = updater.compute(1, 10, w, m)
+        assert new["a"].tolist() == [True, False, False, True, False, True]  # drop -0.1 (floor 1.5 = 1), grow idx 5
+    finally:
+        _GROWTH.unregister("largest_index")
 
 
 def test_schedules():

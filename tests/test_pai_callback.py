@@ -161,6 +161,7 @@ def test_lamp_with_a_signed_scorer_is_rejected_before_training():
 def test_scorer_metadata_drives_the_callback(monkeypatch):
     """A registered data-free scorer needs no dataloader; its default rounds come from its registration."""
     from lightning_pai import register_scorer
+    from lightning_pai.core.scorers import _SCORERS
 
     calls = []
 
@@ -170,10 +171,13 @@ def test_scorer_metadata_drives_the_callback(monkeypatch):
         gen = torch.Generator().manual_seed(len(calls))
         return {n: torch.rand(p.shape, generator=gen) for n, p in ctx.params.items()}
 
-    cb = PruneAtInit("ones_twice", 0.5, verbose=False)
-    assert cb.iterations == 2
-    trainer = make_trainer(max_steps=1, callbacks=[cb])
-    trainer.fit(make_module(seed=0), make_dataloader())
-    assert len(calls) == 2 and all(len(b) == 0 for b in calls)  # no batch was drawn for it
-    with pytest.raises(ValueError, match="`needs` must be one of 'nothing', 'shape', 'data'"):
-        register_scorer("bad", ones_twice, needs="labels")
+    try:
+        cb = PruneAtInit("ones_twice", 0.5, verbose=False)
+        assert cb.iterations == 2
+        trainer = make_trainer(max_steps=1, callbacks=[cb])
+        trainer.fit(make_module(seed=0), make_dataloader())
+        assert len(calls) == 2 and all(len(b) == 0 for b in calls)  # no batch was drawn for it
+        with pytest.raises(ValueError, match="`needs` must be one of 'nothing', 'shape', 'data'"):
+            register_scorer("bad", ones_twice, needs="labels")
+    finally:
+        _SCORERS.unregister("ones_twice")

@@ -42,3 +42,13 @@ def check_strategy(strategy: object, callback: str) -> None:
             f"'ddp_fork', 'ddp_notebook'); got `{type(strategy).__name__}`, which shards or wraps parameters so "
             "that masks keyed by parameter name cannot be enforced."
         )
+
+
+def rank_zero_warn(message: str) -> None:
+    """``warnings.warn`` on rank zero only (Lightning's helper, from whichever namespace is installed)."""
+    for name in ("lightning.pytorch.utilities", "pytorch_lightning.utilities"):
+        try:
+            importlib.import_module(name).rank_zero_warn(message)
+            return
+        except (ImportError, AttributeError):  # pragma: no cover - depends on the environment
+            continue

@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_pai.callbacks._compat import CallbackBase, check_strategy
+from lightning_pai.callbacks._compat import CallbackBase, check_strategy, rank_zero_warn
 from lightning_pai.core.masks import MaskSet
-from lightning_pai.core.report import SparsityReport, sparsity_report
+from lightning_pai.core.report import SparsityReport, coverage, sparsity_report
 from lightning_pai.core.targets import Selectors, select_targets, validate_selectors
 
 
@@ -45,8 +45,12 @@ class SparseCallback(CallbackBase):
         self._handoff = os.path.join(tempfile.gettempdir(), f"lightning_pai_{uuid.uuid4().hex}.pt")
 
     # ------------------------------------------------------------- to override
-    def initial_masks(self, trainer: Any, pl_module: Any, params: dict[str, Any]) -> dict[str, Tensor]:
-        """Compute the masks to start training with (runs on every rank; rank zero's result is broadcast)."""
+    def initial_masks(self, trainer: Any, pl_module: Any, masks: MaskSet) -> dict[str, Tensor]:
+        """Compute the masks to start training with (runs on every rank; rank zero's result is broadcast).
+
+        ``masks`` is the (all-kept) :class:`~lightning_pai.core.masks.MaskSet` of the targets: its ``params``
+        and ``layouts``.
+        """
         raise NotImplementedError
 
     # ------------------------------------------------------------------- hooks
@@ -66,7 +70,7 @@ class SparseCallback(CallbackBase):
         elif self.masks is not None:
             masks.load_state_dict(self.masks.state_dict())
         else:
-            computed = self.initial_masks(trainer, pl_module, masks.params)
+            computed = self.initial_masks(trainer, pl_module, masks)
             masks.load_state_dict(self._from_rank_zero(trainer, computed))
         self.masks = masks
         dense = self._dense_gradients(trainer)
@@ -75,6 +79,7 @@ class SparseCallback(CallbackBase):
                 masks.mask_optimizer_state_(opt)
             masks.attach(opt, mask_grads=False, mask_weights=dense)
         masks.apply_()
+        self._warn_coverage(pl_module)
         self.on_masks_changed(trainer, pl_module)
 
     def _dense_gradients(self, trainer: Any) -> bool:
@@ -134,22 +139,34 @@ class SparseCallback(CallbackBase):
             self.load_state_dict(torch.load(self._handoff, weights_only=True))
 
     # --------------------------------------------------------------- reporting
-    def report(self) -> SparsityReport:
-        """The current per-layer sparsity (see :func:`~lightning_pai.core.report.sparsity_report`)."""
+    def report(self, module: Any = None) -> SparsityReport:
+        """The current per-layer sparsity (see :func:`~lightning_pai.core.report.sparsity_report`).
+
+        With ``module`` (the model the masks belong to) the report also says how much of it the masks cover.
+        """
         self._collect_handoff()
         masks = self.masks if self.masks is not None else self._restored
         if masks is None:
             raise RuntimeError(f"`{type(self).__name__}` has no masks yet: they are set when `trainer.fit` starts.")
-        return sparsity_report(None, masks)
+        return sparsity_report(module, masks)
 
     def on_masks_changed(self, trainer: Any, pl_module: Any) -> None:
-        """Log ``sparsity/global`` and ``sparsity/<layer>`` to every logger and print the table (rank zero)."""
+        """Log ``sparsity/*`` (incl. ``sparsity/coverage``, ``coverage_2d``) and print the table (rank zero)."""
         if not trainer.is_global_zero:
             return
-        report = self.report()
+        report = self.report(pl_module)
         self._log_metrics(trainer, report.metrics())
         if self.verbose:
-            print(f"{type(self).__name__}: {len(report.rows)} layers, sparsity {report.sparsity:.4f}\n{report}")
+            print(f"{type(self).__name__}: {report.summary()}\n{report}")
+
+    def _warn_coverage(self, pl_module: Any) -> None:
+        """Warn (rank zero) when more than half of the model's >=2-D parameters are under no mask."""
+        cover = coverage(pl_module, self.masks.names)
+        if cover.matrix_fraction < 0.5:
+            rank_zero_warn(
+                f"`{type(self).__name__}`: {cover}. The reported sparsity is of the targeted weights only; "
+                "widen the targets with `include=` (name patterns or module types) if that is not intended."
+            )
 
     # ------------------------------------------------------------------ state
     @override

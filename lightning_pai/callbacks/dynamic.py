@@ -13,7 +13,7 @@ from lightning_pai.callbacks.base import SparseCallback, is_last_batch_of_epoch
 from lightning_pai.callbacks.prune_at_init import PruneAtInit
 from lightning_pai.core.distributions import get_distribution
 from lightning_pai.core.dst import Plan, Pruning, Rewire, TopologyUpdater
-from lightning_pai.core.masks import check_sparsity
+from lightning_pai.core.masks import MaskSet, check_sparsity
 from lightning_pai.core.pruning import check_choice, is_number
 from lightning_pai.core.schedules import Constant, Cosine, Cubic, EpochEnds, Every, check_point, resolve_window
 from lightning_pai.core.scorers import get_scorer
@@ -106,13 +106,13 @@ class TopologyCallback(SparseCallback):
         """Fraction of the targeted weights that have been active at some point (Liu et al. 2021)."""
         return 0.0 if self._updater is None else self._updater.itop
 
-    def initial_masks(self, trainer: Any, pl_module: Any, params: dict[str, Any]) -> dict[str, Tensor]:
+    def initial_masks(self, trainer: Any, pl_module: Any, masks: MaskSet) -> dict[str, Tensor]:
         """Dense at starting sparsity 0, else the ``init`` masks with the ``distribution``'s budgets."""
         start = self._start_sparsity()
         if start == 0:
-            return {n: torch.ones(p.shape, dtype=torch.bool) for n, p in params.items()}
+            return {n: torch.ones(p.shape, dtype=torch.bool) for n, p in masks.params.items()}
         scorer = PruneAtInit(self.init, start, distribution=self.distribution, seed=self.seed, verbose=False)
-        return scorer.initial_masks(trainer, pl_module, params)
+        return scorer.initial_masks(trainer, pl_module, masks)
 
     def _dense_gradients(self, trainer: Any) -> bool:
         return self._make_updater(trainer).dense_gradients

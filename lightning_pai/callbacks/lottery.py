@@ -21,6 +21,7 @@ from lightning_pai.core.lottery import (
     set_rng_state,
     to_cpu,
 )
+from lightning_pai.core.masks import MaskSet
 from lightning_pai.core.packing import pack_mask, unpack_mask
 from lightning_pai.core.pruning import check_choice, reinitialize_
 from lightning_pai.core.targets import Selectors, select_targets
@@ -276,9 +277,9 @@ class LotteryTicket(SparseCallback):
         index, within = divmod(epoch - self.epochs_per_round, later)
         return index + 1, within
 
-    def initial_masks(self, trainer: Any, pl_module: Any, params: dict[str, Any]) -> dict[str, Tensor]:
+    def initial_masks(self, trainer: Any, pl_module: Any, masks: MaskSet) -> dict[str, Tensor]:
         """Round 0 is dense: every weight is kept."""
-        return {n: torch.ones(p.shape, dtype=torch.bool) for n, p in params.items()}
+        return {n: torch.ones(p.shape, dtype=torch.bool) for n, p in masks.params.items()}
 
     # ------------------------------------------------------------ the rounds
     @override

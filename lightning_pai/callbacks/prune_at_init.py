@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_pai.callbacks.base import SparseCallback
 from lightning_pai.core.distributions import Distribution, get_distribution
-from lightning_pai.core.masks import check_min_density, check_sparsity
+from lightning_pai.core.masks import MaskSet, check_min_density, check_sparsity
 from lightning_pai.core.pruning import ABLATIONS, check_choice, prune
 from lightning_pai.core.schedules import round_sparsities
 from lightning_pai.core.scorers import Scorer, ScoringContext, default_forward, get_scorer, scorer_info
@@ -136,7 +136,7 @@ class PruneAtInit(SparseCallback):
             ablation=self.ablation,
         )
 
-    def initial_masks(self, trainer: Any, pl_module: Any, params: dict[str, Any]) -> dict[str, Tensor]:
+    def initial_masks(self, trainer: Any, pl_module: Any, masks: MaskSet) -> dict[str, Tensor]:
         """Score the targets with ``method`` (iteratively if asked) and keep the top ones."""
         forward = self.forward_fn or default_forward
         loss_fn = None
@@ -146,7 +146,7 @@ class PruneAtInit(SparseCallback):
         elif scorer_info(self.method)["needs"] == "data":
             loss_fn = _training_step_loss
         ctx = ScoringContext(
-            params=params,
+            params=masks.params,
             module=pl_module,
             seed=self.seed,
             batches=self._scoring_batches(trainer),
@@ -154,6 +154,7 @@ class PruneAtInit(SparseCallback):
             forward_fn=forward,
             input_shape=self.input_shape,
             extras={"temperature": self.temperature},
+            layouts=masks.layouts,
         )
         if loss_fn is _training_step_loss and not pl_module.automatic_optimization and ctx.batches:
             raise ValueError(

@@ -8,6 +8,10 @@ Every distribution has the same signature::
 may not be kept), ``density`` is the fraction of all targeted weights to keep (``1 - sparsity``). The
 result is the exact number of weights each layer keeps; their sum is ``round(density * total)``
 and each layer's count is within one weight of its real-valued budget.
+
+A distribution registered with ``layouts=True`` also receives ``layouts=`` (parameter name ->
+:class:`~lightning_pai.core.targets.Layout`) when they are known, to read each target's matrix shape
+(ERK/ER: an ``in_proj_weight`` is three ``E x E`` matrices, a ``Conv1D`` weight is transposed).
 """
 
 from __future__ import annotations
@@ -20,15 +24,34 @@ from torch import Tensor
 
 from lightning_pai.core.registry import Registry
 from lightning_pai.core.select import apportion, topk_mask
+from lightning_pai.core.targets import Layout, matrix_shapes
 
 Distribution = Callable[[Mapping[str, Tensor], float], dict[str, int]]
 
-_DISTRIBUTIONS: Registry[Distribution] = Registry("distribution", "distribution", "lightning_pai.register_distribution")
+_DISTRIBUTIONS: Registry[Distribution] = Registry(
+    "distribution", "distribution", "lightning_pai.register_distribution", defaults={"layouts": False}
+)
 
 
-def register_distribution(name: str, fn: Distribution | None = None, *, overwrite: bool = False):
-    """Register a distribution ``fn(scores, density) -> counts`` under ``name`` (decorator if ``fn`` is None)."""
-    return _DISTRIBUTIONS.register(name, fn, overwrite=overwrite)
+def register_distribution(name: str, fn: Distribution | None = None, *, overwrite: bool = False, layouts: bool = False):
+    """Register a distribution ``fn(scores, density) -> counts`` under ``name`` (decorator if ``fn`` is None).
+
+    With ``layouts=True`` it is called as ``fn(scores, density, layouts=...)`` (None when unknown).
+    """
+    return _DISTRIBUTIONS.register(name, fn, overwrite=overwrite, layouts=layouts)
+
+
+def distribute(
+    distribution: str | Distribution,
+    scores: Mapping[str, Tensor],
+    density: float,
+    layouts: Mapping[str, Layout] | None = None,
+) -> dict[str, int]:
+    """Call ``distribution`` (a name or callable) with ``layouts`` if it declared it takes them."""
+    fn = get_distribution(distribution)
+    if _DISTRIBUTIONS.info(distribution)["layouts"]:
+        return fn(scores, density, layouts=layouts)
+    return fn(scores, density)
 
 
 def get_distribution(name: str | Distribution) -> Distribution:
@@ -76,7 +99,9 @@ def global_(scores: Mapping[str, Tensor], density: float) -> dict[str, int]:
     return _global_counts(scores, _target_total(scores, density))
 
 
-def erdos_renyi_densities(shapes: Mapping[str, torch.Size], density: float, kernel: bool = True) -> dict[str, float]:
+def erdos_renyi_densities(
+    shapes: Mapping[str, torch.Size], density: float, kernel: bool = True, layouts: Mapping[str, Layout] | None = None
+) -> dict[str, float]:
     """Per-layer densities of the Erdős–Rényi(-Kernel) distribution.
 
     Evci et al. 2020, "Rigging the Lottery" (arXiv:1911.11134), after Mocanu et al. 2018. Layer l keeps
@@ -86,10 +111,16 @@ def erdos_renyi_densities(shapes: Mapping[str, torch.Size], density: float, kern
     A layer whose ``d_l`` would exceed 1 is made dense, and ``eps`` is solved again for the others
     with the remaining budget (repeated until no layer exceeds 1), as in the RigL reference code.
 
+    With ``layouts``, each parameter's dimensions are those of one of its matrices (``(n_out, n_in, *k)`` of
+    :meth:`~lightning_pai.core.targets.Layout.block_shape`): a transposed HF ``Conv1D`` or
+    ``ConvTranspose`` weight gets the same density as the equivalent ``nn.Linear`` / ``Conv``, and an
+    attention ``in_proj_weight`` (or an LSTM's stacked gates) that of its ``E x E`` (``H x n_in``) blocks.
+
     Args:
         shapes: Parameter shapes by name.
         density: Overall fraction of weights kept.
         kernel: ERK (True) or ER (False).
+        layouts: How each parameter maps to weight matrices (default: the shape as it is, output first).
 
     Returns:
         Density per layer, in ``[0, 1]``.
@@ -97,7 +128,7 @@ def erdos_renyi_densities(shapes: Mapping[str, torch.Size], density: float, kern
     """
     sizes = {n: math.prod(s) for n, s in shapes.items()}
     raw = {}
-    for n, s in shapes.items():
+    for n, s in matrix_shapes(shapes, layouts).items():
         dims = list(s) if kernel or len(s) < 2 else list(s[:2])
         raw[n] = sum(dims) / math.prod(dims)
     budget = density * sum(sizes.values())
@@ -115,28 +146,30 @@ def erdos_renyi_densities(shapes: Mapping[str, torch.Size], density: float, kern
     return {n: 1.0 if n in dense else max(0.0, eps * raw[n]) for n in shapes}
 
 
-def _erdos_renyi_counts(scores: Mapping[str, Tensor], density: float, kernel: bool) -> dict[str, int]:
-    dens = erdos_renyi_densities({n: s.shape for n, s in scores.items()}, density, kernel)
+def _erdos_renyi_counts(
+    scores: Mapping[str, Tensor], density: float, kernel: bool, layouts: Mapping[str, Layout] | None
+) -> dict[str, int]:
+    dens = erdos_renyi_densities({n: s.shape for n, s in scores.items()}, density, kernel, layouts)
     ideal = {n: dens[n] * s.numel() for n, s in scores.items()}
     return apportion(ideal, {n: s.numel() for n, s in scores.items()}, _target_total(scores, density))
 
 
-@register_distribution("erk")
-def erk(scores: Mapping[str, Tensor], density: float) -> dict[str, int]:
+@register_distribution("erk", layouts=True)
+def erk(scores: Mapping[str, Tensor], density: float, layouts: Mapping[str, Layout] | None = None) -> dict[str, int]:
     """Erdős–Rényi-Kernel (Evci et al. 2020): density ∝ ``sum(shape)/prod(shape)``.
 
     See :func:`erdos_renyi_densities`.
     """
-    return _erdos_renyi_counts(scores, density, kernel=True)
+    return _erdos_renyi_counts(scores, density, True, layouts)
 
 
-@register_distribution("er")
-def er(scores: Mapping[str, Tensor], density: float) -> dict[str, int]:
+@register_distribution("er", layouts=True)
+def er(scores: Mapping[str, Tensor], density: float, layouts: Mapping[str, Layout] | None = None) -> dict[str, int]:
     """Erdős–Rényi (Mocanu et al. 2018): density ∝ ``(n_out + n_in)/(n_out n_in)``.
 
     See :func:`erdos_renyi_densities`.
     """
-    return _erdos_renyi_counts(scores, density, kernel=False)
+    return _erdos_renyi_counts(scores, density, False, layouts)
 
 
 def lamp_scores(scores: Tensor) -> Tensor:

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_pai.core.distributions import Distribution, get_distribution
+from lightning_pai.core.distributions import Distribution, distribute, get_distribution
 from lightning_pai.core.select import active_counts, masks_from_counts, raise_to_floors
-from lightning_pai.core.targets import Selectors, select_targets
+from lightning_pai.core.targets import Layout, Selectors, select_targets, target_layouts
 
 
 def check_sparsity(sparsity: float, argument: str = "sparsity") -> float:
@@ -50,6 +50,7 @@ def compute_masks(
     masks: Mapping[str, Tensor] | None = None,
     min_density: float = 0.0,
     invert: bool = False,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> dict[str, Tensor]:
     """Turn scores into keep-masks: the distribution fixes each layer's count, the highest scores are kept.
 
@@ -64,16 +65,17 @@ def compute_masks(
             has); the extra weights come from the other layers, so the total is unchanged.
         invert: Keep the *lowest*-scored weights, with the per-layer counts the scores would have given
             (the "inversion" sanity check of Frankle et al. 2021).
+        layouts: Each target's matrix layout, for shape-based distributions (ERK, ER).
 
     Returns:
         New bool masks, by name.
     """
     density = 1.0 - check_sparsity(sparsity)
     check_min_density(min_density, sparsity)
-    fn = get_distribution(distribution)
+    get_distribution(distribution)
     if masks is not None:
         scores = {n: s.masked_fill(~masks[n].to(s.device), -math.inf) for n, s in scores.items()}
-    counts = fn(scores, density)
+    counts = distribute(distribution, scores, density, layouts)
     kept = active_counts(masks) if masks is not None else None
     available = {n: kept[n] if kept is not None else s.numel() for n, s in scores.items()}
     counts = {n: min(c, available[n]) for n, c in counts.items()}
@@ -105,13 +107,21 @@ class MaskSet:
     Args:
         params: Prunable parameters by name.
         masks: Initial masks (default: keep everything).
+        layouts: How each parameter maps to weight matrices (default: output axis first, fan-in after).
 
     """
 
-    def __init__(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        params: Mapping[str, nn.Parameter],
+        masks: Mapping[str, Tensor] | None = None,
+        layouts: Mapping[str, Layout] | None = None,
+    ) -> None:
         if not params:
             raise ValueError("A `MaskSet` needs at least one parameter.")
         self._params: dict[str, nn.Parameter] = dict(params)
+        generic = {n: Layout("other", 0, tuple(range(1, p.dim()))) for n, p in self._params.items()}
+        self.layouts: dict[str, Layout] = {**generic, **dict(layouts or {})}
         self._masks: dict[str, Tensor] = {
             n: torch.ones(p.shape, dtype=torch.bool, device=p.device) for n, p in self._params.items()
         }
@@ -123,7 +133,8 @@ class MaskSet:
     @classmethod
     def from_module(cls, module: nn.Module, include: Selectors = None, exclude: Selectors = None) -> MaskSet:
         """Masks (all kept) over the targets :func:`~lightning_pai.core.targets.select_targets` picks."""
-        return cls(select_targets(module, include, exclude))
+        params = select_targets(module, include, exclude)
+        return cls(params, layouts=target_layouts(module, list(params)))
 
     def _refresh_lists(self) -> None:
         self._plist = list(self._params.values())

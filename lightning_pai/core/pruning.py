@@ -154,7 +154,13 @@ def prune(
             ctx.masks = masks
             scores = scorer(ctx)
             masks = compute_masks(
-                scores, round_sparsity, distribution, masks=masks, min_density=min_density, invert=ablation == "invert"
+                scores,
+                round_sparsity,
+                distribution,
+                masks=masks,
+                min_density=min_density,
+                invert=ablation == "invert",
+                layouts=ctx.layouts,
             )
     if ablation == "shuffle":
         masks = shuffle_masks(masks, ctx.seed)

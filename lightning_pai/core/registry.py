@@ -77,6 +77,17 @@ class Registry(Generic[F]):
         self.get(name)
         return MappingProxyType(self._info[name.lower()])
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (e.g. a test's temporary entry).
+
+        Raises:
+            KeyError: If ``name`` is not registered.
+        """
+        key = name.lower()
+        if key not in self._entries:
+            raise KeyError(f"No {self.kind} named {name!r} is registered.")
+        del self._entries[key], self._info[key]
+
     def list(self) -> list[str]:
         """Names of all registered entries, sorted."""
         return sorted(self._entries)

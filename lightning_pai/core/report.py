@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_pai.core.masks import MaskSet
-from lightning_pai.core.targets import Selectors, select_targets
+from lightning_pai.core.targets import Layout, Selectors, select_targets, target_layouts
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,85 @@ class LayerSparsity:
 
 
 @dataclass(frozen=True)
+class Coverage:
+    """How much of a model the targets are: the honest denominator behind a sparsity figure.
+
+    Attributes:
+        targeted: Weights under masks.
+        params: All (unique) parameters of the model.
+        matrix_params: All parameters with two or more dimensions.
+        embedding_params: The part of ``matrix_params`` owned by ``nn.Embedding`` / ``nn.EmbeddingBag``.
+        untargeted: ``(name, shape)`` of the >=2-D parameters under no mask, largest first.
+    """
+
+    targeted: int
+    params: int
+    matrix_params: int
+    embedding_params: int
+    untargeted: list[tuple[str, tuple[int, ...]]]
+
+    @property
+    def fraction(self) -> float:
+        """Targeted weights / all parameters."""
+        return self.targeted / self.params if self.params else 0.0
+
+    @property
+    def matrix_fraction(self) -> float:
+        """Targeted weights / all >=2-D parameters."""
+        return self.targeted / self.matrix_params if self.matrix_params else 0.0
+
+    @property
+    def non_embedding_fraction(self) -> float:
+        """Targeted weights / >=2-D parameters other than embeddings (targeted embeddings count as covered)."""
+        denominator = self.matrix_params - self.embedding_params
+        covered = min(self.targeted, denominator)
+        return covered / denominator if denominator > 0 else 1.0
+
+    def __str__(self) -> str:
+        largest = ", ".join(f"{n} ({'x'.join(map(str, s))})" for n, s in self.untargeted[:3])
+        more = f" and {len(self.untargeted) - 3} more" if len(self.untargeted) > 3 else ""
+        text = (
+            f"masks cover {self.matrix_fraction:.1%} of the model's >=2-D parameters "
+            f"({self.non_embedding_fraction:.1%} without embeddings) and {self.fraction:.1%} of all parameters"
+        )
+        return text + (f"; not under masks: {largest}{more}" if self.untargeted else "")
+
+
+def coverage(module: nn.Module, targets: Mapping[str, object]) -> Coverage:
+    """The :class:`Coverage` of ``targets`` (parameter names, e.g. a mask set) in ``module``."""
+    seen: set[int] = set()
+    params = matrix = embedding = targeted = 0
+    untargeted: list[tuple[str, tuple[int, ...]]] = []
+    for prefix, mod in module.named_modules():
+        for attr, p in mod.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = f"{prefix}.{attr}" if prefix else attr
+            params += p.numel()
+            if name in targets:
+                targeted += p.numel()
+            if p.dim() >= 2:
+                matrix += p.numel()
+                if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+                    embedding += p.numel()
+                if name not in targets:
+                    untargeted.append((name, tuple(p.shape)))
+    untargeted.sort(key=lambda item: -math.prod(item[1]))
+    return Coverage(targeted, params, matrix, embedding, untargeted)
+
+
+@dataclass(frozen=True)
 class SparsityReport:
-    """Rows per layer plus totals; ``str()`` gives a compact table."""
+    """Rows per layer plus totals; ``str()`` gives a compact table.
+
+    Attributes:
+        rows: One row per target.
+        coverage: How much of the model the targets are (when the report was made with the model).
+    """
 
     rows: list[LayerSparsity]
+    coverage: Coverage | None = None
 
     @property
     def kept(self) -> int:
@@ -90,7 +166,15 @@ class SparsityReport:
         out.update({f"{prefix}/{r.name}": r.sparsity for r in self.rows})
         if self.effective_sparsity is not None:
             out[f"{prefix}/effective"] = self.effective_sparsity
+        if self.coverage is not None:
+            out[f"{prefix}/coverage"] = self.coverage.fraction
+            out[f"{prefix}/coverage_2d"] = self.coverage.matrix_fraction
         return out
+
+    def summary(self) -> str:
+        """One line: layers, sparsity of the targets and, when known, how much of the model they cover."""
+        text = f"{len(self.rows)} layers, sparsity {self.sparsity:.4f} of the targeted weights"
+        return text + (f"; {self.coverage}" if self.coverage is not None else "")
 
     def __str__(self) -> str:
         eff = self.effective_sparsity is not None
@@ -112,6 +196,8 @@ class SparsityReport:
         fmt = " | ".join(f"{{:<{w}}}" for w in widths)
         lines = [fmt.format(*header), "-" * (sum(widths) + 3 * (len(widths) - 1))]
         lines += [fmt.format(*row) for row in body]
+        if self.coverage is not None:
+            lines.append(f"Coverage: {self.coverage}.")
         return "\n".join(lines)
 
 
@@ -148,9 +234,13 @@ def sparsity_report(
         ]
     if effective:
         kept = {r.name: (masks[r.name] if masks is not None else module.get_parameter(r.name) != 0) for r in rows}
-        eff = effective_masks(kept)
+        layouts = getattr(masks, "layouts", None) or (
+            target_layouts(module, [r.name for r in rows]) if module is not None else None
+        )
+        eff = effective_masks(kept, layouts)
         rows = [replace(r, effective_kept=int(eff[r.name].sum())) for r in rows]
-    return SparsityReport(rows)
+    cover = coverage(module, {r.name for r in rows}) if module is not None else None
+    return SparsityReport(rows, cover)
 
 
 def _to_units(alive: Tensor, width: int, argument: str) -> Tensor:
@@ -173,7 +263,7 @@ def _from_units(useful: Tensor, width: int) -> Tensor:
 
 
 @torch.no_grad()
-def effective_masks(masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def effective_masks(masks: Mapping[str, Tensor], layouts: Mapping[str, Layout] | None = None) -> dict[str, Tensor]:
     """Masks with the weights that cannot carry signal removed (Vysogorets & Kempe 2021, arXiv:2107.02306).
 
     The layers are taken as a plain chain in the given order (an MLP or a conv stack, with flattening
@@ -184,13 +274,16 @@ def effective_masks(masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
     result is undefined, and inconsistent widths raise an error.
 
     Args:
-        masks: Bool masks ``[out, in, *kernel]`` in forward order.
+        masks: Bool masks in forward order (``[out, in, *kernel]`` without ``layouts``).
+        layouts: Each mask's :class:`~lightning_pai.core.targets.Layout`, so that transposed weights (HF
+            ``Conv1D``, ``ConvTranspose``) are read the right way round.
 
     Returns:
         Effective masks, by name (a subset of ``masks``).
     """
     names = list(masks)
-    conn = {n: masks[n].reshape(masks[n].shape[0], masks[n].shape[1], -1).any(-1) for n in names}  # [out, in]
+    oriented = {n: _out_in(masks[n], layouts.get(n) if layouts else None) for n in names}
+    conn = {n: m.reshape(m.shape[0], m.shape[1], -1).any(-1) for n, m in oriented.items()}  # [out, in]
     reach_in: dict[str, Tensor] = {}
     alive = None
     for n in names:
@@ -205,7 +298,25 @@ def effective_masks(masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
         useful = (conn[n].float().t() @ useful_out[n].float().to(conn[n].device)) > 0
     out = {}
     for n in names:
-        m = masks[n]
+        m = oriented[n]
         gate = useful_out[n].to(m.device)[:, None] & reach_in[n].to(m.device)[None, :]
-        out[n] = m & gate.view(*gate.shape, *([1] * (m.dim() - 2)))
+        effective = m & gate.view(*gate.shape, *([1] * (m.dim() - 2)))
+        out[n] = _back(effective, layouts.get(n) if layouts else None)
     return out
+
+
+def _out_in(mask: Tensor, layout: Layout | None) -> Tensor:
+    """``mask`` with the output axis first and the input-channel axis second (kernel axes after)."""
+    if layout is None or mask.dim() < 2 or (layout.out_dim == 0 and layout.in_dims[:1] == (1,)):
+        return mask
+    order = [layout.out_dim, layout.in_dims[0]]
+    return mask.permute(*order, *[d for d in range(mask.dim()) if d not in order])
+
+
+def _back(mask: Tensor, layout: Layout | None) -> Tensor:
+    """Inverse of :func:`_out_in`."""
+    if layout is None or mask.dim() < 2 or (layout.out_dim == 0 and layout.in_dims[:1] == (1,)):
+        return mask
+    order = [layout.out_dim, layout.in_dims[0]]
+    perm = order + [d for d in range(mask.dim()) if d not in order]
+    return mask.permute(*[perm.index(d) for d in range(mask.dim())])

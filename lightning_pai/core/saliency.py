@@ -15,7 +15,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_pai.core.scorers import ScoringContext, batch_inputs, register_scorer
+from lightning_pai.core.scorers import (
+    ScoringContext,
+    call_forward,
+    default_forward,
+    output_tensor,
+    register_scorer,
+    split_batch,
+)
 
 
 def _grads(output: Tensor, params: list[nn.Parameter], **kwargs) -> list[Tensor]:
@@ -78,12 +85,16 @@ def grasp(ctx: ScoringContext) -> dict[str, Tensor]:
 
 @contextmanager
 def _linearized(module: nn.Module) -> Iterator[None]:
-    """Replace every floating parameter and buffer by its float64 absolute value (restored on exit)."""
-    saved = []
+    """Replace every floating parameter and buffer by its float64 absolute value (restored on exit).
+
+    Shared (tied) tensors, e.g. GPT-2's embedding and output weight, are replaced and restored once.
+    """
+    saved, seen = [], set()
     for mod in module.modules():
         for store in (mod._parameters, mod._buffers):
             for t in store.values():
-                if t is not None and t.is_floating_point():
+                if t is not None and t.is_floating_point() and id(t) not in seen:
+                    seen.add(id(t))
                     saved.append((t, t.data))
                     t.data = t.data.detach().abs().double()
     try:
@@ -93,28 +104,49 @@ def _linearized(module: nn.Module) -> Iterator[None]:
             t.data = data
 
 
+def _ones_like_inputs(inputs: object) -> object:
+    """One sample of ``inputs`` (any nesting): floating tensors become float64 ones, others (token ids, masks) stay."""
+    if isinstance(inputs, Tensor):
+        sample = inputs[:1]
+        return torch.ones_like(sample, dtype=torch.float64) if sample.is_floating_point() else sample
+    if isinstance(inputs, dict):
+        return {k: _ones_like_inputs(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_ones_like_inputs(v) for v in inputs)
+    return inputs
+
+
 @register_scorer("synflow", needs="shape", iterations=100)
 def synflow(ctx: ScoringContext) -> dict[str, Tensor]:
     """Iterative Synaptic Flow (Tanaka et al. 2020, arXiv:2006.05467); data-free.
 
     All parameters and buffers are replaced by their absolute values, the model runs in eval mode on an
-    all-ones input of one sample, ``R = sum(f(1; |θ|))`` and ``score = |θ ⊙ ∂R/∂θ|``. Run it
+    all-ones input of one sample, ``R = sum(f(1; |θ|))`` and ``score = |θ ⊙ ∂R/∂θ|``. The input has the
+    structure of the first batch's inputs (several positional inputs, or a dict of keyword inputs):
+    floating tensors become ones, integer ones (token ids, attention masks) are one sample of the batch.
+    A custom ``forward_fn`` is called on that one-sample batch instead. Run it
     iteratively (``iterations=100`` on the exponential schedule in the paper) for its
     no-layer-collapse guarantee. Scoring is done in float64: ``R`` is a product over layers and
     overflows float32 in deep networks. Non-finite scores raise an error instead of silently mis-ranking.
     """
     if ctx.module is None:
         raise ValueError("The `synflow` scorer needs the model.")
-    shape = ctx.input_shape
-    if shape is None:
-        if not ctx.batches:
-            raise ValueError("The `synflow` scorer needs `input_shape` or one batch to take the input shape from.")
-        shape = tuple(batch_inputs(ctx.batches[0]).shape[1:])
     names, params = list(ctx.params), list(ctx.params.values())
     device = params[0].device
+    custom = ctx.forward_fn is not default_forward
+    if ctx.input_shape is not None:
+        inputs: object = torch.ones((1, *ctx.input_shape), dtype=torch.float64, device=device)
+    elif ctx.batches:
+        batch = ctx.batches[0]
+        inputs = _ones_like_inputs(batch if custom else split_batch(ctx.module, batch)[0])
+    else:
+        raise ValueError("The `synflow` scorer needs `input_shape` or one batch to take the input shape from.")
     ctx.module.eval()
     with _linearized(ctx.module):
-        out = ctx.module(torch.ones((1, *shape), dtype=torch.float64, device=device))
+        if custom and ctx.input_shape is None:  # the user's call, on a one-sample all-ones batch
+            out = output_tensor(ctx.forward_fn(ctx.module, inputs)[0])
+        else:
+            out = output_tensor(call_forward(ctx.module, inputs))
         grads = _grads(out.sum(), params)
         scores = {n: (g * p.detach()).abs() for n, g, p in zip(names, grads, params)}
     bad = [n for n, s in scores.items() if not torch.isfinite(s).all()]

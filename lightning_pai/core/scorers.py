@@ -16,6 +16,7 @@ scorer carries metadata (:func:`scorer_info`) that callers read instead of speci
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,17 +27,103 @@ from torch.nn import functional as F
 
 from lightning_pai.core.registry import Registry
 
+#: Batch keys taken as targets (never passed to ``forward``) when a batch is a dict.
+LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+
+_FORWARD_HINT = (
+    "Pass `forward_fn(module, batch) -> (logits, targets)`, e.g. "
+    "`forward_fn=lambda m, b: (m(b['input_ids'], attention_mask=b['attention_mask']).logits, b['labels'])`"
+)
+
+
+def _required_positional(module: nn.Module) -> int:
+    """How many positional arguments ``module.forward`` requires (1 when it cannot be told)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return 1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return max(1, sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params))
+
+
+def split_batch(module: nn.Module, batch: Any) -> tuple[Any, Tensor | None]:
+    """``(inputs, targets)`` of a batch, as ``module.forward`` takes the inputs.
+
+    - a dict: ``{"x": ..., "y": ...}`` gives ``(x, y)``; otherwise every key but :data:`LABEL_KEYS` is an
+      input (keyword arguments, HF style) and the first label key present is the target;
+    - a tuple/list: its first ``n`` items are the positional inputs, ``n`` being the number of positional
+      arguments ``forward`` requires (a two-input ``forward(inputs, target)`` gets both), and the item after
+      the first is the target (``(x, y, ...)``);
+    - a tensor: the input, no target.
+    """
+    if isinstance(batch, Mapping):
+        if "x" in batch:
+            return batch["x"], batch.get("y")
+        target = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+        return {k: v for k, v in batch.items() if k not in LABEL_KEYS}, target
+    if isinstance(batch, (tuple, list)):
+        n = min(len(batch), _required_positional(module))
+        return tuple(batch[:n]), batch[1] if len(batch) > 1 else None
+    return batch, None
+
+
+def call_forward(module: nn.Module, inputs: Any) -> Any:
+    """``module(**inputs)``, ``module(*inputs)`` or ``module(inputs)`` for a dict, tuple or single input.
+
+    Raises:
+        ValueError: If the call fails on its arguments; the message says how to pass ``forward_fn``.
+    """
+    try:
+        if isinstance(inputs, Mapping):
+            return module(**inputs)
+        if isinstance(inputs, tuple):
+            return module(*inputs)
+        return module(inputs)
+    except TypeError as error:
+        raise ValueError(
+            f"Cannot call the model's forward on the batch's inputs ({type(inputs).__name__}): {error}. "
+            f"{_FORWARD_HINT}."
+        ) from error
+
+
+def output_tensor(output: Any) -> Tensor:
+    """The tensor a model's output stands for: itself, its ``logits`` (HF ``ModelOutput``), or its first tensor.
+
+    Raises:
+        ValueError: If the output contains no tensor.
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if isinstance(output.get("logits"), Tensor):
+            return output["logits"]
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            if isinstance(item, Tensor):
+                return item
+    raise ValueError(f"The model's output ({type(output).__name__}) holds no tensor. {_FORWARD_HINT}.")
+
 
 def default_forward(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
-    """``(module(x), y)`` for a batch ``(x, y, ...)`` (tuple/list) or ``{"x": ..., "y": ...}`` (dict)."""
-    if isinstance(batch, Mapping):
-        return module(batch["x"]), batch["y"]
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return module(batch[0]), batch[1]
-    raise TypeError(
-        "Cannot split the batch into inputs and targets: expected `(x, y, ...)` or `{'x': ..., 'y': ...}`, got "
-        f"{type(batch).__name__}. Pass `forward_fn(module, batch) -> (logits, targets)`."
-    )
+    """``(logits, targets)`` of a batch (see :func:`split_batch`), logits flattened to ``(N, classes)``.
+
+    Works for ``(x, y, ...)`` tuples, multi-input ``forward``s and HF-style dict batches with ``labels``;
+    sequence outputs ``(B, T, C)`` with targets ``(B, T)`` are flattened to ``(B*T, C)`` and ``(B*T,)``.
+
+    Raises:
+        TypeError: If the batch has no targets; the message says how to pass ``forward_fn``.
+    """
+    inputs, targets = split_batch(module, batch)
+    if targets is None:
+        raise TypeError(
+            "Cannot split the batch into inputs and targets: expected `(x, y, ...)`, `{'x': ..., 'y': ...}` or a "
+            f"dict with 'labels', got {type(batch).__name__}. {_FORWARD_HINT}."
+        )
+    logits = output_tensor(call_forward(module, inputs))
+    if logits.dim() > 2 and targets.dim() == logits.dim() - 1:
+        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    return logits, targets
 
 
 def batch_inputs(batch: Any) -> Tensor:
@@ -61,9 +148,10 @@ class ScoringContext:
         batches: Batches for data-driven scorers (already on the module's device).
         loss_fn: ``loss_fn(module, batch) -> scalar loss`` (SNIP). Default: cross-entropy of ``forward_fn``.
         forward_fn: ``forward_fn(module, batch) -> (logits, targets)`` (GraSP; default :func:`default_forward`).
-        input_shape: Shape of one input sample without the batch dimension (SynFlow); default: taken from
-            the first batch's inputs.
+        input_shape: Shape of one input sample without the batch dimension (SynFlow); default: the first
+            batch's inputs (any structure: floats become ones, integer inputs such as token ids are kept).
         extras: Further scorer-specific options (e.g. ``{"temperature": 200}`` for GraSP).
+        layouts: Each target's :class:`~lightning_pai.core.targets.Layout` (for shape-based distributions).
     """
 
     params: Mapping[str, nn.Parameter]
@@ -75,6 +163,7 @@ class ScoringContext:
     forward_fn: Callable[[nn.Module, Any], tuple[Tensor, Tensor]] = default_forward
     input_shape: tuple[int, ...] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    layouts: Mapping[str, Any] | None = None
 
     def loss(self, batch: Any) -> Tensor:
         """The scalar loss of ``batch``: ``loss_fn`` if given, else cross-entropy of ``forward_fn``."""

@@ -1,14 +1,30 @@
-"""Which parameters of a module are prunable."""
+"""Which parameters of a module are prunable, and how each one maps to a weight matrix (its :class:`Layout`)."""
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
-#: Module types whose ``weight`` is pruned when ``include`` is not given (subclasses included).
-DEFAULT_TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: Module types whose weight matrices are pruned when ``include`` is not given (subclasses included), besides
+#: HF-style ``Conv1D`` layers (recognised by an integer ``nf`` and a 2-D ``(in, out)`` weight, without
+#: importing transformers): ``weight`` of linear and (transposed) convolution layers, every ``in_proj_weight``
+#: / ``q|k|v_proj_weight`` of ``nn.MultiheadAttention`` (its ``out_proj`` is an ``nn.Linear``), and every
+#: ``weight_ih_l*`` / ``weight_hh_l*`` / ``weight_hr_l*`` (and ``_reverse``) of ``nn.RNN/LSTM/GRU``.
+DEFAULT_TARGET_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    *_CONV_TRANSPOSE,
+    nn.MultiheadAttention,
+    nn.RNNBase,
+)
 
 Selector = str | type[nn.Module]
 Selectors = Selector | Sequence[Selector] | None
@@ -16,6 +32,134 @@ Selectors = Selector | Sequence[Selector] | None
 #: Named selections usable in ``include`` / ``exclude``: the input layer (``"stem"``), the classifier
 #: (``"head"``) or both (``"stem_and_head"``). See :func:`preset_names`.
 PRESETS = ("stem", "head", "stem_and_head")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a prunable parameter maps onto weight matrices ``W[out, in]``.
+
+    Attributes:
+        kind: ``"linear"``, ``"conv"``, ``"conv_transpose"``, ``"conv1d"`` (HF's transposed ``Conv1D``),
+            ``"attention"`` (``in_proj_weight``), ``"recurrent"``, ``"embedding"`` or ``"other"``.
+        out_dim: Axis of the output units.
+        in_dims: Axes whose product is the fan-in (a convolution's input channels and kernel).
+        blocks: Independent matrices stacked along ``out_dim`` (``in_proj_weight``: Q, K, V = 3; an LSTM's
+            gates: 4; a GRU's: 3), each a layer of its own for shape-based rules such as ERK.
+    """
+
+    kind: str
+    out_dim: int = 0
+    in_dims: tuple[int, ...] = (1,)
+    blocks: int = 1
+
+    def fan_in(self, shape: Sequence[int]) -> int:
+        """Inputs per output unit (``in * kernel`` for a convolution)."""
+        return math.prod(shape[d] for d in self.in_dims)
+
+    def fan_out(self, shape: Sequence[int]) -> int:
+        """Output units of one block."""
+        return shape[self.out_dim] // self.blocks
+
+    def block_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of one block, output axis first, then the fan-in axes in order."""
+        return (self.fan_out(shape), *(shape[d] for d in self.in_dims))
+
+    def as_matrix(self, tensor: Tensor) -> Tensor:
+        """``tensor`` as ``[out, in]`` (all blocks stacked on the rows), a view when the axes allow it."""
+        order = (self.out_dim, *self.in_dims)
+        rest = [d for d in range(tensor.dim()) if d not in order]
+        moved = tensor.permute(*order, *rest) if list(order) + rest != list(range(tensor.dim())) else tensor
+        return moved.reshape(tensor.shape[self.out_dim], -1)
+
+    def from_matrix(self, matrix: Tensor, shape: Sequence[int]) -> Tensor:
+        """Inverse of :meth:`as_matrix`: a ``[out, in]`` tensor back to the parameter's ``shape``."""
+        order = (self.out_dim, *self.in_dims)
+        rest = [d for d in range(len(shape)) if d not in order]
+        perm = [*order, *rest]
+        moved = matrix.reshape([shape[d] for d in perm])
+        inverse = [perm.index(d) for d in range(len(shape))]
+        return moved.permute(*inverse) if perm != list(range(len(shape))) else moved
+
+
+LINEAR = Layout("linear")
+_RNN_BLOCKS = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_RNN_WEIGHT = re.compile(r"weight_(ih|hh|hr)_l\d+(_reverse)?$")
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """HF ``transformers``' ``Conv1D`` (GPT-2 style): ``y = x @ W + b`` with ``W`` of shape ``(in, out)``."""
+    weight = getattr(module, "weight", None)
+    nf = getattr(module, "nf", None)
+    return (
+        isinstance(nf, int)
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 2
+        and weight.shape[1] == nf
+        and not isinstance(module, (nn.Linear, nn.Embedding))
+    )
+
+
+def default_layouts(module: nn.Module) -> dict[str, Layout]:
+    """The default-targeted parameters directly owned by ``module`` (attribute name -> layout)."""
+    params = dict(module.named_parameters(recurse=False))
+    if isinstance(module, nn.Linear):
+        return {"weight": LINEAR} if "weight" in params else {}
+    if isinstance(module, _CONV_TRANSPOSE):  # (in, out / groups, *kernel)
+        return {"weight": Layout("conv_transpose", 1, (0, *range(2, params["weight"].dim())))}
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return {"weight": Layout("conv", 0, tuple(range(1, params["weight"].dim())))}
+    if isinstance(module, nn.MultiheadAttention):
+        out = {}
+        if params.get("in_proj_weight") is not None:
+            out["in_proj_weight"] = Layout("attention", 0, (1,), blocks=3)
+        for attr in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            if params.get(attr) is not None:
+                out[attr] = LINEAR
+        return out
+    if isinstance(module, nn.RNNBase):
+        blocks = _RNN_BLOCKS.get(module.mode, 1)
+        out = {}
+        for attr in params:
+            match = _RNN_WEIGHT.match(attr)
+            if match:
+                out[attr] = Layout("recurrent", 0, (1,), blocks=1 if match.group(1) == "hr" else blocks)
+        return out
+    if is_hf_conv1d(module):
+        return {"weight": Layout("conv1d", 1, (0,))}
+    return {}
+
+
+def layout_of(module: nn.Module, attr: str, param: Tensor) -> Layout:
+    """The layout of ``module``'s parameter ``attr`` (also for parameters selected by ``include`` only)."""
+    known = default_layouts(module).get(attr)
+    if known is not None:
+        return known
+    if isinstance(module, nn.Embedding) and attr == "weight":
+        return Layout("embedding")
+    return Layout("other", 0, tuple(range(1, param.dim()))) if param.dim() >= 2 else Layout("other", 0, ())
+
+
+def target_layouts(module: nn.Module, names: Sequence[str]) -> dict[str, Layout]:
+    """Layouts of the named parameters of ``module`` (see :class:`Layout`).
+
+    Raises:
+        KeyError: If a name is not a parameter of ``module``.
+    """
+    owners = {}
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        for attr, p in mod.named_parameters(recurse=False):
+            owners.setdefault(f"{prefix}.{attr}" if prefix else attr, (mod, attr, p))
+    missing = [n for n in names if n not in owners]
+    if missing:
+        raise KeyError(f"The model has no parameter named {missing[:5]}.")
+    return {n: layout_of(*owners[n]) for n in names}
+
+
+def matrix_shapes(shapes: Mapping[str, Sequence[int]], layouts: Mapping[str, Layout] | None) -> dict[str, tuple]:
+    """Per target, the shape of one of its matrices for shape-based rules (all of it without a layout)."""
+    if layouts is None:
+        return {n: tuple(s) for n, s in shapes.items()}
+    return {n: layouts[n].block_shape(s) if n in layouts else tuple(s) for n, s in shapes.items()}
 
 
 def _cfg_names(value: object) -> list[str]:
@@ -33,7 +177,7 @@ def preset_names(module: nn.Module, preset: str) -> list[str]:
     layer and classifier in ``pretrained_cfg["first_conv"]`` and ``pretrained_cfg["classifier"]``
     (``conv1`` / ``fc`` for ResNets, ``patch_embed.proj`` / ``head`` for ViTs, ``stem.0`` / ``head.fc`` for
     ConvNeXt); the preset selects those modules' ``weight``. Without a timm model, ``"stem"`` is the
-    first and ``"head"`` the last ``nn.Linear``/``nn.Conv*`` weight in registration order.
+    first and ``"head"`` the last default-targeted weight matrix in registration order.
 
     Raises:
         ValueError: If ``preset`` is not one of :data:`PRESETS`.
@@ -55,9 +199,9 @@ def preset_names(module: nn.Module, preset: str) -> list[str]:
     if names:
         return names
     defaults = [
-        f"{prefix}.weight" if prefix else "weight"
+        f"{prefix}.{attr}" if prefix else attr
         for prefix, mod in module.named_modules()
-        if isinstance(mod, DEFAULT_TARGET_TYPES) and isinstance(getattr(mod, "weight", None), nn.Parameter)
+        for attr in default_layouts(mod)
     ]
     if not defaults:
         return []
@@ -97,17 +241,23 @@ def validate_selectors(include: Selectors = None, exclude: Selectors = None) -> 
 
 
 def _matches(selector: Selector, name: str, module: nn.Module, attr: str) -> bool:
+    """A glob matches parameter names; a module type its weight matrices (its ``weight`` if it has no default)."""
     if isinstance(selector, str):
         return fnmatch.fnmatchcase(name, selector)
-    return attr == "weight" and isinstance(module, selector)
+    if not isinstance(module, selector):
+        return False
+    defaults = default_layouts(module)
+    return attr in defaults if defaults else attr == "weight"
 
 
 def select_targets(module: nn.Module, include: Selectors = None, exclude: Selectors = None) -> dict[str, nn.Parameter]:
     """Return the prunable parameters of ``module``, keyed by fully qualified name, in registration order.
 
-    Without ``include`` the targets are the ``weight`` of every :data:`DEFAULT_TARGET_TYPES` module
-    (``nn.Linear`` and ``nn.Conv1d/2d/3d`` and their subclasses, such as timm's); biases, norms and
-    embeddings are left dense.
+    Without ``include`` the targets are the weight matrices of every linear-like operation: ``weight`` of
+    ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` (subclasses included, such as timm's),
+    HF-style ``Conv1D``, ``nn.MultiheadAttention``'s ``in_proj_weight`` (or ``q|k|v_proj_weight``) plus its
+    ``out_proj``, and ``nn.RNN/LSTM/GRU``'s ``weight_ih_l*`` / ``weight_hh_l*`` (``weight_hr_l*``,
+    ``_reverse``). Biases, norms and embeddings are left dense (select them with ``include``).
 
     Args:
         module: The model.
@@ -156,13 +306,14 @@ def select_targets(module: nn.Module, include: Selectors = None, exclude: Select
         chosen = {id(c[3]) for c in _pick(inc, candidates, "include")}
         targets = [c for c in candidates if id(c[3]) in chosen]
     else:
-        targets = [c for c in candidates if c[2] == "weight" and isinstance(c[1], DEFAULT_TARGET_TYPES)]
+        targets = [c for c in candidates if c[2] in default_layouts(c[1])]
     if exc:
         dropped = {id(c[3]) for c in _pick(exc, targets, "exclude")}
         targets = [c for c in targets if id(c[3]) not in dropped]
     if not targets:
         raise ValueError(
-            "The model has no prunable parameter: by default the weights of `nn.Linear` and `nn.Conv1d/2d/3d` "
-            "layers are pruned; select others with `include` (name patterns or module types) or relax `exclude`."
+            "The model has no prunable parameter: by default the weight matrices of linear, convolution, "
+            "attention, recurrent and HF Conv1D layers are pruned; select others with `include` (name patterns "
+            "or module types) or relax `exclude`."
         )
     return {name: p for name, _, _, p in targets}
