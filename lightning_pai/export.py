@@ -68,7 +68,7 @@ def _default_names(model_or_state_dict: nn.Module | Mapping[str, Any], state: Ma
     if isinstance(model_or_state_dict, nn.Module):
         try:
             targets = select_targets(model_or_state_dict)
-        except ValueError:  # no nn.Linear / nn.Conv* weight: nothing to compress
+        except ValueError:  # no default target (no linear-like layer): nothing to compress
             return []
         return [name for name in targets if name in state]
     return [
@@ -93,11 +93,12 @@ def sparse_state_dict(
 
     - ``masks`` given: exactly the named tensors, whatever their density (a :class:`~lightning_pai.MaskSet`
       or a ``{name: bool tensor}`` dict keyed like the state dict).
-    - ``masks=None``: masks are inferred as ``weight != 0`` for the default targets, i.e. the ``weight`` of
-      every ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (:func:`~lightning_pai.core.targets.select_targets`) when a
-      module is given, or every floating-point tensor named ``*weight`` with at least 2 dimensions when a
-      plain state dict is given. An inferred weight is compressed only if that makes it smaller, i.e. if
-      its density is below ``1 - 1 / (8 * itemsize)`` (0.969 for float32).
+    - ``masks=None``: masks are inferred as ``w != 0`` for the default targets when a module is given, i.e.
+      what :func:`~lightning_pai.core.targets.select_targets` picks without ``include`` (the ``weight`` of
+      every ``nn.Linear`` / ``nn.Conv*`` layer and the other linear-like weights it lists), or every
+      floating-point tensor named ``*weight`` with at least 2 dimensions when a plain state dict is given.
+      An inferred weight is compressed only if that makes it smaller, i.e. if its density is below
+      ``1 - 1 / (8 * itemsize)`` (0.969 for float32).
 
     Positions outside a mask come back as ``+0.0`` (a ``-0.0`` there compares equal but loses its sign bit);
     every kept value and every other tensor comes back bit for bit.
@@ -243,9 +244,9 @@ def save_sparse(
     """Write a compressed sparse checkpoint: kept values plus 1 bit of mask per masked weight.
 
     ``torch.save(sparse_state_dict(model_or_state_dict, masks, dtype=dtype), path)``; see
-    :func:`sparse_state_dict` for which weights are compressed (with ``masks=None``: the exact zeros of every
-    ``nn.Linear`` / ``nn.Conv*`` weight) and the module docstring for the format. A float32 weight at
-    sparsity ``s`` costs about ``4 (1 - s) + 0.125`` bytes instead of 4.
+    :func:`sparse_state_dict` for which weights are compressed (with ``masks=None``: the exact zeros of the
+    default targets, e.g. every ``nn.Linear`` / ``nn.Conv*`` weight) and the module docstring for the format.
+    A float32 weight at sparsity ``s`` costs about ``4 (1 - s) + 0.125`` bytes instead of 4.
 
     Args:
         model_or_state_dict: A module or a state dict.

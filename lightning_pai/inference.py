@@ -604,7 +604,8 @@ def to_sparse_inference(
     for name in [n for n in given or () if n not in consumed]:
         shape = tuple(given[name].shape)
         density = float(given[name].sum()) / max(1, given[name].numel())
-        rows.append(LayerConversion(name, "parameter", shape, density, False, "dense", "not a module's `weight`"))
+        why = "not a layer's `weight` (no sparse kernel)"
+        rows.append(LayerConversion(name, "parameter", shape, density, False, "dense", why))
     for name, new in replacements:
         if not name:
             out = new

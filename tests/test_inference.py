@@ -266,16 +266,19 @@ class Mixed(nn.Module):
 def test_unsupported_left_dense_and_reported(one_thread):
     torch.manual_seed(0)
     model = Mixed().eval()
-    include = ["emb.weight", "attn.out_proj.weight", "scaled.weight", "conv.weight", "fc.weight", "fc.bias"]
+    include = ["emb.weight", "attn.in_proj_weight", "attn.out_proj.weight", "scaled.weight", "conv.weight"]
+    include += ["fc.weight", "fc.bias"]
     masks = prune(model, 0.9, include=include)
     sparse = to_sparse_inference(model, masks, crossover=1.0)
     report = {r.name: r for r in conversion_report(sparse).rows}
-    assert set(report) == {"emb", "attn.out_proj", "scaled", "conv", "fc", "fc.bias"}
+    assert set(report) == {"emb", "attn.in_proj_weight", "attn.out_proj", "scaled", "conv", "fc", "fc.bias"}
     assert [n for n, r in report.items() if r.converted] == ["fc"]
     assert "MultiheadAttention" in report["attn.out_proj"].reason
     assert "overrides nn.Linear.forward" in report["scaled"].reason
     assert "not an nn.Linear" in report["emb"].reason and "not an nn.Linear" in report["conv"].reason
-    assert report["fc.bias"].reason == "not a module's `weight`"
+    assert (
+        report["fc.bias"].reason == report["attn.in_proj_weight"].reason == "not a layer's `weight` (no sparse kernel)"
+    )
     assert report["emb"].density == pytest.approx(0.1, abs=0.03)
     assert type(sparse.attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear"
     assert "| fc | Linear | 4x16 |" in str(conversion_report(sparse))
