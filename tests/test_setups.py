@@ -166,7 +166,7 @@ def test_sharded_strategies_fail_at_setup(name):
     pl = import_ns("lightning.pytorch")
     FSDPStrategy = type("FSDPStrategy", (pl.strategies.SingleDeviceStrategy,), {})  # strategy="fsdp" needs a GPU
     trainer = make_trainer(callbacks=[CALLBACKS[name]()], strategy=FSDPStrategy(device=torch.device("cpu")))
-    with pytest.raises(RuntimeError, match="supports single-device training and the DDP family"):
+    with pytest.raises(RuntimeError, match="supports single-device training, the DDP family .* and FSDP2"):
         trainer.fit(make_module(seed=0), make_dataloader())
     assert trainer.global_step == 0
 

@@ -24,23 +24,30 @@ CallbackBase: type = type(
     "CallbackBase", tuple(_bases), {"__doc__": "Lightning ``Callback`` of every installed namespace."}
 )
 
-_STRATEGIES_SUPPORTED = ("SingleDeviceStrategy", "DDPStrategy")
-_STRATEGIES_UNSUPPORTED = ("DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy", "XLAStrategy")
+_STRATEGIES_SUPPORTED = ("SingleDeviceStrategy", "DDPStrategy", "ModelParallelStrategy")
+_STRATEGIES_UNSUPPORTED = ("DeepSpeedStrategy", "FSDPStrategy", "XLAStrategy")
 
 
 def check_strategy(strategy: object, callback: str) -> None:
-    """Raise unless ``strategy`` keeps full, replicated parameters on each rank (single device or DDP).
+    """Raise unless ``strategy`` is single-device, the DDP family, or FSDP2 (``ModelParallelStrategy``).
 
     Raises:
-        RuntimeError: For sharded or otherwise unsupported strategies.
+        RuntimeError: For FSDP1, DeepSpeed and other strategies, naming the supported ones.
 
     """
     names = [c.__name__ for c in type(strategy).__mro__]
     if any(n in _STRATEGIES_UNSUPPORTED for n in names) or not any(n in _STRATEGIES_SUPPORTED for n in names):
+        hint = ""
+        if "FSDPStrategy" in names:
+            hint = (
+                " For sharded training use FSDP2: `ModelParallelStrategy(data_parallel_size=N, "
+                "tensor_parallel_size=1)` with `fully_shard(..., mesh=self.device_mesh['data_parallel'])` in "
+                "your LightningModule's `configure_model`."
+            )
         raise RuntimeError(
-            f"`{callback}` supports single-device training and the DDP family (strategy='ddp', 'ddp_spawn', "
-            f"'ddp_fork', 'ddp_notebook'); got `{type(strategy).__name__}`, which shards or wraps parameters so "
-            "that masks keyed by parameter name cannot be enforced."
+            f"`{callback}` supports single-device training, the DDP family (strategy='ddp', 'ddp_spawn', "
+            f"'ddp_fork', 'ddp_notebook') and FSDP2 (`ModelParallelStrategy`); got `{type(strategy).__name__}`, "
+            f"whose parameter wrapping the masks cannot follow.{hint}"
         )
 
 

@@ -78,6 +78,10 @@ class SparseCallback(CallbackBase):
             if not dense:
                 masks.mask_optimizer_state_(opt)
             masks.attach(opt, mask_grads=False, mask_weights=dense)
+        # Single process: mask each gradient inside backward, as soon as it is accumulated (cache-hot).
+        self._in_backward = not dense and trainer.world_size == 1 and not masks._sharded and self._backward_masking()
+        if self._in_backward:
+            masks.mask_grads_in_backward()
         masks.apply_()
         self._warn_coverage(pl_module)
         self.on_masks_changed(trainer, pl_module)
@@ -98,9 +102,22 @@ class SparseCallback(CallbackBase):
             for opt in trainer.optimizers:
                 self.masks.mask_optimizer_state_(opt)
 
+    def _backward_masking(self) -> bool:
+        """Whether gradients may be masked inside backward (False: some step reads every dense gradient)."""
+        return True
+
+    def _needs_dense_grads(self, trainer: Any) -> bool:
+        """Whether the coming optimizer step must see the dense gradients (e.g. a gradient-growth update)."""
+        return False
+
+    @override
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if getattr(self, "_in_backward", False):
+            self.masks.grad_hooks_active = not self._needs_dense_grads(trainer)
+
     @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if not self._dense_gradients(trainer):
+        if not self._dense_gradients(trainer) and not self.masks.grad_hooks_active:
             self.masks.mask_grads_()
 
     @override

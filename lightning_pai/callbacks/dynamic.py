@@ -17,6 +17,7 @@ from lightning_pai.core.masks import MaskSet, check_sparsity
 from lightning_pai.core.pruning import check_choice, is_number
 from lightning_pai.core.schedules import Constant, Cosine, Cubic, EpochEnds, Every, check_point, resolve_window
 from lightning_pai.core.scorers import get_scorer
+from lightning_pai.core.sharding import full_dict
 from lightning_pai.core.targets import Selectors
 
 DECAYS = ("cosine", "constant")
@@ -158,11 +159,12 @@ class TopologyCallback(SparseCallback):
         params = self.masks.params
         grads = {n: p.grad for n, p in params.items() if p.grad is not None}
         complete = len(grads) == len(params)
-        if complete and updater.observes_every_step:
-            updater.observe(params, grads)
+        if complete and updater.observes_every_step:  # sharded: on gathered tensors (every step, documented)
+            updater.observe(full_dict({n: p.detach() for n, p in params.items()}), full_dict(grads))
         if updater.is_update(step, self._total_steps, is_last_batch_of_epoch(trainer)):
             self._pending = None
             grows = updater.plan.rewire is not None
+            grads = full_dict(grads) if complete else grads  # sharded: gathered once per update
             finite = complete and bool(torch.stack([g.isfinite().all() for g in grads.values()]).all())
             if finite or not grows:
                 kept = {n: g.detach().clone() for n, g in grads.items()} if updater.needs_grads else None
@@ -174,6 +176,17 @@ class TopologyCallback(SparseCallback):
         # An epoch-end update still pending here was interrupted: a checkpoint saved after the epoch's last
         # step and resumed (Lightning does not replay that epoch's end hooks). Run it before the next step.
         self._run_pending(trainer)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def _backward_masking(self) -> bool:
+        updater = self._updater
+        if updater.reads_every_step:
+            return False
+        return not (updater.needs_grads and updater.plan.when.at_epoch_end)  # its last step is known late
+
+    def _needs_dense_grads(self, trainer: Any) -> bool:
+        updater, step = self._updater, trainer.global_step + 1
+        return updater.needs_grads and updater.is_update(step, self._total_steps, False)
 
     @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -194,7 +207,11 @@ class TopologyCallback(SparseCallback):
         if grads is not None:
             grads = {n: g.to(self.masks[n].device) for n, g in grads.items()}
         old = {n: m.clone() for n, m in self.masks.items()}
-        new = self._updater.compute(step, self._total_steps, self.masks.params, old, grads)
+        params = self.masks.params
+        momentum = self._updater.current_momentum(params)
+        weights = full_dict({n: p.detach() for n, p in params.items()})  # sharded: gathered (collective)
+        momentum = None if momentum is None else full_dict(momentum)
+        new = self._updater.compute(step, self._total_steps, weights, old, grads, momentum)
         new = self._from_rank_zero(trainer, new)
         new = {n: m.to(old[n].device) for n, m in new.items()}
         self.masks.update_(new, trainer.optimizers, fill="mean" if self._updater.dense_gradients else "zero")

@@ -24,6 +24,7 @@ from lightning_pai.core.lottery import (
 from lightning_pai.core.masks import MaskSet
 from lightning_pai.core.packing import pack_mask, unpack_mask
 from lightning_pai.core.pruning import check_choice, reinitialize_
+from lightning_pai.core.sharding import full, gather_tree, load_full_state_, shard_optimizer_state
 from lightning_pai.core.targets import Selectors, select_targets
 
 CONTROLS = ("random_reinit", "random_prune")
@@ -288,7 +289,7 @@ class LotteryTicket(SparseCallback):
         if not self._history:
             self._record_history()
         if self.control == "random_reinit" and self._initial is None:
-            self._initial = {n: p.detach().to("cpu", copy=True) for n, p in self.masks.params.items()}
+            self._initial = {n: full(p.detach()).to("cpu", copy=True) for n, p in self.masks.params.items()}
         if self._rewind_point is None and self._round == 0 and self._at_init:
             # Before the first batch is drawn: Lightning creates epoch 0's data iterator after this hook.
             self._rewind_point = self._capture(trainer, pl_module, sampler_epoch=0)
@@ -342,6 +343,7 @@ class LotteryTicket(SparseCallback):
 
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self._epoch_started != trainer.current_epoch:
             # Resumed from a checkpoint saved after an epoch's last step: Lightning starts the next epoch
             # without its epoch-start hooks (nor the previous epoch's end hooks); catch up on both.
@@ -462,7 +464,7 @@ class LotteryTicket(SparseCallback):
         if self.ticket is not None:
             new = self._ticket_masks(round_index)
         else:
-            scores = {n: p.detach().abs().cpu() for n, p in masks.params.items()}
+            scores = {n: full(p.detach()).abs().cpu() for n, p in masks.params.items()}  # sharded: gathered
             fractions = match_fractions(masks.names, self.layer_fractions)
             new = prune_remaining(scores, current, self.prune_fraction, self.distribution, fractions)
             if self.control == "random_prune":
@@ -495,22 +497,29 @@ class LotteryTicket(SparseCallback):
         return masks
 
     def _capture(self, trainer: Any, pl_module: Any, sampler_epoch: int) -> dict[str, Any]:
+        # Sharded (FSDP2) tensors are gathered: a rewind point is full and the same on every rank, so that the
+        # checkpoint (written by rank zero) restores every rank's shards.
         point = {
-            "optimizers": [to_cpu(opt.state_dict()) for opt in trainer.optimizers],
+            "optimizers": [to_cpu(gather_tree(opt.state_dict())) for opt in trainer.optimizers],
             "schedulers": [to_cpu(cfg.scheduler.state_dict()) for cfg in trainer.lr_scheduler_configs],
             "rng": to_cpu(rng_state()),
             "sampler_epoch": sampler_epoch,
             "step": trainer.global_step,
         }
         if self.rewind.rewinds_weights:
-            point["model"] = to_cpu(pl_module.state_dict())
+            point["model"] = to_cpu(gather_tree(pl_module.state_dict()))
         return point
 
     def _restore(self, trainer: Any, pl_module: Any, point: dict[str, Any]) -> None:
+        sharded = self.masks._sharded
         if "model" in point:
-            pl_module.load_state_dict(point["model"])
+            if sharded:
+                load_full_state_(pl_module, point["model"])
+            else:
+                pl_module.load_state_dict(point["model"])
         for opt, state in zip(trainer.optimizers, point["optimizers"]):
-            opt.load_state_dict(to_cpu(state))  # a copy: the optimizer must not alias the rewind point
+            state = to_cpu(state)  # a copy: the optimizer must not alias the rewind point
+            opt.load_state_dict(shard_optimizer_state(state, opt) if sharded else state)
         for cfg, state in zip(trainer.lr_scheduler_configs, point["schedulers"]):
             cfg.scheduler.load_state_dict(to_cpu(state))
         set_rng_state(point["rng"])

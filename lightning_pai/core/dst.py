@@ -553,6 +553,11 @@ class TopologyUpdater:
         return "momentum" in self._needs and has_momentum(self._optimizer)
 
     @property
+    def reads_every_step(self) -> bool:
+        """Whether every step's dense gradients are read (per-step accumulators, or the own momentum buffer)."""
+        return bool(self._observers) or ("momentum" in self._needs and not has_momentum(self._optimizer))
+
+    @property
     def observes_every_step(self) -> bool:
         """Whether :meth:`observe` has work at every step (own momentum or a per-step accumulator)."""
         return bool(self._observers) or self.momentum is not None
@@ -599,8 +604,12 @@ class TopologyUpdater:
         weights: Mapping[str, Tensor],
         masks: Mapping[str, Tensor],
         grads: Mapping[str, Tensor] | None = None,
+        momentum: Mapping[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """The masks after the update at ``step``: pruning stage, then rewiring stage (pure but for ``memory``)."""
+        """The masks after the update at ``step``: pruning stage, then rewiring stage (pure but for ``memory``).
+
+        ``momentum`` overrides :meth:`current_momentum` (e.g. gathered from sharded optimizer state).
+        """
         plan, masks = self.plan, {n: m.clone() for n, m in masks.items()}
         ctx = UpdateContext(
             weights=weights,
@@ -609,7 +618,7 @@ class TopologyUpdater:
             step=step,
             seed=self.seed,
             grads=grads,
-            momentum=self.current_momentum(weights),
+            momentum=momentum if momentum is not None else self.current_momentum(weights),
             memory=self.memory,
             options=plan.options,
         )

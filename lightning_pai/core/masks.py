@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -11,6 +12,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_pai.core.distributions import Distribution, distribute, get_distribution
 from lightning_pai.core.select import active_counts, masks_from_counts, raise_to_floors
+from lightning_pai.core.sharding import full, is_sharded, local, local_slice
 from lightning_pai.core.targets import Layout, Selectors, select_targets, target_layouts
 
 
@@ -97,6 +99,8 @@ class MaskSet:
     """One bool keep-mask per prunable parameter, keyed by fully qualified name.
 
     Weights stay ordinary parameters (no ``weight_orig``, no forward hooks, 1 byte of mask per weight).
+    Sharded (FSDP2 ``DTensor``) parameters keep their full-shape mask on every rank and are masked on their
+    local shard (see :mod:`lightning_pai.core.sharding`).
     Sparsity is enforced by zeroing, in place and with fused multi-tensor ops, the masked weights
     (:meth:`apply_`), their gradients before the optimizer step (:meth:`mask_grads_`) and their
     optimizer state when the masks change (:meth:`mask_optimizer_state_`). With zero weight, zero
@@ -126,6 +130,7 @@ class MaskSet:
             n: torch.ones(p.shape, dtype=torch.bool, device=p.device) for n, p in self._params.items()
         }
         self._handles: list[RemovableHandle] = []
+        self.grad_hooks_active = False
         self._refresh_lists()
         if masks is not None:
             self.load_state_dict(masks)
@@ -142,7 +147,9 @@ class MaskSet:
         # The same bytes seen as uint8: a float tensor times a uint8 one takes PyTorch's fast same-kind
         # multiply path, a float times a bool one a slow promotion path (2.3 vs 5.9 ms per step on ResNet-18
         # on 2 CPU threads); still 1 byte per weight, and the views follow every in-place mask update.
-        self._ulist = [m.view(torch.uint8) for m in self._mlist]
+        # For a sharded (FSDP2) parameter it is the view of this rank's shard of the full mask.
+        self._ulist = [local_slice(m, p).view(torch.uint8) for m, p in zip(self._mlist, self._plist)]
+        self._sharded = any(is_sharded(p) for p in self._plist)
 
     # ----------------------------------------------------------------- access
     @property
@@ -186,12 +193,12 @@ class MaskSet:
     @torch.no_grad()
     def apply_(self) -> None:
         """Zero every masked weight in place."""
-        torch._foreach_mul_(self._plist, self._ulist)
+        torch._foreach_mul_([local(p) for p in self._plist] if self._sharded else self._plist, self._ulist)
 
     @torch.no_grad()
     def mask_grads_(self) -> None:
         """Zero the gradients of masked weights in place (call after backward, before the step)."""
-        pairs = [(p.grad, m) for p, m in zip(self._plist, self._ulist) if p.grad is not None]
+        pairs = [(local(p.grad), m) for p, m in zip(self._plist, self._ulist) if p.grad is not None]
         if pairs:
             grads, masks = zip(*pairs)
             torch._foreach_mul_(list(grads), list(masks))
@@ -212,10 +219,11 @@ class MaskSet:
             for value in optimizer.state.get(p, {}).values():
                 if isinstance(value, Tensor) and value.shape == p.shape:
                     if fill == "zero":
-                        value.mul_(u)
-                    else:
-                        mean = (value * u).sum() / u.sum().clamp_min(1)
-                        value.copy_(torch.where(m, value, mean))
+                        local(value).mul_(u)
+                    else:  # the mean over the whole tensor (gathered when sharded), written to the local shard
+                        whole = full(value)
+                        mean = (whole * m).sum() / m.sum().clamp_min(1)
+                        local(value).copy_(torch.where(u.bool(), local(value), mean))
 
     def update_(
         self, masks: Mapping[str, Tensor], optimizers: Iterable[torch.optim.Optimizer] = (), fill: str = "zero"
@@ -247,6 +255,25 @@ class MaskSet:
             self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.mask_grads_()))
         if mask_weights or type(optimizer) not in ZERO_PRESERVING:
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply_()))
+
+    def mask_grads_in_backward(self) -> None:
+        """Zero each masked gradient right after backward accumulates it (while it is still in cache).
+
+        Registers a ``register_post_accumulate_grad_hook`` per parameter; the multiply then happens inside the
+        backward pass, with the gradient hot in cache, instead of in a separate pass over all gradients
+        (on ResNet-18 on 2 CPU threads, 1.009-1.016x the dense step vs 1.016-1.038x). Set
+        :attr:`grad_hooks_active` to False for a backward whose dense gradients are needed (e.g. a RigL update
+        step), and call :meth:`mask_grads_` after it. Only for single-process training: under DDP/FSDP the
+        gradients are overwritten by their all-reduced values after the hooks ran. :meth:`detach` removes them.
+        """
+        self.grad_hooks_active = True
+        for p, u in zip(self._plist, self._ulist):
+            self._handles.append(p.register_post_accumulate_grad_hook(functools.partial(self._mask_one_grad, u)))
+
+    def _mask_one_grad(self, mask: Tensor, param: Tensor) -> None:
+        if self.grad_hooks_active and param.grad is not None:
+            with torch.no_grad():
+                param.grad.mul_(mask)
 
     def detach(self) -> None:
         """Remove every hook :meth:`attach` registered."""

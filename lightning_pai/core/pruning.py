@@ -13,6 +13,7 @@ from lightning_pai.core.distributions import Distribution
 from lightning_pai.core.masks import compute_masks
 from lightning_pai.core.schedules import round_sparsities
 from lightning_pai.core.scorers import Scorer, ScoringContext, get_scorer
+from lightning_pai.core.sharding import full, full_dict, local, local_slice
 
 ABLATIONS = ("shuffle", "reinit", "invert")
 
@@ -56,7 +57,7 @@ def preserved_state(module: nn.Module, params: Mapping[str, nn.Parameter] | None
 @torch.no_grad()
 def _zero_pruned(params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
     for n, p in params.items():
-        p.mul_(masks[n].to(p.device))
+        local(p).mul_(local_slice(masks[n].to(p.device), p))
 
 
 def shuffle_masks(masks: Mapping[str, Tensor], seed: int = 0) -> dict[str, Tensor]:
@@ -99,9 +100,10 @@ def reinitialize_(
         if name not in params:
             raise KeyError(f"`reinitialize_`: the model has no parameter {name!r}.")
         p = params[name]
-        source = (initial[name] if initial is not None else p).detach().reshape(-1)
+        source = full((initial[name] if initial is not None else p).detach()).to("cpu", copy=True).reshape(-1)
         perm = torch.randperm(source.numel(), generator=gen)
-        p.copy_(source.to("cpu", copy=True)[perm].view_as(p).to(p.device))
+        drawn = source[perm].view(p.shape).to(p.device)
+        local(p).copy_(local_slice(drawn, p))  # sharded: this rank's part of the same draw
 
 
 def prune(
@@ -152,7 +154,7 @@ def prune(
             if masks is not None:
                 _zero_pruned(params, masks)
             ctx.masks = masks
-            scores = scorer(ctx)
+            scores = full_dict(scorer(ctx))  # sharded scores are gathered: selection sees the whole model
             masks = compute_masks(
                 scores,
                 round_sparsity,

@@ -23,11 +23,35 @@ from lightning_pai.core.scorers import (
     register_scorer,
     split_batch,
 )
+from lightning_pai.core.sharding import is_sharded
 
 
 def _grads(output: Tensor, params: list[nn.Parameter], **kwargs) -> list[Tensor]:
+    if any(is_sharded(p) for p in params):
+        return _sharded_grads(output, params, **kwargs)
     grads = torch.autograd.grad(output, params, allow_unused=True, **kwargs)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def _sharded_grads(output: Tensor, params: list[nn.Parameter], create_graph: bool = False) -> list[Tensor]:
+    """Gradients of FSDP2-sharded parameters, by a real ``backward()`` read from ``.grad`` and reset.
+
+    FSDP2 computes them through its all-gather/reduce-scatter hooks, which ``autograd.grad`` bypasses. They
+    are FSDP2's: averaged over the ranks' batches, i.e. those of the union of the batches.
+    """
+    if create_graph:
+        raise NotImplementedError(
+            "Second-order scores (GraSP's Hessian-gradient product) are not supported for FSDP2-sharded "
+            "parameters; use 'snip', 'magnitude' or 'random', or score the model before sharding it."
+        )
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    output.backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+    for p, g in zip(params, saved):
+        p.grad = g
+    return grads
 
 
 @register_scorer("snip")
@@ -132,6 +156,11 @@ def synflow(ctx: ScoringContext) -> dict[str, Tensor]:
     if ctx.module is None:
         raise ValueError("The `synflow` scorer needs the model.")
     names, params = list(ctx.params), list(ctx.params.values())
+    if any(is_sharded(p) for p in params):
+        raise NotImplementedError(
+            "SynFlow rewrites every parameter as float64 |θ|, which FSDP2's sharded storage does not allow; "
+            "use 'snip', 'magnitude' or 'random' under FSDP2, or score the model before sharding it."
+        )
     device = params[0].device
     custom = ctx.forward_fn is not default_forward
     if ctx.input_shape is not None:
