@@ -34,6 +34,8 @@ from lightning_pai.core import (
     select_targets,
     sparsity_report,
 )
+from lightning_pai.export import dense_state_dict, load_sparse, make_permanent, save_sparse, sparse_state_dict
+from lightning_pai.inference import conversion_report, to_sparse_inference
 
 __version__ = "0.1.0"
 
@@ -56,13 +58,20 @@ __all__ = [
     "SparsityReport",
     "TopologyCallback",
     "compute_masks",
+    "conversion_report",
+    "dense_state_dict",
     "get_distribution",
     "get_scorer",
     "list_distributions",
     "list_scorers",
+    "load_sparse",
+    "make_permanent",
     "register_distribution",
     "register_scorer",
+    "save_sparse",
     "scorer_info",
     "select_targets",
+    "sparse_state_dict",
     "sparsity_report",
+    "to_sparse_inference",
 ]

@@ -46,6 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_pai.core.nm import is_nm
+from lightning_pai.core.targets import LINEAR, is_hf_conv1d
+
 #: Sparse layouts :func:`to_sparse_inference` can use for unstructured masks.
 LAYOUTS = ("csr", "bsr")
 #: Sparse kernels: ``"sum"`` = ``torch.sparse.mm(W, x^T, "sum")``, ``"mm"`` = ``torch.addmm(b, W, x^T)``.
@@ -407,17 +410,6 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _is_conv1d_like(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return (
-        not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
-        and isinstance(getattr(module, "nf", None), int)
-        and isinstance(weight, Tensor)
-        and weight.dim() == 2
-        and weight.shape[1] == module.nf
-    )
-
-
 def _classify(name: str, module: nn.Module, parent: nn.Module | None) -> tuple[str, str | None]:
     """``(kind, reason it cannot be converted or None)``."""
     if isinstance(parent, nn.MultiheadAttention):
@@ -441,7 +433,7 @@ def _classify(name: str, module: nn.Module, parent: nn.Module | None) -> tuple[s
         if not problems:
             return "Conv2d 1x1", None
         return "Conv2d", "only 1x1 stride-1 unpadded ungrouped convs are matmuls; this one has " + ", ".join(problems)
-    if _is_conv1d_like(module):
+    if is_hf_conv1d(module):
         return "Conv1D", None
     return type(module).__name__, "not an nn.Linear, a 1x1 nn.Conv2d or a Conv1D"
 
@@ -460,7 +452,7 @@ def is_two_four(mask: Tensor) -> bool:
     """Whether an ``(out, in)`` mask is exactly 2:4 along ``in``: every 4 consecutive entries of a row keep 2."""
     if mask.dim() != 2 or mask.shape[1] % 4 or mask.numel() == 0:
         return False
-    return bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all())
+    return is_nm(mask, 2, 4, LINEAR)
 
 
 def to_sparse_inference(
@@ -551,7 +543,7 @@ def to_sparse_inference(
                     f"Mask {weight_name!r} has shape {tuple(mask.shape)}, its weight {tuple(weight.shape)}."
                 )
         else:
-            if weight is None or not isinstance(module, (nn.Linear, nn.Conv2d)) and not _is_conv1d_like(module):
+            if weight is None or not isinstance(module, (nn.Linear, nn.Conv2d)) and not is_hf_conv1d(module):
                 continue
             mask = weight.detach() != 0
         density = float(mask.sum()) / max(1, mask.numel())

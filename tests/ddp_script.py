@@ -27,6 +27,8 @@ import torch.distributed as dist
 from helpers import DYNAMIC, every_callback, make_dataloader, make_module
 
 from lightning_pai import (
+    SET,
+    GradualMagnitudePruning,
     LotteryTicket,
     PruneAtInit,
     RigL,
@@ -177,10 +179,14 @@ class _FinalMasks(CallbackBase):
         torch.save(state, Path(self.outdir) / f"spawn_{self.name}_{trainer.global_rank}.pt")
 
 
+#: Under ddp_spawn: a step-update, an epoch-update and a pruning-only method (the hand-back is the base class's).
+SPAWN = ("rigl", "set", "movement")
+
+
 def spawn_dst(outdir: str) -> None:
     """Each topology-changing callback under ``ddp_spawn``; the launching process records what it holds afterwards."""
     main = {}
-    for name in DYNAMIC:
+    for name in SPAWN:
         cb = every_callback(end=6)[name]()
         module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
         trainer = _trainer("ddp_spawn", [cb, _FinalMasks(cb, outdir, name)], max_epochs=2)
@@ -194,6 +200,26 @@ def spawn_dst(outdir: str) -> None:
             "zero": all(bool((params[n].detach()[~m] == 0).all()) for n, m in masks.items()),
         }
     torch.save(main, Path(outdir) / "spawn_main.pt")
+
+
+def nm_fits(outdir: str) -> None:
+    """N:M (``fc*`` layers 2:4, the conv unstructured) with every family under 2-process DDP."""
+    factories = {
+        "rigl": lambda: RigL(0.8, delta_t=2, t_end=1.0, nm={"fc*": "2:4"}, verbose=False),
+        "lottery": lambda: LotteryTicket(3, 0.3, 1, nm={"fc*": "2:4"}, verbose=False),
+        "snip": lambda: PruneAtInit("snip", 0.8, nm={"fc*": "2:4"}, verbose=False),
+        "gmp": lambda: GradualMagnitudePruning(0.8, end=10, frequency=2, nm={"fc*": "2:4"}),
+        "set": lambda: SET(0.8, update_on="step", delta_t=3, nm={"fc*": "2:4"}, verbose=False),
+    }
+    for name, factory in factories.items():
+        cb = factory()
+        recorder = _MaskRecorder(cb)
+        loader = make_dataloader(n=64, batch_size=8)
+        loader = torch.utils.data.DataLoader(loader.dataset, batch_size=8, shuffle=True)
+        trainer = _trainer("ddp", [cb, recorder], max_epochs=3, max_steps=-1)
+        trainer.fit(make_module("lightning.pytorch", optimizer="sgd", seed=0), loader)
+        result = {"masks": recorder.masks, "final": cb.masks.state_dict(), "layouts": cb.masks.layouts}
+        torch.save(result, Path(outdir) / f"nm_{name}{trainer.global_rank}.pt")
 
 
 def _trainer(strategy: str, callbacks: list, **kwargs) -> pl.Trainer:
@@ -218,11 +244,15 @@ def main(outdir: str, strategy: str = "ddp", method: str = "rank_random") -> Non
     if method == "spawn_dst":
         spawn_dst(outdir)
         return
+    if method == "nm":
+        nm_fits(outdir)
+        return
     if method == "timm":
         timm_rigl(outdir)
         return
-    if method in DYNAMIC:
-        dynamic(outdir, method)
+    if all(name in DYNAMIC for name in method.split(",")):
+        for name in method.split(","):  # one 2-process launch, one fit per method
+            dynamic(outdir, name)
         return
     module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
     cb = PruneAtInit(method, sparsity=SPARSITY, seed=0, batches=2, verbose=False)

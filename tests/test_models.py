@@ -421,3 +421,15 @@ class _Metrics(pl.loggers.Logger):
 def test_mask_set_layouts_default_without_a_module():
     masks = MaskSet({"w": nn.Parameter(torch.zeros(3, 4, 5))})
     assert masks.layouts["w"] == Layout("other", 0, (1, 2))
+
+
+def test_hf_bert_finetune_example_runs(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    monkeypatch.setattr(sys, "argv", ["hf_bert_finetune.py"])
+    import hf_bert_finetune
+
+    acc = hf_bert_finetune.main(["--epochs", "1", "--train-samples", "256", "--method", "gmp"])
+    assert 0.0 <= acc <= 1.0

@@ -214,3 +214,16 @@ def test_crash_and_resume_reproduces_the_uninterrupted_run(tmp_path, name):
     assert all(torch.equal(trace.weights[n], w) for n, w in full_trace.weights.items())
     if name in DYNAMIC:
         assert resumed.updates == full.updates
+
+
+@pytest.mark.parametrize("name", ["prune_at_init", "rigl", "lottery"])
+def test_make_permanent_hands_back_a_plain_model(name):
+    cb, module, _ = _fit(name)
+    plain = cb.make_permanent(module)
+    assert plain is not module and type(plain) is type(module)
+    for n, p in plain.named_parameters():
+        assert torch.equal(p, module.get_parameter(n)), n  # the same weights, zeros included
+        assert not getattr(p, "_post_accumulate_grad_hooks", None), n  # nothing attached
+    for n, m in cb.masks.items():
+        assert torch.equal(plain.get_parameter(n)[~m].detach(), torch.zeros(int((~m).sum())))
+    assert all(not mod._forward_pre_hooks for mod in plain.modules())

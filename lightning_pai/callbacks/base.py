@@ -167,6 +167,21 @@ class SparseCallback(CallbackBase):
             raise RuntimeError(f"`{type(self).__name__}` has no masks yet: they are set when `trainer.fit` starts.")
         return sparsity_report(module, masks)
 
+    def make_permanent(self, module: Any) -> Any:
+        """A plain copy of ``module`` with this callback's zeros baked in and nothing attached.
+
+        For users who just want the sparse weights: no callback, hooks or masks are needed to use, save or
+        export the result (see :func:`lightning_pai.export.make_permanent`, and
+        :func:`~lightning_pai.export.save_sparse` for a compressed file).
+        """
+        from lightning_pai.export import make_permanent
+
+        self._collect_handoff()
+        masks = self.masks if self.masks is not None else self._restored
+        if masks is None:
+            raise RuntimeError(f"`{type(self).__name__}` has no masks yet: they are set when `trainer.fit` starts.")
+        return make_permanent(module, masks)
+
     def on_masks_changed(self, trainer: Any, pl_module: Any) -> None:
         """Log ``sparsity/*`` (incl. ``sparsity/coverage``, ``coverage_2d``) and print the table (rank zero)."""
         if not trainer.is_global_zero:

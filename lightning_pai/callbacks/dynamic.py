@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -14,7 +15,8 @@ from lightning_pai.callbacks.prune_at_init import PruneAtInit
 from lightning_pai.core.distributions import get_distribution
 from lightning_pai.core.dst import Plan, Pruning, Rewire, TopologyUpdater
 from lightning_pai.core.masks import MaskSet, check_sparsity
-from lightning_pai.core.pruning import check_choice, is_number
+from lightning_pai.core.nm import NMSpec, nm_sparsity
+from lightning_pai.core.pruning import check_choice, check_range, is_number
 from lightning_pai.core.schedules import Constant, Cosine, Cubic, EpochEnds, Every, check_point, resolve_window
 from lightning_pai.core.scorers import get_scorer
 from lightning_pai.core.sharding import full_dict
@@ -47,11 +49,13 @@ class TopologyCallback(SparseCallback):
         include: Prunable parameters, see :func:`~lightning_pai.core.targets.select_targets`.
         exclude: Parameters left dense.
         verbose: Print the sparsity table at fit start (rank zero).
+        nm: N:M structured sparsity (``"2:4"`` or ``{glob: "N:M"}``, see :mod:`lightning_pai.core.nm`); the
+            other layers follow ``sparsity``.
     """
 
     def __init__(
         self,
-        sparsity: float,
+        sparsity: float | None,
         *,
         distribution: str,
         init: str = "random",
@@ -60,9 +64,11 @@ class TopologyCallback(SparseCallback):
         include: Selectors = None,
         exclude: Selectors = None,
         verbose: bool = True,
+        nm: NMSpec = None,
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
-        self.sparsity = check_sparsity(sparsity)
+        self.nm = nm
+        self.sparsity = check_sparsity(nm_sparsity(sparsity, nm))
         get_distribution(distribution)
         get_scorer(init)
         if not is_number(beta) or not 0 <= beta < 1:
@@ -112,7 +118,9 @@ class TopologyCallback(SparseCallback):
         start = self._start_sparsity()
         if start == 0:
             return {n: torch.ones(p.shape, dtype=torch.bool) for n, p in masks.params.items()}
-        scorer = PruneAtInit(self.init, start, distribution=self.distribution, seed=self.seed, verbose=False)
+        scorer = PruneAtInit(
+            self.init, start, distribution=self.distribution, seed=self.seed, verbose=False, nm=self.nm
+        )
         return scorer.initial_masks(trainer, pl_module, masks)
 
     def _dense_gradients(self, trainer: Any) -> bool:
@@ -144,7 +152,7 @@ class TopologyCallback(SparseCallback):
         self._make_updater(trainer)
         self.plan_check(self._total_steps)
         super().on_fit_start(trainer, pl_module)
-        self._updater.bind(dict(self.masks.items()))
+        self._updater.bind(dict(self.masks.items()), self.masks.layouts)
 
     def plan_check(self, total: int) -> None:
         """Raise before training when the plan's windows do not fit a fit of ``total`` optimizer steps."""
@@ -299,6 +307,9 @@ class DynamicSparseTraining(TopologyCallback):
         exclude: Parameters left dense (``"stem"``, ``"head"``, name globs, module types).
         seed: Seed of the initial masks and of random growth.
         verbose: Print the sparsity table at fit start (rank zero).
+        nm: N:M layers (``"2:4"`` or ``{glob: "N:M"}``): initial masks N:M, and every update drops inside
+            each group of ``M`` and regrows the same group back to ``N`` (the N:M case of SRigL, Lasby et al.
+            2023); needs ``redistribution="none"``.
     """
 
     def __init__(
@@ -322,6 +333,7 @@ class DynamicSparseTraining(TopologyCallback):
         exclude: Selectors = None,
         seed: int = 0,
         verbose: bool = True,
+        nm: NMSpec = None,
     ) -> None:
         super().__init__(
             sparsity,
@@ -332,6 +344,7 @@ class DynamicSparseTraining(TopologyCallback):
             include=include,
             exclude=exclude,
             verbose=verbose,
+            nm=nm,
         )
         check_choice(decay, DECAYS, "decay")
         check_choice(update_on, UPDATE_ON, "update_on")
@@ -364,7 +377,7 @@ class DynamicSparseTraining(TopologyCallback):
             Constant(self.alpha) if self.decay == "constant" else Cosine(self.alpha, self.min_fraction, self.t_end)
         )
         rewire = Rewire(fraction, self.drop, self.growth, self.redistribution)
-        return Plan(when=when, rewire=rewire, options={"rounding": self.rounding})
+        return Plan(when=when, rewire=rewire, options={"rounding": self.rounding, "nm": self.nm})
 
 
 _BASE_PARAMS = frozenset(inspect.signature(DynamicSparseTraining.__init__).parameters) - {"self", "sparsity"}
@@ -391,7 +404,7 @@ class RigL(DynamicSparseTraining):
         alpha: Initial drop fraction.
         delta_t: Optimizer steps between updates.
         t_end: Fraction of training after which the topology is frozen.
-        include, exclude, seed, verbose: As for :class:`DynamicSparseTraining`.
+        include, exclude, seed, verbose, nm: As for :class:`DynamicSparseTraining` (``nm="2:4"``: N:M RigL).
     """
 
     def __init__(
@@ -407,6 +420,7 @@ class RigL(DynamicSparseTraining):
         exclude: Selectors = None,
         seed: int = 0,
         verbose: bool = True,
+        nm: NMSpec = None,
     ) -> None:
         super().__init__(sparsity, **_base_kwargs(locals(), growth="gradient"))
 
@@ -427,7 +441,7 @@ class SET(DynamicSparseTraining):
         zeta: Fraction of each sign's active weights replaced per update.
         update_on: ``"epoch"`` or ``"step"``.
         delta_t: Optimizer steps between updates with ``update_on="step"``.
-        include, exclude, seed, verbose: As for :class:`DynamicSparseTraining`.
+        include, exclude, seed, verbose, nm: As for :class:`DynamicSparseTraining` (``nm="2:4"``: N:M SET).
     """
 
     def __init__(
@@ -443,6 +457,7 @@ class SET(DynamicSparseTraining):
         exclude: Selectors = None,
         seed: int = 0,
         verbose: bool = True,
+        nm: NMSpec = None,
     ) -> None:
         super().__init__(
             sparsity, **_base_kwargs(locals(), alpha=zeta, growth="random", drop="set", decay="constant", t_end=1.0)
@@ -643,17 +658,11 @@ class DSR(DynamicSparseTraining):
         seed: int = 0,
         verbose: bool = True,
     ) -> None:
-        if not is_number(threshold) or threshold <= 0:
-            raise ValueError(f"`threshold` (the initial magnitude threshold H) must be > 0; got {threshold!r}.")
-        if not is_number(tolerance) or not 0 <= tolerance < 1:
-            raise ValueError(f"`tolerance` must be in [0, 1); got {tolerance!r}.")
-        self.threshold, self.tolerance = float(threshold), float(tolerance)
+        self.threshold = check_range(threshold, "threshold", 0.0, float("inf"), "the initial threshold H", True)
+        self.tolerance = check_range(tolerance, "tolerance", 0.0, 1.0)
         kwargs = _base_kwargs(locals(), alpha=prune_fraction, decay="constant", t_end=1.0, growth="random")
         super().__init__(sparsity, **kwargs, drop="threshold", redistribution="survivors")
 
     def plan(self) -> Plan:
         """Every ``delta_t`` steps: threshold drop, regrowth in proportion to each layer's survivors."""
-        base = super().plan()
-        return Plan(
-            when=base.when, rewire=base.rewire, options={"threshold": self.threshold, "tolerance": self.tolerance}
-        )
+        return replace(super().plan(), options={"threshold": self.threshold, "tolerance": self.tolerance})

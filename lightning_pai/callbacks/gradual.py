@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lightning_pai.callbacks.dynamic import PRUNE_DISTRIBUTIONS, TopologyCallback, check_gradual
 from lightning_pai.core.dst import Plan, Pruning
+from lightning_pai.core.nm import NMSpec
 from lightning_pai.core.pruning import check_choice, is_number
 from lightning_pai.core.schedules import Cubic, Every
 from lightning_pai.core.targets import Selectors
@@ -26,9 +27,12 @@ class GradualMagnitudePruning(TopologyCallback):
         end: Step (int) or fraction (float) at which ``sparsity`` is reached.
         frequency: Optimizer steps between pruning updates.
         distribution: ``"uniform"``, ``"global"`` or ``"lamp"``.
-        include: Prunable parameters (default: weights of ``nn.Linear`` and ``nn.Conv1d/2d/3d``).
+        include: Prunable parameters (default: every linear-like weight matrix).
         exclude: Parameters left dense.
         verbose: Print the sparsity table when masks are set (rank zero).
+        nm: N:M layers (``"2:4"`` or ``{glob: "N:M"}``): each group of ``M`` keeps
+            ``M - floor((M - N) * p_t)`` weights, ``p_t`` the schedule's progress from 0 to 1 (so ``N`` at
+            ``end``); the other layers follow ``s_t``.
     """
 
     score = "magnitude"
@@ -45,11 +49,20 @@ class GradualMagnitudePruning(TopologyCallback):
         include: Selectors = None,
         exclude: Selectors = None,
         verbose: bool = False,
+        nm: NMSpec = None,
     ) -> None:
         super().__init__(
-            sparsity, distribution=distribution, init="magnitude", include=include, exclude=exclude, verbose=verbose
+            sparsity,
+            distribution=distribution,
+            init="magnitude",
+            include=include,
+            exclude=exclude,
+            verbose=verbose,
+            nm=nm,
         )
-        self.initial_sparsity = check_gradual(sparsity, initial_sparsity, start, end)
+        self.initial_sparsity = check_gradual(self.sparsity, initial_sparsity, start, end)
+        if nm is not None and self.initial_sparsity > 0:
+            raise ValueError("With `nm`, gradual pruning starts dense: leave `initial_sparsity` at 0.")
         if not is_number(frequency, integer=True) or frequency < 1:
             raise ValueError(f"`frequency` must be a positive integer (optimizer steps); got {frequency!r}.")
         check_choice(distribution, PRUNE_DISTRIBUTIONS, "distribution")
@@ -67,7 +80,7 @@ class GradualMagnitudePruning(TopologyCallback):
         """Every ``frequency`` steps from ``start`` and at ``end``: keep the top ``score`` to the cubic target."""
         sparsity = Cubic(self.initial_sparsity, self.sparsity, self.start, self.end)
         when = Every(self.frequency, self.start, self.end, also=(self.end,))
-        return Plan(when=when, prune=Pruning(sparsity, self.score, self.distribution))
+        return Plan(when=when, prune=Pruning(sparsity, self.score, self.distribution), options={"nm": self.nm})
 
     def target_sparsity(self, step: int) -> float:
         """``s_t`` of the cubic schedule at optimizer step ``step`` (of this fit)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from lightning_pai.core.lottery import (
     to_cpu,
 )
 from lightning_pai.core.masks import MaskSet
+from lightning_pai.core.nm import NMSpec, check_nm, group_budget, nm_keep, resolve_nm
 from lightning_pai.core.packing import pack_mask, unpack_mask
 from lightning_pai.core.pruning import check_choice, reinitialize_
 from lightning_pai.core.sharding import full, gather_tree, load_full_state_, shard_optimizer_state
@@ -101,6 +103,9 @@ class LotteryTicket(SparseCallback):
         control: ``None``, ``"random_reinit"`` or ``"random_prune"``.
         ticket: With ``control="random_reinit"``: a finished :class:`LotteryTicket` (or its
             ``mask_history``, one mask dict per round) whose masks each round uses.
+        nm: N:M layers (``"2:4"`` or ``{glob: "N:M"}``, see :mod:`lightning_pai.core.nm`), pruned by
+            magnitude on per-group budgets: round ``r`` keeps ``M - floor((M - N) r / (rounds - 1))`` of each
+            group of ``M`` (``N`` in the last round); the other layers prune ``prune_fraction`` per round.
         monitor: Logged metric to record per round (e.g. ``"val_acc"``), or None.
         mode: ``"max"`` or ``"min"``: which value of ``monitor`` is the best.
         seed: Seed of the controls' random draws.
@@ -130,6 +135,7 @@ class LotteryTicket(SparseCallback):
         mode: str = "max",
         seed: int = 0,
         verbose: bool = True,
+        nm: NMSpec = None,
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -161,6 +167,8 @@ class LotteryTicket(SparseCallback):
         if ticket is not None and not isinstance(ticket, (LotteryTicket, Sequence)):
             raise ValueError(f"`ticket` must be a LotteryTicket or a list of per-round masks; got {ticket!r}.")
         check_fractions(layer_fractions)  # the patterns are matched against the model at setup
+        check_nm(nm)
+        self.nm = nm
         self.rounds = rounds
         self.prune_fraction = float(prune_fraction)
         self.epochs_per_round = epochs_per_round
@@ -465,11 +473,30 @@ class LotteryTicket(SparseCallback):
             new = self._ticket_masks(round_index)
         else:
             scores = {n: full(p.detach()).abs().cpu() for n, p in masks.params.items()}  # sharded: gathered
-            fractions = match_fractions(masks.names, self.layer_fractions)
-            new = prune_remaining(scores, current, self.prune_fraction, self.distribution, fractions)
+            nm = resolve_nm(self.nm, {n: m.shape for n, m in current.items()}, masks.layouts)
+            rest = [n for n in masks.names if n not in nm]
+            fractions = {n: f for n, f in match_fractions(masks.names, self.layer_fractions).items() if n not in nm}
+            new = {}
+            if rest:
+                new = prune_remaining(
+                    {n: scores[n] for n in rest},
+                    {n: current[n] for n in rest},
+                    self.prune_fraction,
+                    self.distribution,
+                    fractions,
+                )
+            progress = round_index / (self.rounds - 1)
+            for n, (k, m) in nm.items():  # per-group budgets shrinking from M to N over the rounds
+                survivors = scores[n].masked_fill(~current[n], -math.inf)
+                new[n] = nm_keep(survivors, group_budget(k, m, progress), m, masks.layouts[n])
+            new = {n: new[n] for n in masks.names}
             if self.control == "random_prune":
                 counts = {n: int(m.sum()) for n, m in new.items()}
                 new = random_within(current, counts, self.seed + round_index)
+                gen = torch.Generator().manual_seed(self.seed + round_index)
+                for n, (k, m) in nm.items():  # random, but still within the groups' budgets
+                    drawn = torch.rand(current[n].shape, generator=gen).masked_fill(~current[n], -math.inf)
+                    new[n] = nm_keep(drawn, group_budget(k, m, progress), m, masks.layouts[n])
         new = self._from_rank_zero(trainer, new)
         if self.rewind.kind == "none":
             self._frozen_lrs = self._frozen_lrs or self._last_lrs

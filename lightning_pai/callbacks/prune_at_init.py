@@ -11,6 +11,7 @@ from torch import Tensor
 from lightning_pai.callbacks.base import SparseCallback
 from lightning_pai.core.distributions import Distribution, get_distribution
 from lightning_pai.core.masks import MaskSet, check_min_density, check_sparsity
+from lightning_pai.core.nm import NMSpec, nm_sparsity, resolve_nm
 from lightning_pai.core.pruning import ABLATIONS, check_choice, prune
 from lightning_pai.core.schedules import round_sparsities
 from lightning_pai.core.scorers import Scorer, ScoringContext, default_forward, get_scorer, scorer_info
@@ -45,7 +46,8 @@ class PruneAtInit(SparseCallback):
     Args:
         method: Scorer name (:func:`~lightning_pai.core.scorers.list_scorers`) or a callable
             ``fn(ScoringContext) -> scores``.
-        sparsity: Fraction of the targeted weights removed, in ``[0, 1)``.
+        sparsity: Fraction of the targeted weights removed, in ``[0, 1)``; with ``nm``, of the layers not
+            kept N:M (``None`` when ``nm`` covers every layer).
         distribution: How the kept count is split across layers: ``"global"`` (scores ranked across
             layers), ``"uniform"``, ``"erk"``, ``"er"``, ``"lamp"`` (per-layer budgets, ranked within
             each layer) or a registered/callable one.
@@ -70,6 +72,10 @@ class PruneAtInit(SparseCallback):
         temperature: GraSP's softmax temperature (200 in the paper's code).
         seed: Seed for stochastic scorers and ablations.
         verbose: Print the per-layer table at fit start (rank zero).
+        nm: N:M structured sparsity (:mod:`lightning_pai.core.nm`): ``"2:4"`` keeps the 2 highest-scored of
+            every 4 consecutive input weights of every layer (density fixed at N/M), or ``{"glob": "2:4"}``
+            for the matching layers only, the others pruned unstructured to ``sparsity``. Iterative scoring
+            prunes the N:M layers in its last round.
 
     Example::
 
@@ -79,7 +85,7 @@ class PruneAtInit(SparseCallback):
     def __init__(
         self,
         method: str | Scorer = "magnitude",
-        sparsity: float = 0.9,
+        sparsity: float | None = 0.9,
         *,
         distribution: str | Distribution = "global",
         iterations: int | None = None,
@@ -95,8 +101,10 @@ class PruneAtInit(SparseCallback):
         temperature: float = 200.0,
         seed: int = 0,
         verbose: bool = True,
+        nm: NMSpec = None,
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
+        sparsity = nm_sparsity(sparsity, nm)
         get_scorer(method)
         get_distribution(distribution)
         info = scorer_info(method)
@@ -126,6 +134,7 @@ class PruneAtInit(SparseCallback):
         self.input_shape = None if input_shape is None else tuple(input_shape)
         self.temperature = float(temperature)
         self.seed = int(seed)
+        self.nm = nm
 
     @property
     def state_key(self) -> str:
@@ -170,6 +179,7 @@ class PruneAtInit(SparseCallback):
             schedule=self.schedule,
             ablation=self.ablation,
             min_density=self.min_density,
+            nm=resolve_nm(self.nm, {n: p.shape for n, p in masks.params.items()}, masks.layouts),
         )
 
     def _scoring_batches(self, trainer: Any) -> list[Any]:

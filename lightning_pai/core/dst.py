@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from lightning_pai.core.masks import compute_masks
+from lightning_pai.core.nm import group_budget, refill_groups, resolve_nm
 from lightning_pai.core.registry import Registry
 from lightning_pai.core.schedules import Schedule, UpdateSchedule
 from lightning_pai.core.select import active_counts, apportion, topk_mask
@@ -55,6 +56,8 @@ class UpdateContext:
         momentum: Dense momentum (the optimizer's, or the updater's own buffer), when a rule needs it.
         memory: Persistent state of stateful rules (e.g. DSR's threshold, movement scores); saved in checkpoints.
         options: Method options for the rules (e.g. ``rounding``, DSR's ``tolerance``).
+        nm: Layers kept N:M (name -> ``(n, m)``): their growth refills every group of ``m`` to ``n``.
+        layouts: The targets' layouts (the N:M groups' axis).
     """
 
     weights: Mapping[str, Tensor]
@@ -66,6 +69,8 @@ class UpdateContext:
     momentum: Mapping[str, Tensor] | None = None
     memory: dict[str, Any] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
+    nm: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    layouts: Mapping[str, Any] | None = None
 
     def need(self, what: str, rule: str) -> Mapping[str, Tensor]:
         """``self.<what>``, or a clear error when the rule's input was not provided."""
@@ -527,15 +532,32 @@ class TopologyUpdater:
         self.momentum: dict[str, Tensor] | None = None
         self.memory: dict[str, Any] = {}
         self._optimizer: torch.optim.Optimizer | None = None
+        self.nm: dict[str, tuple[int, int]] = {}
+        self.layouts: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ set-up
     def use_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         """The optimizer whose momentum rules may read (see :attr:`dense_gradients`)."""
         self._optimizer = optimizer
 
-    def bind(self, masks: Mapping[str, Tensor]) -> None:
-        """Start (or continue, after :meth:`load_state_dict`) on ``masks``' devices (after :meth:`use_optimizer`)."""
+    def bind(self, masks: Mapping[str, Tensor], layouts: Mapping[str, Any] | None = None) -> None:
+        """Start (or continue, after :meth:`load_state_dict`) on ``masks``' devices (after :meth:`use_optimizer`).
+
+        ``layouts`` (the targets' :class:`~lightning_pai.core.targets.Layout`) resolve ``options["nm"]``.
+
+        Raises:
+            ValueError: If N:M layers are asked for with a redistribution rule that moves weights between layers.
+        """
         optimizer = self._optimizer
+        self.layouts = dict(layouts or {})
+        spec = self.plan.options.get("nm")
+        self.nm = resolve_nm(spec, {n: m.shape for n, m in masks.items()}, self.layouts) if spec else {}
+        rewire = self.plan.rewire
+        if self.nm and rewire is not None and rewire.redistribution != "none":
+            raise ValueError(
+                f"N:M layers keep N of every M weights, so `redistribution={rewire.redistribution!r}` (which moves "
+                "weights between layers) cannot apply to them; use redistribution 'none' or leave them out of `nm`."
+            )
         if self.fired is None:
             self.fired = {n: m.clone() for n, m in masks.items()}
         else:
@@ -622,12 +644,18 @@ class TopologyUpdater:
             memory=self.memory,
             options=plan.options,
         )
+        ctx.nm, ctx.layouts = self.nm, self.layouts
         if plan.prune is not None:
             target = plan.prune.sparsity(step, total)
             size = sum(m.numel() for m in masks.values())
-            if sum(ctx.kept.values()) > size - round(target * size):
+            if self.nm or sum(ctx.kept.values()) > size - round(target * size):
                 scores = _GROWTH.get(plan.prune.score)(ctx)
-                ctx.masks = compute_masks(scores, target, plan.prune.distribution, masks=masks)
+                first, last = plan.prune.sparsity(0, total), plan.prune.sparsity(total, total)
+                progress = 1.0 if last == first else (target - first) / (last - first)
+                budgets = {n: (group_budget(k, m, progress), m) for n, (k, m) in self.nm.items()}
+                ctx.masks = compute_masks(
+                    scores, target, plan.prune.distribution, masks=masks, layouts=self.layouts, nm=budgets
+                )
                 ctx.kept = active_counts(ctx.masks)
         if plan.rewire is not None:
             ctx.masks = drop_and_grow(ctx, plan.rewire.fraction(step, total), plan.rewire)
@@ -682,7 +710,12 @@ def drop_and_grow(ctx: UpdateContext, fraction: float, rewire: Rewire) -> dict[s
     rates = rates_fn(ctx, fraction) if rates_fn is not None else fraction
     dropped = _DROP.get(rewire.drop)(ctx, rates)
     counts = redistribution(ctx, dropped)
-    return grow(_GROWTH.get(rewire.growth)(ctx), dropped, counts)
+    scores = _GROWTH.get(rewire.growth)(ctx)
+    free = [n for n in dropped if n not in ctx.nm]
+    out = grow({n: scores[n] for n in free}, {n: dropped[n] for n in free}, {n: counts[n] for n in free})
+    for n, (k, m) in ctx.nm.items():  # N:M (Lasby et al. 2023's SRigL form): regrow inside each group
+        out[n] = refill_groups(scores[n], dropped[n], k, m, ctx.layouts[n])
+    return {n: out[n] for n in dropped}
 
 
 def prune_by_magnitude(

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_pai.core.distributions import Distribution, distribute, get_distribution
+from lightning_pai.core.nm import nm_keep
 from lightning_pai.core.select import active_counts, masks_from_counts, raise_to_floors
 from lightning_pai.core.sharding import full, is_sharded, local, local_slice
 from lightning_pai.core.targets import Layout, Selectors, select_targets, target_layouts
@@ -53,6 +54,7 @@ def compute_masks(
     min_density: float = 0.0,
     invert: bool = False,
     layouts: Mapping[str, Layout] | None = None,
+    nm: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, Tensor]:
     """Turn scores into keep-masks: the distribution fixes each layer's count, the highest scores are kept.
 
@@ -67,11 +69,34 @@ def compute_masks(
             has); the extra weights come from the other layers, so the total is unchanged.
         invert: Keep the *lowest*-scored weights, with the per-layer counts the scores would have given
             (the "inversion" sanity check of Frankle et al. 2021).
-        layouts: Each target's matrix layout, for shape-based distributions (ERK, ER).
+        layouts: Each target's matrix layout, for shape-based distributions (ERK, ER) and N:M groups.
+        nm: Layers kept N:M instead: name -> ``(k, m)``, the ``k`` highest scores of every group of ``m``
+            inputs (see :mod:`lightning_pai.core.nm`); ``sparsity`` and ``distribution`` then apply to the
+            other layers only.
 
     Returns:
         New bool masks, by name.
     """
+    if nm:
+        if layouts is None:
+            raise ValueError("N:M masks need the targets' `layouts` (their input-channel axes).")
+        out = {}
+        for n, (k, m) in nm.items():
+            s = scores[n].masked_fill(~masks[n].to(scores[n].device), -math.inf) if masks is not None else scores[n]
+            out[n] = nm_keep(torch.where(torch.isfinite(s), -s, s) if invert else s, k, m, layouts[n])
+        rest = [n for n in scores if n not in nm]
+        if rest:
+            sub = compute_masks(
+                {n: scores[n] for n in rest},
+                sparsity,
+                distribution,
+                masks=None if masks is None else {n: masks[n] for n in rest},
+                min_density=min_density,
+                invert=invert,
+                layouts=layouts,
+            )
+            out.update(sub)
+        return {n: out[n] for n in scores}
     density = 1.0 - check_sparsity(sparsity)
     check_min_density(min_density, sparsity)
     get_distribution(distribution)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lightning_pai.core.distributions import Distribution
 from lightning_pai.core.masks import compute_masks
+from lightning_pai.core.nm import nm_keep
 from lightning_pai.core.schedules import round_sparsities
 from lightning_pai.core.scorers import Scorer, ScoringContext, get_scorer
 from lightning_pai.core.sharding import full, full_dict, local, local_slice
@@ -29,6 +30,18 @@ def check_choice(value: object, allowed: tuple, argument: str, optional: bool = 
 def is_number(value: object, integer: bool = False) -> bool:
     """Whether ``value`` is an ``int`` (or, unless ``integer``, a ``float``), ``bool`` excluded."""
     return not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+
+
+def check_range(value: object, argument: str, low: float, high: float, what: str = "", open_low: bool = False) -> float:
+    """``float(value)`` if it is a number in ``[low, high)`` (``(low, high)`` with ``open_low``), else a ``ValueError``.
+
+    The message names ``argument`` (and ``what`` it is) and the allowed interval.
+    """
+    inside = is_number(value) and (low < value if open_low else low <= value) and value < high
+    if not inside:
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g})"
+        raise ValueError(f"`{argument}`{f' ({what})' if what else ''} must be a number in {interval}; got {value!r}.")
+    return float(value)
 
 
 @contextmanager
@@ -115,6 +128,7 @@ def prune(
     schedule: str = "exponential",
     ablation: str | None = None,
     min_density: float = 0.0,
+    nm: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, Tensor]:
     """Score and prune, in one shot or over ``iterations`` rounds; return the final keep-masks.
 
@@ -136,6 +150,8 @@ def prune(
             kept weights from the layer's initial values (see :func:`reinitialize_`), ``"invert"`` keeps
             the *lowest*-scored weights in each round with the per-layer counts the method would have chosen.
         min_density: Every layer keeps at least ``ceil(min_density * size)`` weights (layer-collapse guard).
+        nm: Layers pruned N:M (name -> ``(n, m)``, see :mod:`lightning_pai.core.nm`), in the last round, on
+            that round's scores (they stay dense in the earlier rounds); ``sparsity`` applies to the others.
 
     Returns:
         Bool masks by parameter name.
@@ -150,11 +166,13 @@ def prune(
     with preserved_state(module, params):
         for p in params.values():
             p.requires_grad_(True)
-        for round_sparsity in round_sparsities(sparsity, iterations, schedule):
+        rounds = round_sparsities(sparsity, iterations, schedule)
+        for index, round_sparsity in enumerate(rounds):
             if masks is not None:
                 _zero_pruned(params, masks)
             ctx.masks = masks
             scores = full_dict(scorer(ctx))  # sharded scores are gathered: selection sees the whole model
+            last = index == len(rounds) - 1
             masks = compute_masks(
                 scores,
                 round_sparsity,
@@ -163,9 +181,13 @@ def prune(
                 min_density=min_density,
                 invert=ablation == "invert",
                 layouts=ctx.layouts,
+                nm={n: (k if last else m, m) for n, (k, m) in (nm or {}).items()},
             )
     if ablation == "shuffle":
         masks = shuffle_masks(masks, ctx.seed)
+        gen = torch.Generator().manual_seed(ctx.seed + 1)
+        for n, (k, m) in (nm or {}).items():  # N:M layers: shuffled within their groups, still N:M
+            masks[n] = nm_keep(torch.rand(masks[n].shape, generator=gen), k, m, ctx.layouts[n]).to(masks[n].device)
     elif ablation == "reinit":
         if ctx.module is None:
             raise ValueError("`ablation='reinit'` needs the model in the scoring context.")

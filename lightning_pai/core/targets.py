@@ -95,7 +95,7 @@ def is_hf_conv1d(module: nn.Module) -> bool:
         and isinstance(weight, nn.Parameter)
         and weight.dim() == 2
         and weight.shape[1] == nf
-        and not isinstance(module, (nn.Linear, nn.Embedding))
+        and not isinstance(module, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd))
     )
 
 

@@ -1,0 +1,166 @@
+"""N:M structured sparsity: exactly ``n`` kept weights in every group of ``m`` consecutive inputs.
+
+The groups run along each layer's *input-channel* axis — the reduction axis of the layer's matrix product,
+which is what semi-structured kernels (NVIDIA's 2:4 sparse tensor cores, ``torch.sparse.to_sparse_semi_structured``)
+compress: ``W[o, i]`` of an ``nn.Linear`` in groups ``i = 4g .. 4g+3``; a convolution's input channels at
+every kernel position (NVIDIA's ASP layout, ``W[o, c, kh, kw]`` grouped over ``c``); a transposed HF
+``Conv1D`` along its first axis; an attention ``in_proj_weight`` along its columns. The axis comes from the
+target's :class:`~lightning_pai.core.targets.Layout` (``in_dims[0]``).
+
+Within a group the ``n`` highest scores are kept (ties broken by position, so every rank agrees); entries
+scored ``-inf`` (already pruned) are kept only when a group has fewer than ``n`` others. A budget ``k``
+between ``n`` and ``m`` gives the intermediate steps of gradual methods (``k = m`` keeps everything).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_pai.core.targets import Layout
+
+NMSpec = str | Mapping[str, str] | None
+
+
+def parse_nm(value: str, argument: str = "nm") -> tuple[int, int]:
+    """``"2:4"`` -> ``(2, 4)``.
+
+    Raises:
+        ValueError: Unless ``value`` is ``"N:M"`` with integers ``0 < N < M``.
+    """
+    try:
+        n, m = (int(v) for v in str(value).split(":"))
+    except ValueError:
+        n = m = 0
+    if not 0 < n < m:
+        raise ValueError(f"`{argument}` patterns are 'N:M' with integers 0 < N < M (e.g. '2:4'); got {value!r}.")
+    return n, m
+
+
+def check_nm(nm: NMSpec) -> None:
+    """Validate an ``nm`` argument without a model: ``"N:M"``, ``{glob: "N:M"}`` or None.
+
+    Raises:
+        ValueError: On any other value.
+    """
+    if nm is None:
+        return
+    if isinstance(nm, str):
+        parse_nm(nm)
+        return
+    if not isinstance(nm, Mapping) or not all(isinstance(k, str) for k in nm):
+        raise ValueError(f"`nm` must be 'N:M', a mapping of parameter-name globs to 'N:M', or None; got {nm!r}.")
+    for pattern in nm.values():
+        parse_nm(pattern)
+
+
+def nm_sparsity(sparsity: float | None, nm: NMSpec) -> float:
+    """The ``sparsity`` a callback prunes its unstructured layers to, checked against ``nm``.
+
+    With one pattern for every layer (``nm="2:4"``) the density is fixed at N/M: ``sparsity`` must be None
+    or ``1 - N/M``. With a mapping, ``sparsity`` is that of the layers not kept N:M and must be given.
+
+    Raises:
+        ValueError: On a conflicting or missing ``sparsity``.
+    """
+    check_nm(nm)
+    if isinstance(nm, str):
+        n, m = parse_nm(nm)
+        implied = 1.0 - n / m
+        if sparsity is not None and abs(sparsity - implied) > 1e-9:
+            raise ValueError(
+                f"`sparsity`={sparsity} conflicts with `nm`={nm!r}, which keeps {n} of every {m} weights in every "
+                f"layer (sparsity {implied:g}): pass `sparsity={implied:g}` or None, or give `nm` as a mapping "
+                "of parameter-name globs for some layers only."
+            )
+        return implied
+    if sparsity is None:
+        raise ValueError("`sparsity` is None: it may only be left out when `nm` ('N:M') covers every layer.")
+    return sparsity
+
+
+def resolve_nm(
+    nm: NMSpec, shapes: Mapping[str, Sequence[int]], layouts: Mapping[str, Layout]
+) -> dict[str, tuple[int, int]]:
+    """Per target name, its ``(n, m)``: every target for a plain ``"N:M"``, the first matching glob otherwise.
+
+    Raises:
+        ValueError: If a glob matches no target, or a layer's input channels are not a multiple of ``m``.
+    """
+    if nm is None:
+        return {}
+    rules = {"*": nm} if isinstance(nm, str) else dict(nm)
+    out: dict[str, tuple[int, int]] = {}
+    for pattern, value in rules.items():
+        hits = [name for name in shapes if fnmatch.fnmatchcase(name, pattern)]
+        if not hits:
+            raise ValueError(f"`nm` pattern {pattern!r} matches no pruned parameter; they are {list(shapes)[:6]}.")
+        for name in hits:
+            out.setdefault(name, parse_nm(value))
+    bad = [
+        f"{name} ({shapes[name][layouts[name].in_dims[0]]} input channels)"
+        for name, (_, m) in out.items()
+        if not layouts[name].in_dims or shapes[name][layouts[name].in_dims[0]] % m
+    ]
+    if bad:
+        raise ValueError(
+            f"N:M groups need input channels in multiples of M: {', '.join(bad[:4])}; leave those layers out of "
+            "`nm` (a mapping of globs) or `exclude` them."
+        )
+    return out
+
+
+def _groups(tensor: Tensor, layout: Layout, m: int) -> Tensor:
+    """``tensor`` with its input-channel axis last, split into groups of ``m``: ``(..., channels / m, m)``."""
+    moved = tensor.movedim(layout.in_dims[0], -1)
+    return moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+
+
+def _ungroup(groups: Tensor, layout: Layout, shape: Sequence[int]) -> Tensor:
+    moved = groups.reshape(*groups.shape[:-2], groups.shape[-2] * groups.shape[-1])
+    out = moved.movedim(-1, layout.in_dims[0])
+    assert tuple(out.shape) == tuple(shape)
+    return out
+
+
+def nm_keep(scores: Tensor, k: int, m: int, layout: Layout) -> Tensor:
+    """Bool mask keeping the ``k`` highest scores of every group of ``m`` (``-inf``: kept only if forced)."""
+    groups = _groups(scores.detach().float(), layout, m)
+    order = torch.argsort(groups, dim=-1, descending=True, stable=True)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(-1, order[..., :k], True)
+    return _ungroup(mask, layout, scores.shape).contiguous()
+
+
+def group_counts(mask: Tensor, m: int, layout: Layout) -> Tensor:
+    """Kept weights per group of ``m`` (one entry per group)."""
+    return _groups(mask, layout, m).sum(-1)
+
+
+def refill_groups(scores: Tensor, mask: Tensor, k: int, m: int, layout: Layout) -> Tensor:
+    """``mask`` with every group filled back to ``k`` kept weights by the highest ``scores`` of its inactive ones.
+
+    The N:M form of a topology update's growth: the weights a group lost in the drop regrow inside it.
+    """
+    grow = scores.detach().float().masked_fill(mask, -math.inf)
+    groups, grow_g = _groups(mask, layout, m), _groups(grow, layout, m)
+    missing = k - groups.sum(-1, keepdim=True)
+    order = torch.argsort(grow_g, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(m, device=order.device).expand_as(order))
+    new = groups | (rank < missing)
+    return _ungroup(new, layout, mask.shape).contiguous()
+
+
+def is_nm(mask: Tensor, n: int, m: int, layout: Layout) -> bool:
+    """Whether every group of ``m`` has exactly ``n`` kept weights."""
+    return bool((group_counts(mask, m, layout) == n).all())
+
+
+def group_budget(n: int, m: int, progress: float) -> int:
+    """Per-group budget ``m - floor((m - n) * progress)`` of a gradual N:M schedule (``progress`` 0 -> m, 1 -> n)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return m - math.floor((m - n) * progress + 1e-9)
