@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_pai.core.registry import Registry
-from lightning_pai.core.select import apportion, topk_mask
+from lightning_pai.core.select import active_counts, apportion, topk_mask
 from lightning_pai.core.targets import Layout, matrix_shapes
 
 Distribution = Callable[[Mapping[str, Tensor], float], dict[str, int]]
@@ -73,17 +73,26 @@ def _target_total(scores: Mapping[str, Tensor], density: float) -> int:
     return round(density * sum(s.numel() for s in scores.values()))
 
 
-def _global_counts(scores: Mapping[str, Tensor], k: int) -> dict[str, int]:
-    """Counts per layer when the ``k`` highest scores over all layers are kept."""
+def global_keep(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
+    """Masks keeping the ``k`` highest scores over all layers (ties by position in layer order).
+
+    Per layer this is exactly ``topk_mask(scores[name], count)`` for the layer's count, so callers that
+    only need the masks of the ``"global"`` distribution take them from here without a second selection.
+    """
     first = next(iter(scores.values()))
     dtype = torch.float64 if any(s.dtype == torch.float64 for s in scores.values()) else torch.float32
     flat = torch.cat([s.detach().reshape(-1).to(device=first.device, dtype=dtype) for s in scores.values()])
     keep = topk_mask(flat, k)
-    counts, start = {}, 0
+    out, start = {}, 0
     for name, s in scores.items():
-        counts[name] = int(keep[start : start + s.numel()].sum())
+        out[name] = keep[start : start + s.numel()].view(s.shape).to(s.device)
         start += s.numel()
-    return counts
+    return out
+
+
+def _global_counts(scores: Mapping[str, Tensor], k: int) -> dict[str, int]:
+    """Counts per layer when the ``k`` highest scores over all layers are kept."""
+    return active_counts(global_keep(scores, k))
 
 
 @register_distribution("uniform")
@@ -97,6 +106,11 @@ def uniform(scores: Mapping[str, Tensor], density: float) -> dict[str, int]:
 def global_(scores: Mapping[str, Tensor], density: float) -> dict[str, int]:
     """One threshold across all layers: the ``round(density * N)`` highest scores of the network are kept."""
     return _global_counts(scores, _target_total(scores, density))
+
+
+def global_masks(scores: Mapping[str, Tensor], density: float) -> dict[str, Tensor]:
+    """The masks of :func:`global_` in one selection (see :func:`global_keep`)."""
+    return global_keep(scores, _target_total(scores, density))
 
 
 def erdos_renyi_densities(

@@ -191,7 +191,7 @@ def drop_set(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], zeta: f
         new = m & (w != 0)
         for side in (w > 0, w < 0):
             active = m & side
-            k = math.floor(zeta * int(active.sum()) + 1e-9)
+            k = math.floor(zeta * int(torch.count_nonzero(active)) + 1e-9)
             if k:
                 closeness = (-w.abs()).masked_fill(~active, -math.inf)  # highest = closest to zero
                 new &= ~topk_mask(closeness, k)

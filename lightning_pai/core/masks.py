@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_pai.core.distributions import Distribution, distribute, get_distribution
+from lightning_pai.core.distributions import Distribution, distribute, get_distribution, global_, global_masks
 from lightning_pai.core.nm import nm_keep
 from lightning_pai.core.select import active_counts, masks_from_counts, raise_to_floors
 from lightning_pai.core.sharding import full, is_sharded, local, local_slice
@@ -102,8 +102,12 @@ def compute_masks(
     get_distribution(distribution)
     if masks is not None:
         scores = {n: s.masked_fill(~masks[n].to(s.device), -math.inf) for n, s in scores.items()}
-    counts = distribute(distribution, scores, density, layouts)
     kept = active_counts(masks) if masks is not None else None
+    fast = get_distribution(distribution) is global_ and min_density == 0 and not invert
+    total = sum(s.numel() for s in scores.values())
+    if fast and (kept is None or sum(kept.values()) >= round(density * total)):
+        return global_masks(scores, density)  # the same masks as per-layer top-k of its counts, one selection
+    counts = distribute(distribution, scores, density, layouts)
     available = {n: kept[n] if kept is not None else s.numel() for n, s in scores.items()}
     counts = {n: min(c, available[n]) for n, c in counts.items()}
     if min_density > 0:

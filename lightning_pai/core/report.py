@@ -235,7 +235,7 @@ def sparsity_report(
     if masks is None and module is None:
         raise ValueError("`sparsity_report` needs a `module` or `masks`.")
     if masks is not None:
-        rows = [LayerSparsity(n, tuple(m.shape), int(m.sum()), m.numel()) for n, m in masks.items()]
+        rows = [LayerSparsity(n, tuple(m.shape), int(torch.count_nonzero(m)), m.numel()) for n, m in masks.items()]
     else:
         rows = [
             LayerSparsity(n, tuple(p.shape), int(torch.count_nonzero(p)), p.numel())
@@ -247,7 +247,7 @@ def sparsity_report(
             target_layouts(module, [r.name for r in rows]) if module is not None else None
         )
         eff = effective_masks(kept, layouts)
-        rows = [replace(r, effective_kept=int(eff[r.name].sum())) for r in rows]
+        rows = [replace(r, effective_kept=int(torch.count_nonzero(eff[r.name]))) for r in rows]
     cover = coverage(module, {r.name for r in rows}) if module is not None else None
     return SparsityReport(rows, cover)
 
