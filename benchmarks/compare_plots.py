@@ -649,23 +649,32 @@ def reading(results: dict) -> list[str]:
             f"{t('vit_small', 'pai_rigl', 'update_extra_ms'):.0f} ms), rigl-torch +{u[1]:.0f} ms: it sorts every "
             "layer fully twice (`topk(k=numel)` with int64 indices)."
         )
-    if mem("resnet18", "pai_rigl", "held_per_param") is not None:
+    peaks = {
+        k: (mem("resnet18", k, "extra_setup_peak_per_param"), mem("resnet18", k, "extra_peak_per_param"))
+        for k in ("pai_pai", "pai_rigl", "pai_lottery", "modelpruning", "rigl_torch", "sparsimony_rigl")
+    }
+    if all(v is not None for pair in peaks.values() for v in pair):
+        setup, train = {k: v[0] for k, v in peaks.items()}, {k: v[1] for k, v in peaks.items()}
+        leaner = [k for k in ("modelpruning", "rigl_torch", "sparsimony_rigl") if setup[k] < setup["pai_pai"]]
         out.append(
             "Memory held: 1 byte per weight for our static methods (a bool mask), 2 for our DST methods (mask "
             "and the ITOP set of weights ever active), 5 for `LotteryTicket` (its rewind copy of the weights, "
             "kept on the CPU). rigl-torch also holds 1 byte (no ITOP tracking), less than our DST; ModelPruning "
             "8 (a float mask and the recomputed weight beside `weight_orig`), sparsimony's RigL 8 (float mask "
-            "and dense-gradient buffer). Peaks are where we are not lean: pruning at init by global magnitude "
-            f"peaks at {mem('resnet18', 'pai_pai', 'extra_setup_peak_per_param'):.0f} bytes per weight (float "
-            "scores of all layers, ranked together), below ModelPruning's "
-            f"{mem('resnet18', 'modelpruning', 'extra_setup_peak_per_param'):.0f} but far above rigl-torch's "
-            f"{mem('resnet18', 'rigl_torch', 'extra_setup_peak_per_param'):.0f} (random per-layer masks); our "
-            f"RigL update step peaks at {mem('resnet18', 'pai_rigl', 'extra_peak_per_param'):.0f} bytes per weight "
-            "on ResNet-18 (a copy of the dense gradients and the scores), sparsimony's at "
-            f"{mem('resnet18', 'sparsimony_rigl', 'extra_peak_per_param'):.0f}, rigl-torch's at "
-            f"{mem('resnet18', 'rigl_torch', 'extra_peak_per_param'):.0f}; the lottery round boundary at "
-            f"{mem('resnet18', 'pai_lottery', 'extra_peak_per_param'):.0f} (scores plus restoring the rewind "
-            "point)."
+            "and dense-gradient buffer). Peaks on ResNet-18: pruning at init by global magnitude peaks at "
+            f"{setup['pai_pai']:.1f} bytes per weight (the float scores |w| of every layer and the masks; the "
+            "global threshold is found by bisection layer by layer, without concatenating the scores), against "
+            f"ModelPruning's {setup['modelpruning']:.1f}, rigl-torch's {setup['rigl_torch']:.1f} and sparsimony's "
+            f"{setup['sparsimony_rigl']:.1f}"
+            + (
+                f" ({', '.join(_label(results, k) for k in leaner)} lower: random per-layer initial masks, no scores)"
+                if leaner
+                else ""
+            )
+            + f"; our RigL update step peaks at {train['pai_rigl']:.1f} bytes per weight (a copy of the dense "
+            f"gradients and the scores), sparsimony's at {train['sparsimony_rigl']:.1f}, rigl-torch's at "
+            f"{train['rigl_torch']:.1f}; the lottery round boundary at {train['pai_lottery']:.1f} (scores plus "
+            "restoring the rewind point)."
         )
     corr = (results.get("correctness") or {}).get("rows", {})
     if corr:

@@ -392,3 +392,52 @@ def test_effective_masks_conv_to_linear_flatten_and_branch_error():
     assert torch.equal(eff["conv"], conv)
     with pytest.raises(ValueError, match="plain chain"):
         effective_masks({"a": torch.ones(3, 2, dtype=torch.bool), "b": torch.ones(2, 5, dtype=torch.bool)})
+
+
+def _concat_topk(scores, k):
+    """The reference: kthvalue top-k on the concatenation (one small tensor), split back."""
+    flat = torch.cat([s.reshape(-1).to(torch.float64) for s in scores])
+    order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))[:k]  # highest first, then position
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[order] = True
+    return list(keep.split([s.numel() for s in scores]))
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [
+        [torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), torch.randn(7)],
+        [torch.tensor([1.0, 2.0, 2.0, 0.0]), torch.tensor([2.0, 2.0, 1.0])],  # ties across layers
+        [torch.tensor([-0.0, 0.0, -1.0, -math.inf, math.inf]), torch.tensor([0.0, -0.0, 3.5])],
+        [torch.randn(9, dtype=torch.float64), torch.randn(4, dtype=torch.float64)],
+        [torch.randn(5).half(), torch.randn(6)],
+        [torch.randint(0, 3, (8,)), torch.randint(0, 3, (5,))],
+    ],
+)
+def test_topk_masks_equal_one_top_k_over_the_concatenation(scores):
+    from lightning_pai.core.select import kth_largest, topk_masks
+
+    n = sum(s.numel() for s in scores)
+    for k in range(n + 1):
+        got = topk_masks(scores, k)
+        assert [m.shape for m in got] == [s.shape for s in scores]
+        assert sum(int(m.sum()) for m in got) == k
+        for m, ref in zip(got, _concat_topk(scores, k)):
+            assert torch.equal(m.reshape(-1), ref), k
+    if all(s.dtype in (torch.float32, torch.float64) for s in scores) and len({s.dtype for s in scores}) == 1:
+        values = sorted(torch.cat([s.reshape(-1) for s in scores]).tolist(), reverse=True)
+        assert [kth_largest(scores, k) for k in range(1, n + 1)] == values  # exact, one of the values
+
+
+def test_topk_mask_above_the_kthvalue_size_uses_the_bisection_with_the_same_result():
+    from lightning_pai.core import select
+
+    x = torch.randint(0, 1000, (select._KTHVALUE_MAX + 5,), generator=torch.Generator().manual_seed(1)).float()
+    k = 123_457
+    mask = topk_mask(x, k)
+    threshold = torch.kthvalue(x, x.numel() - k + 1).values
+    assert int(mask.sum()) == k
+    assert torch.equal(mask[x > threshold], torch.ones(int((x > threshold).sum()), dtype=torch.bool))
+    ties = torch.nonzero(x == threshold).squeeze(1)
+    kept_ties = ties[mask[ties]]
+    assert torch.equal(kept_ties, ties[: kept_ties.numel()])  # the earliest ties are kept

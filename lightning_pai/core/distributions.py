@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_pai.core.registry import Registry
-from lightning_pai.core.select import active_counts, apportion, topk_mask
+from lightning_pai.core.select import active_counts, apportion, topk_masks
 from lightning_pai.core.targets import Layout, matrix_shapes
 
 Distribution = Callable[[Mapping[str, Tensor], float], dict[str, int]]
@@ -78,16 +78,10 @@ def global_keep(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
 
     Per layer this is exactly ``topk_mask(scores[name], count)`` for the layer's count, so callers that
     only need the masks of the ``"global"`` distribution take them from here without a second selection.
+    The layers are never concatenated (:func:`~lightning_pai.core.select.topk_masks`): beside the scores,
+    the selection needs the masks and one bool tensor of the largest layer.
     """
-    first = next(iter(scores.values()))
-    dtype = torch.float64 if any(s.dtype == torch.float64 for s in scores.values()) else torch.float32
-    flat = torch.cat([s.detach().reshape(-1).to(device=first.device, dtype=dtype) for s in scores.values()])
-    keep = topk_mask(flat, k)
-    out, start = {}, 0
-    for name, s in scores.items():
-        out[name] = keep[start : start + s.numel()].view(s.shape).to(s.device)
-        start += s.numel()
-    return out
+    return dict(zip(scores, topk_masks(list(scores.values()), k)))
 
 
 def _global_counts(scores: Mapping[str, Tensor], k: int) -> dict[str, int]:

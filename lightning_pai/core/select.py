@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import struct
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -22,7 +23,8 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
     """Boolean mask keeping exactly the ``k`` highest scores.
 
     Ties at the threshold are broken by position: the earliest (row-major) entries are kept, so the
-    result is deterministic and identical on every device and rank. Runs in O(n) (``kthvalue``), not a sort.
+    result is deterministic and identical on every device and rank. Runs in O(n) (``kthvalue``, or the
+    bisection of :func:`kth_largest` above ``2**20`` entries), not a sort.
 
     Args:
         scores: Any shape; ``-inf`` marks entries that must not be kept unless ``k`` forces it.
@@ -32,25 +34,108 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
         Bool tensor of the shape of ``scores`` with exactly ``k`` True entries.
 
     """
-    flat = scores.reshape(-1)
-    n = flat.numel()
+    return topk_masks([scores], k)[0]
+
+
+#: Up to this many entries one tensor's threshold comes from ``torch.kthvalue`` (faster there; above, the
+#: bisection of :func:`kth_largest` is faster and needs no copy).
+_KTHVALUE_MAX = 1 << 20
+
+#: Per float dtype: the integer dtype of its bits, and the ``struct`` codes of the float and of the integer.
+_BITS = {torch.float32: (torch.int32, "f", "i", 32), torch.float64: (torch.int64, "d", "q", 64)}
+
+
+def _key(value: float, code: tuple[str, str, int]) -> int:
+    """An integer whose order is the float order (IEEE 754: flip the magnitude bits of negative numbers)."""
+    fcode, icode, bits = code
+    (b,) = struct.unpack(icode, struct.pack(fcode, value))
+    return b if b >= 0 else b ^ ((1 << (bits - 1)) - 1)
+
+
+def _value(key: int, code: tuple[str, str, int]) -> float:
+    """The float of :func:`_key` ``key`` (the map is its own inverse)."""
+    fcode, icode, bits = code
+    b = key if key >= 0 else key ^ ((1 << (bits - 1)) - 1)
+    return struct.unpack(fcode, struct.pack(icode, b))[0]
+
+
+def kth_largest(tensors: Sequence[Tensor], k: int) -> float:
+    """The ``k``-th largest value over several tensors, without concatenating or copying them.
+
+    Bisection over the bit patterns of the float dtype (32 passes for float32, 64 for float64): each pass
+    counts ``t >= v`` tensor by tensor, so the extra memory is one bool tensor of the largest layer, where
+    ``torch.kthvalue`` on the concatenation needs 4 + 12 bytes per entry (the concatenation, its working
+    copy and int64 indices). Exact: the result is one of the values.
+
+    Args:
+        tensors: Non-empty float32 or float64 tensors (all of one dtype), without NaN.
+        k: ``1 <= k <= `` their total size.
+
+    Returns:
+        The value ``v`` with at least ``k`` entries ``>= v`` and fewer than ``k`` entries ``> v``.
+    """
+    dtype = tensors[0].dtype
+    code = _BITS[dtype][1:]
+    lo, hi = _key(-math.inf, code), _key(math.inf, code)  # count(>= value(lo)) = n >= k
+    device = tensors[0].device
+    while lo < hi:  # invariant: count(>= value(lo)) >= k; the answer lies in [lo, hi]
+        mid = (lo + hi + 1) // 2
+        v = _value(mid, code)
+        count = sum(torch.count_nonzero(t >= v).to(device) for t in tensors)
+        if int(count) >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return _value(lo, code)
+
+
+def topk_masks(scores: Sequence[Tensor], k: int) -> list[Tensor]:
+    """Bool masks keeping exactly the ``k`` highest entries over several tensors, as one flat top-k.
+
+    Equal to ``topk_mask`` of the concatenation of the flattened tensors, split back (ties at the
+    threshold go to the earliest entries, tensor by tensor in order), but never builds the concatenation:
+    see :func:`kth_largest`. Each mask is on its tensor's device.
+
+    Args:
+        scores: Tensors of any shapes and devices; float32 and float64 are compared as they are, other
+            dtypes as float32 (float64 if any tensor is float64).
+        k: Number of entries to keep over all tensors.
+
+    Returns:
+        One bool mask per tensor, ``k`` True entries in all.
+
+    Raises:
+        ValueError: If ``k`` is out of range or a tensor contains NaN.
+    """
+    n = sum(s.numel() for s in scores)
     if not 0 <= k <= n:
         raise ValueError(f"Cannot keep {k} of {n} entries.")
-    if torch.isnan(flat).any():
-        raise ValueError("Scores contain NaN; the scorer produced invalid values.")
-    mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
-    if k == 0:
-        return mask.view_as(scores)
-    if k == n:
-        return mask.fill_(True).view_as(scores)
-    flat = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
-    threshold = torch.kthvalue(flat.cpu() if flat.device.type == "mps" else flat, n - k + 1).values.to(flat.device)
-    torch.gt(flat, threshold, out=mask)
-    missing = k - int(torch.count_nonzero(mask))
-    if missing:
-        ties = torch.nonzero(flat == threshold).squeeze(1)[:missing]
-        mask[ties] = True
-    return mask.view_as(scores)
+    for s in scores:
+        if torch.isnan(s).any():
+            raise ValueError("Scores contain NaN; the scorer produced invalid values.")
+    if k in (0, n):
+        return [torch.full(s.shape, k == n, dtype=torch.bool, device=s.device) for s in scores]
+    dtypes = {s.dtype for s in scores}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64 if torch.float64 in dtypes else torch.float32
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    elif len(scores) > 1 and dtype not in _BITS:  # e.g. integer scores: compared exactly as float64
+        dtype = torch.float64
+    flat = [s.detach().reshape(-1) if s.dtype == dtype else s.detach().reshape(-1).to(dtype) for s in scores]
+    if len(flat) == 1 and (n <= _KTHVALUE_MAX or dtype not in _BITS):
+        f = flat[0]
+        threshold = torch.kthvalue(f.cpu() if f.device.type == "mps" else f, n - k + 1).values.to(f.device)
+    else:
+        threshold = kth_largest(flat, k)
+    masks = [torch.gt(f, threshold) for f in flat]
+    missing = k - sum(active_counts(dict(enumerate(masks))).values())
+    for f, m in zip(flat, masks):  # ties at the threshold: the earliest entries, in order
+        if missing <= 0:
+            break
+        ties = torch.nonzero(f == threshold).squeeze(1)[:missing]
+        m[ties] = True
+        missing -= ties.numel()
+    return [m.view(s.shape) for m, s in zip(masks, scores)]
 
 
 def apportion(ideal: Mapping[str, float], caps: Mapping[str, int], total: int) -> dict[str, int]:
