@@ -132,6 +132,33 @@ def _label(results: dict, key: str) -> str:
     return f"{row['library']} {row['method']}" if row else key
 
 
+def _full_cell(r: dict) -> str:
+    cell = f"{r['ratio_median']:.3f} [{r['ratio_q1']:.2f}, {r['ratio_q3']:.2f}]"
+    if r.get("ratio_amortized") is not None:
+        cell += f"; amortized {r['ratio_amortized']:.3f}"
+    if r["coverage"] < 0.999:
+        cell += f" (prunes {100 * r['coverage']:.2g} % of the targets)"
+    return cell
+
+
+def _short_cell(r: dict) -> str:
+    cell = f"{r['ratio_median']:.2f}"
+    if r.get("ratio_amortized") is not None:
+        cell += f" / {r['ratio_amortized']:.2f}"
+    if r["coverage"] < 0.999:
+        cell += f" ({100 * r['coverage']:.2g} % pruned)"
+    return cell
+
+
+def _ratio_rows(results: dict, timing: dict, models: list[str], libs: list[str], cell) -> list[str]:
+    """One markdown row per library: ``cell(row)`` per model, empty where the library did not run."""
+    rows = []
+    for k in libs:
+        cells = [cell(timing[m]["libraries"][k]) if k in timing[m]["libraries"] else "" for m in models]
+        rows.append(f"| {_label(results, k)} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def _models(section: dict) -> list[str]:
     return [m for m in MODEL_ORDER if m in section] + [m for m in section if m not in MODEL_ORDER]
 
@@ -167,20 +194,7 @@ def timing_tables(results: dict) -> list[str]:
         "| library | " + " | ".join(timing[m]["label"] for m in models) + " |",
         "|---|" + "---|" * len(models),
     ]
-    for k in libs:
-        cells = []
-        for m in models:
-            r = timing[m]["libraries"].get(k)
-            if r is None:
-                cells.append("")
-                continue
-            cell = f"{r['ratio_median']:.3f} [{r['ratio_q1']:.2f}, {r['ratio_q3']:.2f}]"
-            if r.get("ratio_amortized") is not None:
-                cell += f"; amortized {r['ratio_amortized']:.3f}"
-            if r["coverage"] < 0.999:
-                cell += f" (prunes {100 * r['coverage']:.2g} % of the targets)"
-            cells.append(cell)
-        lines.append(f"| {_label(results, k)} | " + " | ".join(cells) + " |")
+    lines += _ratio_rows(results, timing, models, libs, _full_cell)
     lines += [
         "| dense step (median ms) | "
         + " | ".join(f"{timing[m]['libraries']['dense']['median_ms']:.1f}" for m in models)
@@ -739,20 +753,7 @@ def render_readme(results: dict) -> str:
             "| library | " + " | ".join(timing[m]["label"] for m in models) + " |",
             "|---|" + "---|" * len(models),
         ]
-        for k in libs:
-            cells = []
-            for m in models:
-                r = timing[m]["libraries"].get(k)
-                if r is None:
-                    cells.append("")
-                    continue
-                cell = f"{r['ratio_median']:.2f}"
-                if r.get("ratio_amortized") is not None:
-                    cell += f" / {r['ratio_amortized']:.2f}"
-                if r["coverage"] < 0.999:
-                    cell += f" ({100 * r['coverage']:.2g} % pruned)"
-                cells.append(cell)
-            lines.append(f"| {_label(results, k)} | " + " | ".join(cells) + " |")
+        lines += _ratio_rows(results, timing, models, libs, _short_cell)
         lines += ["", "![step time ratios](benchmarks/results/compare_step_time.png)", ""]
     if mem:
         models = _models(mem)

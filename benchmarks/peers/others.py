@@ -126,7 +126,30 @@ class RigLTorch(Pruner):
         return [m for m in self.scheduler.backward_masks if m is not None] + hooks
 
 
-class _Sparsimony(Pruner):
+class _Parametrized(Pruner):
+    """A sparsifier that masks through torch.ao's ``FakeSparsity`` parametrizations (sparsimony, torch.ao)."""
+
+    def _parametrization(self, name: str):
+        mod, attr = owner(self.model, name)
+        return getattr(mod.parametrizations, attr)
+
+    def masks(self) -> dict[str, Tensor]:
+        return {n: self._parametrization(n)[0].mask.bool() for n in self.targets}
+
+    def effective_weights(self) -> dict[str, Tensor]:
+        return {n: getattr(*owner(self.model, n)).detach() for n in self.targets}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sparsifier.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sparsifier.load_state_dict(dict(state))
+
+    def extra_tensors(self) -> list[Tensor]:
+        return [b for n in self.targets for b in self._parametrization(n)[0].buffers()]
+
+
+class _Sparsimony(_Parametrized):
     """sparsimony 0.1.0 dynamic sparse training (``FakeSparsity`` parametrizations from ``torch.ao``), ERK."""
 
     library, dynamic, prunes_once = "sparsimony", True, False
@@ -159,25 +182,6 @@ class _Sparsimony(Pruner):
     _track = False  # comparing masks every step costs time: only the correctness checks turn it on
     counts_per_step = 1  # how much one ``sparsifier.step()`` advances ``_step_count``
 
-    def _parametrization(self, name: str):
-        mod, attr = owner(self.model, name)
-        return getattr(mod.parametrizations, attr)
-
-    def masks(self) -> dict[str, Tensor]:
-        return {n: self._parametrization(n)[0].mask.bool() for n in self.targets}
-
-    def effective_weights(self) -> dict[str, Tensor]:
-        return {n: getattr(*owner(self.model, n)).detach() for n in self.targets}
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.sparsifier.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.sparsifier.load_state_dict(dict(state))
-
-    def extra_tensors(self) -> list[Tensor]:
-        return [b for n in self.targets for b in self._parametrization(n)[0].buffers()]
-
 
 class SparsimonyRigL(_Sparsimony):
     key, method = "sparsimony_rigl", "RigL"
@@ -207,7 +211,7 @@ class SparsimonySET(_Sparsimony):
         return SET(scheduler, ERKDistribution(), optimizer, sparsity=self.sparsity, init_method=None)
 
 
-class WeightNormAO(Pruner):
+class WeightNormAO(_Parametrized):
     """``torch.ao.pruning.WeightNormSparsifier(sparsity_level, sparse_block_shape=(1, 1))``, masks once per layer.
 
     It builds 2-D masks only (``_make_tensor_mask`` reads ``data.shape[-2:]``), so a 4-D conv weight raises;
@@ -225,22 +229,3 @@ class WeightNormAO(Pruner):
         self.sparsifier = WeightNormSparsifier(sparsity_level=self.sparsity, sparse_block_shape=(1, 1))
         self.sparsifier.prepare(model, [{"tensor_fqn": n} for n in self.targets])
         self.sparsifier.step()
-
-    def _parametrization(self, name: str):
-        mod, attr = owner(self.model, name)
-        return getattr(mod.parametrizations, attr)
-
-    def masks(self) -> dict[str, Tensor]:
-        return {n: self._parametrization(n)[0].mask.bool() for n in self.targets}
-
-    def effective_weights(self) -> dict[str, Tensor]:
-        return {n: getattr(*owner(self.model, n)).detach() for n in self.targets}
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.sparsifier.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.sparsifier.load_state_dict(dict(state))
-
-    def extra_tensors(self) -> list[Tensor]:
-        return [b for n in self.targets for b in self._parametrization(n)[0].buffers()]
