@@ -13,13 +13,21 @@ Every other layer stays dense and is listed, with the reason, in the :class:`Con
 ``nn.MultiheadAttention.out_proj`` is skipped: ``nn.MultiheadAttention`` passes ``out_proj.weight`` straight
 to ``F.multi_head_attention_forward``, so a replaced ``out_proj`` would never be called.
 
-The sparse modules compute ``y^T = W x^T`` with ``W`` in CSR (or BSR) form: ``torch.sparse.mm(W, x^T, "sum")``
-(PyTorch's native row-parallel CSR kernel, the fastest on CPU from about 16 rows) or
+The sparse modules compute ``y^T = W x^T`` with ``W`` in CSR (or BSR) form. On the CPU in float32 the
+default kernel is ``"c"``, the compiled CSR kernel of :mod:`lightning_pai.ckernels` (built once per machine
+with the system C compiler; bias and a following ``nn.ReLU`` applied in the same pass, the input processed in
+cache-sized tiles of 64 rows); without a compiler the kernels are ``torch.sparse.mm(W, x^T, "sum")``
+(PyTorch's native row-parallel CSR kernel, the fastest of PyTorch's on CPU from about 16 rows) or
 ``torch.addmm(b, W, x^T)`` (MKL on CPU, cuSPARSE on CUDA). The input is transposed once to ``(in, rows)``;
 the output is returned as the transposed view ``(y^T)^T``, so a chain of sparse layers (with elementwise
 activations between them, which keep the layout) transposes only at its first layer. The outputs are
 therefore not contiguous; pass ``contiguous_outputs=True`` if your code calls ``.view`` on them. A single
-row (batch 1) uses the sparse matrix-vector product ``torch.addmv(b, W, x)`` and returns a contiguous output.
+row (batch 1) uses the sparse matrix-vector product (``torch.addmv(b, W, x)``, or the ``"c"`` kernel with
+one column) and returns a contiguous output. With ``fuse=True`` (the default), an ``nn.ReLU`` that directly
+follows a converted layer in an ``nn.Sequential`` is folded into it, and, when the ``"c"`` kernel is used,
+each ``nn.LayerNorm`` becomes a :class:`TransposedLayerNorm`, which normalises the transposed layout in place
+of copying it, so a transformer MLP stack (LayerNorm, Linear, GELU, Linear) runs without any transpose
+between its layers.
 
 On CUDA, a ``Linear``/``Conv1D`` whose mask is exactly 2:4 along the input dimension (each group of 4
 consecutive input weights of every output row keeps exactly 2) uses
@@ -46,13 +54,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_pai import ckernels
 from lightning_pai.core.nm import is_nm
 from lightning_pai.core.targets import LINEAR, is_hf_conv1d
 
 #: Sparse layouts :func:`to_sparse_inference` can use for unstructured masks.
 LAYOUTS = ("csr", "bsr")
-#: Sparse kernels: ``"sum"`` = ``torch.sparse.mm(W, x^T, "sum")``, ``"mm"`` = ``torch.addmm(b, W, x^T)``.
-KERNELS = ("auto", "sum", "mm")
+#: Sparse kernels: ``"c"`` = the compiled CSR kernel of :mod:`lightning_pai.ckernels`, ``"sum"`` =
+#: ``torch.sparse.mm(W, x^T, "sum")``, ``"mm"`` = ``torch.addmm(b, W, x^T)``.
+KERNELS = ("auto", "c", "sum", "mm")
+#: Activations a sparse layer can apply in its own output pass (fused from ``nn.Sequential(layer, nn.ReLU())``).
+FUSABLE = {nn.ReLU: "relu"}
 #: Densities at which :func:`measure_crossover` times the sparse kernel (a line is fitted through them).
 _PROBE_DENSITIES = (0.05, 0.3)
 _CROSSOVER_CACHE: dict[tuple, float] = {}
@@ -67,11 +79,17 @@ def _check_inference(x: Tensor, module: nn.Module) -> None:
         )
 
 
-def _resolve_kernel(kernel: str, layout: str, device: torch.device, rows: int) -> str:
+def _c_usable(layout: str, device: torch.device, dtype: torch.dtype) -> bool:
+    return layout == "csr" and device.type == "cpu" and dtype == torch.float32 and ckernels.available()
+
+
+def _resolve_kernel(kernel: str, layout: str, device: torch.device, rows: int, dtype: torch.dtype) -> str:
     if kernel != "auto":
         return kernel
     if layout == "bsr" or device.type != "cpu":
         return "mm"
+    if _c_usable(layout, device, dtype):
+        return "c"
     return "sum" if rows >= 16 else "mm"
 
 
@@ -88,9 +106,13 @@ class SparseMatmul(nn.Module):
         mask: Bool ``(out, in)`` keep-mask (default: ``weight != 0``).
         layout: ``"csr"`` or ``"bsr"`` (square ``blocksize`` blocks; both dimensions must divide).
         blocksize: BSR block edge.
-        kernel: ``"sum"`` (``torch.sparse.mm(W, x^T, "sum")``, CSR on CPU only) or ``"mm"``
-            (``torch.addmm``; MKL on CPU, cuSPARSE on CUDA).
+        kernel: ``"c"`` (the compiled CSR kernel of :mod:`lightning_pai.ckernels`: float32 CSR on the CPU with
+            int32 indices, when :func:`lightning_pai.ckernels.available`), ``"sum"``
+            (``torch.sparse.mm(W, x^T, "sum")``, CSR on CPU only) or ``"mm"`` (``torch.addmm``; MKL on CPU,
+            cuSPARSE on CUDA).
         contiguous_outputs: Return contiguous outputs (one extra transpose copy) instead of transposed views.
+        activation: ``None`` or ``"relu"``: applied to the output (by the ``"c"`` kernel in the same pass), so
+            ``nn.Sequential(layer, nn.ReLU())`` becomes one module.
 
     Raises:
         ValueError: If ``layout``/``kernel`` are unknown or incompatible, or the BSR block does not divide.
@@ -106,14 +128,23 @@ class SparseMatmul(nn.Module):
         blocksize: int = 4,
         kernel: str = "sum",
         contiguous_outputs: bool = False,
+        activation: str | None = None,
     ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}.")
-        if kernel not in ("sum", "mm"):
-            raise ValueError(f"`kernel` must be 'sum' or 'mm', got {kernel!r}.")
+        if kernel not in KERNELS[1:]:
+            raise ValueError(f"`kernel` must be one of {KERNELS[1:]}, got {kernel!r}.")
         if kernel == "sum" and (layout != "csr" or weight.device.type != "cpu"):
             raise ValueError("`kernel='sum'` needs the CSR layout on the CPU; use kernel='mm'.")
+        if kernel == "c" and not _c_usable(layout, weight.device, weight.dtype):
+            raise ValueError(
+                "`kernel='c'` needs a float32 CSR weight on the CPU and a C compiler (lightning_pai.ckernels."
+                "available() is False here, or the layout/dtype/device differ); use kernel='sum' or 'mm'."
+            )
+        if activation not in (None, *FUSABLE.values()):
+            raise ValueError(f"`activation` must be None or one of {tuple(FUSABLE.values())}, got {activation!r}.")
+        self.activation = activation
         weight = weight.detach()
         mask = (weight != 0) if mask is None else mask.to(device=weight.device, dtype=torch.bool)
         self.out_features, self.in_features = weight.shape
@@ -132,6 +163,8 @@ class SparseMatmul(nn.Module):
             bsr = weight.masked_fill(~mask, 0).to_sparse_bsr((blocksize, blocksize))
             crow, cols, values = bsr.crow_indices(), bsr.col_indices(), bsr.values()
         index_dtype = torch.int32 if max(weight.shape) < 2**31 and values.shape[0] < 2**31 else torch.int64
+        if kernel == "c" and index_dtype != torch.int32:
+            raise ValueError("`kernel='c'` needs fewer than 2**31 stored weights; use kernel='sum'.")
         self.register_buffer("crow_indices", crow.to(index_dtype).contiguous())
         self.register_buffer("col_indices", cols.to(index_dtype).contiguous())
         self.register_buffer("values", values.contiguous().clone())
@@ -167,22 +200,58 @@ class SparseMatmul(nn.Module):
         return cache[1]
 
     def matmul_t(self, xt: Tensor) -> Tensor:
-        """``W @ xt + b`` for a contiguous ``(in, cols)`` input; returns ``(out, cols)``."""
-        w, bias = self.sparse_weight(), self._buffers["bias"]
-        if self.kernel == "sum":
+        """``act(W @ xt + b)`` for an ``(in, cols)`` input with contiguous rows; returns ``(out, cols)``."""
+        buffers = self._buffers
+        bias = buffers["bias"]
+        kernel = self._kernel_for(xt)
+        if kernel == "c":
+            if xt.stride(1) != 1:
+                xt = xt.contiguous()
+            b = None if bias is None else bias.view(-1)
+            crow, col, values = buffers["crow_indices"], buffers["col_indices"], buffers["values"]
+            return ckernels.csr_matmul_t(crow, col, values, b, xt, self.activation)
+        w = self.sparse_weight()
+        if not xt.is_contiguous():
+            xt = xt.contiguous()
+        if kernel == "sum":
             y = torch.sparse.mm(w, xt, "sum")
-            return y if bias is None else y.add_(bias)
-        return torch.mm(w, xt) if bias is None else torch.addmm(bias, w, xt)
+            y = y if bias is None else y.add_(bias)
+        else:
+            y = torch.mm(w, xt) if bias is None else torch.addmm(bias, w, xt)
+        return y if self.activation is None else y.relu_()
+
+    def _kernel_for(self, x: Tensor) -> str:
+        """The kernel for input ``x``: ``self.kernel``, or PyTorch's where the ``"c"`` kernel does not apply.
+
+        A ``"c"`` layer whose input or buffers are no longer float32 CPU tensors (after ``.double()``,
+        ``.to("cuda")``) falls back to ``"sum"`` on the CPU and ``"mm"`` elsewhere.
+        """
+        if self.kernel != "c":
+            return self.kernel
+        buffers = self._buffers
+        values, bias = buffers["values"], buffers["bias"]
+        if (
+            x.dtype == values.dtype == torch.float32
+            and x.device.type == values.device.type == "cpu"
+            and buffers["crow_indices"].dtype == buffers["col_indices"].dtype == torch.int32
+            and (bias is None or bias.dtype == torch.float32)
+        ):
+            return "c"
+        return "sum" if values.device.type == "cpu" else "mm"
 
     def matvec(self, x: Tensor) -> Tensor:
-        """``W @ x + b`` for one ``(in,)`` vector (sparse matrix-vector product, ``torch.addmv``)."""
+        """``act(W @ x + b)`` for one ``(in,)`` vector (``torch.addmv``, or the ``"c"`` kernel with one column)."""
+        if self._kernel_for(x) == "c":
+            return self.matmul_t(x.reshape(self.in_features, 1)).view(self.out_features)
         w, bias = self.sparse_weight(), self._buffers["bias"]
-        return torch.mv(w, x) if bias is None else torch.addmv(bias.view(-1), w, x)
+        y = torch.mv(w, x) if bias is None else torch.addmv(bias.view(-1), w, x)
+        return y if self.activation is None else y.relu_()
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
             f"kernel={self.kernel}, density={self.density:.4f}, bias={self.bias is not None}"
+            + ("" if self.activation is None else f", activation={self.activation}")
         )
 
 
@@ -199,9 +268,11 @@ class SparseLinear(SparseMatmul):
         if x.numel() == self.in_features and (self.layout == "csr" or x.device.type == "cpu"):
             # one row: sparse matrix-vector product, no transposes
             return self.matvec(x.reshape(self.in_features)).reshape(*lead, self.out_features)
-        xt = x.reshape(-1, self.in_features).t()
+        x2 = x.reshape(-1, self.in_features)
+        xt = x2.t()
         if not xt.is_contiguous():  # free when x is the transposed output of another sparse layer
-            xt = xt.contiguous()
+            use_c = x2.stride(1) == 1 and self._kernel_for(x2) == "c"
+            xt = ckernels.transpose(x2) if use_c else xt.contiguous()
         y = self.matmul_t(xt).t().reshape(*lead, self.out_features)
         return y.contiguous() if self.contiguous_outputs else y
 
@@ -221,6 +292,47 @@ class SparseConv1x1(SparseMatmul):
         xt = x.reshape(c, h * w) if n == 1 else x.reshape(n, c, h * w).transpose(0, 1).reshape(c, n * h * w)
         y = self.matmul_t(xt.contiguous()).view(self.out_features, n, h, w).permute(1, 0, 2, 3)
         return y.contiguous() if self.contiguous_outputs else y
+
+
+class TransposedLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last dimension that keeps the transposed layout sparse layers produce.
+
+    The output of a sparse layer is the transposed view ``(Y^T)^T``; ``nn.LayerNorm`` would copy it to
+    contiguous memory, and the next sparse layer would transpose it back. For a float32 CPU input whose
+    ``(-1, features)`` matrix is such a view, this module normalises ``Y^T`` directly with the compiled
+    :func:`lightning_pai.ckernels.layer_norm_t` (same formula as PyTorch: biased variance, ``eps`` inside the
+    square root) and returns a view of the same layout; any other input goes to ``nn.LayerNorm.forward``.
+    :func:`to_sparse_inference` swaps it in for the ``nn.LayerNorm`` modules (1-D ``normalized_shape``) of a
+    model whose sparse layers use the ``"c"`` kernel; parameters and ``state_dict`` keys are unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        (features,) = self.normalized_shape
+        params = [p for p in (self.weight, self.bias) if p is not None]
+        tracked = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+        if (
+            not tracked
+            and x.dim() >= 2
+            and x.stride(-1) != 1
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and all(p.dtype == torch.float32 and p.is_contiguous() for p in params)
+            and ckernels.available()
+        ):
+            xt = x.reshape(-1, features).t()
+            if xt.stride(1) == 1:
+                return ckernels.layer_norm_t(xt, self.weight, self.bias, self.eps).t().reshape(x.shape)
+        return super().forward(x)
+
+    @classmethod
+    def from_layer_norm(cls, norm: nn.LayerNorm) -> TransposedLayerNorm:
+        """A :class:`TransposedLayerNorm` sharing ``norm``'s parameters."""
+        new = cls.__new__(cls)
+        new.__dict__ = norm.__dict__.copy()
+        new._parameters = dict(norm._parameters)
+        new._buffers = dict(norm._buffers)
+        new._modules = dict(norm._modules)
+        return new
 
 
 class SemiStructuredLinear(nn.Module):
@@ -316,7 +428,7 @@ def measure_crossover(
             convolutions).
         layout: ``"csr"`` or ``"bsr"``.
         blocksize: BSR block edge.
-        kernel: ``"auto"``, ``"sum"`` or ``"mm"`` (see :class:`SparseMatmul`).
+        kernel: ``"auto"``, ``"c"``, ``"sum"`` or ``"mm"`` (see :class:`SparseMatmul`).
         dtype: Floating dtype of the layer.
         device: Device of the layer.
         budget_s: Approximate time to spend measuring.
@@ -325,7 +437,7 @@ def measure_crossover(
         The crossover density in ``[0, 1]`` (the fraction of weights kept, ``1 - sparsity``).
     """
     device = torch.device(device)
-    kernel = _resolve_kernel(kernel, layout, device, rows)
+    kernel = _resolve_kernel(kernel, layout, device, rows, dtype)
     key = (out_features, in_features, rows, layout, blocksize, kernel, dtype, str(device), torch.get_num_threads())
     if key in _CROSSOVER_CACHE:
         return _CROSSOVER_CACHE[key]
@@ -448,6 +560,25 @@ def _matrix(kind: str, module: nn.Module, mask: Tensor) -> tuple[Tensor, Tensor]
     return w, mask
 
 
+def _fused_activation(model: nn.Module, name: str) -> str | None:
+    """The activation of the ``nn.Sequential`` sibling right after module ``name``, replaced by ``nn.Identity``."""
+    parent_name, _, child = name.rpartition(".")
+    if not name:
+        return None
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential):
+        return None
+    keys = list(parent._modules)
+    position = keys.index(child)
+    if position + 1 == len(keys):
+        return None
+    follower = parent._modules[keys[position + 1]]
+    activation = FUSABLE.get(type(follower))
+    if activation is not None:
+        parent._modules[keys[position + 1]] = nn.Identity()
+    return activation
+
+
 def is_two_four(mask: Tensor) -> bool:
     """Whether an ``(out, in)`` mask is exactly 2:4 along ``in``: every 4 consecutive entries of a row keep 2."""
     if mask.dim() != 2 or mask.shape[1] % 4 or mask.numel() == 0:
@@ -466,6 +597,7 @@ def to_sparse_inference(
     batch_size: int = 64,
     semi_structured: bool = True,
     contiguous_outputs: bool = False,
+    fuse: bool = True,
     inplace: bool = False,
 ) -> nn.Module:
     """Replace each sparse enough matmul layer by an inference-only ``torch.sparse`` equivalent.
@@ -491,12 +623,17 @@ def to_sparse_inference(
         layout: ``"csr"`` or ``"bsr"`` (``blocksize`` square blocks; the density compared is then the fraction
             stored in nonzero blocks). CSR is the faster for unstructured masks.
         blocksize: BSR block edge.
-        kernel: ``"auto"`` (CPU: ``"sum"`` from 16 rows of ``batch_size``, else ``"mm"``; CUDA or BSR: ``"mm"``),
+        kernel: ``"auto"`` (CPU float32 CSR: ``"c"`` when :func:`lightning_pai.ckernels.available`, else
+            ``"sum"`` from 16 rows of ``batch_size`` and ``"mm"`` below; CUDA or BSR: ``"mm"``), ``"c"``,
             ``"sum"`` or ``"mm"`` (see :class:`SparseMatmul`).
         batch_size: Expected rows per call (batch; batch x sequence for token inputs; batch x H x W for 1x1
             convs), used to pick the kernel and to measure the crossover.
         semi_structured: Use 2:4 semi-structured sparsity for exact 2:4 masks on CUDA.
         contiguous_outputs: Make sparse layers return contiguous tensors (costs a copy per layer).
+        fuse: Fold an ``nn.ReLU`` that directly follows a converted layer in an ``nn.Sequential`` into that
+            layer's output pass (the ``nn.ReLU`` becomes ``nn.Identity``), and, when a layer uses the ``"c"``
+            kernel, replace each ``nn.LayerNorm`` by a :class:`TransposedLayerNorm` (the same function, without
+            the transposes between sparse layers). Forward hooks on those modules would no longer fire.
         inplace: Modify ``model`` itself instead of a deep copy.
 
     Returns:
@@ -586,10 +723,13 @@ def to_sparse_inference(
             why = f"{reason_24}density {stored:.3f} >= crossover {threshold:.3f} ({source})"
             rows.append(LayerConversion(name, kind, tuple(w.shape), stored, False, "dense", why))
             continue
-        chosen = _resolve_kernel(kernel, layout, w.device, batch_size)
+        chosen = _resolve_kernel(kernel, layout, w.device, batch_size, w.dtype)
         cls = SparseConv1x1 if kind == "Conv2d 1x1" else SparseLinear
         new = cls(w, bias, m, layout=layout, blocksize=blocksize, kernel=chosen, contiguous_outputs=contiguous_outputs)
-        impl = f"{layout}{blocksize if layout == 'bsr' else ''}/{chosen}"
+        activation = _fused_activation(out, name) if fuse else None
+        if activation is not None:
+            new.activation = activation
+        impl = f"{layout}{blocksize if layout == 'bsr' else ''}/{chosen}" + (f"+{activation}" if activation else "")
         why = f"{reason_24}density {stored:.3f} < crossover {threshold:.3f} ({source})"
         rows.append(LayerConversion(name, kind, tuple(w.shape), stored, True, impl, why))
         replacements.append((name, new))
@@ -598,6 +738,12 @@ def to_sparse_inference(
         density = float(given[name].sum()) / max(1, given[name].numel())
         why = "not a layer's `weight` (no sparse kernel)"
         rows.append(LayerConversion(name, "parameter", shape, density, False, "dense", why))
+    if fuse and any(getattr(new, "kernel", None) == "c" for _, new in replacements):
+        replacements += [
+            (n, TransposedLayerNorm.from_layer_norm(mod))
+            for n, mod in out.named_modules()
+            if type(mod) is nn.LayerNorm and len(mod.normalized_shape) == 1
+        ]
     for name, new in replacements:
         if not name:
             out = new
@@ -621,6 +767,7 @@ def conversion_report(model: nn.Module) -> ConversionReport:
 
 
 __all__ = [
+    "FUSABLE",
     "KERNELS",
     "LAYOUTS",
     "ConversionReport",
@@ -629,6 +776,7 @@ __all__ = [
     "SparseConv1x1",
     "SparseLinear",
     "SparseMatmul",
+    "TransposedLayerNorm",
     "clear_crossover_cache",
     "conversion_report",
     "is_two_four",

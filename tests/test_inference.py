@@ -11,12 +11,14 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+from lightning_pai import ckernels
 from lightning_pai.core.masks import MaskSet
 from lightning_pai.inference import (
     ConversionReport,
     SparseConv1x1,
     SparseLinear,
     SparseMatmul,
+    TransposedLayerNorm,
     conversion_report,
     is_two_four,
     measure_crossover,
@@ -26,6 +28,10 @@ from lightning_pai.inference import (
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse (CSR|BSR) tensor support is in beta")
 
 TOL = {"atol": 1e-5, "rtol": 1e-4}
+HAS_C = ckernels.available()
+needs_c = pytest.mark.skipif(not HAS_C, reason="no C compiler: lightning_pai.ckernels unavailable")
+#: What kernel="auto" picks for float32 CSR on the CPU at batch 64.
+AUTO_CPU = "c" if HAS_C else "sum"
 
 
 class Conv1D(nn.Module):
@@ -85,9 +91,11 @@ def kinds(model: nn.Module) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------- outputs
-@pytest.mark.parametrize("kernel", ["auto", "sum", "mm"])
-@pytest.mark.parametrize("shape", [(1, 784), (64, 784), (2, 5, 784), (784,)], ids=str)
+@pytest.mark.parametrize("kernel", ["auto", "c", "sum", "mm"])
+@pytest.mark.parametrize("shape", [(1, 784), (64, 784), (2, 5, 784), (784,), (130, 784)], ids=str)
 def test_lenet_outputs(kernel, shape, one_thread):
+    if kernel == "c" and not HAS_C:
+        pytest.skip("no C compiler")
     torch.manual_seed(0)
     model = lenet().eval()
     masks = prune(model, 0.9)
@@ -155,7 +163,8 @@ def test_conv1d_like(one_thread):
     model = GPTMLP().eval()
     masks = prune(model, 0.9, include=["c_fc.weight", "c_proj.weight"])
     sparse = to_sparse_inference(model, masks, crossover=1.0)
-    assert kinds(sparse) == {"c_fc": "SparseLinear", "c_proj": "SparseLinear", "ln": "LayerNorm"}
+    norm = "TransposedLayerNorm" if HAS_C else "LayerNorm"  # the "c" kernel keeps the transposed layout
+    assert kinds(sparse) == {"c_fc": "SparseLinear", "c_proj": "SparseLinear", "ln": norm}
     rows = conversion_report(sparse).rows
     assert [(r.kind, r.shape) for r in rows] == [("Conv1D", (128, 32)), ("Conv1D", (32, 128))]
     x = torch.randn(2, 7, 32)
@@ -190,12 +199,176 @@ def test_bsr_layout(one_thread):
         model[2].weight.mul_(masks["2.weight"])
     sparse = to_sparse_inference(model, masks, crossover=1.0, layout="bsr", blocksize=4)
     report = conversion_report(sparse).rows
-    assert (report[0].converted, report[0].implementation) == (True, "bsr4/mm")
+    assert (report[0].converted, report[0].implementation) == (True, "bsr4/mm+relu")  # the ReLU is fused
+    assert kinds(sparse) == {"0": "SparseLinear", "1": "Identity", "2": "Linear"}
     assert report[0].density == pytest.approx(float(blocks.float().mean()))
     assert not report[1].converted and "do not tile 6x32" in report[1].reason
     x = torch.randn(5, 64)
     with torch.no_grad():
         assert_close(sparse(x), model(x), **TOL)
+
+
+# -------------------------------------------------------------------------------------- compiled kernels
+def random_csr(rows: int, cols: int, density: float, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """A random ``(rows, cols)`` matrix with rows 0 and ``rows // 2`` empty, and its int32 CSR buffers."""
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.randn(rows, cols, generator=g) * (torch.rand(rows, cols, generator=g) < density)
+    dense[0] = 0
+    dense[rows // 2] = 0
+    csr = dense.to_sparse_csr()
+    return dense, csr.crow_indices().int(), csr.col_indices().int(), csr.values()
+
+
+@needs_c
+@pytest.mark.parametrize("n", [1, 5, 63, 64, 65, 200])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_c_csr_matmul_matches_dense(n, threads):
+    dense, crow, col, values = random_csr(37, 300, 0.1)
+    bias = torch.randn(37)
+    x = torch.randn(300, n)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        plain = ckernels.csr_matmul_t(crow, col, values, None, x)
+        biased = ckernels.csr_matmul_t(crow, col, values, bias, x)
+        relu = ckernels.csr_matmul_t(crow, col, values, bias, x, "relu")
+        wide = torch.randn(300, n + 7)  # a strided (in, n) view: rows contiguous, row stride n + 7
+        strided = ckernels.csr_matmul_t(crow, col, values, bias, wide[:, 3 : 3 + n])
+    finally:
+        torch.set_num_threads(old)
+    assert plain.shape == (37, n) and plain.is_contiguous()
+    assert_close(plain, dense @ x, **TOL)
+    assert_close(biased, dense @ x + bias[:, None], **TOL)
+    assert_close(relu, (dense @ x + bias[:, None]).relu(), **TOL)
+    assert torch.equal(relu, biased.relu())
+    assert torch.equal(biased[0], bias[0].expand(n))  # an empty row is its bias, exactly
+    assert_close(strided, dense @ wide[:, 3 : 3 + n] + bias[:, None], **TOL)
+    # a large product goes over the threaded path (work >= 2**15 multiply-adds) with the same result
+    big_dense, *big = random_csr(512, 256, 0.2, seed=1)
+    big_x = torch.randn(256, 300)
+    assert_close(ckernels.csr_matmul_t(*big, None, big_x), big_dense @ big_x, **TOL)
+
+
+@needs_c
+def test_c_transpose_and_layer_norm_t():
+    x = torch.randn(130, 77)
+    assert torch.equal(ckernels.transpose(x), x.t().contiguous())
+    assert torch.equal(ckernels.transpose(x[:, 5:40]), x[:, 5:40].t().contiguous())
+    norm = nn.LayerNorm(77)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+        expected = norm(x)
+    got = ckernels.layer_norm_t(x.t().contiguous(), norm.weight.detach(), norm.bias.detach(), norm.eps)
+    assert_close(got.t(), expected, **TOL)
+    plain = ckernels.layer_norm_t(x.t().contiguous(), None, None, 1e-5)
+    assert_close(plain.t(), torch.nn.functional.layer_norm(x, (77,)), **TOL)
+
+
+class Block(nn.Module):
+    """A transformer MLP block: ``LayerNorm(x + fc2(GELU(fc1(x))))``."""
+
+    def __init__(self, d: int = 48, hidden: int = 96) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.norm = nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        return self.norm(x + self.fc2(self.act(self.fc1(x))))
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_fused_relu_and_transposed_layer_norm(fuse, one_thread):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 48), nn.ReLU(), Block(), Block()).eval()
+    with torch.no_grad():
+        for block in (model[2], model[3]):
+            block.norm.weight.uniform_(0.5, 1.5)
+            block.norm.bias.normal_()
+    prune(model, 0.9)
+    sparse = to_sparse_inference(model, crossover=1.0, fuse=fuse)
+    found = kinds(sparse)
+    assert found["1"] == ("Identity" if fuse else "ReLU")
+    assert conversion_report(sparse).rows[0].implementation == f"csr/{AUTO_CPU}" + ("+relu" if fuse else "")
+    transposed = fuse and HAS_C
+    assert found["2.norm"] == found["3.norm"] == ("TransposedLayerNorm" if transposed else "LayerNorm")
+    assert torch.equal(sparse[2].norm.weight, model[2].norm.weight)
+    assert sparse.state_dict().keys() == to_sparse_inference(model, crossover=1.0, fuse=False).state_dict().keys()
+    x = torch.randn(3, 11, 48)
+    with torch.no_grad():
+        expected, got = model(x), sparse(x)
+        # the residual stream stays transposed from the first layer to the output: no copy between layers
+        assert got.is_contiguous() == (not transposed)
+        assert_close(got, expected, **TOL)
+        assert_close(sparse(x[:1, :1]), model(x[:1, :1]), **TOL)  # one row: matrix-vector path
+
+
+def test_transposed_layer_norm_falls_back_to_layer_norm():
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(16)
+    fast = TransposedLayerNorm.from_layer_norm(norm)
+    assert fast.weight is norm.weight and fast.bias is norm.bias and fast.eps == norm.eps
+    x = torch.randn(5, 16)
+    for inp in (x, x.t().contiguous().t()):  # contiguous, transposed view
+        with torch.no_grad():
+            assert_close(fast(inp), nn.functional.layer_norm(inp, (16,), norm.weight.to(inp), norm.bias.to(inp)))
+    with torch.no_grad():
+        view64 = x.double().t().contiguous().t()  # float64: nn.LayerNorm's own kernel
+        assert_close(copy.deepcopy(fast).double()(view64), copy.deepcopy(norm).double()(view64))
+    y = fast(x.t().contiguous().t().requires_grad_())  # autograd: the plain LayerNorm, which backpropagates
+    y.sum().backward()
+
+
+def test_without_compiled_kernels_torch_kernels_are_used(monkeypatch, one_thread):
+    monkeypatch.setitem(ckernels._state, "lib", None)
+    assert not ckernels.available()
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block()).eval()
+    prune(model, 0.9)
+    sparse = to_sparse_inference(model, crossover=1.0)
+    assert {r.implementation for r in conversion_report(sparse).rows} == {"csr/sum"}
+    assert type(sparse[0].norm) is nn.LayerNorm
+    with pytest.raises(ValueError, match="kernel='c'.*C compiler"):
+        SparseLinear(torch.randn(4, 4), kernel="c")
+    x = torch.randn(2, 9, 48)
+    with torch.no_grad():
+        assert_close(sparse(x), model(x), **TOL)
+
+
+@needs_c
+def test_c_layers_fall_back_after_dtype_change(one_thread):
+    torch.manual_seed(0)
+    model = lenet()
+    prune(model, 0.9)
+    sparse = to_sparse_inference(model, crossover=1.0, kernel="c")
+    x = torch.randn(6, 784)
+    with torch.no_grad():
+        assert_close(sparse.double()(x.double()), model.double()(x.double()))  # float64: torch.sparse kernels
+
+
+@needs_c
+def test_kernel_library_build_and_opt_out(tmp_path, monkeypatch):
+    """A fresh cache builds the library once (file named by a hash); the opt-out and a missing compiler disable it."""
+    monkeypatch.setenv("LIGHTNING_PAI_CACHE", str(tmp_path))
+
+    def fresh() -> bool:
+        monkeypatch.setattr(ckernels, "_state", {})  # as in a new process
+        return ckernels.available()
+
+    assert fresh()
+    built = list((tmp_path / "kernels").glob("lp_kernels_*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    assert fresh()
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").glob("*.so")] == [mtime]  # reused, not rebuilt
+    x = torch.randn(20, 70)
+    assert torch.equal(ckernels.transpose(x), x.t().contiguous())  # the library just loaded works
+    monkeypatch.setenv("LIGHTNING_PAI_NO_CKERNELS", "1")
+    assert not fresh()
+    monkeypatch.delenv("LIGHTNING_PAI_NO_CKERNELS")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LIGHTNING_PAI_CACHE", str(tmp_path / "other"))
+    assert not fresh()
+    assert not (tmp_path / "other").exists()
 
 
 # --------------------------------------------------------------------------------------------- crossover
@@ -371,7 +544,7 @@ def test_is_two_four():
 def test_two_four_on_cpu_uses_crossover(one_thread):
     model = nn.Sequential(nn.Linear(64, 64))
     sparse = to_sparse_inference(model, {"0.weight": two_four_mask(64, 64)}, crossover=0.6)
-    assert conversion_report(sparse).rows[0].implementation == "csr/sum"  # no 2:4 kernels without CUDA
+    assert conversion_report(sparse).rows[0].implementation == f"csr/{AUTO_CPU}"  # no 2:4 kernels without CUDA
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured sparsity needs CUDA")

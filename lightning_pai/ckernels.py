@@ -1,0 +1,318 @@
+"""CPU kernels for sparse inference, compiled from C at first use with the system's C compiler.
+
+PyTorch's CSR kernels pay, at inference sizes, for things a fixed-layout inference kernel does not need: a
+zero-filled output, a bias added in a second pass, inputs streamed from memory once per stored weight when the
+batch is wide (a ``1024 x 4096`` input does not fit in cache), and transposes done element by element. This
+module compiles (once per machine, cached) a small C library that :mod:`lightning_pai.inference` uses instead
+when it is available:
+
+- ``csr_matmul_t``: ``Y^T = act(W X^T + b)`` for a CSR ``W`` (int32 indices, float32 values) and a
+  ``(in, n)`` input ``X^T``; the ``n`` columns are processed in tiles of 64 that stay in cache while every row
+  of ``W`` is applied to them (``y[r, t] = b[r] + sum_k v_k x[c_k, t]``, accumulated in registers, each output
+  written once), tiles and row blocks split over PyTorch's OpenMP threads;
+- ``transpose``: a cache-blocked out-of-place 2-D transpose;
+- ``layer_norm_t``: LayerNorm over the *leading* dimension of a ``(features, n)`` matrix, i.e. LayerNorm of
+  ``X`` given ``X^T``, so that a chain of sparse layers and LayerNorms never transposes (two passes: the mean,
+  then the mean of squared deviations, as PyTorch; ``y = (x - mean) / sqrt(var + eps) * w + b``).
+
+The library is built with ``cc -O3 -march=native -fopenmp -shared`` (``CC`` overrides the compiler) into
+``$LIGHTNING_PAI_CACHE`` (default ``~/.cache/lightning_pai``), in a file named after a hash of the source, the
+compiler, the flags and the CPU's feature flags, so a home directory shared by different machines gets one
+build per CPU kind. It links the OpenMP runtime PyTorch has already loaded (``libgomp.so.1``), so it shares
+PyTorch's thread pool instead of adding a second one. Set ``LIGHTNING_PAI_NO_CKERNELS=1`` to never compile;
+without a working compiler :func:`available` is ``False`` and the sparse layers use ``torch.sparse``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define TILE 64
+
+static inline float lp_act(float v, int act) { return (act == 1 && v < 0.0f) ? 0.0f : v; }
+
+/* y[r, t0:t0+TILE] for one row r: 4 x 16-float vector accumulators (GCC/Clang vector extensions, compiled to
+   whatever SIMD the CPU has), two sets for even and odd k to hide the multiply-add latency. */
+typedef float lp_v16 __attribute__((vector_size(64), aligned(4)));
+
+static inline void lp_row_tile(const int32_t *restrict col, const float *restrict val, int64_t k0, int64_t k1,
+                               const float *restrict x, int64_t ldx, float bias, int act, float *restrict y) {
+    lp_v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    int64_t k = k0;
+    for (; k + 1 < k1; k += 2) {
+        const float v = val[k], w = val[k + 1];
+        const lp_v16 *p = (const lp_v16 *)(x + (int64_t)col[k] * ldx);
+        const lp_v16 *q = (const lp_v16 *)(x + (int64_t)col[k + 1] * ldx);
+        a0 += v * p[0]; a1 += v * p[1]; a2 += v * p[2]; a3 += v * p[3];
+        b0 += w * q[0]; b1 += w * q[1]; b2 += w * q[2]; b3 += w * q[3];
+    }
+    if (k < k1) {
+        const float v = val[k];
+        const lp_v16 *p = (const lp_v16 *)(x + (int64_t)col[k] * ldx);
+        a0 += v * p[0]; a1 += v * p[1]; a2 += v * p[2]; a3 += v * p[3];
+    }
+    lp_v16 *out = (lp_v16 *)y;
+    out[0] = a0 + b0 + bias; out[1] = a1 + b1 + bias; out[2] = a2 + b2 + bias; out[3] = a3 + b3 + bias;
+    if (act == 1)
+        for (int j = 0; j < TILE; j++) y[j] = y[j] < 0.0f ? 0.0f : y[j];
+}
+
+static inline void lp_row_part(const int32_t *restrict col, const float *restrict val, int64_t k0, int64_t k1,
+                               const float *restrict x, int64_t ldx, float bias, int act, float *restrict y,
+                               int64_t width) {
+    float a[TILE];
+    for (int64_t j = 0; j < width; j++) a[j] = bias;
+    for (int64_t k = k0; k < k1; k++) {
+        const float v = val[k];
+        const float *restrict p = x + (int64_t)col[k] * ldx;
+        for (int64_t j = 0; j < width; j++) a[j] += v * p[j];
+    }
+    for (int64_t j = 0; j < width; j++) y[j] = lp_act(a[j], act);
+}
+
+/* Y^T[r, t] = act(bias[r] + sum_k val[k] X^T[col[k], t]) for r < rows, t < n; X^T is (in, n), row stride ldx.
+   A full tile of a wide input is first copied to a contiguous (in, TILE) buffer: its rows are then adjacent
+   in memory instead of ldx apart (a power-of-two stride maps them onto a few cache sets). */
+int lp_csr_matmul_t(int64_t rows, int64_t in, int64_t n, const int32_t *crow, const int32_t *col,
+                    const float *val, const float *bias, const float *x, int64_t ldx, float *y, int64_t ldy,
+                    int act, int threads) {
+    const int64_t tiles = (n + TILE - 1) / TILE;
+    int64_t blocks = 1;
+    if (tiles < 4 * threads) blocks = (4 * threads + tiles - 1) / tiles;
+    if (blocks > rows) blocks = rows > 0 ? rows : 1;
+    const int64_t items = tiles * blocks;
+    const int64_t per_block = (rows + blocks - 1) / blocks;
+    const int pack = ldx != TILE && in > 0;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float *buf = pack ? (float *)aligned_alloc(64, (size_t)in * TILE * sizeof(float)) : NULL;
+        if (pack && !buf) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; item++) {
+            const int64_t tile = item / blocks, block = item % blocks;
+            const int64_t t0 = tile * TILE, width = (n - t0 < TILE) ? n - t0 : TILE;
+            const int64_t r0 = block * per_block, r1 = (r0 + per_block < rows) ? r0 + per_block : rows;
+            const float *src = x + t0;
+            int64_t ld = ldx;
+            if (buf && width == TILE) {
+                for (int64_t i = 0; i < in; i++) memcpy(buf + i * TILE, x + i * ldx + t0, TILE * sizeof(float));
+                src = buf;
+                ld = TILE;
+            }
+            for (int64_t r = r0; r < r1; r++) {
+                const float b = bias ? bias[r] : 0.0f;
+                if (width == TILE)
+                    lp_row_tile(col, val, crow[r], crow[r + 1], src, ld, b, act, y + r * ldy + t0);
+                else
+                    lp_row_part(col, val, crow[r], crow[r + 1], src, ld, b, act, y + r * ldy + t0, width);
+            }
+        }
+        free(buf);
+    }
+    return failed;
+}
+
+/* dst[j, i] = src[i, j] for a rows x cols src (row stride lds) into dst (row stride ldd), 32x32 blocks. */
+int lp_transpose(int64_t rows, int64_t cols, const float *src, int64_t lds, float *dst, int64_t ldd,
+                 int threads) {
+    const int64_t B = 32, bi = (rows + B - 1) / B, bj = (cols + B - 1) / B;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t blk = 0; blk < bi * bj; blk++) {
+        const int64_t i0 = (blk / bj) * B, j0 = (blk % bj) * B;
+        const int64_t i1 = (i0 + B < rows) ? i0 + B : rows, j1 = (j0 + B < cols) ? j0 + B : cols;
+        for (int64_t j = j0; j < j1; j++)
+            for (int64_t i = i0; i < i1; i++) dst[j * ldd + i] = src[i * lds + j];
+    }
+    return 0;
+}
+
+/* LayerNorm of every column t of a (features, n) matrix x (row stride ldx) over its `features` entries. */
+int lp_layer_norm_t(int64_t features, int64_t n, const float *x, int64_t ldx, const float *w, const float *b,
+                    float eps, float *y, int64_t ldy, int threads) {
+    const int64_t tiles = (n + TILE - 1) / TILE;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        const int64_t t0 = tile * TILE, width = (n - t0 < TILE) ? n - t0 : TILE;
+        float mean[TILE], scale[TILE];
+        for (int64_t j = 0; j < width; j++) { mean[j] = 0.0f; scale[j] = 0.0f; }
+        for (int64_t f = 0; f < features; f++) {
+            const float *p = x + f * ldx + t0;
+            for (int64_t j = 0; j < width; j++) mean[j] += p[j];
+        }
+        for (int64_t j = 0; j < width; j++) mean[j] /= (float)features;
+        for (int64_t f = 0; f < features; f++) {
+            const float *p = x + f * ldx + t0;
+            for (int64_t j = 0; j < width; j++) { const float d = p[j] - mean[j]; scale[j] += d * d; }
+        }
+        for (int64_t j = 0; j < width; j++) scale[j] = 1.0f / sqrtf(scale[j] / (float)features + eps);
+        for (int64_t f = 0; f < features; f++) {
+            const float *p = x + f * ldx + t0;
+            float *q = y + f * ldy + t0;
+            const float wf = w ? w[f] : 1.0f, bf = b ? b[f] : 0.0f;
+            for (int64_t j = 0; j < width; j++) q[j] = (p[j] - mean[j]) * scale[j] * wf + bf;
+        }
+    }
+    return 0;
+}
+"""
+
+#: ``act`` codes of ``csr_matmul_t``.
+ACTIVATIONS = {None: 0, "relu": 1}
+_BASE_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99")
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compile(cc: str, flags: tuple[str, ...], out: Path) -> bool:
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = Path(tmp, "lp_kernels.c"), Path(tmp, "lp_kernels.so")
+        src.write_text(_SOURCE)
+        try:
+            done = subprocess.run([cc, *flags, str(src), "-o", str(lib), "-lm"], capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        if done.returncode != 0:
+            return False
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(lib, partial)
+        os.replace(partial, out)  # atomic: concurrent processes (DDP ranks) never load a half-written file
+    return True
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("LIGHTNING_PAI_NO_CKERNELS", "") not in ("", "0"):
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    cache = Path(os.environ.get("LIGHTNING_PAI_CACHE", Path.home() / ".cache" / "lightning_pai"))
+    portable = tuple(f for f in _BASE_FLAGS if f != "-march=native")
+    # without OpenMP: one thread; without -march=native: compilers that do not know it
+    for flags in (_BASE_FLAGS + ("-fopenmp",), _BASE_FLAGS, portable):
+        digest = hashlib.sha256("\0".join((_SOURCE, cc, version, *flags, _cpu_signature())).encode()).hexdigest()
+        path = cache / "kernels" / f"lp_kernels_{digest[:16]}.so"
+        try:
+            if not path.exists() and not _compile(cc, flags, path):
+                continue
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        lib.lp_csr_matmul_t.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, ctypes.c_int,
+                                        ctypes.c_int]  # fmt: skip
+        lib.lp_transpose.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _i64, ctypes.c_int]
+        lib.lp_layer_norm_t.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _ptr, ctypes.c_float, _ptr, _i64,
+                                        ctypes.c_int]  # fmt: skip
+        return lib
+    return None
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel library (built on the first call, then cached), or ``None`` if unavailable."""
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                _state["lib"] = _load()
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used in this process (compiling them on the first call)."""
+    return library() is not None
+
+
+def _threads(work: int) -> int:
+    return 1 if work < 1 << 15 else torch.get_num_threads()
+
+
+def _ptr_or_none(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def csr_matmul_t(
+    crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, xt: Tensor, activation: str | None = None
+) -> Tensor:
+    """``act(W @ xt + bias[:, None])`` for a CSR ``W`` given as int32 ``crow``/``col`` and float32 ``values``.
+
+    Args:
+        crow: ``(rows + 1,)`` int32 row offsets.
+        col: ``(nnz,)`` int32 column indices.
+        values: ``(nnz,)`` float32 values.
+        bias: ``(rows,)`` float32 or ``None``.
+        xt: ``(in, n)`` float32 input whose rows are contiguous (``xt.stride(1) == 1``).
+        activation: ``None`` or ``"relu"`` (applied to the output in the same pass).
+
+    Returns:
+        The ``(rows, n)`` contiguous float32 result.
+    """
+    lib = library()
+    assert lib is not None, "call available() first"
+    rows, n = crow.shape[0] - 1, xt.shape[1]
+    y = torch.empty(rows, n, dtype=torch.float32, device=xt.device)
+    lib.lp_csr_matmul_t(
+        rows, xt.shape[0], n, crow.data_ptr(), col.data_ptr(), values.data_ptr(), _ptr_or_none(bias),
+        xt.data_ptr(), xt.stride(0), y.data_ptr(), n, ACTIVATIONS[activation], _threads(values.shape[0] * n),
+    )  # fmt: skip
+    return y
+
+
+def transpose(x: Tensor) -> Tensor:
+    """``x.t().contiguous()`` for a float32 2-D ``x`` whose rows are contiguous (blocked, threaded)."""
+    lib = library()
+    assert lib is not None, "call available() first"
+    rows, cols = x.shape
+    y = torch.empty(cols, rows, dtype=torch.float32, device=x.device)
+    lib.lp_transpose(rows, cols, x.data_ptr(), x.stride(0), y.data_ptr(), rows, _threads(x.numel()))
+    return y
+
+
+def layer_norm_t(xt: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """LayerNorm over dim 0 of a float32 ``(features, n)`` matrix with contiguous rows; returns ``(features, n)``."""
+    lib = library()
+    assert lib is not None, "call available() first"
+    features, n = xt.shape
+    y = torch.empty(features, n, dtype=torch.float32, device=xt.device)
+    lib.lp_layer_norm_t(
+        features, n, xt.data_ptr(), xt.stride(0), _ptr_or_none(weight), _ptr_or_none(bias), eps, y.data_ptr(), n,
+        _threads(xt.numel()),
+    )  # fmt: skip
+    return y
+
+
+__all__ = ["ACTIVATIONS", "available", "csr_matmul_t", "layer_norm_t", "library", "transpose"]
