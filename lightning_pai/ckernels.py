@@ -10,6 +10,11 @@ when it is available:
   ``(in, n)`` input ``X^T``; the ``n`` columns are processed in tiles of 64 that stay in cache while every row
   of ``W`` is applied to them (``y[r, t] = b[r] + sum_k v_k x[c_k, t]``, accumulated in registers, each output
   written once), tiles and row blocks split over PyTorch's OpenMP threads;
+- ``sparse_conv``: direct sparse convolution (Park et al. 2017, "Faster CNNs with Direct Sparse Convolutions
+  and Guided Pruning"): with the zero-padded input flattened per channel, every kernel tap ``(c, dy, dx)`` of a
+  stride-1 convolution reads a contiguous run of it shifted by ``c H_p W_p + dy W_p + dx``, so
+  ``y[r, t] = b[r] + sum_k v_k x[o_k + t]`` over the output grid (strided convolutions first split the input into
+  stride x stride phase planes); the same register-tiled inner loop as ``csr_matmul_t``;
 - ``transpose``: a cache-blocked out-of-place 2-D transpose;
 - ``layer_norm_t``: LayerNorm over the *leading* dimension of a ``(features, n)`` matrix, i.e. LayerNorm of
   ``X`` given ``X^T``, so that a chain of sparse layers and LayerNorms never transposes (two passes: the mean,
@@ -102,7 +107,7 @@ int lp_csr_matmul_t(int64_t rows, int64_t in, int64_t n, const int32_t *crow, co
     if (blocks > rows) blocks = rows > 0 ? rows : 1;
     const int64_t items = tiles * blocks;
     const int64_t per_block = (rows + blocks - 1) / blocks;
-    const int pack = ldx != TILE && in > 0;
+    const int pack = ldx != TILE && in > 0 && n >= TILE;  /* only full tiles are packed */
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
@@ -131,6 +136,72 @@ int lp_csr_matmul_t(int64_t rows, int64_t in, int64_t n, const int32_t *crow, co
         free(buf);
     }
     return failed;
+}
+
+/* Direct sparse convolution (Park et al. 2017) over a batch of images laid out as "phase planes" (see
+   sparse_conv2d in Python): y[img, r, t] = act(bias[r] + sum_k val[k] x[img, off[k] + t]) for t < L, where each
+   output row r is a plane of ldy floats per image and off[k] locates weight k's input channel and kernel tap. */
+int lp_sparse_conv(int64_t batch, int64_t rows, int64_t L, const int32_t *crow, const int32_t *off,
+                   const float *val, const float *bias, const float *x, int64_t x_img, float *y, int64_t y_img,
+                   int64_t ldy, int act, int threads) {
+    const int64_t tiles = (L + TILE - 1) / TILE, work = batch * tiles;
+    int64_t blocks = 1;
+    if (work < 4 * threads) blocks = (4 * threads + work - 1) / work;
+    if (blocks > rows) blocks = rows > 0 ? rows : 1;
+    const int64_t items = work * blocks, per_block = (rows + blocks - 1) / blocks;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t item = 0; item < items; item++) {
+        const int64_t img = item / (tiles * blocks), tile = (item / blocks) % tiles, block = item % blocks;
+        const int64_t t0 = tile * TILE, width = (L - t0 < TILE) ? L - t0 : TILE;
+        const int64_t r0 = block * per_block, r1 = (r0 + per_block < rows) ? r0 + per_block : rows;
+        const float *src = x + img * x_img + t0;
+        float *dst = y + img * y_img + t0;
+        float part[TILE] __attribute__((aligned(64)));
+        for (int64_t r = r0; r < r1; r++) {
+            const float b = bias ? bias[r] : 0.0f;
+            if (width == TILE) {
+                lp_row_tile(off, val, crow[r], crow[r + 1], src, 1, b, act, dst + r * ldy);
+            } else {  /* reads up to TILE floats past the image: the caller's buffer has that slack */
+                lp_row_tile(off, val, crow[r], crow[r + 1], src, 1, b, act, part);
+                memcpy(dst + r * ldy, part, (size_t)width * sizeof(float));
+            }
+        }
+    }
+    return 0;
+}
+
+/* Zero-padded, strided phase planes of a batch of planes:
+   out[p, a, b, i, j] = x[p, step_h i + a - top, step_w j + b - left] (0 outside the h x w input), for a < qh,
+   b < qw, i < ph, j < pw; x's planes are ld_plane floats apart, its rows ld_row apart (columns contiguous). */
+int lp_phase_planes(int64_t planes, int64_t h, int64_t w, const float *x, int64_t ld_plane, int64_t ld_row,
+                    int64_t top, int64_t left, int64_t step_h, int64_t step_w, int64_t qh, int64_t qw, int64_t ph,
+                    int64_t pw, float *out, int threads) {
+    const int64_t rows_out = planes * qh * qw * ph;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t row = 0; row < rows_out; row++) {
+        const int64_t i = row % ph, b = (row / ph) % qw, a = (row / (ph * qw)) % qh, p = row / (ph * qw * qh);
+        float *o = out + row * pw;
+        const int64_t r = step_h * i + a - top;
+        if (r < 0 || r >= h) {
+            memset(o, 0, (size_t)pw * sizeof(float));
+            continue;
+        }
+        const float *src = x + p * ld_plane + r * ld_row;
+        /* columns j with 0 <= step_w j + b - left < w */
+        int64_t j0 = left - b > 0 ? (left - b + step_w - 1) / step_w : 0;
+        int64_t j1 = (w - 1 + left - b) >= 0 ? (w - 1 + left - b) / step_w + 1 : 0;
+        if (j0 > pw) j0 = pw;
+        if (j1 > pw) j1 = pw;
+        if (j1 < j0) j1 = j0;
+        for (int64_t j = 0; j < j0; j++) o[j] = 0.0f;
+        if (step_w == 1) {
+            if (j1 > j0) memcpy(o + j0, src + j0 + b - left, (size_t)(j1 - j0) * sizeof(float));
+        } else {
+            for (int64_t j = j0; j < j1; j++) o[j] = src[step_w * j + b - left];
+        }
+        for (int64_t j = j1; j < pw; j++) o[j] = 0.0f;
+    }
+    return 0;
 }
 
 /* dst[j, i] = src[i, j] for a rows x cols src (row stride lds) into dst (row stride ldd), 32x32 blocks. */
@@ -236,6 +307,9 @@ def _load() -> ctypes.CDLL | None:
             continue
         lib.lp_csr_matmul_t.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, ctypes.c_int,
                                         ctypes.c_int]  # fmt: skip
+        lib.lp_sparse_conv.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64,
+                                       ctypes.c_int, ctypes.c_int]  # fmt: skip
+        lib.lp_phase_planes.argtypes = [_i64] * 3 + [_ptr] + [_i64] * 10 + [_ptr, ctypes.c_int]
         lib.lp_transpose.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _i64, ctypes.c_int]
         lib.lp_layer_norm_t.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _ptr, ctypes.c_float, _ptr, _i64,
                                         ctypes.c_int]  # fmt: skip
@@ -292,6 +366,80 @@ def csr_matmul_t(
     return y
 
 
+def sparse_conv(
+    crow: Tensor,
+    offsets: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    planes: Tensor,
+    length: int,
+    row_stride: int,
+    activation: str | None = None,
+) -> Tensor:
+    """Direct sparse convolution over flattened input planes: ``y[i, r, t] = act(b[r] + sum_k v_k planes[i, o_k + t])``.
+
+    Args:
+        crow: ``(rows + 1,)`` int32 row offsets of the ``(out_channels, ...)`` CSR weight.
+        offsets: ``(nnz,)`` int32: for each stored weight, where its input channel and kernel tap start in an
+            image's flattened planes.
+        values: ``(nnz,)`` float32 values.
+        bias: ``(rows,)`` float32 or ``None``.
+        planes: ``(batch, features)`` float32 rows (row stride ``planes.stride(0)``, columns contiguous), one
+            flattened image per row, e.g. from :func:`phase_planes`; every ``offsets[k] + length - 1`` must lie
+            inside a row, and 64 floats past the last row must be readable (a partial tile reads them).
+        length: Outputs computed per output channel (``t < length``).
+        row_stride: Floats between output channels in the result (``>= length``; entries from ``length`` on are
+            left uninitialised).
+        activation: ``None`` or ``"relu"``.
+
+    Returns:
+        The ``(batch, rows, row_stride)`` float32 result.
+    """
+    lib = library()
+    assert lib is not None, "call available() first"
+    rows, batch = crow.shape[0] - 1, planes.shape[0]
+    y = torch.empty(batch, rows, row_stride, dtype=torch.float32, device=planes.device)
+    lib.lp_sparse_conv(
+        batch, rows, length, crow.data_ptr(), offsets.data_ptr(), values.data_ptr(), _ptr_or_none(bias),
+        planes.data_ptr(), planes.stride(0), y.data_ptr(), rows * row_stride, row_stride, ACTIVATIONS[activation],
+        _threads(values.shape[0] * length * batch),
+    )  # fmt: skip
+    return y
+
+
+def phase_planes(
+    x: Tensor, padding: tuple[int, int], step: tuple[int, int], phases: tuple[int, int], size: tuple[int, int]
+) -> Tensor:
+    """Zero-padded, strided phase planes of a float32 ``(n, c, h, w)`` input, flattened per image, plus slack.
+
+    ``out[n, c, a, b, i, j] = x[n, c, step_h i + a - top, step_w j + b - left]`` (zero outside the input) for
+    ``a < phases[0]``, ``b < phases[1]``, ``(i, j) < size``; ``padding = (top, left)``. The result is a
+    ``(n, c * phases_h * phases_w * size_h * size_w)`` view of a buffer with 64 more floats at its end (so that
+    :func:`sparse_conv` may read whole tiles past the last image).
+
+    Args:
+        x: ``(n, c, h, w)`` float32 input; columns contiguous, ``x.stride(0) == c * x.stride(1)``.
+        padding: ``(top, left)`` zero padding.
+        step: ``(step_h, step_w)``: the convolution's stride.
+        phases: ``(phases_h, phases_w)``: phases per axis (the stride, or 1 for a 1x1 kernel).
+        size: ``(size_h, size_w)`` of each phase plane.
+
+    Returns:
+        The ``(n, features)`` planes.
+    """
+    lib = library()
+    assert lib is not None, "call available() first"
+    n, c, h, w = x.shape
+    (qh, qw), (ph, pw) = phases, size
+    features = c * qh * qw * ph * pw
+    buf = torch.empty(n * features + 64, dtype=torch.float32, device=x.device)
+    lib.lp_phase_planes(
+        n * c, h, w, x.data_ptr(), x.stride(1), x.stride(2), padding[0], padding[1], step[0], step[1], qh, qw, ph,
+        pw, buf.data_ptr(), _threads(n * features),
+    )  # fmt: skip
+    return buf[: n * features].view(n, features)
+
+
 def transpose(x: Tensor) -> Tensor:
     """``x.t().contiguous()`` for a float32 2-D ``x`` whose rows are contiguous (blocked, threaded)."""
     lib = library()
@@ -315,4 +463,13 @@ def layer_norm_t(xt: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     return y
 
 
-__all__ = ["ACTIVATIONS", "available", "csr_matmul_t", "layer_norm_t", "library", "transpose"]
+__all__ = [
+    "ACTIVATIONS",
+    "available",
+    "csr_matmul_t",
+    "layer_norm_t",
+    "library",
+    "phase_planes",
+    "sparse_conv",
+    "transpose",
+]

@@ -294,6 +294,126 @@ class SparseConv1x1(SparseMatmul):
         return y.contiguous() if self.contiguous_outputs else y
 
 
+class SparseConv2d(SparseMatmul):
+    """Inference-only sparse ``nn.Conv2d`` by direct sparse convolution (Park et al. 2017, "Faster CNNs with
+    Direct Sparse Convolutions and Guided Pruning").
+
+    ``y[n, o, i, j] = b[o] + sum over kept (c, u, v) of W[o, c, u, v] x_p[n, c, s_h i + d_h u, s_w j + d_w v]``
+    with ``x_p`` the zero-padded input, for any kernel size, stride, zero padding and dilation (one group). The
+    kept weights are stored as CSR rows of the ``(out, in x kh x kw)`` matrix. For a stride-1 convolution each
+    kept tap reads a contiguous run of the flattened padded input, shifted by ``c H_p W_p + d_h u W_p + d_w v``,
+    so every output channel is a sum of shifted rows (computed by :func:`lightning_pai.ckernels.sparse_conv` on
+    an output grid ``W_p`` wide, whose extra columns are dropped); a stride-``s`` convolution first splits the
+    padded input into ``s_h x s_w`` phase planes ``x_p[c, s_h i + a, s_w j + b]``, after which it is a stride-1
+    convolution over them. A 1x1 kernel reads the strided input directly. The output is a view of that grid
+    (not contiguous when the kernel is wider than 1).
+
+    Needs the compiled kernels (float32, CPU); after ``.double()`` or a move to another device the module
+    computes ``F.conv2d`` with its weight rebuilt dense.
+
+    Args:
+        weight: Dense ``(out, in, kh, kw)`` weight.
+        bias: ``(out,)`` or ``None``.
+        mask: Bool keep-mask of ``weight``'s shape (default: ``weight != 0``).
+        stride: ``(s_h, s_w)``.
+        padding: Zero padding ``(left, right, top, bottom)`` (``F.pad`` order).
+        dilation: ``(d_h, d_w)``.
+        activation: ``None`` or ``"relu"``, applied in the output pass.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        mask: Tensor | None = None,
+        *,
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        activation: str | None = None,
+    ) -> None:
+        flat_mask = None if mask is None else mask.reshape(weight.shape[0], -1)
+        super().__init__(weight.reshape(weight.shape[0], -1), bias, flat_mask, kernel="c", activation=activation)
+        self.in_channels, self.kernel_size = weight.shape[1], tuple(weight.shape[2:])
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        self._offsets: tuple[tuple, Tensor] | None = None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, mask: Tensor | None = None, activation: str | None = None) -> SparseConv2d:
+        """The sparse equivalent of ``conv`` (one group, ``padding_mode="zeros"``) keeping ``mask``'s weights."""
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError("SparseConv2d needs `groups=1` and `padding_mode='zeros'`.")
+        pad = tuple(conv._reversed_padding_repeated_twice) if conv.padding != "valid" else (0, 0, 0, 0)
+        return cls(
+            conv.weight.detach(), None if conv.bias is None else conv.bias.detach(), mask,
+            stride=conv.stride, padding=pad, dilation=conv.dilation, activation=activation,
+        )  # fmt: skip
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_offsets"] = None
+        return state
+
+    def _tap_offsets(self, planes_h: int, planes_w: int, phases: tuple[int, int]) -> Tensor:
+        """int32 start of each kept weight's input run in an image's (phase) planes of ``planes_h x planes_w``."""
+        col = self._buffers["col_indices"]
+        key = (planes_h, planes_w, phases)
+        if self._offsets is not None and self._offsets[0] == key and self._offsets[1] is col:
+            return self._offsets[2]
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, phases, self.dilation
+        col64 = col.long()
+        channel, tap = col64 // (kh * kw), col64 % (kh * kw)
+        ry, rx = (tap // kw) * dh, (tap % kw) * dw
+        plane = ((channel * sh + ry % sh) * sw + rx % sw) * (planes_h * planes_w)
+        offsets = plane + (ry // sh) * planes_w + rx // sw
+        if offsets.numel() and int(offsets.max()) >= 2**31:
+            raise ValueError("SparseConv2d: an input this large overflows the kernel's int32 offsets.")
+        offsets = offsets.to(torch.int32)
+        self._offsets = (key, col, offsets)
+        return offsets
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_inference(x, self)
+        if x.dim() == 3:
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        bias = self._buffers["bias"]
+        b = None if bias is None else bias.view(-1)
+        if self._kernel_for(x) != "c":
+            w = self.sparse_weight().to_dense().view(self.out_features, self.in_channels, *self.kernel_size)
+            y = F.conv2d(F.pad(x, self.padding), w, b, self.stride, 0, self.dilation)
+            return y if self.activation is None else y.relu_()
+        n, c, h, w_in = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        left, right, top, bottom = self.padding
+        out_h = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+        out_w = (w_in + left + right - dw * (kw - 1) - 1) // sw + 1
+        if c != self.in_channels or out_h < 1 or out_w < 1:
+            raise RuntimeError(
+                f"SparseConv2d: input of shape {tuple(x.shape)} for {self.in_channels} channels, kernel "
+                f"{self.kernel_size}, padding {self.padding}: expected more channels/pixels."
+            )
+        if kh == kw == 1:  # a 1x1 kernel reads every s-th pixel: one plane, no phases
+            planes_h, planes_w, phases = out_h, out_w, (1, 1)
+        else:
+            planes_h, planes_w, phases = out_h + dh * (kh - 1) // sh, out_w + dw * (kw - 1) // sw, (sh, sw)
+        if x.stride(3) != 1 or x.stride(0) != c * x.stride(1):
+            x = x.contiguous()
+        planes = ckernels.phase_planes(x, (top, left), (sh, sw), phases, (planes_h, planes_w))
+        offsets = self._tap_offsets(planes_h, planes_w, phases)
+        length = (out_h - 1) * planes_w + out_w
+        crow, values = self._buffers["crow_indices"], self._buffers["values"]
+        y = ckernels.sparse_conv(crow, offsets, values, b, planes, length, out_h * planes_w, self.activation)
+        y = y.view(n, self.out_features, out_h, planes_w)
+        return y if planes_w == out_w else y[..., :out_w]
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_features}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, density={self.density:.4f}, "
+            f"bias={self.bias is not None}" + ("" if self.activation is None else f", activation={self.activation}")
+        )
+
+
 class TransposedLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over the last dimension that keeps the transposed layout sparse layers produce.
 
