@@ -139,12 +139,15 @@ int lp_csr_matmul_t(int64_t rows, int64_t in, int64_t n, const int32_t *crow, co
 }
 
 /* Direct sparse convolution (Park et al. 2017) over a batch of images laid out as "phase planes" (see
-   sparse_conv2d in Python): y[img, r, t] = act(bias[r] + sum_k val[k] x[img, off[k] + t]) for t < L, where each
-   output row r is a plane of ldy floats per image and off[k] locates weight k's input channel and kernel tap. */
-int lp_sparse_conv(int64_t batch, int64_t rows, int64_t L, const int32_t *crow, const int32_t *off,
-                   const float *val, const float *bias, const float *x, int64_t x_img, float *y, int64_t y_img,
-                   int64_t ldy, int act, int threads) {
-    const int64_t tiles = (L + TILE - 1) / TILE, work = batch * tiles;
+   SparseConv2d in Python): on the output grid t = i * grid_w + j (i < out_h, j < grid_w), every output channel r is
+   g[r, t] = act(bias[r] + sum_k val[k] x[img, off[k] + t]); the columns j < out_w of it are written, compactly,
+   to y[img, r, i, j] (y_img floats per image, out_h * out_w per channel). */
+int lp_sparse_conv(int64_t batch, int64_t rows, int64_t out_h, int64_t out_w, int64_t grid_w, const int32_t *crow,
+                   const int32_t *off, const float *val, const float *bias, const float *x, int64_t x_img, float *y,
+                   int64_t y_img, int act, int threads) {
+    const int64_t L = (out_h - 1) * grid_w + out_w, tiles = (L + TILE - 1) / TILE, work = batch * tiles;
+    const int64_t ldy = out_h * out_w;
+    const int compact = grid_w == out_w;
     int64_t blocks = 1;
     if (work < 4 * threads) blocks = (4 * threads + work - 1) / work;
     if (blocks > rows) blocks = rows > 0 ? rows : 1;
@@ -155,15 +158,28 @@ int lp_sparse_conv(int64_t batch, int64_t rows, int64_t L, const int32_t *crow, 
         const int64_t t0 = tile * TILE, width = (L - t0 < TILE) ? L - t0 : TILE;
         const int64_t r0 = block * per_block, r1 = (r0 + per_block < rows) ? r0 + per_block : rows;
         const float *src = x + img * x_img + t0;
-        float *dst = y + img * y_img + t0;
+        float *dst = y + img * y_img;
         float part[TILE] __attribute__((aligned(64)));
         for (int64_t r = r0; r < r1; r++) {
             const float b = bias ? bias[r] : 0.0f;
-            if (width == TILE) {
-                lp_row_tile(off, val, crow[r], crow[r + 1], src, 1, b, act, dst + r * ldy);
-            } else {  /* reads up to TILE floats past the image: the caller's buffer has that slack */
-                lp_row_tile(off, val, crow[r], crow[r + 1], src, 1, b, act, part);
-                memcpy(dst + r * ldy, part, (size_t)width * sizeof(float));
+            float *out = dst + r * ldy;
+            if (compact && width == TILE) {
+                lp_row_tile(off, val, crow[r], crow[r + 1], src, 1, b, act, out + t0);
+                continue;
+            }
+            /* reads up to TILE floats past the tile: the caller's buffer has that slack */
+            lp_row_tile(off, val, crow[r], crow[r + 1], src, 1, b, act, part);
+            if (compact) {
+                memcpy(out + t0, part, (size_t)width * sizeof(float));
+                continue;
+            }
+            /* keep the grid columns j < out_w of every grid row the tile crosses */
+            for (int64_t t = t0; t < t0 + width;) {
+                const int64_t i = t / grid_w, j = t % grid_w;
+                int64_t run = (j < out_w ? out_w : grid_w) - j;
+                if (run > t0 + width - t) run = t0 + width - t;
+                if (j < out_w) memcpy(out + i * out_w + j, part + (t - t0), (size_t)run * sizeof(float));
+                t += run;
             }
         }
     }
@@ -307,8 +323,7 @@ def _load() -> ctypes.CDLL | None:
             continue
         lib.lp_csr_matmul_t.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, ctypes.c_int,
                                         ctypes.c_int]  # fmt: skip
-        lib.lp_sparse_conv.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64,
-                                       ctypes.c_int, ctypes.c_int]  # fmt: skip
+        lib.lp_sparse_conv.argtypes = [_i64] * 5 + [_ptr] * 5 + [_i64, _ptr, _i64, ctypes.c_int, ctypes.c_int]
         lib.lp_phase_planes.argtypes = [_i64] * 3 + [_ptr] + [_i64] * 10 + [_ptr, ctypes.c_int]
         lib.lp_transpose.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _i64, ctypes.c_int]
         lib.lp_layer_norm_t.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _ptr, ctypes.c_float, _ptr, _i64,
@@ -372,11 +387,14 @@ def sparse_conv(
     values: Tensor,
     bias: Tensor | None,
     planes: Tensor,
-    length: int,
-    row_stride: int,
+    out_size: tuple[int, int],
+    grid_width: int,
     activation: str | None = None,
 ) -> Tensor:
-    """Direct sparse convolution over flattened input planes: ``y[i, r, t] = act(b[r] + sum_k v_k planes[i, o_k + t])``.
+    """Direct sparse convolution over flattened input planes (see :class:`lightning_pai.inference.SparseConv2d`).
+
+    On the output grid ``t = i * grid_width + j``: ``g[n, r, t] = act(b[r] + sum_k v_k planes[n, o_k + t])``;
+    the result keeps the columns ``j < out_w`` of it.
 
     Args:
         crow: ``(rows + 1,)`` int32 row offsets of the ``(out_channels, ...)`` CSR weight.
@@ -385,24 +403,25 @@ def sparse_conv(
         values: ``(nnz,)`` float32 values.
         bias: ``(rows,)`` float32 or ``None``.
         planes: ``(batch, features)`` float32 rows (row stride ``planes.stride(0)``, columns contiguous), one
-            flattened image per row, e.g. from :func:`phase_planes`; every ``offsets[k] + length - 1`` must lie
-            inside a row, and 64 floats past the last row must be readable (a partial tile reads them).
-        length: Outputs computed per output channel (``t < length``).
-        row_stride: Floats between output channels in the result (``>= length``; entries from ``length`` on are
-            left uninitialised).
+            flattened image per row, e.g. from :func:`phase_planes`; every ``offsets[k] + (out_h - 1) *
+            grid_width + out_w - 1`` must lie inside a row, and 64 floats past the last row must be readable (a
+            partial tile reads them).
+        out_size: ``(out_h, out_w)``.
+        grid_width: Width of the grid the offsets address (``>= out_w``).
         activation: ``None`` or ``"relu"``.
 
     Returns:
-        The ``(batch, rows, row_stride)`` float32 result.
+        The contiguous ``(batch, rows, out_h, out_w)`` float32 result.
     """
     lib = library()
     assert lib is not None, "call available() first"
     rows, batch = crow.shape[0] - 1, planes.shape[0]
-    y = torch.empty(batch, rows, row_stride, dtype=torch.float32, device=planes.device)
+    out_h, out_w = out_size
+    y = torch.empty(batch, rows, out_h, out_w, dtype=torch.float32, device=planes.device)
     lib.lp_sparse_conv(
-        batch, rows, length, crow.data_ptr(), offsets.data_ptr(), values.data_ptr(), _ptr_or_none(bias),
-        planes.data_ptr(), planes.stride(0), y.data_ptr(), rows * row_stride, row_stride, ACTIVATIONS[activation],
-        _threads(values.shape[0] * length * batch),
+        batch, rows, out_h, out_w, grid_width, crow.data_ptr(), offsets.data_ptr(), values.data_ptr(),
+        _ptr_or_none(bias), planes.data_ptr(), planes.stride(0), y.data_ptr(), rows * out_h * out_w,
+        ACTIVATIONS[activation], _threads(values.shape[0] * out_h * grid_width * batch),
     )  # fmt: skip
     return y
 

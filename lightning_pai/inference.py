@@ -295,9 +295,9 @@ class SparseConv1x1(SparseMatmul):
 
 
 class SparseConv2d(SparseMatmul):
-    """Inference-only sparse ``nn.Conv2d`` by direct sparse convolution (Park et al. 2017, "Faster CNNs with
-    Direct Sparse Convolutions and Guided Pruning").
+    """Inference-only sparse ``nn.Conv2d`` by direct sparse convolution.
 
+    Park et al. 2017, "Faster CNNs with Direct Sparse Convolutions and Guided Pruning" (ICLR):
     ``y[n, o, i, j] = b[o] + sum over kept (c, u, v) of W[o, c, u, v] x_p[n, c, s_h i + d_h u, s_w j + d_w v]``
     with ``x_p`` the zero-padded input, for any kernel size, stride, zero padding and dilation (one group). The
     kept weights are stored as CSR rows of the ``(out, in x kh x kw)`` matrix. For a stride-1 convolution each
@@ -305,8 +305,8 @@ class SparseConv2d(SparseMatmul):
     so every output channel is a sum of shifted rows (computed by :func:`lightning_pai.ckernels.sparse_conv` on
     an output grid ``W_p`` wide, whose extra columns are dropped); a stride-``s`` convolution first splits the
     padded input into ``s_h x s_w`` phase planes ``x_p[c, s_h i + a, s_w j + b]``, after which it is a stride-1
-    convolution over them. A 1x1 kernel reads the strided input directly. The output is a view of that grid
-    (not contiguous when the kernel is wider than 1).
+    convolution over them. A 1x1 kernel reads the strided input directly. Only the grid's first ``W_out``
+    columns are written out: the output is an ordinary contiguous ``(n, out, H_out, W_out)`` tensor.
 
     Needs the compiled kernels (float32, CPU); after ``.double()`` or a move to another device the module
     computes ``F.conv2d`` with its weight rebuilt dense.
@@ -400,11 +400,8 @@ class SparseConv2d(SparseMatmul):
             x = x.contiguous()
         planes = ckernels.phase_planes(x, (top, left), (sh, sw), phases, (planes_h, planes_w))
         offsets = self._tap_offsets(planes_h, planes_w, phases)
-        length = (out_h - 1) * planes_w + out_w
         crow, values = self._buffers["crow_indices"], self._buffers["values"]
-        y = ckernels.sparse_conv(crow, offsets, values, b, planes, length, out_h * planes_w, self.activation)
-        y = y.view(n, self.out_features, out_h, planes_w)
-        return y if planes_w == out_w else y[..., :out_w]
+        return ckernels.sparse_conv(crow, offsets, values, b, planes, (out_h, out_w), planes_w, self.activation)
 
     def extra_repr(self) -> str:
         return (
@@ -520,6 +517,33 @@ def _best_time(fn: Callable[[], Any], device: torch.device, budget_s: float) -> 
     return best
 
 
+def _measured(
+    key: tuple,
+    dense: Callable[[], Any],
+    sparse_at: Callable[[float], Callable[[], Any]],
+    device: torch.device,
+    budget_s: float,
+) -> float:
+    """Crossover density from timing ``dense()`` and ``sparse_at(d)()`` at the probe densities (cached by key).
+
+    Fits ``t_sparse(d) = a + c d`` through the two probes and returns ``d* = (t_dense - a) / c`` in ``[0, 1]``.
+    """
+    key = (*key, torch.get_num_threads())
+    if key in _CROSSOVER_CACHE:
+        return _CROSSOVER_CACHE[key]
+    with torch.inference_mode():
+        t_dense = _best_time(dense, device, budget_s / 3)
+        t_sparse = [_best_time(sparse_at(d), device, budget_s / 3) for d in _PROBE_DENSITIES]
+    (d0, d1), (t0, t1) = _PROBE_DENSITIES, t_sparse
+    slope = (t1 - t0) / (d1 - d0)
+    if slope <= 0:  # timing noise swamped the nnz dependence
+        crossover = 1.0 if t1 < t_dense else 0.0
+    else:
+        crossover = min(1.0, max(0.0, d0 + (t_dense - t0) / slope))
+    _CROSSOVER_CACHE[key] = crossover
+    return crossover
+
+
 def measure_crossover(
     out_features: int,
     in_features: int,
@@ -531,15 +555,17 @@ def measure_crossover(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     budget_s: float = 0.3,
+    transposed_input: bool = False,
 ) -> float:
     """Density below which a sparse ``(out, in)`` matmul beats the dense one on this machine, for ``rows`` rows.
 
     Times (best of several calls) ``F.linear`` on a row-major ``(rows, in)`` input against
-    :class:`SparseLinear` (input transpose included) at densities 0.05 and 0.3 with random masks (for BSR:
-    random blocks), fits
+    :class:`SparseLinear` at densities 0.05 and 0.3 with random masks (for BSR: random blocks), fits
     ``t_sparse(d) = a + c d`` through the two points and returns ``d* = (t_dense - a) / c`` clipped to
-    ``[0, 1]``. Results are cached per shape, rows, layout, kernel, dtype, device and thread count, so each
-    distinct shape is measured once per process (in about ``budget_s`` seconds).
+    ``[0, 1]``. The sparse layer's time includes transposing its input, unless ``transposed_input`` (its input
+    is the transposed view another sparse layer returns, as inside a chain of converted layers; the dense layer
+    then gets the same view). Results are cached per shape, rows, layout, kernel, dtype, device, input layout
+    and thread count, so each distinct case is measured once per process (in about ``budget_s`` seconds).
 
     Args:
         out_features: Rows of ``W``.
@@ -552,38 +578,58 @@ def measure_crossover(
         dtype: Floating dtype of the layer.
         device: Device of the layer.
         budget_s: Approximate time to spend measuring.
+        transposed_input: Time both layers on a transposed ``(in, rows)`` buffer's view.
 
     Returns:
         The crossover density in ``[0, 1]`` (the fraction of weights kept, ``1 - sparsity``).
     """
     device = torch.device(device)
     kernel = _resolve_kernel(kernel, layout, device, rows, dtype)
-    key = (out_features, in_features, rows, layout, blocksize, kernel, dtype, str(device), torch.get_num_threads())
-    if key in _CROSSOVER_CACHE:
-        return _CROSSOVER_CACHE[key]
+    key = (out_features, in_features, rows, layout, blocksize, kernel, dtype, str(device), transposed_input)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, in_features, generator=gen).to(device=device, dtype=dtype)
+    if transposed_input:
+        x = x.t().contiguous().t()
     w = torch.randn(out_features, in_features, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(out_features, generator=gen).to(device=device, dtype=dtype)
-    layers = []
-    for d in _PROBE_DENSITIES:
+
+    def sparse_at(d: float) -> Callable[[], Any]:
         if layout == "bsr":
             blocks = torch.rand(out_features // blocksize, in_features // blocksize, generator=gen) < d
             mask = blocks.repeat_interleave(blocksize, 0).repeat_interleave(blocksize, 1)
         else:
             mask = torch.rand(out_features, in_features, generator=gen) < d
-        layers.append(SparseLinear(w, b, mask.to(device), layout=layout, blocksize=blocksize, kernel=kernel))
-    with torch.inference_mode():
-        t_dense = _best_time(lambda: F.linear(x, w, b), device, budget_s / 3)
-        t_sparse = [_best_time(lambda layer=layer: layer(x), device, budget_s / 3) for layer in layers]
-    (d0, d1), (t0, t1) = _PROBE_DENSITIES, t_sparse
-    slope = (t1 - t0) / (d1 - d0)
-    if slope <= 0:  # timing noise swamped the nnz dependence
-        crossover = 1.0 if t1 < t_dense else 0.0
-    else:
-        crossover = min(1.0, max(0.0, d0 + (t_dense - t0) / slope))
-    _CROSSOVER_CACHE[key] = crossover
-    return crossover
+        layer = SparseLinear(w, b, mask.to(device), layout=layout, blocksize=blocksize, kernel=kernel)
+        return lambda: layer(x)
+
+    return _measured(key, lambda: F.linear(x, w, b), sparse_at, device, budget_s)
+
+
+def measure_conv_crossover(conv: nn.Conv2d, input_size: tuple[int, int, int, int], *, budget_s: float = 0.3) -> float:
+    """Density below which :class:`SparseConv2d` beats ``conv`` on this machine for inputs of ``input_size``.
+
+    As :func:`measure_crossover`: ``conv`` itself (its weights' values do not matter) against sparse copies with
+    random masks at densities 0.05 and 0.3, a line through the two, cached per convolution geometry, input
+    size and thread count.
+
+    Args:
+        conv: A float32 CPU ``nn.Conv2d`` with one group and zero padding.
+        input_size: ``(n, c, h, w)`` of the inputs to time.
+        budget_s: Approximate time to spend measuring.
+
+    Returns:
+        The crossover density in ``[0, 1]``.
+    """
+    w = conv.weight.detach()
+    key = ("conv", tuple(w.shape), conv.stride, conv.padding, conv.dilation, conv.bias is not None, tuple(input_size))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*input_size, generator=gen).to(w)
+
+    def sparse_at(d: float) -> Callable[[], Any]:
+        layer = SparseConv2d.from_conv(conv, torch.rand(w.shape, generator=gen) < d)
+        return lambda: layer(x)
+
+    return _measured(key, lambda: conv(x), sparse_at, w.device, budget_s)
 
 
 def clear_crossover_cache() -> None:
@@ -654,20 +700,21 @@ def _classify(name: str, module: nn.Module, parent: nn.Module | None) -> tuple[s
         if type(module).forward is not nn.Conv2d.forward:
             return type(module).__name__, f"{type(module).__name__} overrides nn.Conv2d.forward"
         problems = []
-        if tuple(module.kernel_size) != (1, 1):
-            problems.append(f"kernel {tuple(module.kernel_size)}")
-        if tuple(module.stride) != (1, 1):
-            problems.append(f"stride {tuple(module.stride)}")
-        if module.padding not in ("valid", "same", (0, 0)):  # "same" pads nothing for a 1x1 kernel
-            problems.append(f"padding {module.padding}")
         if module.groups != 1:
             problems.append(f"groups {module.groups}")
-        if not problems:
+        if module.padding_mode != "zeros":
+            problems.append(f"padding_mode {module.padding_mode!r}")
+        if problems:
+            return "Conv2d", "only convolutions with one group and zero padding are converted; this one has " + (
+                ", ".join(problems)
+            )
+        matmul = tuple(module.kernel_size) == (1, 1) and tuple(module.stride) == (1, 1)
+        if matmul and module.padding in ("valid", "same", (0, 0)):  # "same" pads nothing for a 1x1 kernel
             return "Conv2d 1x1", None
-        return "Conv2d", "only 1x1 stride-1 unpadded ungrouped convs are matmuls; this one has " + ", ".join(problems)
+        return "Conv2d", None
     if is_hf_conv1d(module):
         return "Conv1D", None
-    return type(module).__name__, "not an nn.Linear, a 1x1 nn.Conv2d or a Conv1D"
+    return type(module).__name__, "not an nn.Linear, an nn.Conv2d or a Conv1D"
 
 
 def _matrix(kind: str, module: nn.Module, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -675,7 +722,7 @@ def _matrix(kind: str, module: nn.Module, mask: Tensor) -> tuple[Tensor, Tensor]
     w = module.weight.detach()
     if kind == "Conv1D":
         return w.t(), mask.t()
-    if kind == "Conv2d 1x1":
+    if kind in ("Conv2d 1x1", "Conv2d"):
         return w.reshape(w.shape[0], -1), mask.reshape(w.shape[0], -1)
     return w, mask
 
@@ -699,6 +746,74 @@ def _fused_activation(model: nn.Module, name: str) -> str | None:
     return activation
 
 
+#: Modules that keep a sparse layer's transposed output layout (elementwise), skipped when looking for a
+#: converted predecessor in an ``nn.Sequential``.
+_ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ReLU6, nn.Dropout, nn.Identity)
+#: Spatial size at which convolutions are timed when no ``example_inputs`` show theirs.
+_CONV_PROBE_HW = 32
+#: Images per timing of a convolution (the batch of ``example_inputs``, at most this many).
+_CONV_PROBE_BATCH = 8
+
+
+def _follows_sparse_matmul(model: nn.Module, name: str, replacements: list[tuple[str, nn.Module]]) -> bool:
+    """Whether module ``name`` receives the transposed output of a layer already replaced by a SparseLinear.
+
+    That is: it sits in an ``nn.Sequential`` right after such a layer, elementwise modules aside.
+    """
+    parent_name, _, child = name.rpartition(".")
+    if not name:
+        return False
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential):
+        return False
+    keys = list(parent._modules)
+    replaced = {n: new for n, new in replacements}
+    for key in reversed(keys[: keys.index(child)]):
+        if isinstance(parent._modules[key], _ELEMENTWISE):
+            continue
+        return isinstance(replaced.get(f"{parent_name}.{key}" if parent_name else key), SparseLinear)
+    return False
+
+
+def _input_shapes(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, ...]]:
+    """Shape of the first input each module receives when ``model`` runs ``example_inputs`` (in eval mode)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], Tensor):
+                shapes.setdefault(name, tuple(args[0].shape))
+
+        return hook
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in model.named_modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_inputs, Mapping):
+                model(**example_inputs)
+            elif isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return shapes
+
+
+def _conv_probe_size(conv: nn.Conv2d, seen: tuple[int, ...] | None) -> tuple[int, int, int, int]:
+    """Input size at which to time ``conv``: what ``example_inputs`` gave it (at most 8 images), else 32x32."""
+    if seen is not None and len(seen) in (3, 4):
+        n, (c, h, w) = (seen[0] if len(seen) == 4 else 1), seen[-3:]
+        return min(n, _CONV_PROBE_BATCH), c, h, w
+    reach = [d * (k - 1) + 1 for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+    return 1, conv.in_channels, max(_CONV_PROBE_HW, reach[0]), max(_CONV_PROBE_HW, reach[1])
+
+
 def is_two_four(mask: Tensor) -> bool:
     """Whether an ``(out, in)`` mask is exactly 2:4 along ``in``: every 4 consecutive entries of a row keep 2."""
     if mask.dim() != 2 or mask.shape[1] % 4 or mask.numel() == 0:
@@ -718,6 +833,7 @@ def to_sparse_inference(
     semi_structured: bool = True,
     contiguous_outputs: bool = False,
     fuse: bool = True,
+    example_inputs: Any = None,
     inplace: bool = False,
 ) -> nn.Module:
     """Replace each sparse enough matmul layer by an inference-only ``torch.sparse`` equivalent.
@@ -750,6 +866,11 @@ def to_sparse_inference(
             convs), used to pick the kernel and to measure the crossover.
         semi_structured: Use 2:4 semi-structured sparsity for exact 2:4 masks on CUDA.
         contiguous_outputs: Make sparse layers return contiguous tensors (costs a copy per layer).
+        example_inputs: One input like those the model will run (a tensor, a tuple of positional arguments or
+            a dict of keyword arguments): the model runs it once in eval mode (under ``torch.no_grad``) to record
+            each layer's input size, so each crossover is measured at the layer's real rows (overriding
+            ``batch_size``) and each convolution at its real spatial size (at most 8 images). Without it,
+            convolutions are timed on one 32x32 image.
         fuse: Fold an ``nn.ReLU`` that directly follows a converted layer in an ``nn.Sequential`` into that
             layer's output pass (the ``nn.ReLU`` becomes ``nn.Identity``), and, when a layer uses the ``"c"``
             kernel, replace each ``nn.LayerNorm`` by a :class:`TransposedLayerNorm` (the same function, without
@@ -784,6 +905,7 @@ def to_sparse_inference(
     for prefix, mod in out.named_modules():
         for child_name, _ in mod.named_children():
             parents.setdefault(f"{prefix}.{child_name}" if prefix else child_name, mod)
+    inputs = {} if example_inputs is None else _input_shapes(out, example_inputs)
     rows: list[LayerConversion] = []
     consumed: set[str] = set()
     replacements: list[tuple[str, nn.Module]] = []
@@ -805,12 +927,19 @@ def to_sparse_inference(
             mask = weight.detach() != 0
         density = float(mask.sum()) / max(1, mask.numel())
         kind, problem = _classify(name, module, parents.get(name))
+        compiled = layout == "csr" and _c_usable("csr", weight.device, weight.dtype)
+        if problem is None and kind == "Conv2d" and not compiled:
+            problem = (
+                "convolutions other than 1x1 stride-1 need the compiled kernels (lightning_pai.ckernels: "
+                "a C compiler, float32 on the CPU, layout='csr')"
+            )
         if problem is not None:
             rows.append(LayerConversion(name, kind, tuple(weight.shape), density, False, "dense", problem))
             continue
         w, m = _matrix(kind, module, mask)
+        shape = tuple(weight.shape) if kind == "Conv2d" else tuple(w.shape)
         bias = getattr(module, "bias", None)
-        if semi_structured and kind != "Conv2d 1x1" and w.is_cuda and is_two_four(m):
+        if semi_structured and kind not in ("Conv2d 1x1", "Conv2d") and w.is_cuda and is_two_four(m):
             dtype = w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float16
             try:
                 new: nn.Module = SemiStructuredLinear(w.masked_fill(~m, 0), bias, dtype)
@@ -818,7 +947,7 @@ def to_sparse_inference(
                 reason_24 = f"2:4 not usable ({str(err).splitlines()[0][:80]}); "
             else:
                 impl = f"2:4/{str(dtype).removeprefix('torch.')}"
-                rows.append(LayerConversion(name, kind, tuple(w.shape), density, True, impl, "exact 2:4 mask on CUDA"))
+                rows.append(LayerConversion(name, kind, shape, density, True, impl, "exact 2:4 mask on CUDA"))
                 replacements.append((name, new))
                 continue
         else:
@@ -827,38 +956,50 @@ def to_sparse_inference(
         if layout == "bsr":
             if w.shape[0] % blocksize or w.shape[1] % blocksize:
                 why = f"{reason_24}{blocksize}x{blocksize} BSR blocks do not tile {w.shape[0]}x{w.shape[1]}"
-                rows.append(LayerConversion(name, kind, tuple(w.shape), density, False, "dense", why))
+                rows.append(LayerConversion(name, kind, shape, density, False, "dense", why))
                 continue
             blocks = m.reshape(w.shape[0] // blocksize, blocksize, w.shape[1] // blocksize, blocksize).any(3).any(1)
             stored = float(blocks.sum()) / max(1, blocks.numel())
-        if crossover is None:
-            threshold = measure_crossover(
-                w.shape[0], w.shape[1], batch_size, layout=layout, blocksize=blocksize, kernel=kernel,
-                dtype=w.dtype, device=w.device,
-            )  # fmt: skip
-            source = "measured"
-        else:
+        seen = inputs.get(name)
+        matmul_rows = batch_size if seen is None else max(1, math.prod(seen) // w.shape[1])
+        chained = kind != "Conv2d" and not contiguous_outputs and _follows_sparse_matmul(out, name, replacements)
+        if crossover is not None:
             threshold, source = crossover, "given"
+        elif kind == "Conv2d":
+            size = _conv_probe_size(module, seen)
+            threshold = measure_conv_crossover(module, size)
+            source = "measured on " + "x".join(map(str, size))
+        else:
+            threshold = measure_crossover(
+                w.shape[0], w.shape[1], matmul_rows, layout=layout, blocksize=blocksize, kernel=kernel,
+                dtype=w.dtype, device=w.device, transposed_input=chained,
+            )  # fmt: skip
+            source = f"measured at {matmul_rows} rows" + (", chained" if chained else "")
         if not stored < threshold:
             why = f"{reason_24}density {stored:.3f} >= crossover {threshold:.3f} ({source})"
-            rows.append(LayerConversion(name, kind, tuple(w.shape), stored, False, "dense", why))
+            rows.append(LayerConversion(name, kind, shape, stored, False, "dense", why))
             continue
-        chosen = _resolve_kernel(kernel, layout, w.device, batch_size, w.dtype)
-        cls = SparseConv1x1 if kind == "Conv2d 1x1" else SparseLinear
-        new = cls(w, bias, m, layout=layout, blocksize=blocksize, kernel=chosen, contiguous_outputs=contiguous_outputs)
         activation = _fused_activation(out, name) if fuse else None
-        if activation is not None:
-            new.activation = activation
-        impl = f"{layout}{blocksize if layout == 'bsr' else ''}/{chosen}" + (f"+{activation}" if activation else "")
+        if kind == "Conv2d":
+            new, impl = SparseConv2d.from_conv(module, mask, activation), "direct/c"
+        else:
+            chosen = _resolve_kernel(kernel, layout, w.device, matmul_rows, w.dtype)
+            cls = SparseConv1x1 if kind == "Conv2d 1x1" else SparseLinear
+            new = cls(
+                w, bias, m, layout=layout, blocksize=blocksize, kernel=chosen, contiguous_outputs=contiguous_outputs,
+                activation=activation,
+            )  # fmt: skip
+            impl = f"{layout}{blocksize if layout == 'bsr' else ''}/{chosen}"
+        impl += f"+{activation}" if activation else ""
         why = f"{reason_24}density {stored:.3f} < crossover {threshold:.3f} ({source})"
-        rows.append(LayerConversion(name, kind, tuple(w.shape), stored, True, impl, why))
+        rows.append(LayerConversion(name, kind, shape, stored, True, impl, why))
         replacements.append((name, new))
     for name in [n for n in given or () if n not in consumed]:
         shape = tuple(given[name].shape)
         density = float(given[name].sum()) / max(1, given[name].numel())
         why = "not a layer's `weight` (no sparse kernel)"
         rows.append(LayerConversion(name, "parameter", shape, density, False, "dense", why))
-    if fuse and any(getattr(new, "kernel", None) == "c" for _, new in replacements):
+    if fuse and any(type(new) is SparseLinear and new.kernel == "c" for _, new in replacements):
         replacements += [
             (n, TransposedLayerNorm.from_layer_norm(mod))
             for n, mod in out.named_modules()

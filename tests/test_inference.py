@@ -16,6 +16,7 @@ from lightning_pai.core.masks import MaskSet
 from lightning_pai.inference import (
     ConversionReport,
     SparseConv1x1,
+    SparseConv2d,
     SparseLinear,
     SparseMatmul,
     TransposedLayerNorm,
@@ -140,22 +141,114 @@ def test_weights_outside_mask_count_as_zero(one_thread):
         assert_close(sparse(x), model(x), **TOL)
 
 
-def test_conv1x1_net(one_thread):
+def test_conv_net(one_thread):
     torch.manual_seed(0)
     model = ConvNet().eval()
     masks = prune(model, 0.8)
     sparse = to_sparse_inference(model, masks, crossover=1.0)
-    assert kinds(sparse) == {"pw1": "SparseConv1x1", "pw2": "SparseConv1x1", "k3": "Conv2d", "down": "Conv2d",
+    direct = "SparseConv2d" if HAS_C else "Conv2d"  # kxk and strided convs: direct sparse convolution, compiled
+    assert kinds(sparse) == {"pw1": "SparseConv1x1", "pw2": "SparseConv1x1", "k3": direct, "down": direct,
                              "head": "SparseLinear"}  # fmt: skip
     report = {r.name: r for r in conversion_report(sparse).rows}
-    assert "kernel (3, 3)" in report["k3"].reason and "padding (1, 1)" in report["k3"].reason
-    assert "stride (2, 2)" in report["down"].reason
     assert report["pw1"].kind == "Conv2d 1x1" and report["pw1"].shape == (16, 8)
+    assert report["k3"].kind == "Conv2d" and report["k3"].shape == (8, 8, 3, 3)
+    if HAS_C:
+        assert report["k3"].implementation == report["down"].implementation == "direct/c"
+        assert sparse.k3.nnz == int(masks["k3.weight"].sum())
+    else:
+        assert "need the compiled kernels" in report["k3"].reason
     for x in (torch.randn(3, 8, 6, 5), torch.randn(1, 8, 4, 4), torch.randn(8, 4, 4)):
         with torch.no_grad():
             assert_close(sparse(x), model(x), **TOL)
         with torch.no_grad():
             assert_close(sparse.pw1(x), model.pw1(x), **TOL)
+
+
+CONV_CASES = [  # (in, out, kernel, stride, padding, dilation, bias, input hw)
+    (5, 7, 3, 1, 1, 1, True, (9, 11)),
+    (5, 7, 3, 2, 1, 1, False, (16, 16)),
+    (3, 8, 7, 2, 3, 1, True, (23, 20)),  # a ResNet stem
+    (6, 4, 1, 2, 0, 1, True, (9, 9)),  # a ResNet downsample
+    (6, 4, 1, 1, 1, 1, True, (5, 6)),  # 1x1 with padding: the border is the bias
+    (4, 6, 5, 3, 2, 2, True, (17, 19)),
+    (4, 6, (3, 5), (1, 2), "same", 1, True, (8, 13)),
+    (4, 6, (3, 5), (2, 1), (0, 2), (2, 1), False, (15, 7)),
+    (2, 3, 3, 1, 0, 1, True, (3, 3)),  # a single output pixel
+]
+
+
+@needs_c
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sparse_conv2d_matches_conv2d(case, threads):
+    cin, cout, k, stride, padding, dilation, bias, hw = case
+    if padding == "same":
+        stride = 1
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=bias).eval()
+    mask = torch.rand(conv.weight.shape) < 0.3
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    sparse = SparseConv2d.from_conv(conv, mask)
+    relu = SparseConv2d.from_conv(conv, mask, activation="relu")
+    assert sparse.nnz == int(mask.sum())
+    x = torch.randn(3, cin, *hw)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            expected = conv(x)
+            got = sparse(x)
+            assert got.shape == expected.shape and got.is_contiguous()
+            assert_close(got, expected, **TOL)
+            assert torch.equal(relu(x), got.relu())
+            assert_close(sparse(x[0]), expected[0], **TOL)  # unbatched
+            assert_close(sparse(x.to(memory_format=torch.channels_last)), expected, **TOL)
+            view = torch.randn(3, cin, hw[0], hw[1] + 1)[..., 1:]  # a strided view
+            assert_close(sparse(view), conv(view), **TOL)
+            assert torch.equal(sparse(x), got)  # the cached tap offsets give the same result
+            assert_close(copy.deepcopy(sparse).double()(x.double()), conv.double()(x.double()))  # F.conv2d fallback
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_c
+def test_sparse_conv2d_errors():
+    conv = nn.Conv2d(4, 4, 3)
+    with pytest.raises(ValueError, match="groups=1"):
+        SparseConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="padding_mode"):
+        SparseConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    sparse = SparseConv2d.from_conv(conv)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="input of shape"):
+        sparse(torch.randn(1, 4, 2, 2))  # smaller than the kernel
+    with torch.no_grad(), pytest.raises(RuntimeError, match="input of shape"):
+        sparse(torch.randn(1, 3, 8, 8))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        sparse(torch.randn(1, 4, 8, 8, requires_grad=True))
+
+
+def test_torchvision_resnet(one_thread):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    masks = prune(model, 0.9)
+    sparse = to_sparse_inference(model, masks, crossover=1.0)
+    report = conversion_report(sparse)
+    convs = [r for r in report.rows if r.kind.startswith("Conv2d")]
+    assert len(convs) == 20
+    if HAS_C:
+        assert report.dense == [] and all(isinstance(sparse.get_submodule(r.name), SparseConv2d) for r in convs)
+    else:
+        assert report.converted == ["fc"]
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        assert_close(sparse(x), model(x), **TOL)
 
 
 def test_conv1d_like(one_thread):
@@ -381,8 +474,11 @@ def test_crossover_bounds(one_thread):
     assert kinds(none) == kinds(model)
     assert all(">= crossover 0.000 (given)" in r.reason for r in conversion_report(none).rows if r.kind != "Conv2d")
     every = to_sparse_inference(model, masks, crossover=1.0)
-    assert conversion_report(every).converted == ["pw1", "pw2", "head"]  # every eligible layer
-    assert conversion_report(every).dense == ["k3", "down"]
+    if HAS_C:
+        assert conversion_report(every).converted == ["pw1", "pw2", "k3", "down", "head"]  # every eligible layer
+    else:
+        assert conversion_report(every).converted == ["pw1", "pw2", "head"]
+        assert conversion_report(every).dense == ["k3", "down"]
 
 
 def test_crossover_threshold_per_layer(one_thread):
@@ -405,13 +501,48 @@ def test_measured_crossover(one_thread):
     model = nn.Sequential(nn.Linear(60, 40), nn.ReLU(), nn.Linear(40, 40), nn.Linear(40, 40))
     masks = prune(model, 0.95)
     sparse = to_sparse_inference(model, masks, batch_size=8)
-    for row in conversion_report(sparse).rows:
-        assert row.reason.endswith("(measured)")
-        threshold = measure_crossover(*row.shape, 8)
+    rows = conversion_report(sparse).rows
+    for row in rows:
+        chained = row.name == "2" and rows[0].converted  # "0" -> ReLU -> "2": "2" gets "0"'s transposed output
+        assert row.reason.endswith("(measured at 8 rows" + (", chained)" if chained else ")"))
+        threshold = measure_crossover(*row.shape, 8, transposed_input=chained)
         assert row.converted == (row.density < threshold)
     x = torch.randn(8, 60)
     with torch.no_grad():
         assert_close(sparse(x), model(x), **TOL)
+
+
+class Scaled2(nn.Module):
+    """Two positional inputs (or keywords): ``fc(flatten(conv(x))) * scale``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8 * 6 * 5, 4)
+
+    def forward(self, x, scale):
+        return self.fc(torch.relu(self.norm(self.conv(x))).flatten(1)) * scale
+
+
+@pytest.mark.parametrize("call", ["tuple", "dict"])
+def test_example_inputs_measure_each_layer_at_its_own_size(call, one_thread):
+    torch.manual_seed(0)
+    model = Scaled2().train()
+    prune(model, 0.95, include=["conv.weight", "fc.weight"])
+    stats = model.norm.running_mean.clone(), int(model.norm.num_batches_tracked)
+    x = torch.randn(2, 3, 6, 5)
+    example = (x, 2.0) if call == "tuple" else {"x": x, "scale": 2.0}
+    sparse = to_sparse_inference(model, example_inputs=example, inplace=True)
+    assert sparse is model
+    reasons = {r.name: r.reason for r in conversion_report(sparse).rows}
+    assert reasons["fc"].endswith("(measured at 2 rows)")  # not batch_size=64
+    if HAS_C:
+        assert reasons["conv"].endswith("(measured on 2x3x6x5)")
+    # the recording pass ran in eval mode: the training flags and BatchNorm statistics are as they were
+    assert model.training and model.norm.training
+    assert torch.equal(model.norm.running_mean, stats[0]) and int(model.norm.num_batches_tracked) == stats[1]
+    without = to_sparse_inference(Scaled2(), masks={"conv.weight": torch.rand(8, 3, 3, 3) < 0.05})
+    if HAS_C:
+        assert conversion_report(without).rows[0].reason.endswith("(measured on 1x3x32x32)")
 
 
 # ----------------------------------------------------------------------------------- unsupported / errors
