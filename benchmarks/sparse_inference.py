@@ -4,8 +4,8 @@ One process, 2 intra-op threads (``torch.set_num_threads(2)``). For each model, 
 masked dense model and two sparse copies run interleaved (dense, auto, forced, dense, ...; the order rotates
 each repeat) under ``torch.inference_mode``:
 
-- ``auto``: ``to_sparse_inference(model, masks, batch_size=rows)``, the crossover measured on this machine at
-  conversion time (layers it predicts slower stay dense);
+- ``auto``: ``to_sparse_inference(model, masks, example_inputs=x)``, the crossover measured on this machine at
+  conversion time for each layer at its own input size (layers it predicts slower stay dense);
 - ``forced``: ``crossover=1.0``, every supported layer sparse (what the sparse kernels alone give).
 
 The reported ratio is ``median(dense) / median(sparse)`` (> 1: sparse is faster). Masks: magnitude top-k per
@@ -14,8 +14,12 @@ layer at the same sparsity for every layer (``distribution="uniform"``) over the
 
 Models: LeNet-300-100 (784-300-100-10 MLP), a transformer MLP stack (4 blocks of Linear(256, 1024) -> GELU ->
 Linear(1024, 256), residual and LayerNorm; inputs of ``batch x 64`` tokens) and torchvision's ResNet-18
-(224x224; only its ``fc`` is a matmul the converter takes: its 3x3 convs and its strided 1x1 downsampling
-convs stay dense, so its ratio shows the cost of converting what can be).
+(224x224: every conv by direct sparse convolution, ``fc`` by the CSR kernel; BatchNorm, ReLU, max-pooling and
+the residual adds stay as they are, and take the same time in both models).
+
+The sparse kernels are the compiled ones of ``lightning_pai.ckernels`` when a C compiler is present (the
+``kernels`` field of the results says which were used); set ``LIGHTNING_PAI_NO_CKERNELS=1`` to measure
+PyTorch's own CSR kernels instead.
 
 It also writes checkpoint sizes: ``save_sparse`` against ``torch.save(model.state_dict())`` for LeNet-300-100
 and ResNet-18 (expected about ``4 (1 - s) + 0.125`` bytes per masked float32 weight).
@@ -24,6 +28,12 @@ Usage::
 
     python benchmarks/sparse_inference.py          # the results file (~10 min alone on 2 cores, 30 with retries)
     python benchmarks/sparse_inference.py --quick  # smoke run, results not written
+    python benchmarks/sparse_inference.py --allocator steady  # results_steady: see STEADY_MALLOC
+
+With glibc's default settings every large tensor is a fresh ``mmap`` and freed memory may be returned to the
+system, so a forward pass pays page faults whose count depends on the process's allocation history: the same
+row can differ by 2x between runs (both the dense and the sparse model pay them; the sparse one, doing less
+arithmetic, feels them more). ``--allocator steady`` removes that noise.
 """
 
 from __future__ import annotations
@@ -44,12 +54,17 @@ import torch
 import torchvision
 from torch import nn
 
+from lightning_pai import ckernels
 from lightning_pai.core.masks import compute_masks
 from lightning_pai.core.targets import select_targets
 from lightning_pai.export import make_permanent, save_sparse
 from lightning_pai.inference import clear_crossover_cache, conversion_report, to_sparse_inference
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: ``--allocator steady``: glibc keeps freed blocks for reuse instead of returning them to the system (no
+#: ``mmap`` per large tensor, no trimming), so repeated calls stop paying page faults for fresh memory, as
+#: with the caching allocators (jemalloc, tcmalloc) PyTorch's CPU performance guide recommends.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967295", "MALLOC_TRIM_THRESHOLD_": "4294967295"}
 SEQ = 64
 warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
 
@@ -160,10 +175,10 @@ def measure(name: str, sparsity: float, batch: int, scale: float) -> dict:
     dense = make_permanent(base, masks)
     clear_crossover_cache()  # measured afresh (and in the same conditions as the timings) on every try
     start = time.perf_counter()
-    auto = to_sparse_inference(dense, masks, batch_size=rows_for(batch))
+    x = make_input(batch)
+    auto = to_sparse_inference(dense, masks, example_inputs=x)
     convert_s = time.perf_counter() - start
     forced = to_sparse_inference(dense, masks, crossover=1.0, batch_size=rows_for(batch))
-    x = make_input(batch)
     with torch.inference_mode():
         ref = dense(x)
         err = max(float((m(x) - ref).abs().max()) for m in (auto, forced))
@@ -255,17 +270,24 @@ def file_sizes(sparsities: list[float]) -> list[dict]:
     return rows
 
 
+ALLOCATORS = {
+    "default": "glibc defaults",
+    "steady": "glibc keeping freed memory (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` = 2^32 - 1)",
+}
+
+
 def markdown(lat: list[dict], sizes: list[dict], meta: dict) -> str:
     out = [
         "# Sparse inference on the CPU",
         "",
         f"`python benchmarks/sparse_inference.py {' '.join(meta['argv'])}`: {meta['cpu']}, "
-        f"{meta['threads']} threads, torch {meta['torch']}; load average {meta['load_before']:.2f} before, "
-        f"{meta['load_after']:.2f} after; {meta['minutes']:.1f} min.",
+        f"{meta['threads']} threads, torch {meta['torch']}, sparse kernels: {meta['kernels']}, allocator: "
+        f"{ALLOCATORS[meta['allocator']]}; load average "
+        f"{meta['load_before']:.2f} before, {meta['load_after']:.2f} after; {meta['minutes']:.1f} min.",
         "",
         "Ratio = median dense latency / median sparse latency over interleaved repeats (> 1: sparse faster). "
         "*auto*: crossover measured at conversion (slower layers stay dense); *forced*: `crossover=1.0`, every "
-        "supported layer sparse. Masks: uniform magnitude top-k per layer. ResNet-18: only `fc` is convertible. "
+        "supported layer sparse. Masks: uniform magnitude top-k per layer (every conv and linear weight). "
         "*other load*: share of the CPUs other processes used during the row's measurement (rows above "
         f"{meta['max_foreign']:.0%} were measured again, up to {meta['tries']} tries).",
         "",
@@ -311,7 +333,13 @@ def main() -> None:
         help="wait for, and re-measure unless, other processes use under this fraction of the CPUs (1: never)",
     )  # fmt: skip
     parser.add_argument("--tries", type=int, default=6, help="measurements per row at most (see --max-foreign)")
+    parser.add_argument(
+        "--allocator", choices=["default", "steady"], default="default",
+        help="steady: rerun under glibc settings that keep freed memory for reuse (results_steady files)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.allocator == "steady" and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC})
     if args.quick:
         args.models, args.repeat_scale, args.no_write = ["lenet-300-100", "transformer-mlp"], 0.1, True
     torch.set_num_threads(2)
@@ -328,16 +356,19 @@ def main() -> None:
         "minutes": (time.time() - start) / 60,
         "max_foreign": args.max_foreign,
         "tries": args.tries,
+        "kernels": "lightning_pai.ckernels (compiled)" if ckernels.available() else "torch.sparse",
+        "allocator": args.allocator,
     }
     text = markdown(lat, sizes, meta)
     print()
     print(text)
     if not args.no_write:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "sparse_inference.md").write_text(text)
+        stem = "sparse_inference" + ("_steady" if args.allocator == "steady" else "")
+        (RESULTS / f"{stem}.md").write_text(text)
         payload = {"meta": meta, "latency": lat, "file_sizes": sizes}
-        (RESULTS / "sparse_inference.json").write_text(json.dumps(payload, indent=1) + "\n")
-        print(f"wrote {RESULTS / 'sparse_inference.md'} and .json")
+        (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {RESULTS / stem}.md and .json")
 
 
 if __name__ == "__main__":

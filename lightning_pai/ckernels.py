@@ -85,6 +85,19 @@ static inline void lp_row_tile(const int32_t *restrict col, const float *restric
 static inline void lp_row_part(const int32_t *restrict col, const float *restrict val, int64_t k0, int64_t k1,
                                const float *restrict x, int64_t ldx, float bias, int act, float *restrict y,
                                int64_t width) {
+    if (width == 1) {  /* a matrix-vector product: a gathered dot product, four partial sums */
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+        int64_t k = k0;
+        for (; k + 3 < k1; k += 4) {
+            s0 += val[k] * x[(int64_t)col[k] * ldx];
+            s1 += val[k + 1] * x[(int64_t)col[k + 1] * ldx];
+            s2 += val[k + 2] * x[(int64_t)col[k + 2] * ldx];
+            s3 += val[k + 3] * x[(int64_t)col[k + 3] * ldx];
+        }
+        for (; k < k1; k++) s0 += val[k] * x[(int64_t)col[k] * ldx];
+        y[0] = lp_act(bias + ((s0 + s1) + (s2 + s3)), act);
+        return;
+    }
     float a[TILE];
     for (int64_t j = 0; j < width; j++) a[j] = bias;
     for (int64_t k = k0; k < k1; k++) {
@@ -270,6 +283,8 @@ _BASE_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+#: Floats below which the memory-bound kernels (transpose, phase planes, LayerNorm) run on one thread.
+_COPY_MINIMUM = 1 << 18
 
 
 def _cpu_signature() -> str:
@@ -346,8 +361,12 @@ def available() -> bool:
     return library() is not None
 
 
-def _threads(work: int) -> int:
-    return 1 if work < 1 << 15 else torch.get_num_threads()
+def _threads(work: int, minimum: int = 1 << 15) -> int:
+    """PyTorch's intra-op thread count for ``work`` multiply-adds (or copied floats), 1 below ``minimum``.
+
+    Waking the thread pool costs microseconds: small calls are faster on the calling thread alone.
+    """
+    return 1 if work < minimum else torch.get_num_threads()
 
 
 def _ptr_or_none(t: Tensor | None) -> int | None:
@@ -454,7 +473,7 @@ def phase_planes(
     buf = torch.empty(n * features + 64, dtype=torch.float32, device=x.device)
     lib.lp_phase_planes(
         n * c, h, w, x.data_ptr(), x.stride(1), x.stride(2), padding[0], padding[1], step[0], step[1], qh, qw, ph,
-        pw, buf.data_ptr(), _threads(n * features),
+        pw, buf.data_ptr(), _threads(n * features, _COPY_MINIMUM),
     )  # fmt: skip
     return buf[: n * features].view(n, features)
 
@@ -465,7 +484,7 @@ def transpose(x: Tensor) -> Tensor:
     assert lib is not None, "call available() first"
     rows, cols = x.shape
     y = torch.empty(cols, rows, dtype=torch.float32, device=x.device)
-    lib.lp_transpose(rows, cols, x.data_ptr(), x.stride(0), y.data_ptr(), rows, _threads(x.numel()))
+    lib.lp_transpose(rows, cols, x.data_ptr(), x.stride(0), y.data_ptr(), rows, _threads(x.numel(), _COPY_MINIMUM))
     return y
 
 
@@ -477,7 +496,7 @@ def layer_norm_t(xt: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     y = torch.empty(features, n, dtype=torch.float32, device=xt.device)
     lib.lp_layer_norm_t(
         features, n, xt.data_ptr(), xt.stride(0), _ptr_or_none(weight), _ptr_or_none(bias), eps, y.data_ptr(), n,
-        _threads(xt.numel()),
+        _threads(xt.numel(), _COPY_MINIMUM),
     )  # fmt: skip
     return y
 

@@ -22,8 +22,8 @@ cache-sized tiles of 64 rows); without a compiler the kernels are ``torch.sparse
 the output is returned as the transposed view ``(y^T)^T``, so a chain of sparse layers (with elementwise
 activations between them, which keep the layout) transposes only at its first layer. The outputs are
 therefore not contiguous; pass ``contiguous_outputs=True`` if your code calls ``.view`` on them. A single
-row (batch 1) uses the sparse matrix-vector product (``torch.addmv(b, W, x)``, or the ``"c"`` kernel with
-one column) and returns a contiguous output. With ``fuse=True`` (the default), an ``nn.ReLU`` that directly
+row (batch 1) uses PyTorch's sparse matrix-vector product ``torch.addmv(b, W, x)`` (with any kernel: it beats
+the compiled kernel's one-column case) and returns a contiguous output. With ``fuse=True`` (the default), an ``nn.ReLU`` that directly
 follows a converted layer in an ``nn.Sequential`` is folded into it, and, when the ``"c"`` kernel is used,
 each ``nn.LayerNorm`` becomes a :class:`TransposedLayerNorm`, which normalises the transposed layout in place
 of copying it, so a transformer MLP stack (LayerNorm, Linear, GELU, Linear) runs without any transpose
@@ -199,11 +199,14 @@ class SparseMatmul(nn.Module):
             cache = self._cache = ((values, crow, col), make(crow, col, values, size, check_invariants=False))
         return cache[1]
 
-    def matmul_t(self, xt: Tensor) -> Tensor:
-        """``act(W @ xt + b)`` for an ``(in, cols)`` input with contiguous rows; returns ``(out, cols)``."""
+    def matmul_t(self, xt: Tensor, kernel: str | None = None) -> Tensor:
+        """``act(W @ xt + b)`` for an ``(in, cols)`` input with contiguous rows; returns ``(out, cols)``.
+
+        ``kernel``: what :meth:`_kernel_for` returned for this input, if the caller asked already.
+        """
         buffers = self._buffers
         bias = buffers["bias"]
-        kernel = self._kernel_for(xt)
+        kernel = kernel or self._kernel_for(xt)
         if kernel == "c":
             if xt.stride(1) != 1:
                 xt = xt.contiguous()
@@ -240,9 +243,7 @@ class SparseMatmul(nn.Module):
         return "sum" if values.device.type == "cpu" else "mm"
 
     def matvec(self, x: Tensor) -> Tensor:
-        """``act(W @ x + b)`` for one ``(in,)`` vector (``torch.addmv``, or the ``"c"`` kernel with one column)."""
-        if self._kernel_for(x) == "c":
-            return self.matmul_t(x.reshape(self.in_features, 1)).view(self.out_features)
+        """``act(W @ x + b)`` for one ``(in,)`` vector: ``torch.addmv`` (the fastest here for every kernel)."""
         w, bias = self.sparse_weight(), self._buffers["bias"]
         y = torch.mv(w, x) if bias is None else torch.addmv(bias.view(-1), w, x)
         return y if self.activation is None else y.relu_()
@@ -270,10 +271,10 @@ class SparseLinear(SparseMatmul):
             return self.matvec(x.reshape(self.in_features)).reshape(*lead, self.out_features)
         x2 = x.reshape(-1, self.in_features)
         xt = x2.t()
+        kernel = self._kernel_for(x2)
         if not xt.is_contiguous():  # free when x is the transposed output of another sparse layer
-            use_c = x2.stride(1) == 1 and self._kernel_for(x2) == "c"
-            xt = ckernels.transpose(x2) if use_c else xt.contiguous()
-        y = self.matmul_t(xt).t().reshape(*lead, self.out_features)
+            xt = ckernels.transpose(x2) if kernel == "c" and x2.stride(1) == 1 else xt.contiguous()
+        y = self.matmul_t(xt, kernel).t().reshape(*lead, self.out_features)
         return y.contiguous() if self.contiguous_outputs else y
 
 
