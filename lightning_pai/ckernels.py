@@ -54,6 +54,21 @@ _SOURCE = r"""
 
 #define TILE 64
 
+/* Per-thread scratch memory, grown on demand and kept: no allocation (and no page faults for fresh memory)
+   on the calls after the first. */
+static __thread float *lp_scratch_buf = NULL;
+static __thread size_t lp_scratch_cap = 0;
+
+static float *lp_scratch(size_t floats) {
+    if (floats > lp_scratch_cap) {
+        free(lp_scratch_buf);
+        const size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+        lp_scratch_buf = (float *)aligned_alloc(64, bytes);
+        lp_scratch_cap = lp_scratch_buf ? floats : 0;
+    }
+    return lp_scratch_buf;
+}
+
 static inline float lp_act(float v, int act) { return (act == 1 && v < 0.0f) ? 0.0f : v; }
 
 /* y[r, t0:t0+TILE] for one row r: 4 x 16-float vector accumulators (GCC/Clang vector extensions, compiled to
@@ -121,11 +136,9 @@ int lp_csr_matmul_t(int64_t rows, int64_t in, int64_t n, const int32_t *crow, co
     const int64_t items = tiles * blocks;
     const int64_t per_block = (rows + blocks - 1) / blocks;
     const int pack = ldx != TILE && in > 0 && n >= TILE;  /* only full tiles are packed */
-    int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        float *buf = pack ? (float *)aligned_alloc(64, (size_t)in * TILE * sizeof(float)) : NULL;
-        if (pack && !buf) failed = 1;
+        float *buf = pack ? lp_scratch((size_t)in * TILE) : NULL; /* NULL (out of memory): read unpacked */
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
             const int64_t tile = item / blocks, block = item % blocks;
@@ -146,9 +159,8 @@ int lp_csr_matmul_t(int64_t rows, int64_t in, int64_t n, const int32_t *crow, co
                     lp_row_part(col, val, crow[r], crow[r + 1], src, ld, b, act, y + r * ldy + t0, width);
             }
         }
-        free(buf);
     }
-    return failed;
+    return 0;
 }
 
 /* Direct sparse convolution (Park et al. 2017) over a batch of images laid out as "phase planes" (see

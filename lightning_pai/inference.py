@@ -1,33 +1,45 @@
-"""Sparse inference: masked layers replaced by ``torch.sparse`` matmuls that compute the same outputs.
+"""Sparse inference: masked layers replaced by sparse modules that compute the same outputs from the kept weights.
 
-:func:`to_sparse_inference` swaps, in a copy of the model, each sparse enough matmul layer for a module that
-stores only its kept weights and multiplies with them:
+:func:`to_sparse_inference` swaps, in a copy of the model, each sparse enough layer for a module that stores
+only its kept weights and multiplies with them:
 
-- ``nn.Linear`` (subclasses that keep ``nn.Linear.forward``): ``y = x W^T + b`` for inputs ``(..., in)``;
-- ``nn.Conv2d`` with a 1x1 kernel, stride 1, no padding and one group: ``y[n, :, h, w] = W x[n, :, h, w] + b``,
-  a matmul over channels;
+- ``nn.Linear`` (subclasses that keep ``nn.Linear.forward``): ``y = x W^T + b`` for inputs ``(..., in)``
+  (:class:`SparseLinear`);
 - Hugging Face style ``Conv1D`` (recognised without importing ``transformers``: a module with an ``nf``
-  attribute and a 2-D ``weight`` of shape ``(in, nf)``): ``y = x W + b``.
+  attribute and a 2-D ``weight`` of shape ``(in, nf)``): ``y = x W + b`` (:class:`SparseLinear`);
+- ``nn.Conv2d`` with a 1x1 kernel, stride 1 and no padding: a matmul over channels (:class:`SparseConv1x1`);
+- every other ``nn.Conv2d`` with one group and zero padding (any kernel, stride, padding, dilation): direct
+  sparse convolution (:class:`SparseConv2d`, Park et al. 2017), with the compiled kernels only.
 
 Every other layer stays dense and is listed, with the reason, in the :class:`ConversionReport`. In particular
 ``nn.MultiheadAttention.out_proj`` is skipped: ``nn.MultiheadAttention`` passes ``out_proj.weight`` straight
-to ``F.multi_head_attention_forward``, so a replaced ``out_proj`` would never be called.
+to ``F.multi_head_attention_forward``, so a replaced ``out_proj`` would never be called; grouped and depthwise
+convolutions stay dense too.
 
-The sparse modules compute ``y^T = W x^T`` with ``W`` in CSR (or BSR) form. On the CPU in float32 the
-default kernel is ``"c"``, the compiled CSR kernel of :mod:`lightning_pai.ckernels` (built once per machine
-with the system C compiler; bias and a following ``nn.ReLU`` applied in the same pass, the input processed in
-cache-sized tiles of 64 rows); without a compiler the kernels are ``torch.sparse.mm(W, x^T, "sum")``
-(PyTorch's native row-parallel CSR kernel, the fastest of PyTorch's on CPU from about 16 rows) or
-``torch.addmm(b, W, x^T)`` (MKL on CPU, cuSPARSE on CUDA). The input is transposed once to ``(in, rows)``;
-the output is returned as the transposed view ``(y^T)^T``, so a chain of sparse layers (with elementwise
-activations between them, which keep the layout) transposes only at its first layer. The outputs are
-therefore not contiguous; pass ``contiguous_outputs=True`` if your code calls ``.view`` on them. A single
-row (batch 1) uses PyTorch's sparse matrix-vector product ``torch.addmv(b, W, x)`` (with any kernel: it beats
-the compiled kernel's one-column case) and returns a contiguous output. With ``fuse=True`` (the default), an ``nn.ReLU`` that directly
-follows a converted layer in an ``nn.Sequential`` is folded into it, and, when the ``"c"`` kernel is used,
-each ``nn.LayerNorm`` becomes a :class:`TransposedLayerNorm`, which normalises the transposed layout in place
-of copying it, so a transformer MLP stack (LayerNorm, Linear, GELU, Linear) runs without any transpose
-between its layers.
+**Kernels.** On the CPU in float32 the default kernel is ``"c"``: the compiled kernels of
+:mod:`lightning_pai.ckernels` (built once per machine with the system C compiler, cached; bias and a
+following ``nn.ReLU`` applied in the same pass; inputs processed in cache-sized tiles of 64 columns). Without
+a compiler the matmul layers use ``torch.sparse.mm(W, x^T, "sum")`` (PyTorch's native row-parallel CSR
+kernel, the fastest of PyTorch's on CPU from about 16 rows) or ``torch.addmm(b, W, x^T)`` (MKL on CPU,
+cuSPARSE on CUDA), and convolutions other than 1x1 stride-1 stay dense.
+
+**Layouts.** The matmul layers compute ``y^T = W x^T`` with ``W`` in CSR (or BSR) form. The input is
+transposed once to ``(in, rows)``; the output is returned as the transposed view ``(y^T)^T``, so a chain of
+sparse layers (with elementwise activations between them, which keep the layout) transposes only at its first
+layer. The outputs are therefore not contiguous; pass ``contiguous_outputs=True`` if your code calls ``.view``
+on them. A single row (batch 1) uses PyTorch's sparse matrix-vector product ``torch.addmv(b, W, x)`` (with any
+kernel: it beats the compiled kernel's one-column case) and returns a contiguous output. :class:`SparseConv2d`
+returns ordinary contiguous ``NCHW`` outputs.
+
+**Fusion.** With ``fuse=True`` (the default), an ``nn.ReLU`` that directly follows a converted layer in an
+``nn.Sequential`` is folded into it, and, when a :class:`SparseLinear` uses the ``"c"`` kernel, each
+``nn.LayerNorm`` becomes a :class:`TransposedLayerNorm`, which normalises the transposed layout in place of
+copying it, so a transformer MLP stack (LayerNorm, Linear, GELU, Linear) runs without any transpose between its
+layers.
+
+**Crossover.** A layer is converted only where it is expected to be faster: below a density given by the user
+or measured at conversion (dense layer against sparse copies at two densities, on this machine, at the layer's
+input size when ``example_inputs`` is given).
 
 On CUDA, a ``Linear``/``Conv1D`` whose mask is exactly 2:4 along the input dimension (each group of 4
 consecutive input weights of every output row keeps exactly 2) uses
@@ -645,11 +657,13 @@ class LayerConversion:
 
     Attributes:
         name: Module name in the model.
-        kind: ``"Linear"``, ``"Conv2d 1x1"``, ``"Conv1D"``, or the module's class name when unsupported.
-        shape: ``(out, in)`` of the layer's matmul (the weight's shape for unsupported layers).
+        kind: ``"Linear"``, ``"Conv2d 1x1"`` (a matmul), ``"Conv2d"``, ``"Conv1D"``, or the module's class name
+            when unsupported.
+        shape: ``(out, in)`` of the layer's matmul (the weight's shape for ``"Conv2d"`` and unsupported layers).
         density: Fraction of weights kept (``1 - sparsity``); for BSR, the fraction stored in kept blocks.
         converted: Whether the layer was replaced.
-        implementation: ``"csr/sum"``, ``"csr/mm"``, ``"bsr4/mm"``, ``"2:4/float16"``, or ``"dense"``.
+        implementation: ``"csr/c"``, ``"csr/sum"``, ``"csr/mm"``, ``"bsr4/mm"``, ``"direct/c"`` (direct sparse
+            convolution), ``"2:4/float16"`` (each with ``"+relu"`` when a ReLU was fused), or ``"dense"``.
         reason: Why (``"density 0.100 < crossover 0.420 (measured)"``, ``"stride (2, 2)"``, ...).
     """
 
@@ -837,15 +851,16 @@ def to_sparse_inference(
     example_inputs: Any = None,
     inplace: bool = False,
 ) -> nn.Module:
-    """Replace each sparse enough matmul layer by an inference-only ``torch.sparse`` equivalent.
+    """Replace each sparse enough layer by an inference-only sparse equivalent.
 
-    A supported layer (see the module docstring: ``nn.Linear``, 1x1 ``nn.Conv2d``, ``Conv1D``) with density
-    ``d`` (fraction of weights kept, ``1 - sparsity``) is converted when ``d < crossover``; its output equals
-    the masked dense layer's up to float rounding (summation order). With ``crossover=None`` the crossover is
-    measured on this machine for each distinct layer shape (:func:`measure_crossover` at ``batch_size`` rows,
-    cached; well under a second per shape). On CUDA a layer with an exact 2:4 mask uses
-    ``to_sparse_semi_structured`` (float16, see the module docstring) whatever the crossover, unless
-    ``semi_structured=False``.
+    A supported layer (see the module docstring: ``nn.Linear``, ``Conv1D``, ``nn.Conv2d``) with density ``d``
+    (fraction of weights kept, ``1 - sparsity``) is converted when ``d < crossover``; its output equals the
+    masked dense layer's up to float rounding (summation order). With ``crossover=None`` the crossover is
+    measured on this machine for each distinct layer shape and input size (:func:`measure_crossover` at
+    ``batch_size`` rows or each layer's rows in ``example_inputs``, with the input layout a chain of sparse
+    layers gives it; :func:`measure_conv_crossover` for convolutions; cached; well under a second per shape).
+    On CUDA a layer with an exact 2:4 mask uses ``to_sparse_semi_structured`` (float16, see the module
+    docstring) whatever the crossover, unless ``semi_structured=False``.
 
     The report (:class:`ConversionReport`: each considered layer, converted or not, and why) is attached to
     the returned model as ``model.sparse_conversion``; :func:`conversion_report` returns it.
@@ -1036,12 +1051,14 @@ __all__ = [
     "LayerConversion",
     "SemiStructuredLinear",
     "SparseConv1x1",
+    "SparseConv2d",
     "SparseLinear",
     "SparseMatmul",
     "TransposedLayerNorm",
     "clear_crossover_cache",
     "conversion_report",
     "is_two_four",
+    "measure_conv_crossover",
     "measure_crossover",
     "to_sparse_inference",
 ]
