@@ -742,8 +742,8 @@ def _matrix(kind: str, module: nn.Module, mask: Tensor) -> tuple[Tensor, Tensor]
     return w, mask
 
 
-def _fused_activation(model: nn.Module, name: str) -> str | None:
-    """The activation of the ``nn.Sequential`` sibling right after module ``name``, replaced by ``nn.Identity``."""
+def _in_sequential(model: nn.Module, name: str) -> tuple[str, nn.Sequential, list[str], int] | None:
+    """``(parent name, parent, its child keys, the position of name)`` if ``name``'s parent is a Sequential."""
     parent_name, _, child = name.rpartition(".")
     if not name:
         return None
@@ -751,11 +751,16 @@ def _fused_activation(model: nn.Module, name: str) -> str | None:
     if not isinstance(parent, nn.Sequential):
         return None
     keys = list(parent._modules)
-    position = keys.index(child)
-    if position + 1 == len(keys):
+    return parent_name, parent, keys, keys.index(child)
+
+
+def _fused_activation(model: nn.Module, name: str) -> str | None:
+    """The activation of the ``nn.Sequential`` sibling right after module ``name``, replaced by ``nn.Identity``."""
+    found = _in_sequential(model, name)
+    if found is None or found[3] + 1 == len(found[2]):
         return None
-    follower = parent._modules[keys[position + 1]]
-    activation = FUSABLE.get(type(follower))
+    _, parent, keys, position = found
+    activation = FUSABLE.get(type(parent._modules[keys[position + 1]]))
     if activation is not None:
         parent._modules[keys[position + 1]] = nn.Identity()
     return activation
@@ -775,15 +780,12 @@ def _follows_sparse_matmul(model: nn.Module, name: str, replacements: list[tuple
 
     That is: it sits in an ``nn.Sequential`` right after such a layer, elementwise modules aside.
     """
-    parent_name, _, child = name.rpartition(".")
-    if not name:
+    found = _in_sequential(model, name)
+    if found is None:
         return False
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if not isinstance(parent, nn.Sequential):
-        return False
-    keys = list(parent._modules)
-    replaced = {n: new for n, new in replacements}
-    for key in reversed(keys[: keys.index(child)]):
+    parent_name, parent, keys, position = found
+    replaced = dict(replacements)
+    for key in reversed(keys[:position]):
         if isinstance(parent._modules[key], _ELEMENTWISE):
             continue
         return isinstance(replaced.get(f"{parent_name}.{key}" if parent_name else key), SparseLinear)
