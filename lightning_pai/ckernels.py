@@ -297,6 +297,8 @@ _state: dict[str, object] = {}
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 #: Floats below which the memory-bound kernels (transpose, phase planes, LayerNorm) run on one thread.
 _COPY_MINIMUM = 1 << 18
+#: Multiply-adds below which the compute kernels run on one thread.
+_KERNEL_MINIMUM = 1 << 15
 
 
 def _cpu_signature() -> str:
@@ -373,12 +375,12 @@ def available() -> bool:
     return library() is not None
 
 
-def _threads(work: int, minimum: int = 1 << 15) -> int:
+def _threads(work: int, minimum: int | None = None) -> int:
     """PyTorch's intra-op thread count for ``work`` multiply-adds (or copied floats), 1 below ``minimum``.
 
     Waking the thread pool costs microseconds: small calls are faster on the calling thread alone.
     """
-    return 1 if work < minimum else torch.get_num_threads()
+    return 1 if work < (_KERNEL_MINIMUM if minimum is None else minimum) else torch.get_num_threads()
 
 
 def _ptr_or_none(t: Tensor | None) -> int | None:
