@@ -163,6 +163,18 @@ int lp_csr_matmul_t(int64_t rows, int64_t in, int64_t n, const int32_t *crow, co
     return 0;
 }
 
+/* A CSR weight prepared once per layer (see CsrPlan in Python): one small call per product. */
+typedef struct {
+    int64_t rows, in, nnz;
+    const int32_t *crow, *col;
+    const float *val, *bias;
+    int act;
+} lp_csr;
+
+int lp_csr_apply(const lp_csr *w, int64_t n, const float *x, int64_t ldx, float *y, int threads) {
+    return lp_csr_matmul_t(w->rows, w->in, n, w->crow, w->col, w->val, w->bias, x, ldx, y, n, w->act, threads);
+}
+
 /* Direct sparse convolution (Park et al. 2017) over a batch of images laid out as "phase planes" (see
    SparseConv2d in Python): on the output grid t = i * grid_w + j (i < out_h, j < grid_w), every output channel r is
    g[r, t] = act(bias[r] + sum_k val[k] x[img, off[k] + t]); the columns j < out_w of it are written, compactly,
@@ -293,6 +305,7 @@ int lp_layer_norm_t(int64_t features, int64_t n, const float *x, int64_t ldx, co
 ACTIVATIONS = {None: 0, "relu": 1}
 _BASE_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99")
 _lock = threading.Lock()
+_LIB: ctypes.CDLL | None = None  # what library() returned last (csr_apply's fast path)
 _state: dict[str, object] = {}
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 #: Floats below which the memory-bound kernels (transpose, phase planes, LayerNorm) run on one thread.
@@ -354,6 +367,7 @@ def _load() -> ctypes.CDLL | None:
                                         ctypes.c_int]  # fmt: skip
         lib.lp_sparse_conv.argtypes = [_i64] * 5 + [_ptr] * 5 + [_i64, _ptr, _i64, ctypes.c_int, ctypes.c_int]
         lib.lp_phase_planes.argtypes = [_i64] * 3 + [_ptr] + [_i64] * 10 + [_ptr, ctypes.c_int]
+        lib.lp_csr_apply.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, ctypes.c_int]
         lib.lp_transpose.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _i64, ctypes.c_int]
         lib.lp_layer_norm_t.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _ptr, ctypes.c_float, _ptr, _i64,
                                         ctypes.c_int]  # fmt: skip
@@ -363,10 +377,12 @@ def _load() -> ctypes.CDLL | None:
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernel library (built on the first call, then cached), or ``None`` if unavailable."""
+    global _LIB
     if "lib" not in _state:
         with _lock:
             if "lib" not in _state:
                 _state["lib"] = _load()
+    _LIB = _state["lib"]
     return _state["lib"]  # type: ignore[return-value]
 
 
@@ -387,6 +403,55 @@ def _ptr_or_none(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+class _Csr(ctypes.Structure):
+    _fields_ = [("rows", _i64), ("in_features", _i64), ("nnz", _i64), ("crow", _ptr), ("col", _ptr),
+                ("val", _ptr), ("bias", _ptr), ("act", ctypes.c_int)]  # fmt: skip
+
+
+class CsrPlan:
+    """A CSR weight prepared for :func:`csr_apply`: its pointers packed once, its tensors kept alive.
+
+    Args:
+        crow: ``(rows + 1,)`` int32 row offsets.
+        col: ``(nnz,)`` int32 column indices.
+        values: ``(nnz,)`` float32 values.
+        bias: ``(rows,)`` float32 (contiguous) or ``None``.
+        in_features: Columns of the matrix.
+        activation: ``None`` or ``"relu"`` (applied to the output in the same pass).
+    """
+
+    __slots__ = ("_struct", "_tensors", "nnz", "rows")
+
+    def __init__(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        values: Tensor,
+        bias: Tensor | None,
+        in_features: int,
+        activation: str | None = None,
+    ) -> None:
+        self.rows, self.nnz = crow.shape[0] - 1, values.shape[0]
+        self._tensors = (crow, col, values, bias)  # the pointers below stay valid while the plan lives
+        self._struct = _Csr(
+            self.rows, in_features, self.nnz, crow.data_ptr(), col.data_ptr(), values.data_ptr(),
+            _ptr_or_none(bias), ACTIVATIONS[activation],
+        )  # fmt: skip
+
+
+def csr_apply(plan: CsrPlan, xt: Tensor) -> Tensor:
+    """``act(W @ xt + bias[:, None])`` for a prepared CSR ``W`` and a float32 ``(in, n)`` input with contiguous rows.
+
+    Returns:
+        The ``(rows, n)`` contiguous float32 result.
+    """
+    n = xt.shape[1]
+    y = torch.empty(plan.rows, n, dtype=torch.float32)
+    lib = _LIB or library()
+    lib.lp_csr_apply(ctypes.byref(plan._struct), n, xt.data_ptr(), xt.stride(0), y.data_ptr(), _threads(plan.nnz * n))
+    return y
+
+
 def csr_matmul_t(
     crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, xt: Tensor, activation: str | None = None
 ) -> Tensor:
@@ -403,15 +468,8 @@ def csr_matmul_t(
     Returns:
         The ``(rows, n)`` contiguous float32 result.
     """
-    lib = library()
-    assert lib is not None, "call available() first"
-    rows, n = crow.shape[0] - 1, xt.shape[1]
-    y = torch.empty(rows, n, dtype=torch.float32, device=xt.device)
-    lib.lp_csr_matmul_t(
-        rows, xt.shape[0], n, crow.data_ptr(), col.data_ptr(), values.data_ptr(), _ptr_or_none(bias),
-        xt.data_ptr(), xt.stride(0), y.data_ptr(), n, ACTIVATIONS[activation], _threads(values.shape[0] * n),
-    )  # fmt: skip
-    return y
+    assert library() is not None, "call available() first"
+    return csr_apply(CsrPlan(crow, col, values, bias, xt.shape[0], activation), xt)
 
 
 def sparse_conv(
@@ -518,6 +576,8 @@ def layer_norm_t(xt: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
 __all__ = [
     "ACTIVATIONS",
     "available",
+    "CsrPlan",
+    "csr_apply",
     "csr_matmul_t",
     "layer_norm_t",
     "library",

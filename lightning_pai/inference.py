@@ -182,10 +182,12 @@ class SparseMatmul(nn.Module):
         self.register_buffer("values", values.contiguous().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone().unsqueeze(1))
         self._cache: tuple[tuple, Tensor] | None = None
+        self._c_plan: tuple | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_cache"] = None  # sparse tensors cannot be deep-copied or pickled; rebuilt on the next call
+        # sparse tensors and the compiled kernel's plan (raw pointers) cannot be copied; rebuilt on the next call
+        state["_cache"] = state["_c_plan"] = None
         return state
 
     @property
@@ -220,11 +222,7 @@ class SparseMatmul(nn.Module):
         bias = buffers["bias"]
         kernel = kernel or self._kernel_for(xt)
         if kernel == "c":
-            if xt.stride(1) != 1:
-                xt = xt.contiguous()
-            b = None if bias is None else bias.view(-1)
-            crow, col, values = buffers["crow_indices"], buffers["col_indices"], buffers["values"]
-            return ckernels.csr_matmul_t(crow, col, values, b, xt, self.activation)
+            return ckernels.csr_apply(self._plan(), xt if xt.stride(1) == 1 else xt.contiguous())
         w = self.sparse_weight()
         if not xt.is_contiguous():
             xt = xt.contiguous()
@@ -243,16 +241,36 @@ class SparseMatmul(nn.Module):
         """
         if self.kernel != "c":
             return self.kernel
-        buffers = self._buffers
-        values, bias = buffers["values"], buffers["bias"]
-        if (
-            x.dtype == values.dtype == torch.float32
-            and x.device.type == values.device.type == "cpu"
-            and buffers["crow_indices"].dtype == buffers["col_indices"].dtype == torch.int32
-            and (bias is None or bias.dtype == torch.float32)
-        ):
+        if x.dtype == torch.float32 and x.device.type == "cpu" and self._plan() is not None:
             return "c"
-        return "sum" if values.device.type == "cpu" else "mm"
+        return "sum" if self._buffers["values"].device.type == "cpu" else "mm"
+
+    def _plan(self) -> ckernels.CsrPlan | None:
+        """The compiled kernel's prepared weight, or ``None`` once the buffers are not float32 CPU tensors.
+
+        Rebuilt when a buffer is replaced (``.to()``, ``.double()``) or the activation changes; in-place edits
+        (``load_state_dict``) keep the buffers and so the plan's pointers.
+        """
+        buffers = self._buffers
+        values, crow, col, bias = buffers["values"], buffers["crow_indices"], buffers["col_indices"], buffers["bias"]
+        cached = self._c_plan
+        if (
+            cached is not None
+            and cached[0] is values
+            and cached[1] is crow
+            and cached[2] is col
+            and cached[3] is bias
+            and cached[4] == self.activation
+        ):
+            return cached[5]
+        plan = None
+        usable = values.dtype == torch.float32 and crow.dtype == col.dtype == torch.int32
+        usable = usable and values.is_contiguous() and crow.is_contiguous() and col.is_contiguous()
+        if usable and values.device.type == "cpu" and (bias is None or bias.dtype == torch.float32):
+            flat_bias = None if bias is None else bias.view(-1)
+            plan = ckernels.CsrPlan(crow, col, values, flat_bias, self.in_features, self.activation)
+        self._c_plan = (values, crow, col, bias, self.activation, plan)
+        return plan
 
     def matvec(self, x: Tensor) -> Tensor:
         """``act(W @ x + b)`` for one ``(in,)`` vector: ``torch.addmv`` (the fastest here for every kernel)."""

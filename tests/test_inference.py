@@ -442,6 +442,7 @@ def test_c_layers_fall_back_after_dtype_change(one_thread):
 def test_kernel_library_build_and_opt_out(tmp_path, monkeypatch):
     """A fresh cache builds the library once (file named by a hash); the opt-out and a missing compiler disable it."""
     monkeypatch.setenv("LIGHTNING_PAI_CACHE", str(tmp_path))
+    monkeypatch.setattr(ckernels, "_LIB", ckernels._LIB)  # restored afterwards, like _state
 
     def fresh() -> bool:
         monkeypatch.setattr(ckernels, "_state", {})  # as in a new process

@@ -50,3 +50,26 @@ def test_readme_example_runs(heading, tmp_path, monkeypatch, one_thread):
         (cb,) = callbacks
         assert abs(cb.masks.density - 0.2) < 1e-3
     assert cb.masks.density == pytest.approx(0.1 if heading.startswith("Add") else 0.2, abs=1e-3)
+
+
+def test_readme_deployment_example_runs(tmp_path, monkeypatch, one_thread):
+    """The deployment example: compressed file, bit-exact reload, make_permanent, measured sparse inference."""
+    monkeypatch.chdir(tmp_path)
+    text = README.read_text().split("## From sparse training to a smaller, faster model\n", 1)[1]
+    blocks = re.findall(r"```python\n(.*?)```", text.split("\n## ", 1)[0], flags=re.S)
+    (block,) = [b for b in blocks if "to_sparse_inference(" in b]
+    namespace: dict = {"__name__": "__readme__"}
+    exec(compile(block, "README: deployment", "exec"), namespace)  # asserts the sparse outputs itself
+    import torch
+
+    from lightning_pai import conversion_report
+
+    plain, fast, masks = namespace["plain"], namespace["fast"], namespace["callback"].masks
+    torch.save(plain.state_dict(), tmp_path / "dense.pt")
+    ratio = (tmp_path / "lenet.sparse.pt").stat().st_size / (tmp_path / "dense.pt").stat().st_size
+    assert ratio < 0.07  # 4 x 0.02 + 0.125 bytes per masked weight, against 4
+    assert abs(masks.density - 0.02) < 1e-3
+    rows = conversion_report(fast).rows
+    assert [r.name for r in rows] == ["net.0", "net.2", "net.4"]
+    assert all("(measured at 64 rows" in r.reason for r in rows)  # the example batch's rows, not a guess
+    assert all(torch.equal(p, q) for p, q in zip(plain.state_dict().values(), namespace["model"].state_dict().values()))
