@@ -341,6 +341,13 @@ def _compile(cc: str, flags: tuple[str, ...], out: Path) -> bool:
     return True
 
 
+def _default_cache() -> Path:
+    try:
+        return Path.home() / ".cache" / "lightning_pai"
+    except (RuntimeError, KeyError):  # no home directory
+        return Path(tempfile.gettempdir()) / "lightning_pai"
+
+
 def _load() -> ctypes.CDLL | None:
     if os.environ.get("LIGHTNING_PAI_NO_CKERNELS", "") not in ("", "0"):
         return None
@@ -351,7 +358,7 @@ def _load() -> ctypes.CDLL | None:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    cache = Path(os.environ.get("LIGHTNING_PAI_CACHE", Path.home() / ".cache" / "lightning_pai"))
+    cache = Path(os.environ.get("LIGHTNING_PAI_CACHE") or _default_cache())
     portable = tuple(f for f in _BASE_FLAGS if f != "-march=native")
     # without OpenMP: one thread; without -march=native: compilers that do not know it
     for flags in (_BASE_FLAGS + ("-fopenmp",), _BASE_FLAGS, portable):
