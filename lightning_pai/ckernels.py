@@ -308,10 +308,8 @@ _lock = threading.Lock()
 _LIB: ctypes.CDLL | None = None  # what library() returned last (csr_apply's fast path)
 _state: dict[str, object] = {}
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-#: Floats below which the memory-bound kernels (transpose, phase planes, LayerNorm) run on one thread.
-_COPY_MINIMUM = 1 << 18
-#: Multiply-adds below which the compute kernels run on one thread.
-_KERNEL_MINIMUM = 1 << 15
+#: Multiply-adds (or copied floats) below which a kernel runs on the calling thread alone.
+_MIN_PARALLEL_WORK = 1 << 15
 
 
 def _cpu_signature() -> str:
@@ -398,12 +396,12 @@ def available() -> bool:
     return library() is not None
 
 
-def _threads(work: int, minimum: int | None = None) -> int:
-    """PyTorch's intra-op thread count for ``work`` multiply-adds (or copied floats), 1 below ``minimum``.
+def _threads(work: int) -> int:
+    """PyTorch's intra-op thread count for ``work`` multiply-adds (or copied floats), 1 for small calls.
 
     Waking the thread pool costs microseconds: small calls are faster on the calling thread alone.
     """
-    return 1 if work < (_KERNEL_MINIMUM if minimum is None else minimum) else torch.get_num_threads()
+    return 1 if work < _MIN_PARALLEL_WORK else torch.get_num_threads()
 
 
 def _ptr_or_none(t: Tensor | None) -> int | None:
@@ -552,7 +550,7 @@ def phase_planes(
     buf = torch.empty(n * features + 64, dtype=torch.float32, device=x.device)
     lib.lp_phase_planes(
         n * c, h, w, x.data_ptr(), x.stride(1), x.stride(2), padding[0], padding[1], step[0], step[1], qh, qw, ph,
-        pw, buf.data_ptr(), _threads(n * features, _COPY_MINIMUM),
+        pw, buf.data_ptr(), _threads(n * features),
     )  # fmt: skip
     return buf[: n * features].view(n, features)
 
@@ -563,7 +561,7 @@ def transpose(x: Tensor) -> Tensor:
     assert lib is not None, "call available() first"
     rows, cols = x.shape
     y = torch.empty(cols, rows, dtype=torch.float32, device=x.device)
-    lib.lp_transpose(rows, cols, x.data_ptr(), x.stride(0), y.data_ptr(), rows, _threads(x.numel(), _COPY_MINIMUM))
+    lib.lp_transpose(rows, cols, x.data_ptr(), x.stride(0), y.data_ptr(), rows, _threads(x.numel()))
     return y
 
 
@@ -575,7 +573,7 @@ def layer_norm_t(xt: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     y = torch.empty(features, n, dtype=torch.float32, device=xt.device)
     lib.lp_layer_norm_t(
         features, n, xt.data_ptr(), xt.stride(0), _ptr_or_none(weight), _ptr_or_none(bias), eps, y.data_ptr(), n,
-        _threads(xt.numel(), _COPY_MINIMUM),
+        _threads(xt.numel()),
     )  # fmt: skip
     return y
 
