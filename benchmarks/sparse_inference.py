@@ -29,6 +29,7 @@ Usage::
     python benchmarks/sparse_inference.py          # the results file (~10 min alone on 2 cores, 30 with retries)
     python benchmarks/sparse_inference.py --quick  # smoke run, results not written
     python benchmarks/sparse_inference.py --allocator steady  # results_steady: see STEADY_MALLOC
+    python benchmarks/sparse_inference.py --runs 5  # and 4 more fresh processes: min / median / max per row
 
 With glibc's default settings every large tensor is a fresh ``mmap`` and freed memory may be returned to the
 system, so a forward pass pays page faults whose count depends on the process's allocation history: the same
@@ -43,6 +44,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -320,6 +322,39 @@ def markdown(lat: list[dict], sizes: list[dict], meta: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def fresh_process_run(args: argparse.Namespace, index: int) -> list[dict]:
+    """The latency rows measured again by a new process of this script (same options)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "latency.json")
+        command = [sys.executable, __file__, "--models", *args.models, "--sparsities", *map(str, args.sparsities)]
+        command += ["--batches", *map(str, args.batches), "--repeat-scale", str(args.repeat_scale)]
+        command += ["--max-foreign", str(args.max_foreign), "--tries", str(args.tries), "--allocator", args.allocator]
+        print(f"run {index + 1} of {args.runs}, in a new process", flush=True)
+        subprocess.run([*command, "--latency-json", str(out)], check=True)
+        return json.loads(out.read_text())
+
+
+def across_runs(runs: list[list[dict]]) -> str:
+    """Markdown: each row's auto ratio over the runs (min / median / max, and every value)."""
+    out = [
+        "",
+        f"## Across {len(runs)} runs",
+        "",
+        "The auto ratio of each row in every run (each in a fresh process: the allocator's history differs).",
+        "",
+        "| model | sparsity | batch | min | median | max | runs |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in runs[0]:
+        key = (row["model"], row["sparsity"], row["batch"])
+        values = [r["ratio_auto"] for run in runs for r in run if (r["model"], r["sparsity"], r["batch"]) == key]
+        out.append(
+            f"| {key[0]} | {key[1]:.2f} | {key[2]} | {min(values):.2f} | {statistics.median(values):.2f} | "
+            f"{max(values):.2f} | {', '.join(f'{v:.2f}' for v in values)} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -337,6 +372,12 @@ def main() -> None:
         "--allocator", choices=["default", "steady"], default="default",
         help="steady: rerun under glibc settings that keep freed memory for reuse (results_steady files)",
     )  # fmt: skip
+    parser.add_argument(
+        "--runs", type=int, default=1,
+        help="also measure the latency rows in this many more fresh processes (allocator histories differ) and "
+        "add min / median / max across runs",
+    )  # fmt: skip
+    parser.add_argument("--latency-json", help=argparse.SUPPRESS)  # a --runs child: write its rows here, only them
     args = parser.parse_args()
     if args.allocator == "steady" and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC})
@@ -345,6 +386,10 @@ def main() -> None:
     torch.set_num_threads(2)
     start, load_before = time.time(), os.getloadavg()[0]
     lat = latency(args.models, args.sparsities, args.batches, args.repeat_scale, args.max_foreign, args.tries)
+    if args.latency_json:
+        Path(args.latency_json).write_text(json.dumps(lat))
+        return
+    runs = [lat] + [fresh_process_run(args, i) for i in range(1, args.runs)]
     sizes = file_sizes(args.sparsities)
     meta = {
         "argv": sys.argv[1:],
@@ -359,14 +404,14 @@ def main() -> None:
         "kernels": "lightning_pai.ckernels (compiled)" if ckernels.available() else "torch.sparse",
         "allocator": args.allocator,
     }
-    text = markdown(lat, sizes, meta)
+    text = markdown(lat, sizes, meta) + (across_runs(runs) if len(runs) > 1 else "")
     print()
     print(text)
     if not args.no_write:
         RESULTS.mkdir(exist_ok=True)
         stem = "sparse_inference" + ("_steady" if args.allocator == "steady" else "")
         (RESULTS / f"{stem}.md").write_text(text)
-        payload = {"meta": meta, "latency": lat, "file_sizes": sizes}
+        payload = {"meta": meta, "latency": lat, "file_sizes": sizes, "runs": runs}
         (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
         print(f"wrote {RESULTS / stem}.md and .json")
 
