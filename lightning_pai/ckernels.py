@@ -48,9 +48,6 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #define TILE 64
 
@@ -126,7 +123,7 @@ static inline void lp_row_part(const int32_t *restrict col, const float *restric
 /* Y^T[r, t] = act(bias[r] + sum_k val[k] X^T[col[k], t]) for r < rows, t < n; X^T is (in, n), row stride ldx.
    A full tile of a wide input is first copied to a contiguous (in, TILE) buffer: its rows are then adjacent
    in memory instead of ldx apart (a power-of-two stride maps them onto a few cache sets). */
-int lp_csr_matmul_t(int64_t rows, int64_t in, int64_t n, const int32_t *crow, const int32_t *col,
+static int lp_csr_matmul_t(int64_t rows, int64_t in, int64_t n, const int32_t *crow, const int32_t *col,
                     const float *val, const float *bias, const float *x, int64_t ldx, float *y, int64_t ldy,
                     int act, int threads) {
     const int64_t tiles = (n + TILE - 1) / TILE;
@@ -301,7 +298,7 @@ int lp_layer_norm_t(int64_t features, int64_t n, const float *x, int64_t ldx, co
 }
 """
 
-#: ``act`` codes of ``csr_matmul_t``.
+#: ``act`` codes of the kernels (``CsrPlan``, ``sparse_conv``).
 ACTIVATIONS = {None: 0, "relu": 1}
 _BASE_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99")
 _lock = threading.Lock()
@@ -368,8 +365,6 @@ def _load() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(path))
         except OSError:
             continue
-        lib.lp_csr_matmul_t.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, ctypes.c_int,
-                                        ctypes.c_int]  # fmt: skip
         lib.lp_sparse_conv.argtypes = [_i64] * 5 + [_ptr] * 5 + [_i64, _ptr, _i64, ctypes.c_int, ctypes.c_int]
         lib.lp_phase_planes.argtypes = [_i64] * 3 + [_ptr] + [_i64] * 10 + [_ptr, ctypes.c_int]
         lib.lp_csr_apply.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, ctypes.c_int]
