@@ -3,20 +3,8 @@
 ``sparsity`` always means the fraction of targeted weights removed; ``density = 1 - sparsity``.
 """
 
-from lightning_pai.callbacks import (
-    DSR,
-    SET,
-    SNFS,
-    DynamicSparseTraining,
-    GradualMagnitudePruning,
-    GraNet,
-    LotteryTicket,
-    MovementPruning,
-    PruneAtInit,
-    RigL,
-    SparseCallback,
-    TopologyCallback,
-)
+from lightning_pai import callbacks as _callbacks
+from lightning_pai.callbacks import *  # noqa: F403  (the adapters and every registered method, e.g. RigL)
 from lightning_pai.core import (
     DEFAULT_TARGET_TYPES,
     LayerSparsity,
@@ -40,23 +28,12 @@ from lightning_pai.inference import conversion_report, to_sparse_inference
 __version__ = "0.1.0"
 
 __all__ = [
+    *_callbacks.__all__,
     "DEFAULT_TARGET_TYPES",
-    "DSR",
-    "SET",
-    "SNFS",
-    "DynamicSparseTraining",
-    "GradualMagnitudePruning",
-    "GraNet",
     "LayerSparsity",
-    "LotteryTicket",
     "MaskSet",
-    "MovementPruning",
-    "PruneAtInit",
-    "RigL",
     "ScoringContext",
-    "SparseCallback",
     "SparsityReport",
-    "TopologyCallback",
     "compute_masks",
     "conversion_report",
     "dense_state_dict",

@@ -6,9 +6,8 @@ import pytest
 import torch
 from helpers import TARGET_SHAPES, TARGET_TOTAL, make_dataloader, make_module, make_trainer
 
+from lightning_pai import DSR, SET, SNFS, DynamicSparseTraining, GradualMagnitudePruning, GraNet, MovementPruning, RigL
 from lightning_pai.callbacks._compat import CallbackBase
-from lightning_pai.callbacks.dynamic import DSR, SET, SNFS, DynamicSparseTraining, GraNet, RigL
-from lightning_pai.callbacks.gradual import GradualMagnitudePruning, MovementPruning
 from lightning_pai.core.dst import (
     TopologyUpdater,
     drop_counts,
@@ -98,7 +97,7 @@ def test_rigl_updates_match_core_on_recorded_inputs():
     cb = RigL(0.8, delta_t=10, t_end=0.75, verbose=False)
     rec, module = _run(cb)
     t_end = int(0.75 * STEPS)
-    assert t_end == 30 and cb._total_steps == STEPS
+    assert t_end == 30 and cb.session.total_steps == STEPS
     initial = rec.masks_after[0]
     assert sum(_kept(initial).values()) == round(0.2 * TARGET_TOTAL)
     changed = []
@@ -192,11 +191,11 @@ def test_resume_gives_the_same_topology_sequence(tmp_path, method):
         ({"redistribution": "magnitude"}, "Unknown `redistribution` 'magnitude'. Valid redistribution rules"),
         ({"drop": "oldest"}, "Unknown `drop` 'oldest'. Valid drop rules: magnitude, set, threshold"),
         ({"rounding": "round"}, "`rounding` must be one of"),
-        ({"min_fraction": 0.5}, "`min_fraction` must be in"),
+        ({"min_fraction": 0.5}, r"`min_fraction` \(the cosine's floor\) must be a number in \[0, 0.3\]"),
         ({"beta": 1.0}, "`beta`"),
         ({"alpha": 1.5}, "`alpha`"),
-        ({"delta_t": 0}, "`delta_t` must be a positive integer"),
-        ({"t_end": 0}, "`t_end` is a fraction"),
+        ({"delta_t": 0}, r"`delta_t` \(optimizer steps between updates\) must be a positive integer"),
+        ({"t_end": 0}, r"`t_end` \(a fraction of the training steps\) must be a number in \(0, 1\]"),
         ({"update_on": "batch"}, "`update_on` must be one of"),
         ({"init": "nope"}, "nope"),
     ],
@@ -266,7 +265,7 @@ def test_multiple_optimizers_rejected_before_training():
         torch.optim.SGD(module.fc2.parameters(), lr=0.1),
     ]
     trainer = make_trainer(max_steps=2, callbacks=[RigL(0.8, verbose=False)])
-    with pytest.raises(ValueError, match="supports one optimizer; `configure_optimizers` returned 2"):
+    with pytest.raises(ValueError, match="supports one optimizer; the training loop uses 2"):
         trainer.fit(module, make_dataloader())
     assert trainer.global_step == 0
 

@@ -20,7 +20,7 @@ from helpers import (
 )
 from torch import nn
 
-import lightning_pai.callbacks.prune_at_init as pai_module
+import lightning_pai.core.pruning as pai_module
 from lightning_pai import PruneAtInit, compute_masks
 from lightning_pai.callbacks._compat import check_strategy
 

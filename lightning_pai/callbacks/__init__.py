@@ -1,26 +1,36 @@
-"""Lightning callbacks: thin adapters from trainer hooks to the sparse engine."""
+"""Lightning callbacks: thin adapters from trainer hooks to the engine's sessions, one file per method.
 
-from lightning_pai.callbacks.base import SparseCallback
-from lightning_pai.callbacks.dynamic import DSR, SET, SNFS, DynamicSparseTraining, GraNet, RigL, TopologyCallback
-from lightning_pai.callbacks.gradual import GradualMagnitudePruning, MovementPruning
-from lightning_pai.callbacks.lottery import LotteryTicket
-from lightning_pai.callbacks.prune_at_init import PruneAtInit
+A method class registers itself by declaring a :class:`~lightning_pai.callbacks.base.MethodCard`;
+:func:`list_methods` (and :data:`CALLBACKS`) list them for the registry-parametrized test suites, the CLI
+check and the benchmarks. A new method is its class (and, if new, its rule in the engine) plus one import
+line here.
+"""
 
-#: Every method callback (the classes users put in a Trainer), in the order the docs present them.
-CALLBACKS = (PruneAtInit, LotteryTicket, RigL, SET, SNFS, GraNet, DSR, GradualMagnitudePruning, MovementPruning)
+from lightning_pai.callbacks.base import LightningHost, MethodCard, SparseCallback, list_methods
+from lightning_pai.callbacks.dynamic import DynamicSparseTraining
+from lightning_pai.callbacks.topology import TopologyCallback
+
+# The methods, in the order the docs present them (importing a module registers its class).
+from lightning_pai.callbacks.prune_at_init import PruneAtInit as PruneAtInit  # isort: skip
+from lightning_pai.callbacks.lottery import LotteryTicket as LotteryTicket  # isort: skip
+from lightning_pai.callbacks.rigl import RigL as RigL  # isort: skip
+from lightning_pai.callbacks.set import SET as SET  # isort: skip
+from lightning_pai.callbacks.snfs import SNFS as SNFS  # isort: skip
+from lightning_pai.callbacks.granet import GraNet as GraNet  # isort: skip
+from lightning_pai.callbacks.dsr import DSR as DSR  # isort: skip
+from lightning_pai.callbacks.gradual import GradualMagnitudePruning as GradualMagnitudePruning  # isort: skip
+from lightning_pai.callbacks.gradual import MovementPruning as MovementPruning  # isort: skip
+
+#: Every registered method callback (the classes users put in a Trainer), in registration order.
+CALLBACKS = tuple(list_methods())
 
 __all__ = [
     "CALLBACKS",
-    "DSR",
-    "SET",
-    "SNFS",
     "DynamicSparseTraining",
-    "GradualMagnitudePruning",
-    "GraNet",
-    "LotteryTicket",
-    "MovementPruning",
-    "PruneAtInit",
-    "RigL",
+    "LightningHost",
+    "MethodCard",
     "SparseCallback",
     "TopologyCallback",
+    "list_methods",
+    *(cls.__name__ for cls in CALLBACKS),
 ]

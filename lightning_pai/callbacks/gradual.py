@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from lightning_pai.callbacks.dynamic import PRUNE_DISTRIBUTIONS, TopologyCallback, check_gradual
+from lightning_pai.callbacks.base import MethodCard
+from lightning_pai.callbacks.topology import TopologyCallback
+from lightning_pai.core.distributions import check_iterative
 from lightning_pai.core.dst import Plan, Pruning
 from lightning_pai.core.nm import NMSpec
-from lightning_pai.core.pruning import check_choice, is_number
 from lightning_pai.core.schedules import Cubic, Every
 from lightning_pai.core.targets import Selectors
+from lightning_pai.core.validation import check_gradual, check_positive_int
 
 
 class GradualMagnitudePruning(TopologyCallback):
@@ -36,6 +38,7 @@ class GradualMagnitudePruning(TopologyCallback):
     """
 
     score = "magnitude"
+    card = MethodCard("gradual", example={"start": 0, "end": 0.375, "frequency": 2})
 
     def __init__(
         self,
@@ -63,17 +66,18 @@ class GradualMagnitudePruning(TopologyCallback):
         self.initial_sparsity = check_gradual(self.sparsity, initial_sparsity, start, end)
         if nm is not None and self.initial_sparsity > 0:
             raise ValueError("With `nm`, gradual pruning starts dense: leave `initial_sparsity` at 0.")
-        if not is_number(frequency, integer=True) or frequency < 1:
-            raise ValueError(f"`frequency` must be a positive integer (optimizer steps); got {frequency!r}.")
-        check_choice(distribution, PRUNE_DISTRIBUTIONS, "distribution")
-        self.start, self.end, self.frequency = start, end, frequency
+        self.frequency = check_positive_int(frequency, "frequency", "optimizer steps between pruning updates")
+        check_iterative(distribution)
+        self.start, self.end = start, end
         self._check()
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(sparsity=self.sparsity, initial_sparsity=self.initial_sparsity)
 
-    def _start_sparsity(self) -> float:
+    @property
+    def initial_sparsity_of_masks(self) -> float:
+        """Gradual pruning starts at ``initial_sparsity``."""
         return self.initial_sparsity
 
     def plan(self) -> Plan:
@@ -81,10 +85,6 @@ class GradualMagnitudePruning(TopologyCallback):
         sparsity = Cubic(self.initial_sparsity, self.sparsity, self.start, self.end)
         when = Every(self.frequency, self.start, self.end, also=(self.end,))
         return Plan(when=when, prune=Pruning(sparsity, self.score, self.distribution), options={"nm": self.nm})
-
-    def target_sparsity(self, step: int) -> float:
-        """``s_t`` of the cubic schedule at optimizer step ``step`` (of this fit)."""
-        return self.plan().prune.sparsity(step, self._total_steps)
 
 
 class MovementPruning(GradualMagnitudePruning):
@@ -114,3 +114,4 @@ class MovementPruning(GradualMagnitudePruning):
     """
 
     score = "movement"
+    card = MethodCard("gradual", example={"start": 0, "end": 0.375, "frequency": 2})

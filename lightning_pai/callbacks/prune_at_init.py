@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from itertools import islice
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 
-from lightning_pai.callbacks.base import SparseCallback
-from lightning_pai.core.distributions import Distribution, get_distribution
-from lightning_pai.core.masks import MaskSet, check_min_density, check_sparsity
-from lightning_pai.core.nm import NMSpec, nm_sparsity, resolve_nm
-from lightning_pai.core.pruning import ABLATIONS, check_choice, prune
-from lightning_pai.core.schedules import round_sparsities
-from lightning_pai.core.scorers import Scorer, ScoringContext, default_forward, get_scorer, scorer_info
+from lightning_pai.callbacks.base import MethodCard, SparseCallback
+from lightning_pai.core.distributions import Distribution
+from lightning_pai.core.nm import NMSpec
+from lightning_pai.core.pruning import Pruner, _name
+from lightning_pai.core.scorers import Scorer
+from lightning_pai.core.session import PruneSession
 from lightning_pai.core.targets import Selectors
 
 
@@ -82,6 +80,8 @@ class PruneAtInit(SparseCallback):
         trainer = Trainer(callbacks=[PruneAtInit("snip", sparsity=0.95, batches=1)])
     """
 
+    card = MethodCard("prune_at_init", example={"method": "magnitude"})
+
     def __init__(
         self,
         method: str | Scorer = "magnitude",
@@ -104,36 +104,23 @@ class PruneAtInit(SparseCallback):
         nm: NMSpec = None,
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose)
-        sparsity = nm_sparsity(sparsity, nm)
-        get_scorer(method)
-        get_distribution(distribution)
-        info = scorer_info(method)
-        if iterations is None:
-            iterations = info["iterations"]
-        round_sparsities(check_sparsity(sparsity), iterations, schedule)  # validates all three
-        if info["signed"] and distribution == "lamp":
-            raise ValueError(
-                f"`distribution='lamp'` ranks non-negative magnitudes; `method={_name(method)!r}` gives signed "
-                "scores (squaring them would keep the weights the method wants to remove first). Use 'global', "
-                "'uniform', 'erk' or 'er'."
-            )
-        check_choice(ablation, ABLATIONS, "ablation", optional=True)
-        if not isinstance(batches, int) or batches < 1:
-            raise ValueError(f"`batches` must be a positive integer; got {batches!r}.")
-        check_min_density(min_density, sparsity)
+        pruner = Pruner(  # checks every argument
+            method, sparsity, distribution, iterations, schedule, batches, ablation, min_density, loss_fn,
+            forward_fn, input_shape, temperature, seed, nm,
+        )  # fmt: skip
         self.method = method
-        self.sparsity = float(sparsity)
+        self.sparsity = pruner.sparsity
         self.distribution = distribution
-        self.iterations = iterations
+        self.iterations = pruner.iterations
         self.schedule = schedule
         self.batches = batches
         self.ablation = ablation
-        self.min_density = float(min_density)
+        self.min_density = pruner.min_density
         self.loss_fn = loss_fn
         self.forward_fn = forward_fn
-        self.input_shape = None if input_shape is None else tuple(input_shape)
-        self.temperature = float(temperature)
-        self.seed = int(seed)
+        self.input_shape = pruner.input_shape
+        self.temperature = pruner.temperature
+        self.seed = pruner.seed
         self.nm = nm
 
     @property
@@ -145,80 +132,16 @@ class PruneAtInit(SparseCallback):
             ablation=self.ablation,
         )
 
-    def initial_masks(self, trainer: Any, pl_module: Any, masks: MaskSet) -> dict[str, Tensor]:
-        """Score the targets with ``method`` (iteratively if asked) and keep the top ones."""
-        forward = self.forward_fn or default_forward
-        loss_fn = None
-        if self.loss_fn is not None:
-            user_loss = self.loss_fn
-            loss_fn = lambda module, batch: user_loss(*forward(module, batch))  # noqa: E731
-        elif scorer_info(self.method)["needs"] == "data":
-            loss_fn = _training_step_loss
-        ctx = ScoringContext(
-            params=masks.params,
-            module=pl_module,
-            seed=self.seed,
-            batches=self._scoring_batches(trainer),
-            loss_fn=loss_fn,
-            forward_fn=forward,
-            input_shape=self.input_shape,
-            extras={"temperature": self.temperature},
-            layouts=masks.layouts,
+    def pruner(self) -> Pruner:
+        """The engine's pruning-at-initialization configuration for these arguments."""
+        return Pruner(
+            self.method, self.sparsity, self.distribution, self.iterations, self.schedule, self.batches,
+            self.ablation, self.min_density, self.loss_fn, self.forward_fn, self.input_shape, self.temperature,
+            self.seed, self.nm,
+        )  # fmt: skip
+
+    def build_session(self) -> PruneSession:
+        """Masks scored once, at the start, then kept."""
+        return PruneSession(
+            type(self).__name__, self.pruner(), include=self.include, exclude=self.exclude, verbose=self.verbose
         )
-        if loss_fn is _training_step_loss and not pl_module.automatic_optimization and ctx.batches:
-            raise ValueError(
-                f"`{type(self).__name__}(method={_name(self.method)!r})` cannot score with `training_step` under "
-                "manual optimization (it would step the optimizer): pass `loss_fn=`."
-            )
-        return prune(
-            ctx,
-            self.method,
-            self.sparsity,
-            self.distribution,
-            iterations=self.iterations,
-            schedule=self.schedule,
-            ablation=self.ablation,
-            min_density=self.min_density,
-            nm=resolve_nm(self.nm, {n: p.shape for n, p in masks.params.items()}, masks.layouts),
-        )
-
-    def _scoring_batches(self, trainer: Any) -> list[Any]:
-        needs = scorer_info(self.method)["needs"]
-        if needs == "nothing" or (needs == "shape" and self.input_shape is not None):
-            return []
-        n = 1 if needs == "shape" else self.batches
-        trainer.fit_loop.setup_data()
-        loader = trainer.train_dataloader
-        if loader is None or not isinstance(loader, Iterable) or isinstance(loader, (dict, list, tuple)):
-            raise ValueError(
-                f"`{type(self).__name__}(method={_name(self.method)!r})` scores on batches of a single train "
-                f"dataloader; got {type(loader).__name__}."
-            )
-        batches = [trainer.strategy.batch_to_device(b) for b in islice(iter(loader), n)]
-        if not batches:
-            raise ValueError("The train dataloader is empty: nothing to score on.")
-        return batches
-
-
-def _training_step_loss(module: Any, batch: Any) -> Tensor:
-    """The loss ``module.training_step(batch, 0)`` returns, with ``self.log`` silenced."""
-    saved = module.__dict__.get("log"), module.__dict__.get("log_dict")
-    module.log = module.log_dict = lambda *args, **kwargs: None
-    try:
-        out = module.training_step(batch, 0)
-    finally:
-        for attr, value in zip(("log", "log_dict"), saved):
-            if value is None:
-                delattr(module, attr)
-            else:
-                setattr(module, attr, value)
-    loss = out["loss"] if isinstance(out, dict) else out
-    if not isinstance(loss, Tensor) or loss.ndim != 0:
-        raise ValueError(
-            "`training_step` must return a scalar loss (or a dict with 'loss') for scoring; or pass `loss_fn=`."
-        )
-    return loss
-
-
-def _name(x: object) -> str:
-    return x if isinstance(x, str) else getattr(x, "__name__", type(x).__name__)

@@ -2,22 +2,31 @@
 
 Every distribution has the same signature::
 
-    fn(scores: Mapping[str, Tensor], density: float) -> dict[str, int]
+    fn(scores: Mapping[str, Tensor], density: float, **context) -> dict[str, int]
 
-``scores`` holds one score tensor per prunable parameter (shaped like it; ``-inf`` marks entries that
-may not be kept), ``density`` is the fraction of all targeted weights to keep (``1 - sparsity``). The
-result is the exact number of weights each layer keeps; their sum is ``round(density * total)``
-and each layer's count is within one weight of its real-valued budget.
+``scores`` holds one score tensor per prunable parameter (shaped like it, in the targets' order; ``-inf``
+marks entries that may not be kept), ``density`` is the fraction of all targeted weights to keep
+(``1 - sparsity``). The result is the exact number of weights each layer keeps; their sum is
+``round(density * total)`` and each layer's count is within one weight of its real-valued budget
+(:func:`counts_from_densities` turns per-layer densities into such counts).
 
-A distribution registered with ``layouts=True`` also receives ``layouts=`` (parameter name ->
-:class:`~lightning_pai.core.targets.Layout`) when they are known, to read each target's matrix shape
-(ERK/ER: an ``in_proj_weight`` is three ``E x E`` matrices, a ``Conv1D`` weight is transposed).
+Each entry carries metadata (:func:`distribution_info`) that callers read instead of testing names:
+
+- ``layouts``: called with ``layouts=`` (parameter name -> :class:`~lightning_pai.core.targets.Layout`) to
+  read each target's matrix shape (ERK/ER: an ``in_proj_weight`` is three ``E x E`` matrices, a ``Conv1D``
+  weight is transposed);
+- ``options``: called with the method's ``distribution_options`` as keyword arguments;
+- ``iterative``: it can shrink masks that earlier rounds pruned, ranking the survivors by their scores
+  (iterative magnitude pruning, gradual pruning): ``"global"``, ``"uniform"``, ``"lamp"``; shape-only
+  budgets (``"erk"``, ``"er"``) are not;
+- ``rejects_signed``: it ranks non-negative magnitudes and refuses signed scores (``"lamp"``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,16 +38,67 @@ from lightning_pai.core.targets import Layout, matrix_shapes
 Distribution = Callable[[Mapping[str, Tensor], float], dict[str, int]]
 
 _DISTRIBUTIONS: Registry[Distribution] = Registry(
-    "distribution", "distribution", "lightning_pai.register_distribution", defaults={"layouts": False}
+    "distribution",
+    "distribution",
+    "lightning_pai.register_distribution",
+    defaults={"layouts": False, "options": False, "iterative": False, "rejects_signed": False},
 )
 
 
-def register_distribution(name: str, fn: Distribution | None = None, *, overwrite: bool = False, layouts: bool = False):
-    """Register a distribution ``fn(scores, density) -> counts`` under ``name`` (decorator if ``fn`` is None).
+def register_distribution(
+    name: str,
+    fn: Distribution | None = None,
+    *,
+    overwrite: bool = False,
+    layouts: bool = False,
+    options: bool = False,
+    iterative: bool = False,
+    rejects_signed: bool = False,
+):
+    """Register a distribution ``fn(scores, density, **context) -> counts`` (decorator if ``fn`` is None).
 
-    With ``layouts=True`` it is called as ``fn(scores, density, layouts=...)`` (None when unknown).
+    Args:
+        name: Registry name (case-insensitive).
+        fn: The distribution.
+        overwrite: Replace an existing entry of that name.
+        layouts: Call ``fn`` with ``layouts=`` (None when unknown).
+        options: Call ``fn`` with the method's ``distribution_options`` as keyword arguments.
+        iterative: ``fn`` can shrink existing masks by ranking their survivors (usable by iterative and
+            gradual pruning).
+        rejects_signed: ``fn`` ranks magnitudes: signed scorers (GraSP) are refused before training.
     """
-    return _DISTRIBUTIONS.register(name, fn, overwrite=overwrite, layouts=layouts)
+    info = {"layouts": layouts, "options": options, "iterative": iterative, "rejects_signed": rejects_signed}
+    return _DISTRIBUTIONS.register(name, fn, overwrite=overwrite, **info)
+
+
+def distribution_info(name: str | Distribution) -> Mapping[str, Any]:
+    """Metadata of a distribution (see the module docstring); defaults for an unregistered callable."""
+    return _DISTRIBUTIONS.info(name)
+
+
+def iterative_distributions() -> list[str]:
+    """Names of the distributions that can shrink existing masks (``iterative=True``)."""
+    return [n for n in _DISTRIBUTIONS.list() if _DISTRIBUTIONS.info(n)["iterative"]]
+
+
+def signed_distributions() -> list[str]:
+    """Names of the distributions that accept signed scores (``rejects_signed=False``)."""
+    return [n for n in _DISTRIBUTIONS.list() if not _DISTRIBUTIONS.info(n)["rejects_signed"]]
+
+
+def check_iterative(distribution: str | Distribution, argument: str = "distribution") -> None:
+    """Raise unless ``distribution`` can shrink existing masks by their scores (``iterative`` metadata).
+
+    Raises:
+        ValueError: Naming ``argument`` and the distributions that can.
+    """
+    get_distribution(distribution)
+    if not distribution_info(distribution)["iterative"]:
+        allowed = iterative_distributions()
+        raise ValueError(
+            f"`{argument}` must be one of {allowed} here (distributions that rank the survivors of earlier "
+            f"pruning; register one with `iterative=True`); got {distribution!r}."
+        )
 
 
 def distribute(
@@ -46,12 +106,19 @@ def distribute(
     scores: Mapping[str, Tensor],
     density: float,
     layouts: Mapping[str, Layout] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, int]:
-    """Call ``distribution`` (a name or callable) with ``layouts`` if it declared it takes them."""
+    """Call ``distribution`` (a name or callable) with the context its metadata asks for."""
     fn = get_distribution(distribution)
-    if _DISTRIBUTIONS.info(distribution)["layouts"]:
-        return fn(scores, density, layouts=layouts)
-    return fn(scores, density)
+    info = _DISTRIBUTIONS.info(distribution)
+    context: dict[str, Any] = {}
+    if info["layouts"]:
+        context["layouts"] = layouts
+    if info["options"]:
+        context.update(options or {})
+    elif options:
+        raise ValueError(f"`distribution_options` given, but distribution {distribution!r} takes no options.")
+    return fn(scores, density, **context)
 
 
 def get_distribution(name: str | Distribution) -> Distribution:
@@ -73,6 +140,24 @@ def _target_total(scores: Mapping[str, Tensor], density: float) -> int:
     return round(density * sum(s.numel() for s in scores.values()))
 
 
+def counts_from_densities(
+    densities: Mapping[str, float], sizes: Mapping[str, int], density: float | None = None
+) -> dict[str, int]:
+    """Exact per-layer kept counts from real-valued per-layer densities.
+
+    Each layer's count is within one weight of ``densities[name] * sizes[name]`` (never above its size) and the
+    counts sum to ``round(density * total)`` (default: the rounded sum of the budgets), by largest remainders
+    (:func:`~lightning_pai.core.select.apportion`).
+    """
+    ideal = {n: densities[n] * sizes[n] for n in sizes}
+    total = round(sum(ideal.values())) if density is None else round(density * sum(sizes.values()))
+    return apportion(ideal, dict(sizes), total)
+
+
+def _sizes(scores: Mapping[str, Tensor]) -> dict[str, int]:
+    return {n: s.numel() for n, s in scores.items()}
+
+
 def global_keep(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
     """Masks keeping the ``k`` highest scores over all layers (ties by position in layer order).
 
@@ -89,14 +174,13 @@ def _global_counts(scores: Mapping[str, Tensor], k: int) -> dict[str, int]:
     return active_counts(global_keep(scores, k))
 
 
-@register_distribution("uniform")
+@register_distribution("uniform", iterative=True)
 def uniform(scores: Mapping[str, Tensor], density: float) -> dict[str, int]:
     """Every layer keeps the same fraction ``density`` of its weights (up to rounding)."""
-    ideal = {n: density * s.numel() for n, s in scores.items()}
-    return apportion(ideal, {n: s.numel() for n, s in scores.items()}, _target_total(scores, density))
+    return counts_from_densities({n: density for n in scores}, _sizes(scores), density)
 
 
-@register_distribution("global")
+@register_distribution("global", iterative=True)
 def global_(scores: Mapping[str, Tensor], density: float) -> dict[str, int]:
     """One threshold across all layers: the ``round(density * N)`` highest scores of the network are kept."""
     return _global_counts(scores, _target_total(scores, density))
@@ -158,8 +242,7 @@ def _erdos_renyi_counts(
     scores: Mapping[str, Tensor], density: float, kernel: bool, layouts: Mapping[str, Layout] | None
 ) -> dict[str, int]:
     dens = erdos_renyi_densities({n: s.shape for n, s in scores.items()}, density, kernel, layouts)
-    ideal = {n: dens[n] * s.numel() for n, s in scores.items()}
-    return apportion(ideal, {n: s.numel() for n, s in scores.items()}, _target_total(scores, density))
+    return counts_from_densities(dens, _sizes(scores), density)
 
 
 @register_distribution("erk", layouts=True)
@@ -212,7 +295,7 @@ def lamp_scores(scores: Tensor) -> Tensor:
     return out.view_as(scores)
 
 
-@register_distribution("lamp")
+@register_distribution("lamp", iterative=True, rejects_signed=True)
 def lamp(scores: Mapping[str, Tensor], density: float) -> dict[str, int]:
     """LAMP (Lee et al. 2021): one global threshold on the layer-normalised scores of :func:`lamp_scores`."""
     return _global_counts({n: lamp_scores(s) for n, s in scores.items()}, _target_total(scores, density))

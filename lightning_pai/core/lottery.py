@@ -2,8 +2,9 @@
 
 Frankle & Carbin 2019 (arXiv:1803.03635) find a "winning ticket" by repeating: train, remove a fraction
 ``p`` of the *remaining* weights with the smallest magnitude, reset the survivors to their values at the
-rewind point, train again. This module holds the framework-free parts; the Lightning adapter is
-:class:`lightning_pai.LotteryTicket`.
+rewind point, train again. This module holds the algorithm (:class:`LotterySession`: round arithmetic, mask
+decisions including N:M layers and the controls, rewind points); the Lightning adapter is
+:class:`lightning_pai.LotteryTicket`, and :class:`lightning_pai.Sparsifier` drives it from a plain loop.
 """
 
 from __future__ import annotations
@@ -12,19 +13,28 @@ import copy
 import fnmatch
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_pai.core.distributions import get_distribution
+from lightning_pai.core.distributions import check_iterative, distribute
+from lightning_pai.core.nm import NMSpec, check_nm, group_budget, nm_keep, resolve_nm
+from lightning_pai.core.packing import pack_mask, unpack_mask
+from lightning_pai.core.pruning import reinitialize_
 from lightning_pai.core.select import masks_from_counts
+from lightning_pai.core.session import Host, Session
+from lightning_pai.core.sharding import full, gather_tree, load_full_state_, shard_optimizer_state
+from lightning_pai.core.targets import select_targets
+from lightning_pai.core.validation import (
+    check_choice,
+    check_fraction,
+    check_number,
+    check_positive_int,
+)
 
-#: Distributions that can rank the survivors of an earlier round (ERK/ER fix budgets from shapes alone
-#: and ignore magnitudes, so they do not describe iterative magnitude pruning).
-IMP_DISTRIBUTIONS = ("global", "uniform", "lamp")
 REWIND_KINDS = ("init", "step", "epoch", "lr", "none")
 
 
@@ -76,8 +86,7 @@ def check_fractions(layer_fractions: Mapping[str, float] | None) -> None:
     for pattern, fraction in layer_fractions.items():
         if not isinstance(pattern, str):
             raise ValueError(f"`layer_fractions` keys are parameter-name globs (str); got {pattern!r}.")
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-            raise ValueError(f"`layer_fractions[{pattern!r}]` must be a fraction in [0, 1); got {fraction!r}.")
+        check_fraction(fraction, f"layer_fractions[{pattern!r}]", "a fraction of the survivors removed per round")
 
 
 def match_fractions(names: list[str], layer_fractions: Mapping[str, float] | None) -> dict[str, float]:
@@ -123,8 +132,7 @@ def prune_remaining(
     Returns:
         New bool masks; every new mask is a subset of the old one.
     """
-    if distribution not in IMP_DISTRIBUTIONS:
-        raise ValueError(f"`distribution` must be one of {list(IMP_DISTRIBUTIONS)} here; got {distribution!r}.")
+    check_iterative(distribution)
     fixed = dict(layer_fractions or {})
     kept = {n: int(m.sum()) for n, m in masks.items()}
     masked = {n: s.float().masked_fill(~masks[n].to(s.device), -math.inf) for n, s in scores.items()}
@@ -136,7 +144,7 @@ def prune_remaining(
         remaining = sum(kept[n] for n in rest)
         size = sum(scores[n].numel() for n in rest)
         target = remaining - round(fraction * remaining)
-        counts.update(get_distribution(distribution)({n: masked[n] for n in rest}, target / size))
+        counts.update(distribute(distribution, {n: masked[n] for n in rest}, target / size))
     return masks_from_counts(masked, counts)
 
 
@@ -189,3 +197,381 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+CONTROLS = ("random_reinit", "random_prune")
+MODES = ("max", "min")
+
+
+class LotterySession(Session):
+    """Iterative magnitude pruning with rewinding, all rounds in one run (the engine of ``LotteryTicket``).
+
+    Round 0 trains dense for ``epochs_per_round`` epochs (``T`` optimizer steps). Every later round starts by
+    pruning ``prune_fraction`` of the surviving weights by the magnitude of the trained weights
+    (:func:`prune_remaining`; N:M layers shrink their group budgets from ``M`` to ``N``; the controls draw
+    random masks or re-draw the weights), rewinding (weights, optimizer and LR-scheduler state and the RNG
+    to the rewind point, see :func:`parse_rewind`) and re-applying the masks. Rank zero decides the masks.
+    Rounds are whole epochs, except with ``step:k`` (``k > 0``), whose pruned rounds are ``T - k`` steps long
+    (:meth:`round_due` says when the loop must end one mid-epoch).
+
+    The loop's protocol calls (:class:`~lightning_pai.core.session.Session`) drive the rounds; :meth:`record`
+    takes the monitored metric's values. Everything — round, masks, rewind point, results, history — is in
+    :meth:`state_dict`.
+
+    Args:
+        name: The method's name, used in messages.
+        rounds: Training rounds including the dense round 0.
+        prune_fraction: Fraction of the surviving weights removed per round, in ``(0, 1)``.
+        epochs_per_round: Epochs of round 0 (None: set later by the loop, e.g. from its epoch count).
+        rewind_to: ``"init"``, ``"step:N"``, ``"epoch:N"``, ``"lr"`` or ``"none"``.
+        distribution: An iterative distribution (``"global"``, ``"uniform"``, ``"lamp"``).
+        layer_fractions: Per-layer fractions (glob -> fraction), pruned layer-wise.
+        control: None, ``"random_reinit"`` or ``"random_prune"``.
+        ticket: With ``random_reinit``: a finished ticket (an object with ``mask_history``) or its per-round masks.
+        mode: ``"max"`` or ``"min"``: which recorded value is a round's best.
+        seed: Seed of the controls' random draws.
+        nm: N:M layers (``"2:4"`` or ``{glob: "N:M"}``).
+        include, exclude, verbose: As for :class:`~lightning_pai.core.session.Session`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        rounds: int = 10,
+        prune_fraction: float = 0.2,
+        epochs_per_round: int | None = None,
+        rewind_to: str = "init",
+        distribution: str = "global",
+        layer_fractions: Mapping[str, float] | None = None,
+        control: str | None = None,
+        ticket: Any = None,
+        mode: str = "max",
+        seed: int = 0,
+        nm: NMSpec = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name, **kwargs)
+        self.rounds = check_positive_int(rounds, "rounds", "training rounds, the dense one included")
+        self.prune_fraction = check_number(
+            prune_fraction, "prune_fraction", 0, 1, low_open=True, high_open=True, what="removed per round"
+        )
+        if epochs_per_round is not None:
+            check_positive_int(epochs_per_round, "epochs_per_round", "round 0's epochs")
+        self.rewind = parse_rewind(rewind_to)
+        check_iterative(distribution)
+        check_choice(control, CONTROLS, "control", optional=True)
+        check_choice(mode, MODES, "mode")
+        if control == "random_reinit" and not self.rewind.rewinds_weights:
+            raise ValueError(
+                f"`control='random_reinit'` re-draws the weights at each rewind; it needs `rewind_to` 'init', "
+                f"'step:N' or 'epoch:N', got {rewind_to!r}."
+            )
+        if ticket is not None and control != "random_reinit":
+            raise ValueError(
+                "`ticket` hands a finished ticket's masks to the random-reinitialization control: pass "
+                f"`control='random_reinit'` with it (got control={control!r})."
+            )
+        if ticket is not None and not (hasattr(ticket, "mask_history") or isinstance(ticket, Sequence)):
+            raise ValueError(f"`ticket` must be a LotteryTicket or a list of per-round masks; got {ticket!r}.")
+        check_fractions(layer_fractions)  # the patterns are matched against the model at `check`
+        check_nm(nm)
+        self.epochs_per_round = epochs_per_round
+        self.rewind_to, self.distribution, self.layer_fractions = rewind_to, distribution, dict(layer_fractions or {})
+        self.control, self.ticket, self.mode, self.seed, self.nm = control, ticket, mode, int(seed), nm
+        self.steps_per_epoch: int | None = None
+        self.epoch = 0
+        self.step = 0
+        # Progress, all of it in `state_dict`.
+        self.round = 0
+        self.rewind_point: dict[str, Any] | None = None
+        self._results: list[dict[str, Any]] = []
+        self._values: list[float] = []
+        self._last_lrs: list[list[float]] | None = None
+        self._frozen_lrs: list[list[float]] | None = None
+        self._history: list[dict[str, Any]] = []  # bit-packed masks of every round
+        self._initial: dict[str, Tensor] | None = None  # initial target values (random_reinit)
+
+    # ------------------------------------------------------------------ round arithmetic
+    @property
+    def step_rounds(self) -> bool:
+        """``step:k`` with ``k > 0``: pruned rounds are ``T - k`` optimizer steps and start mid-epoch."""
+        return self.rewind.kind == "step" and self.rewind.at > 0
+
+    @property
+    def late_epochs(self) -> int:
+        """``k`` of ``epoch:k`` (the epochs later rounds skip), else 0."""
+        return self.rewind.at if self.rewind.kind == "epoch" else 0
+
+    def epochs_needed(self) -> int:
+        """Epochs of the whole run: round 0's plus ``rounds - 1`` later rounds of ``epochs_per_round - k``."""
+        return self.epochs_per_round + (self.rounds - 1) * (self.epochs_per_round - self.late_epochs)
+
+    def round_start_step(self, round_index: int) -> int:
+        """Optimizer step at which round ``round_index`` begins with ``step:k``: ``T + (round - 1) (T - k)``."""
+        steps = self.epochs_per_round * self.steps_per_epoch
+        return 0 if round_index == 0 else steps + (round_index - 1) * (steps - self.rewind.at)
+
+    def round_of_epoch(self, epoch: int) -> tuple[int, int]:
+        """(round, epoch within the round) of training epoch ``epoch`` (rounds of whole epochs)."""
+        if epoch < self.epochs_per_round:
+            return 0, epoch
+        index, within = divmod(epoch - self.epochs_per_round, self.epochs_per_round - self.late_epochs)
+        return index + 1, within
+
+    def round_due(self, step: int) -> bool:
+        """With ``step:k`` rounds: whether the next round starts now, ``step`` optimizer steps into the run."""
+        return self.step_rounds and self.round + 1 < self.rounds and step >= self.round_start_step(self.round + 1)
+
+    def data_epoch(self, epoch: int) -> int | None:
+        """The epoch whose data order training epoch ``epoch`` replays (a sampler's ``set_epoch``), or None."""
+        if self.step_rounds or self.round == 0 or self.rewind.kind == "none" or self.rewind_point is None:
+            return None
+        return self.rewind_point["sampler_epoch"] + self.round_of_epoch(epoch)[1]
+
+    @property
+    def at_init(self) -> bool:
+        """Whether the rewind point is the start of training (``init``, ``lr``, ``step:0``, ``epoch:0``)."""
+        kind = self.rewind.kind
+        return kind in ("init", "lr") or (kind in ("step", "epoch") and self.rewind.at == 0)
+
+    # ------------------------------------------------------------------ results
+    @property
+    def mask_history(self) -> list[dict[str, Tensor]]:
+        """The masks of every round started so far (round 0: all kept), as bool CPU tensors by name."""
+        return [{n: unpack_mask(p, shape) for n, (p, shape) in r.items()} for r in self._history]
+
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        """One dict per finished round: ``round``, ``density``, ``best`` and ``last`` recorded value."""
+        return [dict(r) for r in self._results]
+
+    def results_table(self, metric: str | None = None) -> str:
+        """The per-round results as a text table."""
+        metric = metric or "metric"
+        lines = [f"{'round':>5}  {'density':>8}  {'best ' + metric:>16}  {'last ' + metric:>16}"]
+        for r in self._results:
+            best = "-" if r["best"] is None else f"{r['best']:.4f}"
+            last = "-" if r["last"] is None else f"{r['last']:.4f}"
+            lines.append(f"{r['round']:>5}  {r['density']:>8.4f}  {best:>16}  {last:>16}")
+        return "\n".join(lines)
+
+    def record(self, value: float) -> None:
+        """One value of the monitored metric (e.g. after each validation) for the running round."""
+        self._values.append(float(value))
+
+    # ------------------------------------------------------------------ protocol
+    def check(self, module: nn.Module) -> None:
+        """Also resolve ``layer_fractions`` against the targets (a pattern matching nothing is an error)."""
+        super().check(module)
+        match_fractions(list(select_targets(module, self.include, self.exclude)), self.layer_fractions)
+
+    def start(self, module: nn.Module, host: Host | None = None) -> None:
+        """Round 0's (dense) masks, the history, the initial values for ``random_reinit``, the init rewind point."""
+        if self.epochs_per_round is None:
+            raise ValueError(f"`{self.name}`: `epochs_per_round` (round 0's length in epochs) is not set.")
+        super().start(module, host)
+        if not self._history:
+            self._record_history()
+        if self.control == "random_reinit" and self._initial is None:
+            self._initial = {n: full(p.detach()).to("cpu", copy=True) for n, p in self.masks.params.items()}
+        if self.rewind_point is None and self.round == 0 and self.at_init:
+            self.rewind_point = self.capture(sampler_epoch=0)
+
+    def check_steps(self, steps_per_epoch: int) -> int | None:
+        """Set the epoch length; with ``step:k`` return the run's length in optimizer steps (else None).
+
+        Raises:
+            ValueError: If the rewind step lies beyond round 0.
+        """
+        self.steps_per_epoch = steps_per_epoch
+        if self.rewind.kind != "step":
+            return None
+        steps = self.epochs_per_round * steps_per_epoch
+        if self.rewind.at > steps:
+            raise ValueError(f"`rewind_to={self.rewind_to!r}` lies beyond round 0, which has {steps} optimizer steps.")
+        return self.round_start_step(self.rounds) if self.step_rounds else None
+
+    def epoch_start(self, epoch: int) -> None:
+        """Start the next round if ``epoch`` begins one; capture an ``epoch:k`` rewind point."""
+        self.epoch = epoch
+        if self.step_rounds:
+            return
+        round_index, _ = self.round_of_epoch(epoch)
+        if round_index > self.round:
+            self.next_round(round_index)
+        if self.round == 0 and self.rewind.kind == "epoch" and epoch == self.rewind.at > 0 and not self.rewind_point:
+            self.rewind_point = self.capture(sampler_epoch=epoch)
+
+    def step_start(self, step: int) -> None:
+        """Later rounds of ``rewind_to="none"`` hold the last learning rate (also what LR monitors see)."""
+        super().step_start(step)
+        self._hold_learning_rate()
+
+    def before_step(self, step: int, epoch_end: bool = False) -> None:
+        """With ``rewind_to="none"``: remember round 0's learning rates, hold later rounds at the last one.
+
+        (Set again right before the step: a plain loop's scheduler steps after :meth:`step_start` ran.)
+        """
+        if self.rewind.kind == "none" and self.round == 0:
+            self._last_lrs = [[g["lr"] for g in opt.param_groups] for opt in self.host.optimizers]
+        self._hold_learning_rate()
+        super().before_step(step, epoch_end)
+
+    def _hold_learning_rate(self) -> None:
+        if self.rewind.kind == "none" and self.round > 0 and self._frozen_lrs is not None:
+            for opt, lrs in zip(self.host.optimizers, self._frozen_lrs):
+                for group, lr in zip(opt.param_groups, lrs):
+                    group["lr"] = lr
+
+    def after_step(self, step: int) -> None:
+        """Capture a ``step:k`` rewind point once round 0 reaches step ``k``."""
+        self.step = step
+        if self.rewind.kind == "step" and self.rewind.at > 0 and self.round == 0 and self.rewind_point is None:
+            if step >= self.rewind.at:
+                self.rewind_point = self.capture(sampler_epoch=self.epoch + 1)
+
+    def epoch_end(self, epoch: int, step: int) -> None:
+        """Finish the round when ``epoch`` is its last (rounds of whole epochs)."""
+        if self.step_rounds:
+            return
+        round_index, within = self.round_of_epoch(epoch)
+        length = self.epochs_per_round - (self.late_epochs if round_index else 0)
+        if within + 1 == length:
+            self.finish_round()
+
+    def finish_round(self) -> None:
+        """Record the round's best and last value (once per round) and log them."""
+        if len(self._results) > self.round:
+            return
+        best = (max if self.mode == "max" else min)(self._values) if self._values else None
+        last = self._values[-1] if self._values else None
+        self._results.append({"round": self.round, "density": self.masks.density, "best": best, "last": last})
+        self._values = []
+        if best is not None:
+            self.host.log({"lottery/best": best, "lottery/last": last})
+
+    def next_round(self, round_index: int) -> None:
+        """Prune the trained weights, rewind, re-apply the masks (rank zero decides, all ranks apply)."""
+        masks = self.masks
+        current = masks.state_dict()
+        new = self._ticket_masks(round_index) if self.ticket is not None else self._prune(round_index, current)
+        new = self.from_rank_zero(new)
+        if self.rewind.kind == "none":
+            self._frozen_lrs = self._frozen_lrs or self._last_lrs
+        elif self.rewind_point is not None:
+            self.restore(self.rewind_point)
+            if self.control == "random_reinit":
+                reinitialize_(self.module, masks.names, seed=self.seed + 7919 * round_index, initial=self._initial)
+        masks.update_(new, self.host.optimizers)
+        self.round = round_index
+        self._record_history()
+        self.host.log({"lottery/round": float(round_index), "lottery/density": masks.density})
+        self.masks_changed()
+
+    def _prune(self, round_index: int, current: dict[str, Tensor]) -> dict[str, Tensor]:
+        masks = self.masks
+        scores = {n: full(p.detach()).abs().cpu() for n, p in masks.params.items()}  # sharded: gathered
+        nm = resolve_nm(self.nm, {n: m.shape for n, m in current.items()}, masks.layouts)
+        rest = [n for n in masks.names if n not in nm]
+        fractions = {n: f for n, f in match_fractions(masks.names, self.layer_fractions).items() if n not in nm}
+        new = {}
+        if rest:
+            new = prune_remaining(
+                {n: scores[n] for n in rest},
+                {n: current[n] for n in rest},
+                self.prune_fraction,
+                self.distribution,
+                fractions,
+            )
+        progress = round_index / (self.rounds - 1)
+        for n, (k, m) in nm.items():  # per-group budgets shrinking from M to N over the rounds
+            survivors = scores[n].masked_fill(~current[n], -math.inf)
+            new[n] = nm_keep(survivors, group_budget(k, m, progress), m, masks.layouts[n])
+        new = {n: new[n] for n in masks.names}
+        if self.control == "random_prune":
+            counts = {n: int(m.sum()) for n, m in new.items()}
+            new = random_within(current, counts, self.seed + round_index)
+            gen = torch.Generator().manual_seed(self.seed + round_index)
+            for n, (k, m) in nm.items():  # random, but still within the groups' budgets
+                drawn = torch.rand(current[n].shape, generator=gen).masked_fill(~current[n], -math.inf)
+                new[n] = nm_keep(drawn, group_budget(k, m, progress), m, masks.layouts[n])
+        return new
+
+    def _ticket_masks(self, round_index: int) -> dict[str, Tensor]:
+        history = self.ticket.mask_history if hasattr(self.ticket, "mask_history") else list(self.ticket)
+        if round_index >= len(history):
+            raise ValueError(
+                f"`ticket` has masks for {len(history)} rounds; this control needs round {round_index} "
+                f"(rounds={self.rounds})."
+            )
+        masks = {n: m.detach().cpu().bool() for n, m in history[round_index].items()}
+        if set(masks) != set(self.masks.names):
+            raise ValueError("`ticket`'s masks were made for other parameters than this model's targets.")
+        return masks
+
+    def _record_history(self) -> None:
+        self._history.append({n: (pack_mask(m.cpu()), tuple(m.shape)) for n, m in self.masks.items()})
+
+    # ------------------------------------------------------------------ rewind points
+    def capture(self, sampler_epoch: int) -> dict[str, Any]:
+        """A rewind point: optimizer, LR-scheduler and RNG state (and the weights, when they are rewound).
+
+        Sharded (FSDP2) tensors are gathered: a rewind point is full and the same on every rank, so that a
+        checkpoint written by rank zero restores every rank's shards.
+        """
+        point = {
+            "optimizers": [to_cpu(gather_tree(opt.state_dict())) for opt in self.host.optimizers],
+            "schedulers": [to_cpu(s.state_dict()) for s in self.host.schedulers],
+            "rng": to_cpu(rng_state()),
+            "sampler_epoch": sampler_epoch,
+            "step": self.step,
+        }
+        if self.rewind.rewinds_weights:
+            point["model"] = to_cpu(gather_tree(self.module.state_dict()))
+        return point
+
+    def restore(self, point: dict[str, Any]) -> None:
+        """Load a rewind point into the model, the optimizers, the schedulers and the RNG."""
+        sharded = self.masks._sharded
+        if "model" in point:
+            if sharded:
+                load_full_state_(self.module, point["model"])
+            else:
+                self.module.load_state_dict(point["model"])
+        for opt, state in zip(self.host.optimizers, point["optimizers"]):
+            state = to_cpu(state)  # a copy: the optimizer must not alias the rewind point
+            opt.load_state_dict(shard_optimizer_state(state, opt) if sharded else state)
+        for scheduler, state in zip(self.host.schedulers, point["schedulers"]):
+            scheduler.load_state_dict(to_cpu(state))
+        set_rng_state(point["rng"])
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, round, round length, rewind point, results, learning rates, history, initial values."""
+        state = super().state_dict()
+        state.update(
+            round=self.round,
+            epochs_per_round=self.epochs_per_round,
+            rewind_point=self.rewind_point,
+            results=[dict(r) for r in self._results],
+            values=list(self._values),
+            last_lrs=self._last_lrs,
+            frozen_lrs=self._frozen_lrs,
+            history=[{n: (p, list(shape)) for n, (p, shape) in r.items()} for r in self._history],
+            initial=self._initial,
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        super().load_state_dict(state)
+        self.round = int(state.get("round", 0))
+        self.epochs_per_round = state.get("epochs_per_round", self.epochs_per_round)
+        self.rewind_point = state.get("rewind_point")
+        self._results = [dict(r) for r in state.get("results", [])]
+        self._values = list(state.get("values", []))
+        self._last_lrs = state.get("last_lrs")
+        self._frozen_lrs = state.get("frozen_lrs")
+        self._history = [{n: (p, tuple(shape)) for n, (p, shape) in r.items()} for r in state.get("history", [])]
+        self._initial = state.get("initial")

@@ -15,35 +15,9 @@ from lightning_pai.core.nm import nm_keep
 from lightning_pai.core.select import active_counts, masks_from_counts, raise_to_floors
 from lightning_pai.core.sharding import full, is_sharded, local, local_slice
 from lightning_pai.core.targets import Layout, Selectors, select_targets, target_layouts
+from lightning_pai.core.validation import check_min_density, check_sparsity
 
-
-def check_sparsity(sparsity: float, argument: str = "sparsity") -> float:
-    """Validate a sparsity (fraction of weights removed) in ``[0, 1)``.
-
-    Raises:
-        ValueError: If ``sparsity`` is not a number in ``[0, 1)``.
-
-    """
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        raise ValueError(
-            f"`{argument}` is the fraction of weights removed and must be a number in [0, 1), got {sparsity!r}."
-        )
-    return float(sparsity)
-
-
-def check_min_density(min_density: float, sparsity: float) -> None:
-    """Validate a per-layer minimum density against the overall density ``1 - sparsity``.
-
-    Raises:
-        ValueError: If ``min_density`` is outside ``[0, 1 - sparsity]``.
-    """
-    if isinstance(min_density, bool) or not isinstance(min_density, (int, float)) or not 0 <= min_density <= 1:
-        raise ValueError(f"`min_density` is a per-layer fraction kept and must be in [0, 1]; got {min_density!r}.")
-    if min_density > 1.0 - sparsity + 1e-12:
-        raise ValueError(
-            f"`min_density`={min_density} exceeds the overall density 1 - `sparsity` = {1 - sparsity:g}: "
-            "every layer cannot keep more than the whole network does."
-        )
+__all__ = ["ZERO_PRESERVING", "MaskSet", "check_min_density", "check_sparsity", "compute_masks"]
 
 
 def compute_masks(
@@ -55,6 +29,7 @@ def compute_masks(
     invert: bool = False,
     layouts: Mapping[str, Layout] | None = None,
     nm: Mapping[str, tuple[int, int]] | None = None,
+    options: Mapping[str, object] | None = None,
 ) -> dict[str, Tensor]:
     """Turn scores into keep-masks: the distribution fixes each layer's count, the highest scores are kept.
 
@@ -73,6 +48,7 @@ def compute_masks(
         nm: Layers kept N:M instead: name -> ``(k, m)``, the ``k`` highest scores of every group of ``m``
             inputs (see :mod:`lightning_pai.core.nm`); ``sparsity`` and ``distribution`` then apply to the
             other layers only.
+        options: Keyword options for a distribution registered with ``options=True``.
 
     Returns:
         New bool masks, by name.
@@ -94,6 +70,7 @@ def compute_masks(
                 min_density=min_density,
                 invert=invert,
                 layouts=layouts,
+                options=options,
             )
             out.update(sub)
         return {n: out[n] for n in scores}
@@ -103,11 +80,11 @@ def compute_masks(
     if masks is not None:
         scores = {n: s.masked_fill(~masks[n].to(s.device), -math.inf) for n, s in scores.items()}
     kept = active_counts(masks) if masks is not None else None
-    fast = get_distribution(distribution) is global_ and min_density == 0 and not invert
+    fast = get_distribution(distribution) is global_ and min_density == 0 and not invert and not options
     total = sum(s.numel() for s in scores.values())
     if fast and (kept is None or sum(kept.values()) >= round(density * total)):
         return global_masks(scores, density)  # the same masks as per-layer top-k of its counts, one selection
-    counts = distribute(distribution, scores, density, layouts)
+    counts = distribute(distribution, scores, density, layouts, options)
     available = {n: kept[n] if kept is not None else s.numel() for n, s in scores.items()}
     counts = {n: min(c, available[n]) for n, c in counts.items()}
     if min_density > 0:

@@ -2,46 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_pai.core.distributions import Distribution
+from lightning_pai.core.distributions import Distribution, distribution_info, get_distribution, signed_distributions
 from lightning_pai.core.masks import compute_masks
-from lightning_pai.core.nm import nm_keep
+from lightning_pai.core.nm import NMSpec, nm_keep, nm_sparsity, resolve_nm
 from lightning_pai.core.schedules import round_sparsities
-from lightning_pai.core.scorers import Scorer, ScoringContext, get_scorer
+from lightning_pai.core.scorers import Scorer, ScoringContext, default_forward, get_scorer, scorer_info
 from lightning_pai.core.sharding import full, full_dict, local, local_slice
+from lightning_pai.core.validation import check_choice, check_min_density, check_positive_int, check_sparsity
 
 ABLATIONS = ("shuffle", "reinit", "invert")
-
-
-def check_choice(value: object, allowed: tuple, argument: str, optional: bool = False) -> None:
-    """Raise ``ValueError`` naming ``argument`` unless ``value`` is one of ``allowed`` (or None if ``optional``)."""
-    if (optional and value is None) or value in allowed:
-        return
-    choices = ", ".join(repr(a) for a in allowed) + (" or None" if optional else "")
-    raise ValueError(f"`{argument}` must be one of {choices}; got {value!r}.")
-
-
-def is_number(value: object, integer: bool = False) -> bool:
-    """Whether ``value`` is an ``int`` (or, unless ``integer``, a ``float``), ``bool`` excluded."""
-    return not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-
-
-def check_range(value: object, argument: str, low: float, high: float, what: str = "", open_low: bool = False) -> float:
-    """``float(value)`` if it is a number in ``[low, high)`` (``(low, high)`` with ``open_low``), else a ``ValueError``.
-
-    The message names ``argument`` (and ``what`` it is) and the allowed interval.
-    """
-    inside = is_number(value) and (low < value if open_low else low <= value) and value < high
-    if not inside:
-        interval = f"{'(' if open_low else '['}{low:g}, {high:g})"
-        raise ValueError(f"`{argument}`{f' ({what})' if what else ''} must be a number in {interval}; got {value!r}.")
-    return float(value)
 
 
 @contextmanager
@@ -193,3 +170,123 @@ def prune(
             raise ValueError("`ablation='reinit'` needs the model in the scoring context.")
         reinitialize_(ctx.module, list(params), ctx.seed)
     return masks
+
+
+@dataclass
+class Pruner:
+    """Pruning at initialization, configured once: which scorer, how much, how the budget is split, how often.
+
+    :meth:`masks` scores the targets with ``method`` (iteratively if asked, see :func:`prune`) and keeps the
+    top ones; the arguments are those of :class:`lightning_pai.PruneAtInit` and are checked on creation.
+
+    Attributes:
+        method: Scorer name or callable ``fn(ScoringContext) -> scores``.
+        sparsity: Fraction of the targeted weights removed, in ``[0, 1)``.
+        distribution: How the kept count is split across layers.
+        iterations: Scoring rounds (None: the scorer's registered default).
+        schedule: ``"exponential"`` or ``"linear"`` sparsity growth over the rounds.
+        batches: Training batches the data-driven scorers use.
+        ablation: Sanity-check control (``"shuffle"``, ``"reinit"``, ``"invert"``) or None.
+        min_density: Every layer keeps at least this fraction of its weights.
+        loss_fn: ``loss_fn(logits, targets)`` replacing the loop's own loss for scorers that need one.
+        forward_fn: ``forward_fn(module, batch) -> (logits, targets)`` (default: :func:`default_forward`).
+        input_shape: One sample's input shape for SynFlow (default: from the first batch).
+        temperature: GraSP's softmax temperature.
+        seed: Seed of stochastic scorers and ablations.
+        nm: N:M structured sparsity (``"2:4"`` or ``{glob: "N:M"}``), see :mod:`lightning_pai.core.nm`.
+    """
+
+    method: str | Scorer = "magnitude"
+    sparsity: float = 0.9
+    distribution: str | Distribution = "global"
+    iterations: int | None = None
+    schedule: str = "exponential"
+    batches: int = 1
+    ablation: str | None = None
+    min_density: float = 0.0
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None
+    forward_fn: Callable[[Any, Any], tuple[Tensor, Tensor]] | None = None
+    input_shape: tuple[int, ...] | None = None
+    temperature: float = 200.0
+    seed: int = 0
+    nm: NMSpec = None
+
+    def __post_init__(self) -> None:
+        self.sparsity = nm_sparsity(self.sparsity, self.nm)
+        get_scorer(self.method)
+        info = scorer_info(self.method)
+        if self.iterations is None:
+            self.iterations = info["iterations"]
+        round_sparsities(check_sparsity(self.sparsity), self.iterations, self.schedule)  # validates all three
+        get_distribution(self.distribution)
+        if info["signed"] and distribution_info(self.distribution)["rejects_signed"]:
+            raise ValueError(
+                f"`distribution={_name(self.distribution)!r}` ranks non-negative magnitudes; "
+                f"`method={_name(self.method)!r}` gives signed scores (squaring them would keep the weights the "
+                f"method wants to remove first). Use one of {', '.join(map(repr, signed_distributions()))}."
+            )
+        check_choice(self.ablation, ABLATIONS, "ablation", optional=True)
+        self.batches = check_positive_int(self.batches, "batches", "training batches the scorer uses")
+        self.min_density = check_min_density(self.min_density, self.sparsity)
+        self.input_shape = None if self.input_shape is None else tuple(self.input_shape)
+        self.temperature = float(self.temperature)
+        self.seed = int(self.seed)
+
+    @property
+    def needs(self) -> str:
+        """What the scorer reads: ``"nothing"``, ``"shape"`` (one batch's structure) or ``"data"``."""
+        return scorer_info(self.method)["needs"]
+
+    def scoring_batches(self, host: Any) -> list[Any]:
+        """The batches the scorer needs, drawn from ``host`` (none for data-free scorers)."""
+        if self.needs == "nothing" or (self.needs == "shape" and self.input_shape is not None):
+            return []
+        batches = host.batches(1 if self.needs == "shape" else self.batches)
+        if not batches:
+            raise ValueError("The training data is empty: nothing to score on.")
+        return batches
+
+    def masks(self, module: nn.Module, masks: Any, host: Any, name: str = "PruneAtInit") -> dict[str, Tensor]:
+        """Score ``masks``' targets (a :class:`~lightning_pai.core.masks.MaskSet`) on ``module``; the kept masks.
+
+        Args:
+            module: The model.
+            masks: The targets' (all-kept) mask set: their parameters and layouts.
+            host: The training loop (:class:`~lightning_pai.core.session.Host`): batches and its own loss.
+            name: The method's name for messages.
+        """
+        forward = self.forward_fn or default_forward
+        loss_fn = None
+        if self.loss_fn is not None:
+            user_loss = self.loss_fn
+            loss_fn = lambda m, batch: user_loss(*forward(m, batch))  # noqa: E731
+        batches = self.scoring_batches(host)
+        if self.loss_fn is None and self.needs == "data":
+            loss_fn = host.default_loss(f"{name}(method={_name(self.method)!r})")
+        ctx = ScoringContext(
+            params=masks.params,
+            module=module,
+            seed=self.seed,
+            batches=batches,
+            loss_fn=loss_fn,
+            forward_fn=forward,
+            input_shape=self.input_shape,
+            extras={"temperature": self.temperature},
+            layouts=masks.layouts,
+        )
+        return prune(
+            ctx,
+            self.method,
+            self.sparsity,
+            self.distribution,
+            iterations=self.iterations,
+            schedule=self.schedule,
+            ablation=self.ablation,
+            min_density=self.min_density,
+            nm=resolve_nm(self.nm, {n: p.shape for n, p in masks.params.items()}, masks.layouts),
+        )
+
+
+def _name(x: object) -> str:
+    """A scorer's or distribution's name, or the name of the callable passed instead."""
+    return x if isinstance(x, str) else getattr(x, "__name__", type(x).__name__)

@@ -171,15 +171,6 @@ class SparsityReport:
             out[f"{prefix}/coverage_2d"] = self.coverage.matrix_fraction
         return out
 
-    def plot(self, path: str | None = None, ax: object = None, **kwargs: object) -> object:
-        """Per-layer density bars, saved to ``path`` if given; returns the matplotlib ``Axes``.
-
-        See :func:`lightning_pai.plots.plot_layer_density` (needs matplotlib: the ``[plot]`` extra).
-        """
-        from lightning_pai.plots import plot_layer_density
-
-        return plot_layer_density(self, path, ax, **kwargs)
-
     def summary(self) -> str:
         """One line: layers, sparsity of the targets and, when known, how much of the model they cover."""
         text = f"{len(self.rows)} layers, sparsity {self.sparsity:.4f} of the targeted weights"

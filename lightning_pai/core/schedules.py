@@ -23,22 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_pai.core.registry import Registry
+from lightning_pai.core.validation import check_positive_int, check_sparsity
 
 Point = int | float
-
-
-def check_point(value: Point, argument: str) -> None:
-    """Validate a training point: an optimizer step (``int >= 0``) or a fraction of training (``float`` in [0, 1]).
-
-    Raises:
-        ValueError: Otherwise, naming ``argument``.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(
-            f"`{argument}` is an optimizer step (int >= 0) or a fraction of training (float); got {value!r}."
-        )
-    if isinstance(value, float) and value > 1:
-        raise ValueError(f"`{argument}` as a float is a fraction of the training steps in [0, 1]; got {value!r}.")
 
 
 def resolve_point(point: Point, total: int) -> int:
@@ -189,10 +176,8 @@ def round_sparsities(sparsity: float, iterations: int, schedule: str = "exponent
     Raises:
         ValueError: On a sparsity outside ``[0, 1)``, a non-positive ``iterations`` or an unknown schedule.
     """
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        raise ValueError(f"`sparsity` is the fraction of weights removed and must be in [0, 1), got {sparsity!r}.")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"`iterations` must be a positive integer; got {iterations!r}.")
+    check_sparsity(sparsity)
+    check_positive_int(iterations, "iterations", "scoring rounds")
     if schedule not in ROUND_SCHEDULES:
         raise ValueError(f"`schedule` must be one of {', '.join(map(repr, ROUND_SCHEDULES))}; got {schedule!r}.")
     fn = get_schedule(schedule, final=float(sparsity))

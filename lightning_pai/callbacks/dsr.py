@@ -1,0 +1,56 @@
+"""DSR: dynamic sparse reparameterization (Mostafa & Wang 2019)."""
+
+from __future__ import annotations
+
+import math
+
+from lightning_pai.callbacks.base import MethodCard
+from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs
+from lightning_pai.core.targets import Selectors
+from lightning_pai.core.validation import check_number
+
+
+class DSR(DynamicSparseTraining):
+    """Dynamic sparse reparameterization (Mostafa & Wang 2019, arXiv:1902.05967).
+
+    Every ``delta_t`` optimizer steps, every active weight with ``|w| < H`` is dropped (one threshold for all
+    layers); ``H`` (from ``threshold``) doubles when fewer than ``(1 - tolerance) K`` were dropped and halves
+    when more than ``(1 + tolerance) K``, ``K = prune_fraction * active``. The ``D`` dropped weights regrow at
+    random, zero-initialised, layer ``l`` getting ``D R_l / sum_k R_k`` of them (``R_l``: its survivors;
+    capped by its free slots). Defaults from the reference code: ``H = 1e-3``, tolerance 0.1, uniform initial
+    density; ``prune_fraction=0.1`` of the active weights corresponds to its 1 % of all parameters at 90 %
+    sparsity. The paper's period doubling every 40 epochs is not applied (``delta_t`` is constant).
+
+    Args:
+        sparsity: Fraction of the targeted weights removed, constant during training.
+        distribution: Per-layer budgets of the initial masks.
+        init: ``"random"`` or a registered scorer for the initial masks.
+        prune_fraction: Target fraction ``K / active`` the threshold adapts to.
+        threshold: Initial threshold ``H``.
+        tolerance: Relative band around ``K`` in which ``H`` is left unchanged.
+        delta_t: Optimizer steps between updates.
+        include, exclude, seed, verbose: As for :class:`DynamicSparseTraining`.
+    """
+
+    card = MethodCard("dynamic", example={"delta_t": 2}, keeps_total=True)
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        *,
+        distribution: str = "uniform",
+        init: str = "random",
+        prune_fraction: float = 0.1,
+        threshold: float = 1e-3,
+        tolerance: float = 0.1,
+        delta_t: int = 100,
+        include: Selectors = None,
+        exclude: Selectors = None,
+        seed: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        self.threshold = check_number(threshold, "threshold", 0, math.inf, low_open=True, what="the initial H")
+        self.tolerance = check_number(tolerance, "tolerance", 0, 1, high_open=True, what="the band around K")
+        options = {"threshold": self.threshold, "tolerance": self.tolerance}
+        kwargs = base_kwargs(locals(), alpha=prune_fraction, decay="constant", t_end=1.0, growth="random")
+        super().__init__(sparsity, **kwargs, drop="threshold", redistribution="survivors")

@@ -1,0 +1,49 @@
+"""SET: sign-wise magnitude drop, random growth (Mocanu et al. 2018)."""
+
+from __future__ import annotations
+
+from lightning_pai.callbacks.base import MethodCard
+from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs
+from lightning_pai.core.nm import NMSpec
+from lightning_pai.core.targets import Selectors
+
+
+class SET(DynamicSparseTraining):
+    """SET (Mocanu et al. 2018, Nature Communications 9:2383): sign-wise magnitude drop, random growth.
+
+    At the end of every epoch but the last (or every ``delta_t`` steps with ``update_on="step"``), each
+    layer removes the fraction ``zeta`` of its positive active weights closest to zero and, separately,
+    ``zeta`` of its negative ones, and grows as many inactive weights uniformly at random. Defaults from
+    the paper: Erdős–Rényi initial masks, ``zeta=0.3``, per-epoch updates. The paper's MLPs keep the output
+    layer dense: ``SET(..., exclude="head")``.
+
+    Args:
+        sparsity: Fraction of the targeted weights removed, constant during training.
+        distribution: Per-layer budgets of the initial masks (``"er"``: Erdős–Rényi).
+        init: ``"random"`` or a registered scorer for the initial masks.
+        zeta: Fraction of each sign's active weights replaced per update.
+        update_on: ``"epoch"`` or ``"step"``.
+        delta_t: Optimizer steps between updates with ``update_on="step"``.
+        include, exclude, seed, verbose, nm: As for :class:`DynamicSparseTraining` (``nm="2:4"``: N:M SET).
+    """
+
+    card = MethodCard("dynamic", keeps_layer_counts=True, keeps_total=True)
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        *,
+        distribution: str = "er",
+        init: str = "random",
+        zeta: float = 0.3,
+        update_on: str = "epoch",
+        delta_t: int = 100,
+        include: Selectors = None,
+        exclude: Selectors = None,
+        seed: int = 0,
+        verbose: bool = True,
+        nm: NMSpec = None,
+    ) -> None:
+        super().__init__(
+            sparsity, **base_kwargs(locals(), alpha=zeta, growth="random", drop="set", decay="constant", t_end=1.0)
+        )

@@ -1,0 +1,480 @@
+"""The sparse-training protocol, framework-free: one :class:`Session` per method run, driven by any loop.
+
+A *session* owns everything a method does to a model: it computes the initial masks, enforces them around
+every optimizer step, changes them on its schedule (topology updates, lottery rounds), and saves and
+restores all of it (:meth:`Session.state_dict`). It never imports a training framework: the loop that
+drives it is described by a :class:`Host` — the collectives, optimizers, data and loggers the loop offers.
+
+The protocol, in the order a loop calls it::
+
+    session.check(module)                       # bad target patterns fail before training
+    session.start(module, host)                 # masks: restored, kept from a previous run, or initial
+    session.train_start()                       # after a resumed loop loaded its optimizer state
+    for each epoch:
+        session.epoch_start(epoch)
+        for each optimizer step t = 1, 2, ...:
+            session.step_start(t)               # before the forward/backward passes of step t
+            ... forward, backward (gradients accumulated and, under DDP, all-reduced) ...
+            session.before_step(t, epoch_end)   # observe dense gradients, keep them for an update, mask them
+            optimizer.step()                    # masked weights stay exactly zero
+            session.after_step(t)               # topology update (if due)
+        session.epoch_end(epoch, t)             # epoch-end updates, lottery round ends
+    session.stop()                              # remove the hooks
+
+Three adapters drive it: the Lightning callbacks (:mod:`lightning_pai.callbacks`), :class:`lightning_pai.Sparsifier`
+(a plain PyTorch loop, Lightning Fabric, ``torch.distributed``) and :class:`lightning_pai.hf.SparsityCallback`
+(the Hugging Face ``Trainer``). Collective decisions are made once, on rank zero, and broadcast through
+:meth:`Host.broadcast`, so every rank holds the same masks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_pai.core.dst import Plan, TopologyUpdater
+from lightning_pai.core.masks import MaskSet
+from lightning_pai.core.report import SparsityReport, coverage, sparsity_report
+from lightning_pai.core.schedules import Cubic, resolve_window
+from lightning_pai.core.sharding import full_dict
+from lightning_pai.core.targets import Selectors, select_targets
+
+
+class Host:
+    """What a training loop offers a :class:`Session`: collectives, optimizers, schedule length, data, loggers.
+
+    The base class is one process with no data and no loggers; adapters override what their loop knows.
+
+    Args:
+        optimizers: The loop's optimizers (the underlying ``torch.optim`` objects).
+        schedulers: Its learning-rate schedulers (rewound with the weights by lottery tickets).
+        total_steps: Optimizer steps of the whole run (schedules are fractions of it), or None if unknown.
+        length_hint: What to tell a user whose run has no known length (e.g. ``"pass `total_steps=`"``).
+    """
+
+    def __init__(
+        self,
+        optimizers: Sequence[torch.optim.Optimizer] = (),
+        schedulers: Sequence[Any] = (),
+        total_steps: int | None = None,
+        length_hint: str = "pass the run's number of optimizer steps",
+    ) -> None:
+        self._optimizers = list(optimizers)
+        self._schedulers = list(schedulers)
+        self._total_steps = total_steps
+        self.length_hint = length_hint
+
+    @property
+    def world_size(self) -> int:
+        """Number of processes training the model together (their masks must be identical)."""
+        return 1
+
+    @property
+    def is_global_zero(self) -> bool:
+        """Whether this process is rank zero (it decides, prints and logs)."""
+        return True
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers whose steps the masks are enforced around."""
+        return self._optimizers
+
+    @property
+    def schedulers(self) -> list[Any]:
+        """Learning-rate schedulers (objects with ``state_dict``/``load_state_dict``)."""
+        return self._schedulers
+
+    @property
+    def total_steps(self) -> int | None:
+        """Optimizer steps of the whole run, or None when the loop cannot tell."""
+        return self._total_steps
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` on every rank (a collective: every rank calls it)."""
+        return obj
+
+    def batches(self, n: int) -> list[Any]:
+        """The first ``n`` training batches, on the model's device (for data-driven scorers).
+
+        Raises:
+            ValueError: When the loop has no data to offer.
+        """
+        raise ValueError("This training loop provides no batches to score on; pass the training data.")
+
+    def default_loss(self, user: str = "the scorer") -> Callable[[nn.Module, Any], Tensor] | None:
+        """The loop's own loss ``fn(module, batch)`` for ``user`` (a scorer); None: cross-entropy of ``forward_fn``."""
+        return None
+
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Send ``metrics`` to the loop's loggers (rank zero); the base class has none."""
+
+    def echo(self, text: str) -> None:
+        """Print ``text`` on rank zero."""
+        if self.is_global_zero:
+            print(text)
+
+    def warn(self, text: str) -> None:
+        """Warn on rank zero."""
+        if self.is_global_zero:
+            warnings.warn(text, UserWarning, stacklevel=3)
+
+
+class Session:
+    """One method's run over one model: masks, their enforcement, their changes and their state.
+
+    The base class keeps the masks it was started with (restored from a checkpoint, kept from a previous run
+    with the same session, or :meth:`initial_masks`, decided on rank zero and broadcast) and enforces them:
+    gradients of masked weights are zeroed before every optimizer step (inside backward on one process,
+    while each gradient is still in cache), the weights are re-zeroed after steps of optimizers that would
+    move them, and the masked entries of the optimizer state are zeroed whenever the masks change.
+
+    Args:
+        name: The method's name, used in messages (e.g. ``"RigL"``).
+        include: Prunable-parameter selection, see :func:`~lightning_pai.core.targets.select_targets`.
+        exclude: Parameters removed from the selection.
+        verbose: Print the sparsity table (rank zero) when the masks are set or change.
+    """
+
+    def __init__(self, name: str, *, include: Selectors = None, exclude: Selectors = None, verbose: bool = True):
+        self.name = name
+        self.include, self.exclude, self.verbose = include, exclude, verbose
+        self.masks: MaskSet | None = None
+        self.module: nn.Module | None = None
+        self.host: Host = Host()
+        self._restored: dict[str, Tensor] | None = None
+        self._in_backward = False
+
+    # ------------------------------------------------------------------ to override
+    def initial_masks(self, masks: MaskSet) -> dict[str, Tensor]:
+        """The masks to start with (computed on every rank; rank zero's are used). ``masks``: all kept."""
+        return {n: torch.ones(p.shape, dtype=torch.bool) for n, p in masks.params.items()}
+
+    @property
+    def dense_gradients(self) -> bool:
+        """Whether masked weights' gradients reach the optimizer (their weights are re-zeroed after each step)."""
+        return False
+
+    def backward_masking(self) -> bool:
+        """Whether gradients may be masked inside backward (False: some step reads every dense gradient)."""
+        return True
+
+    def needs_dense_grads(self, step: int) -> bool:
+        """Whether optimizer step ``step`` must see the dense gradients (e.g. a gradient-growth update)."""
+        return False
+
+    # ------------------------------------------------------------------ protocol
+    def check(self, module: nn.Module) -> None:
+        """Raise before training when the target patterns match nothing in ``module``."""
+        select_targets(module, self.include, self.exclude)
+
+    def start(self, module: nn.Module, host: Host | None = None) -> None:
+        """Set the masks on ``module`` and start enforcing them around ``host``'s optimizers."""
+        self.module, self.host = module, host if host is not None else Host()
+        masks = MaskSet.from_module(module, self.include, self.exclude)
+        if self._restored is not None:
+            masks.load_state_dict(self._restored)
+            self._restored = None
+        elif self.masks is not None:
+            masks.load_state_dict(self.masks.state_dict())
+        else:
+            masks.load_state_dict(self.from_rank_zero(self.initial_masks(masks)))
+        self.masks = masks
+        dense = self.dense_gradients
+        for opt in self.host.optimizers:
+            if not dense:
+                masks.mask_optimizer_state_(opt)
+            masks.attach(opt, mask_grads=False, mask_weights=dense)
+        self._in_backward = not dense and self.host.world_size == 1 and not masks._sharded and self.backward_masking()
+        if self._in_backward:
+            masks.mask_grads_in_backward()
+        masks.apply_()
+        self._warn_coverage()
+        self.masks_changed()
+
+    def train_start(self) -> None:
+        """Clean the optimizer state again once a resumed loop has loaded it (a no-op for a matching checkpoint)."""
+        if not self.dense_gradients:
+            for opt in self.host.optimizers:
+                self.masks.mask_optimizer_state_(opt)
+
+    def catch_up(self, step: int) -> None:
+        """Do work due after step ``step`` that an interrupted run skipped (a resumed fit, before its next step)."""
+
+    def step_start(self, step: int) -> None:
+        """Before the forward/backward passes of optimizer step ``step`` (1-based)."""
+        if self._in_backward:
+            self.masks.grad_hooks_active = not self.needs_dense_grads(step)
+
+    def before_step(self, step: int, epoch_end: bool = False) -> None:
+        """After backward, before ``optimizer.step()``: mask the gradients (unless masked inside backward)."""
+        if not self.dense_gradients and not self.masks.grad_hooks_active:
+            self.masks.mask_grads_()
+
+    def after_step(self, step: int) -> None:
+        """After ``optimizer.step()`` of step ``step``."""
+
+    def epoch_start(self, epoch: int) -> None:
+        """At the start of training epoch ``epoch`` (0-based)."""
+
+    def epoch_end(self, epoch: int, step: int) -> None:
+        """At the end of epoch ``epoch`` (after validation), ``step`` optimizer steps into the run."""
+
+    def stop(self) -> None:
+        """Remove every hook the session registered (masks and state are kept)."""
+        if self.masks is not None:
+            self.masks.detach()
+
+    # ------------------------------------------------------------------ helpers
+    def from_rank_zero(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Rank zero's ``masks`` on every rank (as CPU tensors when broadcast; unchanged on one process)."""
+        if self.host.world_size <= 1:
+            return masks
+        return self.host.broadcast({n: m.cpu() for n, m in masks.items()}, src=0)
+
+    def current_masks(self) -> dict[str, Tensor] | None:
+        """The masks by name (CPU bool tensors) whether started or only restored; None before either."""
+        if self.masks is not None:
+            return self.masks.state_dict()
+        return None if self._restored is None else dict(self._restored)
+
+    def report(self, module: nn.Module | None = None) -> SparsityReport:
+        """The current per-layer sparsity (see :func:`~lightning_pai.core.report.sparsity_report`).
+
+        Raises:
+            RuntimeError: Before the session has masks.
+        """
+        masks = self.masks if self.masks is not None else self._restored
+        if masks is None:
+            raise RuntimeError(f"`{self.name}` has no masks yet: they are set when training starts.")
+        return sparsity_report(module, masks)
+
+    def masks_changed(self, step: int | None = None) -> None:
+        """Log ``sparsity/*`` metrics (incl. coverage) and, if verbose, print the table (rank zero)."""
+        if not self.host.is_global_zero:
+            return
+        report = self.report(self.module)
+        self.host.log(report.metrics(), step)
+        if self.verbose:
+            self.host.echo(f"{self.name}: {report.summary()}\n{report}")
+
+    def _warn_coverage(self) -> None:
+        cover = coverage(self.module, self.masks.names)
+        if cover.matrix_fraction < 0.5:
+            self.host.warn(
+                f"`{self.name}`: {cover}. The reported sparsity is of the targeted weights only; "
+                "widen the targets with `include=` (name patterns or module types) if that is not intended."
+            )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The masks (CPU bool tensors by name; None before the first start)."""
+        return {"masks": self.current_masks()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: applied at once when started, else at :meth:`start`."""
+        masks = state.get("masks")
+        if masks is None:
+            return
+        if self.masks is not None:
+            self.masks.load_state_dict(masks)
+            self.masks.apply_()
+        else:
+            self._restored = dict(masks)
+
+
+class PruneSession(Session):
+    """Masks decided once, at the start, by a :class:`~lightning_pai.core.pruning.Pruner`, then kept.
+
+    Args:
+        name: The method's name, used in messages.
+        pruner: Scores the targets and keeps the top ones.
+        include, exclude, verbose: As for :class:`Session`.
+    """
+
+    def __init__(self, name: str, pruner: Any, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self.pruner = pruner
+
+    def initial_masks(self, masks: MaskSet) -> dict[str, Tensor]:
+        """Score the targets with the pruner's method and keep the top ones."""
+        return self.pruner.masks(self.module, masks, self.host, self.name)
+
+
+class TopologySession(Session):
+    """A session whose masks change during training, as a :class:`~lightning_pai.core.dst.Plan` says.
+
+    At every step the dense gradients (accumulated, all-reduced, before masking and clipping) go to
+    :meth:`TopologyUpdater.observe <lightning_pai.core.dst.TopologyUpdater.observe>`; on an update step they
+    are kept for the update, which runs after that optimizer step (:meth:`after_step`) or at the end of the
+    epoch (:meth:`epoch_end`, schedules with ``at_epoch_end``). A method that grows weights skips an update
+    whose step had non-finite gradients and never updates at the last step. New masks are computed on every
+    rank and rank zero's are used. The updater's state and an update still due at an epoch's end are saved.
+
+    Args:
+        name: The method's name, used in messages.
+        plan: The method (update schedule, pruning and rewiring stages).
+        initial: How the initial masks are made (a :class:`~lightning_pai.core.pruning.Pruner`), or None
+            to start dense.
+        seed: Seed of random rules.
+        beta: Decay of the updater's own momentum buffer (optimizers without momentum).
+        include, exclude, verbose: As for :class:`Session`.
+    """
+
+    def __init__(
+        self, name: str, plan: Plan, *, initial: Any = None, seed: int = 0, beta: float = 0.9, **kwargs: Any
+    ) -> None:
+        super().__init__(name, **kwargs)
+        plan.validate()
+        self.plan, self.initial, self.seed, self.beta = plan, initial, int(seed), float(beta)
+        self.updater: TopologyUpdater | None = None
+        self.pending: tuple[int, dict[str, Tensor] | None] | None = None
+        self.total_steps = 0
+        self._restored_updater: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def start(self, module: nn.Module, host: Host | None = None) -> None:
+        """Check the run's length, create (or restore) the updater, set the masks."""
+        host = host if host is not None else Host()
+        if len(host.optimizers) > 1:
+            raise ValueError(f"`{self.name}` supports one optimizer; the training loop uses {len(host.optimizers)}.")
+        total = host.total_steps
+        if total is None or total == float("inf"):
+            raise ValueError(f"`{self.name}` schedules its updates over the whole run: {host.length_hint}.")
+        self.total_steps = int(total)
+        self._make_updater(host)
+        prune = self.plan.prune
+        if prune is not None and isinstance(prune.sparsity, Cubic):
+            resolve_window(prune.sparsity.start, prune.sparsity.end, self.total_steps)
+        super().start(module, host)
+        self.updater.bind(dict(self.masks.items()), self.masks.layouts)
+
+    def _make_updater(self, host: Host) -> TopologyUpdater:
+        if self.updater is None:
+            self.updater = TopologyUpdater(self.plan, seed=self.seed, beta=self.beta)
+            if self._restored_updater is not None:
+                self.updater.load_state_dict(self._restored_updater)
+                self._restored_updater = None
+        self.updater.use_optimizer(host.optimizers[0] if host.optimizers else None)
+        return self.updater
+
+    def initial_masks(self, masks: MaskSet) -> dict[str, Tensor]:
+        """Dense without an initial pruner, else its masks (e.g. random ERK masks at the method's sparsity)."""
+        if self.initial is None:
+            return super().initial_masks(masks)
+        return self.initial.masks(self.module, masks, self.host, self.name)
+
+    @property
+    def dense_gradients(self) -> bool:
+        """True when a momentum rule reads the optimizer's momentum of inactive weights (SNFS)."""
+        return self.updater is not None and self.updater.dense_gradients
+
+    def backward_masking(self) -> bool:
+        """False when every step's dense gradients are read, or an epoch-end update needs them."""
+        updater = self.updater
+        if updater.reads_every_step:
+            return False
+        return not (updater.needs_grads and updater.plan.when.at_epoch_end)  # its last step is known late
+
+    def needs_dense_grads(self, step: int) -> bool:
+        """Whether ``step`` is an update step whose rules read the dense gradients."""
+        return self.updater.needs_grads and self.updater.is_update(step, self.total_steps, False)
+
+    @property
+    def updates(self) -> int:
+        """Number of topology updates applied so far."""
+        if self.updater is not None:
+            return self.updater.updates
+        return int((self._restored_updater or {}).get("updates", 0))
+
+    @property
+    def itop(self) -> float:
+        """Fraction of the targeted weights that have been active at some point (Liu et al. 2021)."""
+        return 0.0 if self.updater is None else self.updater.itop
+
+    # ------------------------------------------------------------------ stepping
+    def before_step(self, step: int, epoch_end: bool = False) -> None:
+        """Observe the dense gradients and, on an update step, keep them for the update; then mask them."""
+        updater = self.updater
+        params = self.masks.params
+        grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+        complete = len(grads) == len(params)
+        if complete and updater.observes_every_step:  # sharded: on gathered tensors (every step, documented)
+            updater.observe(full_dict({n: p.detach() for n, p in params.items()}), full_dict(grads))
+        if updater.is_update(step, self.total_steps, epoch_end):
+            self.pending = None
+            grows = updater.plan.rewire is not None
+            grads = full_dict(grads) if complete else grads  # sharded: gathered once per update
+            finite = complete and bool(torch.stack([g.isfinite().all() for g in grads.values()]).all())
+            if finite or not grows:
+                kept = {n: g.detach().clone() for n, g in grads.items()} if updater.needs_grads else None
+                self.pending = (step, kept)
+        super().before_step(step, epoch_end)
+
+    def after_step(self, step: int) -> None:
+        """Run the update decided at ``step`` unless it waits for the epoch's end."""
+        if not self.plan.when.at_epoch_end:
+            self.run_pending(step)
+
+    def epoch_end(self, epoch: int, step: int) -> None:
+        """Run an epoch-end update decided at the epoch's last step ``step``."""
+        if self.plan.when.at_epoch_end:
+            self.run_pending(step)
+        self.pending = None
+
+    def catch_up(self, step: int) -> None:
+        """An epoch-end update saved in a checkpoint taken after the epoch's last step, before its end."""
+        self.run_pending(step)
+
+    def run_pending(self, step: int) -> None:
+        """Apply the update decided at optimizer step ``step``, if one is due (rank zero's masks win)."""
+        if self.pending is None or self.pending[0] != step:
+            return
+        step, grads = self.pending
+        self.pending = None
+        masks, updater = self.masks, self.updater
+        if grads is not None:
+            grads = {n: g.to(masks[n].device) for n, g in grads.items()}
+        old = {n: m.clone() for n, m in masks.items()}
+        params = masks.params
+        momentum = updater.current_momentum(params)
+        weights = full_dict({n: p.detach() for n, p in params.items()})  # sharded: gathered (collective)
+        momentum = None if momentum is None else full_dict(momentum)
+        new = updater.compute(step, self.total_steps, weights, old, grads, momentum)
+        new = self.from_rank_zero(new)
+        new = {n: m.to(old[n].device) for n, m in new.items()}
+        masks.update_(new, self.host.optimizers, fill="mean" if updater.dense_gradients else "zero")
+        update = updater.record(old, new)
+        metrics = {"sparsity/global": 1.0 - masks.density, "sparsity/itop": updater.itop}
+        metrics["dst/dropped"] = float(sum(update.dropped.values()))
+        metrics["dst/grown"] = float(sum(update.grown.values()))
+        if self.plan.rewire is not None:
+            metrics["dst/fraction"] = self.plan.rewire.fraction(step, self.total_steps)
+        self.host.log(metrics, step)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, the updater's state and an update still due at the epoch's end."""
+        state = super().state_dict()
+        if self.updater is not None:
+            state["updater"] = self.updater.state_dict()
+        elif self._restored_updater is not None:
+            state["updater"] = self._restored_updater
+        if self.pending is not None:
+            step, grads = self.pending
+            state["pending"] = (step, None if grads is None else {n: g.cpu() for n, g in grads.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        super().load_state_dict(state)
+        self.pending = state.get("pending")
+        if state.get("updater") is None:
+            return
+        if self.updater is not None:
+            self.updater.load_state_dict(state["updater"])
+        else:
+            self._restored_updater = state["updater"]
