@@ -24,6 +24,7 @@ from lightning_pai.core import (
 )
 from lightning_pai.export import dense_state_dict, load_sparse, make_permanent, save_sparse, sparse_state_dict
 from lightning_pai.inference import conversion_report, to_sparse_inference
+from lightning_pai.sparsifier import Sparsifier
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "LayerSparsity",
     "MaskSet",
     "ScoringContext",
+    "Sparsifier",
     "SparsityReport",
     "compute_masks",
     "conversion_report",

@@ -360,6 +360,11 @@ class LotterySession(Session):
         """One value of the monitored metric (e.g. after each validation) for the running round."""
         self._values.append(float(value))
 
+    @property
+    def needs_epoch_length(self) -> bool:
+        """``step:k`` rewind points are taken at a step count: the epoch's length must be known."""
+        return self.rewind.kind == "step"
+
     # ------------------------------------------------------------------ protocol
     def check(self, module: nn.Module) -> None:
         """Also resolve ``layer_fractions`` against the targets (a pattern matching nothing is an error)."""
@@ -398,7 +403,7 @@ class LotterySession(Session):
         if self.step_rounds:
             return
         round_index, _ = self.round_of_epoch(epoch)
-        if round_index > self.round:
+        if self.round < round_index < self.rounds:  # (a plain loop announces the epoch after the last one too)
             self.next_round(round_index)
         if self.round == 0 and self.rewind.kind == "epoch" and epoch == self.rewind.at > 0 and not self.rewind_point:
             self.rewind_point = self.capture(sampler_epoch=epoch)

@@ -223,6 +223,14 @@ class Session:
     def epoch_end(self, epoch: int, step: int) -> None:
         """At the end of epoch ``epoch`` (after validation), ``step`` optimizer steps into the run."""
 
+    def record(self, value: float) -> None:
+        """A value of the metric the method monitors (the lottery ticket's per-round results); else ignored."""
+
+    @property
+    def needs_epoch_length(self) -> bool:
+        """Whether the method must know how many optimizer steps an epoch has (e.g. to spot an epoch's last step)."""
+        return False
+
     def stop(self) -> None:
         """Remove every hook the session registered (masks and state are kept)."""
         if self.masks is not None:
@@ -379,6 +387,11 @@ class TopologySession(Session):
             return False
         return not (updater.needs_grads and updater.plan.when.at_epoch_end)  # its last step is known late
 
+    @property
+    def needs_epoch_length(self) -> bool:
+        """Whether updates happen at epoch ends (decided at each epoch's last step)."""
+        return self.plan.when.at_epoch_end
+
     def needs_dense_grads(self, step: int) -> bool:
         """Whether ``step`` is an update step whose rules read the dense gradients."""
         return self.updater.needs_grads and self.updater.is_update(step, self.total_steps, False)
@@ -476,5 +489,7 @@ class TopologySession(Session):
             return
         if self.updater is not None:
             self.updater.load_state_dict(state["updater"])
+            if self.masks is not None:  # already running: back onto the masks' devices
+                self.updater.bind(dict(self.masks.items()), self.masks.layouts)
         else:
             self._restored_updater = state["updater"]
