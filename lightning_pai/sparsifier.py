@@ -185,8 +185,8 @@ class Sparsifier:
             if session.step_rounds:
                 raise ValueError(
                     f"`{name}(rewind_to={session.rewind_to!r})` ends rounds mid-epoch, which a plain loop cannot "
-                    "validate at the right step: use rewind_to 'init', 'epoch:k', 'lr', 'none' or 'step:0' here (or the "
-                    "Lightning callback)."
+                    "validate at the right step: use rewind_to 'init', 'epoch:k', 'lr', 'none' or 'step:0' here (or "
+                    "the Lightning callback)."
                 )
             if session.rewind.kind == "step":
                 session.check_steps(steps_per_epoch)

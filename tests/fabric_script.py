@@ -1,4 +1,4 @@
-"""Sparsifier under Lightning Fabric on 2 CPU processes; run as ``python tests/fabric_script.py OUTDIR`` (see test_fabric.py).
+"""Sparsifier under Lightning Fabric on 2 CPU processes: ``python tests/fabric_script.py OUTDIR`` (test_fabric.py).
 
 Each rank trains the tests' tiny model on its own shard of shuffled data (DistributedSampler) with three
 methods in turn — PruneAtInit with a scorer whose scores differ per rank (so equal masks can only come from
@@ -50,7 +50,7 @@ def run(fabric: Fabric, name: str) -> dict:
     method = METHODS[name]()
     sparsifier = Sparsifier(method, model, optimizer, data=loader, total_steps=EPOCHS * len(loader))
     history = {}
-    for epoch in range(EPOCHS):
+    for _ in range(EPOCHS):
         loader.sampler.set_epoch(sparsifier.data_epoch)
         for x, y in loader:
             optimizer.zero_grad()
