@@ -72,8 +72,10 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 class LoopHost(Host):
-    """A :class:`~lightning_pai.core.session.Host` over a plain loop: ``torch.distributed`` collectives when a
-    process group is initialized (DDP, Fabric), batches from ``data``, metrics to ``logger``.
+    """A :class:`~lightning_pai.core.session.Host` over a plain loop.
+
+    ``torch.distributed`` collectives when a process group is initialized (DDP, Fabric), batches from ``data``,
+    metrics to ``logger``.
     """
 
     def __init__(
