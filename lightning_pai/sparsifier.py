@@ -48,13 +48,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The ``torch.optim.Optimizer`` inside a Fabric ``_FabricOptimizer`` (or the optimizer itself).
+    """The ``torch.optim.Optimizer`` inside Fabric's ``_FabricOptimizer`` or accelerate's ``AcceleratedOptimizer``.
 
     Raises:
         TypeError: If no ``torch.optim.Optimizer`` is found.
     """
     inner = optimizer
-    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
         inner = inner.optimizer
     if not isinstance(inner, torch.optim.Optimizer):
         raise TypeError(f"`optimizer` must be a torch.optim.Optimizer (or Fabric's wrapper of one); got {optimizer!r}.")
