@@ -73,3 +73,56 @@ def test_readme_deployment_example_runs(tmp_path, monkeypatch, one_thread):
     assert [r.name for r in rows] == ["net.0", "net.2", "net.4"]
     assert all("(measured at 64 rows" in r.reason for r in rows)  # the example batch's rows, not a guess
     assert all(torch.equal(p, q) for p, q in zip(plain.state_dict().values(), namespace["model"].state_dict().values()))
+
+
+def _blocks_under(heading: str) -> list[str]:
+    section = README.read_text().split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+@pytest.fixture(scope="module")
+def loop_examples(tmp_path_factory):
+    """The three loop examples (plain PyTorch, Fabric on 2 processes, HF Trainer), each run as a script as pasted."""
+    import os
+    import subprocess
+    import sys
+
+    blocks = _blocks_under("Any training loop: plain PyTorch, Lightning Fabric, the Hugging Face Trainer")
+    assert len(blocks) == 3
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
+        env.pop(var, None)
+    out = {}
+    for name, block in zip(("plain", "fabric", "hf"), blocks):
+        folder = tmp_path_factory.mktemp(name)
+        (folder / "example.py").write_text(block)
+        proc = subprocess.run(
+            [sys.executable, "example.py"], cwd=folder, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, f"{name} example failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        out[name] = (folder, proc.stdout)
+    return out
+
+
+def test_readme_plain_loop_example_runs(loop_examples):
+    folder, stdout = loop_examples["plain"]
+    assert "sparsity 0.9000 of the targeted weights" in stdout
+    assert "topology updates: 3" in stdout  # 48 steps: updates at 10, 20, 30 (t_end = 36)
+    import torch
+
+    saved = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert saved["sparsifier"]["step"] == 48 and saved["sparsifier"]["session"]["updater"]["updates"] == 3
+
+
+def test_readme_fabric_example_runs_on_two_processes(loop_examples):
+    _, stdout = loop_examples["fabric"]
+    line = next(x for x in stdout.splitlines() if x.startswith("kept per layer on each rank:"))
+    rows = eval(line.split(":", 1)[1])  # [[rank 0 counts], [rank 1 counts]]
+    assert len(rows) == 2 and rows[0] == rows[1]
+    assert sum(rows[0]) == round(0.05 * (32 * 256 + 256 * 2))
+
+
+def test_readme_hf_trainer_example_runs(loop_examples):
+    folder, stdout = loop_examples["hf"]
+    assert "density of the attention and feed-forward matrices: 0.1000" in stdout
+    assert (folder / "hf_out" / "checkpoint-8" / "lightning_pai_state.pt").exists()
