@@ -24,7 +24,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from helpers import DYNAMIC, every_callback, make_dataloader, make_module
+from helpers import every_callback, make_dataloader, make_module, scheduled_updates, topology_methods
 
 from lightning_pai import (
     SET,
@@ -122,7 +122,7 @@ class _MaskRecorder(CallbackBase):
 def dynamic(outdir: str, method: str) -> None:
     """A topology-changing callback of ``helpers.every_callback`` under 2-process DDP (4 epochs of 4 steps)."""
     module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
-    cb = every_callback(end=6)[method]()
+    cb = every_callback()[method]()
     recorder = _MaskRecorder(cb)
     loader = make_dataloader(n=64, batch_size=8)
     loader = torch.utils.data.DataLoader(loader.dataset, batch_size=8, shuffle=True)
@@ -134,6 +134,7 @@ def dynamic(outdir: str, method: str) -> None:
     params = dict(module.named_parameters())
     zero = all(bool((params[n].detach()[~m] == 0).all()) for n, m in cb.masks.items())
     result = {"rank": rank, "masks": recorder.masks, "updates": cb.updates, "momentum": momentum, "zero": zero}
+    result["scheduled"] = scheduled_updates(cb, trainer.global_step, trainer.num_training_batches)
     torch.save(result, Path(outdir) / f"{method}{rank}.pt")
 
 
@@ -180,14 +181,14 @@ class _FinalMasks(CallbackBase):
 
 
 #: Under ddp_spawn: a step-update, an epoch-update and a pruning-only method (the hand-back is the base class's).
-SPAWN = ("rigl", "set", "movement")
+SPAWN = ("RigL", "SET", "MovementPruning")
 
 
 def spawn_dst(outdir: str) -> None:
     """Each topology-changing callback under ``ddp_spawn``; the launching process records what it holds afterwards."""
     main = {}
     for name in SPAWN:
-        cb = every_callback(end=6)[name]()
+        cb = every_callback()[name]()
         module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
         trainer = _trainer("ddp_spawn", [cb, _FinalMasks(cb, outdir, name)], max_epochs=2)
         trainer.fit(module, make_dataloader(n=64, batch_size=8))
@@ -250,7 +251,7 @@ def main(outdir: str, strategy: str = "ddp", method: str = "rank_random") -> Non
     if method == "timm":
         timm_rigl(outdir)
         return
-    if all(name in DYNAMIC for name in method.split(",")):
+    if all(name in topology_methods() for name in method.split(",")):
         for name in method.split(","):  # one 2-process launch, one fit per method
             dynamic(outdir, name)
         return

@@ -50,12 +50,12 @@ def methods() -> dict:
         "lottery": lambda: LotteryTicket(rounds=2, prune_fraction=0.5, epochs_per_round=1, verbose=False),
         "rigl": lambda: RigL(0.8, delta_t=2, t_end=1.0, verbose=False),
     }
-    out.update({f"every_{name}": factory for name, factory in every_callback(end=6).items()})
+    out.update({f"every_{name}": factory for name, factory in every_callback().items()})
     return out
 
 
 def trainer_kwargs(method: str) -> dict:
-    return {"max_epochs": 2, "max_steps": -1} if "lottery" in method else {"max_steps": STEPS}
+    return {"max_epochs": 2, "max_steps": -1} if "lottery" in method.lower() else {"max_steps": STEPS}
 
 
 class Trace(CallbackBase):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
+from functools import partial
 from types import ModuleType
 
 import torch
@@ -140,38 +141,30 @@ def as_dict(masks) -> dict[str, Tensor]:
     return {n: m.detach().cpu().bool().clone() for n, m in masks.items()}
 
 
-def every_callback(end: int, scorer: str = "magnitude", lottery_fraction: float = 0.5) -> dict:
-    """Factories of every lightning_pai method callback (the one list the suites parametrize over).
+def every_callback(sparsity: float = 0.8, **overrides: dict) -> dict:
+    """Factories of every registered lightning_pai method in its example configuration, by class name.
 
-    Sized for short fits of 2 epochs: all reach sparsity 0.8 by optimizer step ``end`` (the lottery ticket:
-    ``lottery_fraction`` after its second round); RigL, DSR and GraNet update every 2 steps, SET and SNFS at
-    the first epoch's end, GMP and movement pruning every 2 steps until ``end``.
-    ``test_setups.test_every_public_callback_is_in_the_test_list`` keeps it complete.
+    The one list the suites parametrize over, derived from the registry (:func:`lightning_pai.list_methods`): a
+    new method declaring a ``MethodCard`` is tested by every suite the day it is added. Each example reaches
+    ``sparsity`` within a fit of 2 epochs (its card's contract). ``overrides`` maps a class name to keyword
+    overrides, e.g. ``every_callback(PruneAtInit={"method": "snip"})``.
     """
-    from lightning_pai import (
-        DSR,
-        SET,
-        SNFS,
-        GradualMagnitudePruning,
-        GraNet,
-        LotteryTicket,
-        MovementPruning,
-        PruneAtInit,
-        RigL,
-    )
+    from lightning_pai import list_methods
 
-    return {
-        "prune_at_init": lambda: PruneAtInit(scorer, 0.8, verbose=False),
-        "lottery": lambda: LotteryTicket(rounds=2, prune_fraction=lottery_fraction, epochs_per_round=1, verbose=False),
-        "rigl": lambda: RigL(0.8, delta_t=2, t_end=1.0, verbose=False),
-        "set": lambda: SET(0.8, verbose=False),
-        "snfs": lambda: SNFS(0.8, verbose=False),
-        "granet": lambda: GraNet(0.8, initial_sparsity=0.5, delta_t=2, end=end, verbose=False),
-        "dsr": lambda: DSR(0.8, delta_t=2, verbose=False),
-        "gmp": lambda: GradualMagnitudePruning(0.8, start=0, end=end, frequency=2),
-        "movement": lambda: MovementPruning(0.8, start=0, end=end, frequency=2),
-    }
+    return {cls.__name__: partial(cls.example, sparsity, **overrides.get(cls.__name__, {})) for cls in list_methods()}
 
 
-#: Callbacks whose topology changes during training (they count ``updates``).
-DYNAMIC = ("rigl", "set", "snfs", "granet", "dsr", "gmp", "movement")
+def topology_methods() -> list[str]:
+    """Registered methods whose masks change during training (they count ``updates``)."""
+    from lightning_pai import TopologyCallback, list_methods
+
+    return [cls.__name__ for cls in list_methods() if issubclass(cls, TopologyCallback)]
+
+
+def scheduled_updates(cb, total_steps: int, steps_per_epoch: int) -> int:
+    """Topology updates ``cb``'s plan schedules in a run of ``total_steps`` optimizer steps (none at the last step
+    of a growing method; epoch-end schedules at every ``steps_per_epoch``-th step)."""
+    from lightning_pai.core import TopologyUpdater
+
+    updater = TopologyUpdater(cb.plan())
+    return sum(updater.is_update(t, total_steps, t % steps_per_epoch == 0) for t in range(1, total_steps + 1))

@@ -3,13 +3,15 @@ keeping exactly N of every M consecutive input weights after training, mixed N:M
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from helpers import make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_pai import SET, GradualMagnitudePruning, LotteryTicket, MaskSet, PruneAtInit, RigL
+from lightning_pai import SET, GradualMagnitudePruning, LotteryTicket, MaskSet, PruneAtInit, RigL, list_methods
 from lightning_pai.core.nm import (
     group_budget,
     group_counts,
@@ -145,6 +147,21 @@ def test_every_family_keeps_exactly_two_of_four_after_training(name):
     if name == "gmp":
         budgets = [sorted({int(c) for c in group_counts(s["fc.weight"], 4, LINEAR).flatten()}) for s in seen]
         assert budgets[0] == [4] and [3] in budgets and budgets[-1] == [2]
+
+
+NM_METHODS = [cls for cls in list_methods() if "nm" in inspect.signature(cls).parameters]
+
+
+@pytest.mark.parametrize("cls", NM_METHODS, ids=lambda cls: cls.__name__)
+def test_every_registered_method_with_nm_keeps_two_of_four(cls):
+    """Registry-derived: each method that takes ``nm`` (its example configuration, 2 epochs) ends exactly 2:4."""
+    torch.manual_seed(0)
+    module = Net()
+    cb = cls.example(0.5, nm="2:4")
+    make_trainer(callbacks=[cb], max_epochs=2, max_steps=-1).fit(module, _data())
+    for n, m in cb.masks.items():
+        assert is_nm(m, 2, 4, cb.masks.layouts[n]) and int(m.sum()) * 2 == m.numel(), n
+        assert torch.equal(module.get_parameter(n)[~m].detach(), torch.zeros(int((~m).sum()))), n
 
 
 def test_mixed_nm_and_unstructured_layers():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
-    DYNAMIC,
     NAMESPACES,
     TARGET_TOTAL,
     every_callback,
@@ -14,6 +13,7 @@ from helpers import (
     make_dataloader,
     make_module,
     make_trainer,
+    topology_methods,
 )
 
 import lightning_pai
@@ -22,8 +22,8 @@ from lightning_pai.callbacks._compat import CallbackBase
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CALLBACKS = every_callback(end=6)  # 16 optimizer steps (2 epochs of 8 batches); sparsity 0.8 (lottery: 0.5)
-FINAL_SPARSITY = {name: 0.5 if name == "lottery" else 0.8 for name in CALLBACKS}
+CALLBACKS = every_callback()  # 16 optimizer steps (2 epochs of 8 batches), sparsity 0.8
+DYNAMIC = topology_methods()
 
 
 def test_every_public_callback_is_in_the_test_list():
@@ -37,9 +37,11 @@ def test_every_public_callback_is_in_the_test_list():
     }
     bases = {lightning_pai.SparseCallback, lightning_pai.TopologyCallback, lightning_pai.DynamicSparseTraining}
     assert exported - bases == set(PUBLIC_CALLBACKS)
+    assert all(factory().final_sparsity == pytest.approx(0.8) for factory in CALLBACKS.values())
 
 
-def _check_enforced(cb, module, sparsity: float) -> None:
+def _check_enforced(cb, module, sparsity: float | None = None) -> None:
+    sparsity = cb.final_sparsity if sparsity is None else sparsity
     kept = sum(int(m.sum()) for _, m in cb.masks.items())
     assert abs(kept - (1 - sparsity) * TARGET_TOTAL) <= 3, kept  # GMP rounds per layer
     params = dict(module.named_parameters())
@@ -61,7 +63,7 @@ def test_both_namespaces(name, ns):
     cb, module, trainer = _fit(name, ns)
     assert isinstance(cb, import_ns(ns).Callback)
     assert trainer.global_step == 16
-    _check_enforced(cb, module, FINAL_SPARSITY[name])
+    _check_enforced(cb, module)
 
 
 SETUPS = {
@@ -77,8 +79,8 @@ SETUPS = {
 def test_training_setups(name, setup):
     cb, module, trainer = _fit(name, **SETUPS[setup])
     assert trainer.global_step == (8 if setup == "accumulate" else 16)
-    _check_enforced(cb, module, FINAL_SPARSITY[name])
-    if name in ("rigl", "granet", "dsr", "gmp", "movement"):
+    _check_enforced(cb, module)
+    if name in DYNAMIC and not cb.plan().when.at_epoch_end:
         assert cb.updates >= 2
 
 
@@ -87,7 +89,7 @@ def test_training_setups(name, setup):
 def test_16_mixed_on_cuda(name):
     cb, module, trainer = _fit(name, accelerator="gpu", devices=1, precision="16-mixed")
     assert trainer.global_step == 16
-    _check_enforced(cb, module, FINAL_SPARSITY[name])
+    _check_enforced(cb, module)
 
 
 @pytest.mark.parametrize("name", list(CALLBACKS))
@@ -96,27 +98,27 @@ def test_compiled_module(name):
     compiled = torch.compile(module, backend="aot_eager")
     cb, _, trainer = _fit(name, module=compiled)
     assert trainer.global_step == 16
-    _check_enforced(cb, module, FINAL_SPARSITY[name])  # the masks act on the original module's parameters
+    _check_enforced(cb, module)  # the masks act on the original module's parameters
     assert all(n.startswith(("conv", "fc")) for n in cb.masks.names)  # no "_orig_mod." prefix
 
 
 def test_compiled_module_with_inductor():
     pytest.importorskip("torch._inductor")
     module = make_module(seed=0)
-    cb, _, _ = _fit("rigl", module=torch.compile(module))
+    cb, _, _ = _fit("RigL", module=torch.compile(module))
     assert cb.updates == 7
     _check_enforced(cb, module, 0.8)
 
 
 @pytest.mark.parametrize("name", list(CALLBACKS))
 def test_max_steps_without_epochs(name):
-    if name == "lottery":  # rounds are epochs: a step-bounded run is refused before training
+    if CALLBACKS[name]().card.family == "lottery":  # rounds are epochs: a step-bounded run is refused
         with pytest.raises(ValueError, match="max_steps"):
             _fit(name, max_epochs=-1, max_steps=12)
         return
     cb, module, trainer = _fit(name, max_epochs=-1, max_steps=12)
     assert trainer.global_step == 12
-    _check_enforced(cb, module, FINAL_SPARSITY[name])
+    _check_enforced(cb, module)
 
 
 @pytest.mark.parametrize("name", list(CALLBACKS))
@@ -146,18 +148,18 @@ def test_a_second_fit_continues_from_the_masks(name):
     trainer = make_trainer(callbacks=[cb], max_epochs=2, max_steps=-1)
     trainer.fit(module, make_dataloader())
     assert trainer.global_step == 16
-    _check_enforced(cb, module, FINAL_SPARSITY[name])
+    _check_enforced(cb, module)
     same = all(torch.equal(m, first[n]) for n, m in cb.masks.state_dict().items())
-    if name in ("prune_at_init", "lottery", "gmp"):
+    if name in DYNAMIC:
+        assert cb.updates > updates
+    if name not in DYNAMIC or cb.plan().rewire is None:  # nothing grows back: the final masks stay
         assert same
     else:
-        assert cb.updates > updates
         kept, kept_first = {n: int(m.sum()) for n, m in cb.masks.items()}, {n: int(m.sum()) for n, m in first.items()}
-        if name in ("snfs", "dsr"):  # budgets move between layers, the total stays
-            assert sum(kept.values()) == sum(kept_first.values())
-        else:
+        assert sum(kept.values()) == sum(kept_first.values())  # at the final sparsity, rewiring keeps the total
+        if cb.card.keeps_layer_counts:
             assert kept == kept_first
-    if name == "lottery":
+    if cb.card.family == "lottery":
         assert cb.round == 1 and len(cb.results) == 2
 
 
@@ -216,7 +218,7 @@ def test_crash_and_resume_reproduces_the_uninterrupted_run(tmp_path, name):
         assert resumed.updates == full.updates
 
 
-@pytest.mark.parametrize("name", ["prune_at_init", "rigl", "lottery"])
+@pytest.mark.parametrize("name", ["PruneAtInit", "RigL", "LotteryTicket"])
 def test_make_permanent_hands_back_a_plain_model(name):
     cb, module, _ = _fit(name)
     plain = cb.make_permanent(module)

@@ -38,7 +38,7 @@ class GradualMagnitudePruning(TopologyCallback):
     """
 
     score = "magnitude"
-    card = MethodCard("gradual", example={"start": 0, "end": 0.375, "frequency": 2})
+    card = MethodCard("gradual", example={"start": 0, "end": 0.5, "frequency": 2})
 
     def __init__(
         self,
@@ -114,4 +114,4 @@ class MovementPruning(GradualMagnitudePruning):
     """
 
     score = "movement"
-    card = MethodCard("gradual", example={"start": 0, "end": 0.375, "frequency": 2})
+    card = MethodCard("gradual", example={"start": 0, "end": 0.5, "frequency": 2})

@@ -44,7 +44,7 @@ class GraNet(DynamicSparseTraining):
         include, exclude, seed, verbose: As for :class:`DynamicSparseTraining`.
     """
 
-    card = MethodCard("gradual", example={"initial_sparsity": 0.5, "delta_t": 2, "end": 0.375})
+    card = MethodCard("gradual", example={"initial_sparsity": 0.5, "delta_t": 2, "end": 0.5})
 
     def __init__(
         self,
