@@ -13,7 +13,10 @@ momentum 0.9, weight decay 2e-4, dropout 0.2, batch 40, He initialisation scaled
 fan-in (at 4.5 % density PyTorch's dense init leaves the signal ~100x too small after 3 layers): SET
 against the same masks and initial weights kept static.
 
-Every method runs the library's own method definition: each model gets a
+Every registered topology-changing method is a row (``lightning_pai.list_methods()``) and runs the library's
+own method definition. The models are stacked into one batched network (several seeds and methods per
+matrix product, the only way 2 CPU cores train them in hours), so this harness drives the engine's public
+per-model pieces itself instead of a ``Sparsifier`` per model: each model gets a
 :class:`lightning_pai.core.dst.TopologyUpdater` built from the callback's ``plan()`` with its defaults
 (``RigL(s).plan()``, ``SNFS(s).plan()``, ...), which decides the update steps and computes the masks,
 exactly as inside the Lightning callbacks; initial masks come from :func:`lightning_pai.core.prune` with
@@ -60,18 +63,14 @@ from pathlib import Path
 import torch
 from mnist_common import LENET_300_100, BatchStream, StackedMLP, base_parser, load_mnist, mlp, weight_names
 
-from lightning_pai import DSR, SET, SNFS, GradualMagnitudePruning, GraNet, MovementPruning, RigL
+from lightning_pai import GraNet, TopologyCallback, list_methods
 from lightning_pai.core import ScoringContext, TopologyUpdater, prune
 
-#: The callbacks whose default method each benchmark row runs (static: ERK random masks, never updated).
+#: Every registered method whose masks change in training, in its default configuration (static: ERK random
+#: masks, never updated); a new method is a new row the day it is registered. Short row names for the tables.
+SHORT = {"GradualMagnitudePruning": "gmp", "MovementPruning": "movement"}
 CALLBACKS = {
-    "set": SET,
-    "rigl": RigL,
-    "snfs": SNFS,
-    "granet": GraNet,
-    "dsr": DSR,
-    "gmp": GradualMagnitudePruning,
-    "movement": MovementPruning,
+    SHORT.get(cls.__name__, cls.__name__.lower()): cls for cls in list_methods() if issubclass(cls, TopologyCallback)
 }
 MNIST_METHODS = ("static", *CALLBACKS)
 MNIST_SPARSITIES = (0.98, 0.99)
@@ -94,10 +93,10 @@ class Run:
         self.method, self.sparsity, self.seed = method, sparsity, seed
         self.callback = None
         if method in CALLBACKS:
-            kwargs = {"delta_t": granet_delta_t} if method == "granet" else {}
+            kwargs = {"delta_t": granet_delta_t} if CALLBACKS[method] is GraNet else {}
             self.callback = CALLBACKS[method](sparsity, **kwargs)
         self.distribution = "erk" if self.callback is None else self.callback.distribution
-        self.start = sparsity if self.callback is None else self.callback._start_sparsity()
+        self.start = sparsity if self.callback is None else self.callback.initial_sparsity_of_masks
 
 
 class DSTTrainer:

@@ -283,3 +283,43 @@ def test_gradual_pruning_stage_keeps_the_highest_scores_of_the_active_weights():
     assert updater.is_update(8, 8, False)  # a pruning-only plan may update at the last step
     rewiring = TopologyUpdater(Plan(when=Every(1), rewire=Rewire(Constant(0.1))))
     assert not rewiring.is_update(8, 8, False)  # a growing one never does
+
+
+def test_a_step_rule_runs_once_after_every_optimizer_step_and_not_again_after_resume():
+    """Step rules (Plan.step_rule) change the active weights after each optimizer step, once per step."""
+    from dataclasses import replace
+
+    from helpers import make_dataloader, make_module, make_trainer
+
+    from lightning_pai import DynamicSparseTraining
+    from lightning_pai.core import register_step_rule
+
+    seen = []
+
+    @register_step_rule("test_shrink", overwrite=True)
+    def shrink(ctx):
+        seen.append(ctx.step)
+        for n, w in ctx.weights.items():  # an L1 step on the active weights: w -= lr * 0.01 * sign(w)
+            w.sub_(ctx.lr[n] * 0.01 * torch.sign(w) * ctx.masks[n])
+
+    class Shrinking(DynamicSparseTraining):
+        def plan(self):
+            return replace(super().plan(), step_rule="test_shrink")
+
+    try:
+        cb = Shrinking(0.8, delta_t=3, t_end=1.0, verbose=False)
+        module = make_module(seed=0)
+        make_trainer(callbacks=[cb], max_epochs=2, max_steps=-1, accumulate_grad_batches=2).fit(
+            module, make_dataloader()
+        )
+        assert seen == list(range(1, 9))  # 16 batches, 8 optimizer steps: once each, never at a micro-batch
+        assert cb.updater.memory["step_rule_step"] == 8
+        cb.updater.apply_step_rule(cb.masks.params, dict(cb.masks.items()), 8, {n: 0.1 for n in cb.masks.names})
+        assert seen == list(range(1, 9))  # step 8 again (e.g. reported after a resume): not re-applied
+        params = dict(module.named_parameters())
+        for n, m in cb.masks.items():
+            assert torch.equal(params[n].detach()[~m], torch.zeros(int((~m).sum())))
+    finally:
+        from lightning_pai.core.dst import _STEP
+
+        _STEP.unregister("test_shrink")

@@ -1,11 +1,9 @@
-"""lightning_pai's methods driven step by step through the engine its callbacks use.
+"""lightning_pai's methods in the comparison loop, through the public plain-loop API (``Sparsifier``).
 
-Each adapter builds the callback object only for its settings (``PruneAtInit(...)``, ``RigL(...).plan()``,
-``GradualMagnitudePruning(...).plan()``, ``LotteryTicket(...)``) and runs what the callback's hooks run on
-a single process: a :class:`~lightning_pai.MaskSet` over the default targets, gradients masked inside
-backward (``mask_grads_in_backward``; on a step whose update reads dense gradients the hooks are off and
-``mask_grads_`` runs after the gradients were copied), ``attach`` for the post-step re-masking, and a
-:class:`~lightning_pai.core.TopologyUpdater` built from the callback's ``plan()`` for RigL and GMP.
+Each adapter builds the method object (``PruneAtInit(...)``, ``RigL(...)``, ``GradualMagnitudePruning(...)``,
+``LotteryTicket(...)``) and hands it to a ``Sparsifier``: the step that ``compare.py`` times is the user's
+``sparsifier.step()`` — the same engine session the Lightning callbacks drive (gradients masked inside
+backward, the post-step re-masking, the topology updates on schedule). Only public calls are used.
 """
 
 from __future__ import annotations
@@ -17,55 +15,59 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_pai import GradualMagnitudePruning, LotteryTicket, MaskSet, PruneAtInit, RigL, ScoringContext
-from lightning_pai.core import TopologyUpdater, prune
-from lightning_pai.core.lottery import prune_remaining, to_cpu
+from lightning_pai import GradualMagnitudePruning, LotteryTicket, PruneAtInit, RigL, Sparsifier, compute_masks
 from peers.base import Pruner
 
 
 class _Pai(Pruner):
     library = "lightning_pai"
 
-    def _mask_set(self, model: nn.Module) -> MaskSet:
-        self.maskset = MaskSet.from_module(model)
-        self.targets = self.maskset.names
-        return self.maskset
+    def method_object(self) -> Any:
+        """The lightning_pai method for this adapter's settings."""
+        raise NotImplementedError
 
-    def _initial(self, method: str, sparsity: float, distribution: str) -> dict[str, Tensor]:
-        ms = self.maskset
-        ctx = ScoringContext(params=ms.params, module=self.model, seed=self.seed or 0, layouts=ms.layouts)
-        return prune(ctx, method, sparsity, distribution)
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        super().setup(model, optimizer)
+        self.pai = self.method_object()
+        self.sparsifier = Sparsifier(self.pai, model, optimizer, total_steps=self.total_steps, logger=self._metrics)
+        self.targets = self.sparsifier.masks.names
+        if self.start_step > 0:  # a timing window mid-run: continue from step `start_step`
+            self._jump(self.start_step)
 
-    def _enforce(self, optimizer: torch.optim.Optimizer, in_backward: bool = True, dense: bool = False) -> None:
-        """What ``SparseCallback.on_fit_start`` does on one process."""
-        ms = self.maskset
-        if not dense:
-            ms.mask_optimizer_state_(optimizer)
-        ms.attach(optimizer, mask_grads=False, mask_weights=dense)
-        self._in_backward = in_backward and not dense
-        if self._in_backward:
-            ms.mask_grads_in_backward()
-        ms.apply_()
+    def _jump(self, step: int) -> None:
+        state = self.sparsifier.state_dict()
+        self.sparsifier.load_state_dict({**state, "step": step, "in_epoch": step})
+
+    def _metrics(self, metrics: dict[str, float], step: int) -> None:
+        if metrics.get("dst/dropped", 0) + metrics.get("dst/grown", 0) > 0:
+            self.update_steps.append(step)
+
+    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        self.sparsifier.step()
+        self.step = self.sparsifier.global_step
+        return loss.detach()
 
     def masks(self) -> dict[str, Tensor]:
-        return {n: m.detach().clone() for n, m in self.maskset.items()}
+        return {n: m.detach().clone() for n, m in self.sparsifier.masks.items()}
 
     def stored_weights(self) -> dict[str, Tensor]:
-        return self.maskset.params
+        return self.sparsifier.masks.params
 
     def extra_tensors(self) -> list[Tensor]:
-        return [m for _, m in self.maskset.items()]
+        return [m for _, m in self.sparsifier.masks.items()]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": self.maskset.state_dict(), "step": self.step}
+        return self.sparsifier.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.maskset.load_state_dict(state["masks"])
-        self.maskset.apply_()
-        self.step = int(state["step"])
+        self.sparsifier.load_state_dict(state)
+        self.step = self.sparsifier.global_step
 
     def close(self) -> None:
-        self.maskset.detach()
+        self.sparsifier.close()
 
 
 class PaiPruneAtInit(_Pai):
@@ -73,75 +75,16 @@ class PaiPruneAtInit(_Pai):
 
     key, method = "pai_pai", "PruneAtInit magnitude"
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        super().setup(model, optimizer)
-        cb = PruneAtInit("magnitude", self.sparsity, seed=self.seed or 0, verbose=False)
-        self._mask_set(model).load_state_dict(self._initial(cb.method, cb.sparsity, cb.distribution))
-        self._enforce(optimizer)
+    def method_object(self) -> PruneAtInit:
+        return PruneAtInit("magnitude", self.sparsity, seed=self.seed or 0, verbose=False)
 
 
 class _PaiTopology(_Pai):
-    """A :class:`~lightning_pai.core.TopologyUpdater` from a callback's ``plan()``, wired as the callback does."""
-
     prunes_once = False
 
-    def callback(self):
-        raise NotImplementedError
-
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        super().setup(model, optimizer)
-        cb = self.cb = self.callback()
-        ms = self._mask_set(model)
-        start = cb._start_sparsity()
-        if start > 0:
-            ms.load_state_dict(self._initial(cb.init, start, cb.distribution))
-        self.updater = TopologyUpdater(cb.plan(), seed=cb.seed, beta=cb.beta)
-        self.updater.use_optimizer(optimizer)
-        self.updater.bind(dict(ms.items()))
-        upd = self.updater
-        backward = not upd.reads_every_step and not (upd.needs_grads and upd.plan.when.at_epoch_end)
-        self._enforce(optimizer, in_backward=backward, dense=upd.dense_gradients)
-        if self.start_step > 0 and upd.plan.prune is not None:  # a window mid-schedule: masks as they would be
-            weights = {n: p.detach() for n, p in ms.params.items()}
-            ms.update_(upd.compute(self.start_step, self.total_steps, weights, self.masks()), [optimizer])
-
-    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Tensor:
-        ms, upd, t = self.maskset, self.updater, self.step + 1
-        due = upd.is_update(t, self.total_steps)
-        if self._in_backward:
-            ms.grad_hooks_active = not (due and upd.needs_grads)
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        params = ms.params
-        if upd.observes_every_step:
-            upd.observe({n: p.detach() for n, p in params.items()}, {n: p.grad for n, p in params.items()})
-        grads = {n: p.grad.detach().clone() for n, p in params.items()} if due and upd.needs_grads else None
-        if not upd.dense_gradients and not ms.grad_hooks_active:
-            ms.mask_grads_()
-        optimizer.step()
-        self.step = t
-        if due:
-            old = self.masks()
-            weights = {n: p.detach() for n, p in params.items()}
-            new = upd.compute(t, self.total_steps, weights, old, grads)
-            ms.update_(new, [optimizer], fill="mean" if upd.dense_gradients else "zero")
-            update = upd.record(old, new)
-            if sum(update.dropped.values()) + sum(update.grown.values()):
-                self.update_steps.append(t)
-        return loss.detach()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "updater": self.updater.state_dict()}
-
     def extra_tensors(self) -> list[Tensor]:
-        upd = self.updater  # the ITOP set (bool per weight), the own momentum buffer if any
-        return super().extra_tensors() + list((upd.fired or {}).values()) + list((upd.momentum or {}).values())
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.updater.load_state_dict(state["updater"])
-        self.updater.bind(dict(self.maskset.items()))
+        updater = self.pai.updater  # the ITOP set (bool per weight), the own momentum buffer if any
+        return super().extra_tensors() + list((updater.fired or {}).values()) + list((updater.momentum or {}).values())
 
 
 class PaiRigL(_PaiTopology):
@@ -149,57 +92,59 @@ class PaiRigL(_PaiTopology):
 
     key, method, dynamic = "pai_rigl", "RigL", True
 
-    def callback(self) -> RigL:
+    def method_object(self) -> RigL:
         kwargs = {"distribution": self.options["distribution"]} if "distribution" in self.options else {}
         return RigL(self.sparsity, delta_t=self.delta_t, seed=self.seed or 0, verbose=False, **kwargs)
 
 
 class PaiGMP(_PaiTopology):
-    """``GradualMagnitudePruning(sparsity)``: cubic schedule, every 100 steps, no regrowth."""
+    """``GradualMagnitudePruning(sparsity)``: cubic schedule, every ``delta_t`` steps, no regrowth."""
 
     key, method = "pai_gmp", "GradualMagnitudePruning"
 
-    def callback(self) -> GradualMagnitudePruning:
+    def method_object(self) -> GradualMagnitudePruning:
         return GradualMagnitudePruning(self.sparsity, frequency=self.delta_t, verbose=False)
+
+    def _jump(self, step: int) -> None:
+        """Continue from ``step`` with the masks the schedule has reached there (``s_t`` by magnitude)."""
+        super()._jump(step)
+        target = self.pai.target_sparsity(step)
+        masks = self.sparsifier.masks
+        weights = {n: p.detach().abs() for n, p in masks.params.items()}
+        state = self.sparsifier.state_dict()
+        state["session"]["masks"] = compute_masks(weights, target, self.pai.distribution, masks=dict(masks.items()))
+        self.sparsifier.load_state_dict(state)
 
 
 class PaiLottery(_Pai):
-    """``LotteryTicket``'s round boundary: prune 20 % of the survivors by magnitude, rewind weights and optimizer.
+    """``LotteryTicket`` at a late round: every ``round_steps`` steps (default ``delta_t``) a round boundary.
 
-    Starts at a late round (global magnitude masks at ``sparsity``, the rewind point captured at setup, i.e.
-    ``rewind_to="init"``); every ``round_steps`` steps (default ``delta_t``) a boundary runs what
-    ``LotteryTicket._next_round`` runs: ``prune_remaining`` of ``|w|``, restore the rewind point (model
-    and optimizer state), ``MaskSet.update_``.
+    The ticket is resumed at global magnitude masks at ``sparsity`` (its rewind point: the model and optimizer
+    at setup, ``rewind_to="init"``); each boundary is ``sparsifier.epoch_end()`` of a 1-epoch round: prune
+    20 % of the survivors by magnitude, rewind weights and optimizer state, re-apply the masks.
     """
 
     key, method, prunes_once = "pai_lottery", "LotteryTicket", False
 
+    def method_object(self) -> LotteryTicket:
+        return LotteryTicket(rounds=1000, prune_fraction=0.2, epochs_per_round=1, verbose=False)
+
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().setup(model, optimizer)
-        self.cb = LotteryTicket(rounds=10, prune_fraction=0.2, verbose=False)
-        self._mask_set(model).load_state_dict(self._initial("magnitude", self.sparsity, self.cb.distribution))
-        self._enforce(optimizer)
         self.round_steps = int(self.options.get("round_steps", self.delta_t))
-        self.rewind = {"model": to_cpu(model.state_dict()), "optimizer": to_cpu(optimizer.state_dict())}
+        masks = self.sparsifier.masks
+        state = self.sparsifier.state_dict()  # resume as a ticket whose rounds reached `sparsity`
+        weights = {n: p.detach().abs() for n, p in masks.params.items()}
+        state["session"]["masks"] = compute_masks(weights, self.sparsity, self.pai.distribution)
+        self.sparsifier.load_state_dict(state)
 
     def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Tensor:
         loss = super().train_step(model, optimizer, x, y)
         if self.step % self.round_steps == 0:
-            ms = self.maskset
-            scores = {n: p.detach().abs() for n, p in ms.params.items()}
-            new = prune_remaining(scores, self.masks(), self.cb.prune_fraction, self.cb.distribution)
-            model.load_state_dict(self.rewind["model"])
-            optimizer.load_state_dict(to_cpu(self.rewind["optimizer"]))
-            ms.update_(new, [optimizer])
+            self.sparsifier.epoch_end()  # the round ends: prune, rewind
             self.update_steps.append(self.step)
         return loss
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rewind": self.rewind}  # the callback keeps its rewind point in its state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.rewind = state["rewind"]
-
     def extra_tensors(self) -> list[Tensor]:
-        return super().extra_tensors() + list(self.rewind["model"].values())
+        point = self.pai.session.rewind_point  # the weights and optimizer state a round rewinds to
+        return super().extra_tensors() + list(point["model"].values())

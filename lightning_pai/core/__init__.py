@@ -1,7 +1,13 @@
-"""The sparse engine: plain PyTorch, no Lightning imports."""
+"""The sparse engine: plain PyTorch, no Lightning imports.
+
+Masks, target selection, scorers, distributions, schedules, the rules of dynamic sparse training, lottery
+rounds and the one protocol every training loop drives (:class:`~lightning_pai.core.session.Session`).
+"""
 
 from lightning_pai.core import saliency  # noqa: F401  (registers snip, grasp, synflow)
 from lightning_pai.core.distributions import (
+    counts_from_densities,
+    distribution_info,
     erdos_renyi_densities,
     get_distribution,
     lamp_scores,
@@ -12,17 +18,21 @@ from lightning_pai.core.dst import (
     Plan,
     Pruning,
     Rewire,
+    StepContext,
     TopologyUpdater,
     UpdateContext,
     list_drop_rules,
     list_growth_rules,
     list_redistributions,
+    list_step_rules,
     register_drop_rule,
     register_growth_rule,
     register_redistribution,
+    register_step_rule,
 )
+from lightning_pai.core.lottery import LotterySession
 from lightning_pai.core.masks import MaskSet, check_sparsity, compute_masks
-from lightning_pai.core.pruning import ABLATIONS, preserved_state, prune, reinitialize_, shuffle_masks
+from lightning_pai.core.pruning import ABLATIONS, Pruner, preserved_state, prune, reinitialize_, shuffle_masks
 from lightning_pai.core.report import LayerSparsity, SparsityReport, sparsity_report
 from lightning_pai.core.schedules import ROUND_SCHEDULES as SCHEDULES
 from lightning_pai.core.schedules import round_sparsities
@@ -35,46 +45,58 @@ from lightning_pai.core.scorers import (
     scorer_info,
 )
 from lightning_pai.core.select import apportion, topk_mask
+from lightning_pai.core.session import Host, PruneSession, Session, TopologySession
 from lightning_pai.core.targets import DEFAULT_TARGET_TYPES, select_targets
 
 __all__ = [
     "ABLATIONS",
+    "DEFAULT_TARGET_TYPES",
+    "SCHEDULES",
+    "Host",
+    "LayerSparsity",
+    "LotterySession",
+    "MaskSet",
     "Plan",
+    "PruneSession",
+    "Pruner",
     "Pruning",
     "Rewire",
+    "ScoringContext",
+    "Session",
+    "SparsityReport",
+    "StepContext",
+    "TopologySession",
     "TopologyUpdater",
     "UpdateContext",
-    "list_drop_rules",
-    "list_growth_rules",
-    "list_redistributions",
-    "register_drop_rule",
-    "register_growth_rule",
-    "register_redistribution",
-    "scorer_info",
-    "SCHEDULES",
-    "default_forward",
-    "preserved_state",
-    "prune",
-    "reinitialize_",
-    "round_sparsities",
-    "shuffle_masks",
-    "DEFAULT_TARGET_TYPES",
-    "LayerSparsity",
-    "MaskSet",
-    "ScoringContext",
-    "SparsityReport",
     "apportion",
     "check_sparsity",
     "compute_masks",
+    "counts_from_densities",
+    "default_forward",
+    "distribution_info",
     "erdos_renyi_densities",
     "get_distribution",
     "get_scorer",
     "lamp_scores",
     "list_distributions",
+    "list_drop_rules",
+    "list_growth_rules",
+    "list_redistributions",
     "list_scorers",
+    "list_step_rules",
+    "preserved_state",
+    "prune",
     "register_distribution",
+    "register_drop_rule",
+    "register_growth_rule",
+    "register_redistribution",
     "register_scorer",
+    "register_step_rule",
+    "reinitialize_",
+    "round_sparsities",
+    "scorer_info",
     "select_targets",
+    "shuffle_masks",
     "sparsity_report",
     "topk_mask",
 ]

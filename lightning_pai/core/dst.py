@@ -96,6 +96,47 @@ _REDISTRIBUTION: Registry[Redistribution] = Registry(
 )
 
 
+@dataclass
+class StepContext:
+    """What a step rule may read and change after every optimizer step (before that step's topology update).
+
+    Attributes:
+        weights: The targets' weights by name (the parameters themselves: a rule changes them in place).
+        masks: Current keep-masks.
+        step: The optimizer step just taken (1-based).
+        seed: Base seed of the run (random rules combine it with ``step``, so every rank draws the same).
+        lr: The optimizer's learning rate per target (its parameter group's ``lr`` at this step).
+        memory: Persistent state of the method's rules (shared with the drop/growth rules; checkpointed).
+        options: Method options (e.g. DeepR's ``temperature`` and ``l1``).
+    """
+
+    weights: Mapping[str, Tensor]
+    masks: Mapping[str, Tensor]
+    step: int
+    seed: int
+    lr: Mapping[str, float]
+    memory: dict[str, Any]
+    options: Mapping[str, Any]
+
+
+StepRule = Callable[[StepContext], None]
+_STEP: Registry[StepRule] = Registry("step rule", "step_rule", "lightning_pai.core.dst.register_step_rule", {})
+
+
+def register_step_rule(name: str, fn: StepRule | None = None, *, overwrite: bool = False):
+    """Register a step rule ``fn(ctx: StepContext) -> None`` (decorator if ``fn`` is None).
+
+    A step rule runs after *every* optimizer step and changes the active weights in place (e.g. Deep
+    Rewiring's L1 shrinkage and random walk), before the step's topology update decides the masks.
+    """
+    return _STEP.register(name, fn, overwrite=overwrite)
+
+
+def list_step_rules() -> list[str]:
+    """Names of the registered step rules."""
+    return _STEP.list()
+
+
 def register_drop_rule(name: str, fn: DropRule | None = None, *, overwrite: bool = False, **info: Any):
     """Register a drop rule ``fn(ctx, fraction) -> masks`` (decorator if ``fn`` is None); ``info``: ``needs``."""
     return _DROP.register(name, fn, overwrite=overwrite, **info)
@@ -422,12 +463,14 @@ class Plan:
         prune: Optional gradual-pruning stage (runs first).
         rewire: Optional drop-and-grow stage.
         options: Options the rules read (``rounding``, ...).
+        step_rule: Optional step rule applied to the active weights after every optimizer step.
     """
 
     when: UpdateSchedule
     prune: Pruning | None = None
     rewire: Rewire | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    step_rule: str | None = None
 
     def rules(self) -> list[tuple[Registry, str]]:
         """The (registry, name) pairs this plan uses."""
@@ -443,6 +486,8 @@ class Plan:
         """Check every rule name (errors list the registered names)."""
         for registry, name in self.rules():
             registry.get(name)
+        if self.step_rule is not None:
+            _STEP.get(self.step_rule)
 
     def needs(self) -> set[str]:
         """Inputs the rules read: subsets of ``{"grads", "momentum"}``."""
@@ -660,6 +705,26 @@ class TopologyUpdater:
         if plan.rewire is not None:
             ctx.masks = drop_and_grow(ctx, plan.rewire.fraction(step, total), plan.rewire)
         return ctx.masks
+
+    @property
+    def has_step_rule(self) -> bool:
+        """Whether the plan changes the active weights after every optimizer step."""
+        return self.plan.step_rule is not None
+
+    @torch.no_grad()
+    def apply_step_rule(
+        self, weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], step: int, lr: Mapping[str, float]
+    ) -> None:
+        """Run the plan's step rule on ``weights`` (in place) once after optimizer step ``step`` (``step >= 1``).
+
+        A no-op without a step rule, before the first step, and for a step it already ran on (a loop reports the
+        same step again after micro-batches without an optimizer step, or after resuming from a checkpoint).
+        """
+        if self.plan.step_rule is None or step < 1 or self.memory.get("step_rule_step", 0) >= step:
+            return
+        ctx = StepContext(weights, masks, step, self.seed, lr, self.memory, self.plan.options)
+        _STEP.get(self.plan.step_rule)(ctx)
+        self.memory["step_rule_step"] = step
 
     def record(self, old: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> TopologyUpdate:
         """Count the applied update ``old -> new`` and add the new masks to the ITOP set."""

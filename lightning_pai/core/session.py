@@ -359,6 +359,11 @@ class TopologySession(Session):
             resolve_window(prune.sparsity.start, prune.sparsity.end, self.total_steps)
         super().start(module, host)
         self.updater.bind(dict(self.masks.items()), self.masks.layouts)
+        if self.updater.has_step_rule and self.masks._sharded:
+            raise ValueError(
+                f"`{self.name}` changes the weights after every step (step rule {self.plan.step_rule!r}), which is "
+                "not supported on sharded (FSDP2) parameters; use DDP or a single device."
+            )
 
     def _make_updater(self, host: Host) -> TopologyUpdater:
         if self.updater is None:
@@ -428,9 +433,16 @@ class TopologySession(Session):
         super().before_step(step, epoch_end)
 
     def after_step(self, step: int) -> None:
-        """Run the update decided at ``step`` unless it waits for the epoch's end."""
+        """Apply the plan's step rule (if any), then the update decided at ``step`` unless it waits for the epoch end."""
+        if self.updater.has_step_rule:
+            self.updater.apply_step_rule(self.masks.params, dict(self.masks.items()), step, self._learning_rates())
         if not self.plan.when.at_epoch_end:
             self.run_pending(step)
+
+    def _learning_rates(self) -> dict[str, float]:
+        """Each target's learning rate (its parameter group's ``lr``; 0 if no optimizer holds it)."""
+        lrs = {id(p): g["lr"] for opt in self.host.optimizers for g in opt.param_groups for p in g["params"]}
+        return {n: float(lrs.get(id(p), 0.0)) for n, p in self.masks.params.items()}
 
     def epoch_end(self, epoch: int, step: int) -> None:
         """Run an epoch-end update decided at the epoch's last step ``step``."""
