@@ -433,7 +433,7 @@ class TopologySession(Session):
         super().before_step(step, epoch_end)
 
     def after_step(self, step: int) -> None:
-        """Apply the plan's step rule (if any), then the update decided at ``step`` unless it waits for the epoch end."""
+        """Apply the plan's step rule (if any), then the update decided at ``step`` (unless due at the epoch end)."""
         if self.updater.has_step_rule:
             self.updater.apply_step_rule(self.masks.params, dict(self.masks.items()), step, self._learning_rates())
         if not self.plan.when.at_epoch_end:
