@@ -101,7 +101,9 @@ class StepContext:
     """What a step rule may read and change after every optimizer step (before that step's topology update).
 
     Attributes:
-        weights: The targets' weights by name (the parameters themselves: a rule changes them in place).
+        weights: The targets' weights by name: the parameters themselves, which a rule changes in place (under
+            FSDP2 they are ``DTensor`` shards: change ``sharding.local(w)`` by ``sharding.local_slice`` of a
+            full-shape update, and read them whole with ``sharding.full``, a collective every rank calls).
         masks: Current keep-masks.
         step: The optimizer step just taken (1-based).
         seed: Base seed of the run (random rules combine it with ``step``, so every rank draws the same).

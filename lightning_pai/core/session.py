@@ -359,11 +359,6 @@ class TopologySession(Session):
             resolve_window(prune.sparsity.start, prune.sparsity.end, self.total_steps)
         super().start(module, host)
         self.updater.bind(dict(self.masks.items()), self.masks.layouts)
-        if self.updater.has_step_rule and self.masks._sharded:
-            raise ValueError(
-                f"`{self.name}` changes the weights after every step (step rule {self.plan.step_rule!r}), which is "
-                "not supported on sharded (FSDP2) parameters; use DDP or a single device."
-            )
 
     def _make_updater(self, host: Host) -> TopologyUpdater:
         if self.updater is None:
