@@ -18,6 +18,7 @@ from lightning_pai.callbacks.set import SET as SET  # isort: skip
 from lightning_pai.callbacks.snfs import SNFS as SNFS  # isort: skip
 from lightning_pai.callbacks.granet import GraNet as GraNet  # isort: skip
 from lightning_pai.callbacks.dsr import DSR as DSR  # isort: skip
+from lightning_pai.callbacks.deepr import DeepR as DeepR  # isort: skip
 from lightning_pai.callbacks.gradual import GradualMagnitudePruning as GradualMagnitudePruning  # isort: skip
 from lightning_pai.callbacks.gradual import MovementPruning as MovementPruning  # isort: skip
 

@@ -40,6 +40,7 @@ from lightning_pai.core.nm import group_budget, refill_groups, resolve_nm
 from lightning_pai.core.registry import Registry
 from lightning_pai.core.schedules import Schedule, UpdateSchedule
 from lightning_pai.core.select import active_counts, apportion, topk_mask
+from lightning_pai.core.sharding import full, local, local_slice
 
 
 @dataclass
@@ -421,6 +422,55 @@ def survivor_redistribution(ctx: UpdateContext, dropped: dict[str, Tensor]) -> d
     """DSR: the dropped total regrows in proportion to each layer's surviving weights ``R_l`` (capped per layer)."""
     total, after, caps = _dropped_and_caps(ctx, dropped)
     return proportional_counts({n: float(r) for n, r in after.items()}, caps, total)
+
+
+# ---------------------------------------------------------------------- Deep Rewiring (Bellec et al. 2018)
+def connection_signs(memory: dict[str, Any], weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], seed: int):
+    """DEEP R's fixed sign ``s_k`` of every connection (int8, kept in the rules' ``memory`` and checkpointed).
+
+    Drawn once: the sign of the weight where a connection is active (``w = s theta``, ``theta > 0``), a seeded
+    random +-1 where it is dormant (the same on every rank).
+    """
+    if "signs" not in memory:
+        gen = torch.Generator().manual_seed(seed + 1_000_033)
+        signs = {}
+        for n, w in weights.items():
+            whole = full(w.detach())  # sharded: gathered (every rank calls this, in the same order)
+            drawn = torch.where(torch.rand(whole.shape, generator=gen) < 0.5, -1, 1).to(torch.int8).to(whole.device)
+            active = masks[n].to(whole.device) & (whole != 0)
+            signs[n] = torch.where(active, torch.sign(whole).to(torch.int8), drawn)
+        memory["signs"] = signs
+    return memory["signs"]
+
+
+@register_step_rule("deepr")
+def deepr_step(ctx: StepContext) -> None:
+    """DEEP R's parameter update beyond the gradient step, on active connections (Bellec et al. 2018, Alg. 1).
+
+    ``theta <- theta - eta * alpha + eta * sigma * nu`` (``nu ~ N(0, 1)``), i.e. in weight space
+    ``w <- w + s * eta * (sigma * nu - alpha)``, ``alpha = options["l1"]``, ``sigma = options["noise"]``,
+    ``eta`` the step's learning rate: the paper's ``sqrt(2 eta T) nu`` with temperature ``T = eta sigma^2 / 2``,
+    as the official code's ``gdnoise``. The noise is seeded by ``(seed, step)``, identical on every rank.
+    """
+    signs = connection_signs(ctx.memory, ctx.weights, ctx.masks, ctx.seed)
+    l1, noise = float(ctx.options.get("l1", 0.0)), float(ctx.options.get("noise", 0.0))
+    gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.step + 500_009)
+    for n, w in ctx.weights.items():
+        delta = torch.full(w.shape, -l1, dtype=torch.float32)  # full shape: the same draws on every rank
+        if noise > 0:
+            delta += noise * torch.randn(w.shape, generator=gen)
+        update = (ctx.lr[n] * delta.to(signs[n].device) * signs[n] * ctx.masks[n]).to(w.dtype)
+        local(w).add_(local_slice(update, w))  # sharded: this rank's part
+
+
+@register_drop_rule("sign_flip")
+def sign_flip_drop(ctx: UpdateContext, fraction: float | Mapping[str, float]) -> dict[str, Tensor]:
+    """DEEP R: every active connection whose ``theta = s * w`` is no longer positive becomes dormant.
+
+    ``fraction`` is not used: the number dropped is what the training step flipped.
+    """
+    signs = connection_signs(ctx.memory, ctx.weights, ctx.masks, ctx.seed)  # (the weights here are gathered)
+    return {n: m & (ctx.weights[n].detach() * signs[n] > 0) for n, m in ctx.masks.items()}
 
 
 # ------------------------------------------------------------------------------------------------ plans
