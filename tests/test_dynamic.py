@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TARGET_SHAPES, TARGET_TOTAL, make_dataloader, make_module, make_trainer
+from helpers import TARGET_SHAPES, TARGET_TOTAL, make_dataloader, make_module, make_trainer, masks_equal
 
 from lightning_pai import DSR, SET, SNFS, DynamicSparseTraining, GradualMagnitudePruning, GraNet, MovementPruning, RigL
 from lightning_pai.callbacks._compat import CallbackBase
@@ -517,3 +517,42 @@ def test_movement_pruning_keeps_the_highest_accumulated_movement():
     params = dict(module.named_parameters())
     for n, m in cb.masks.items():
         assert torch.equal(params[n][~m], torch.zeros(int((~m).sum())))
+
+
+# ------------------------------------------------------------------- Deep Rewiring
+def test_deepr_step_rule_and_sign_flip_drop_by_hand():
+    """theta <- theta - eta * l1 (noise 0) on active connections only; theta <= 0 -> dormant."""
+    from lightning_pai.core.dst import StepContext, UpdateContext, connection_signs, deepr_step, sign_flip_drop
+
+    w = torch.nn.Parameter(torch.tensor([[0.5, -0.2, 0.0, 0.003]]))
+    masks = {"w": torch.tensor([[True, True, False, True]])}
+    memory = {}
+    signs = connection_signs(memory, {"w": w}, masks, seed=0)
+    assert signs["w"][0, :2].tolist() == [1, -1] and signs["w"][0, 3] == 1  # active: the weight's own sign
+    ctx = StepContext({"w": w}, masks, step=1, seed=0, lr={"w": 0.1}, memory=memory, options={"l1": 0.05, "noise": 0})
+    with torch.no_grad():
+        deepr_step(ctx)
+    # active: w -= s * lr * l1 = s * 0.005; the last one's theta crossed zero: dormant, w = 0; dormant untouched
+    assert torch.allclose(w.detach(), torch.tensor([[0.495, -0.195, 0.0, 0.0]]))
+    kept = sign_flip_drop(UpdateContext(weights={"w": w}, masks=masks, kept={"w": 3}, memory=memory), 0.0)
+    assert kept["w"].tolist() == [[True, True, False, False]]
+
+
+def test_deepr_keeps_every_layers_count_and_rewires_sign_flips():
+    from lightning_pai import DeepR
+
+    cb = DeepR(0.8, l1=1e-3, noise=1e-3, verbose=False)
+    rec, module = _run(cb)
+    history = [rec.masks_after[s] for s in sorted(rec.masks_after)]
+    assert all(_kept(m) == _kept(history[0]) for m in history)  # exactly constant per layer at every step
+    assert cb.updates == STEPS - 1  # after every step but the last
+    assert sum(not masks_equal(a, b) for a, b in zip(history, history[1:])) > 0
+    signs = cb.updater.memory["signs"]
+    for step, masks in rec.masks_after.items():  # after every step's update: no active connection below zero
+        weights = rec.weights_at_start[step]
+        assert all(bool((weights[n][m] * signs[n][m] >= 0).all()) for n, m in masks.items()), step
+    params = dict(module.named_parameters())
+    for n, m in cb.masks.items():
+        w = params[n].detach()
+        assert torch.equal(w[~m], torch.zeros(int((~m).sum())))  # dormant: exactly zero
+        assert bool((w[m] * signs[n][m] >= 0).all())  # active: on its connection's side of zero (theta >= 0)

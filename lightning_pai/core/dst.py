@@ -450,7 +450,9 @@ def deepr_step(ctx: StepContext) -> None:
     ``theta <- theta - eta * alpha + eta * sigma * nu`` (``nu ~ N(0, 1)``), i.e. in weight space
     ``w <- w + s * eta * (sigma * nu - alpha)``, ``alpha = options["l1"]``, ``sigma = options["noise"]``,
     ``eta`` the step's learning rate: the paper's ``sqrt(2 eta T) nu`` with temperature ``T = eta sigma^2 / 2``,
-    as the official code's ``gdnoise``. The noise is seeded by ``(seed, step)``, identical on every rank.
+    as the official code's ``gdnoise``. A connection whose ``theta`` is now ``<= 0`` is dormant: its weight is
+    set to 0 here (the next topology update drops it; if it is drawn for regrowth it restarts at ``theta = 0``).
+    The noise is seeded by ``(seed, step)``, identical on every rank.
     """
     signs = connection_signs(ctx.memory, ctx.weights, ctx.masks, ctx.seed)
     l1, noise = float(ctx.options.get("l1", 0.0)), float(ctx.options.get("noise", 0.0))
@@ -460,7 +462,9 @@ def deepr_step(ctx: StepContext) -> None:
         if noise > 0:
             delta += noise * torch.randn(w.shape, generator=gen)
         update = (ctx.lr[n] * delta.to(signs[n].device) * signs[n] * ctx.masks[n]).to(w.dtype)
-        local(w).add_(local_slice(update, w))  # sharded: this rank's part
+        mine = local(w)  # sharded: this rank's part
+        mine.add_(local_slice(update, w))
+        mine.mul_(mine * local_slice(signs[n], w) > 0)  # theta <= 0: dormant, w = 0 (a regrown one restarts at 0)
 
 
 @register_drop_rule("sign_flip")
