@@ -190,6 +190,8 @@ class Sparsifier:
                     "validate at the right step: use rewind_to 'init', 'epoch:k', 'lr', 'none' or 'step:0' here (or "
                     "the Lightning callback)."
                 )
+            if session.epochs_per_round is None:
+                raise ValueError(f"`{name}`: pass `epochs_per_round` (round 0's length in epochs) for a plain loop.")
             if session.rewind.kind == "step":
                 session.check_steps(steps_per_epoch)
         device = next(self.module.parameters()).device

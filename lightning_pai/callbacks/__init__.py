@@ -6,8 +6,10 @@ check and the benchmarks. A new method is its class (and, if new, its rule in th
 line here.
 """
 
-from lightning_pai.callbacks.base import LightningHost, MethodCard, SparseCallback, list_methods
+from lightning_pai.callbacks.base import SparseCallback
 from lightning_pai.callbacks.dynamic import DynamicSparseTraining
+from lightning_pai.callbacks.host import LightningHost
+from lightning_pai.callbacks.registry import MethodCard, list_methods
 from lightning_pai.callbacks.topology import TopologyCallback
 
 # The methods, in the order the docs present them (importing a module registers its class).

@@ -1,120 +1,22 @@
-"""The Lightning adapter: trainer hooks -> :class:`~lightning_pai.core.session.Session`, and the method registry."""
+"""The Lightning adapter: trainer hooks -> :class:`~lightning_pai.core.session.Session`."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_pai.callbacks._compat import CallbackBase, check_strategy, rank_zero_warn
+from lightning_pai.callbacks._compat import CallbackBase, check_strategy
+from lightning_pai.callbacks.host import LightningHost, is_last_batch_of_epoch
+from lightning_pai.callbacks.registry import MethodCard, register_method
 from lightning_pai.core.masks import MaskSet
 from lightning_pai.core.report import SparsityReport
-from lightning_pai.core.session import Host, Session
+from lightning_pai.core.session import Session
 from lightning_pai.core.targets import Selectors, validate_selectors
-
-FAMILIES = ("prune_at_init", "lottery", "dynamic", "gradual")
-
-
-@dataclass(frozen=True)
-class MethodCard:
-    """What a method tells the test suites, the CLI check and the benchmarks about itself.
-
-    A method class declares ``card = MethodCard(...)`` in its body and is registered when the class is
-    created (:func:`~lightning_pai.callbacks.list_methods`); every registry-parametrized suite picks it up.
-
-    Attributes:
-        family: ``"prune_at_init"``, ``"lottery"``, ``"dynamic"`` (drop-and-grow) or ``"gradual"`` (pruning
-            during training).
-        example: A small configuration (keyword arguments besides the sparsity) that reaches its final
-            sparsity within a fit of 2 epochs of 8 optimizer steps; used by :meth:`SparseCallback.example`.
-        sparsity_argument: The argument that sets how much is pruned (``"sparsity"``; the lottery ticket's
-            example prunes ``prune_fraction`` once, in 2 rounds).
-        keeps_layer_counts: Every topology update keeps each layer's kept count (RigL, SET).
-        keeps_total: Every topology update keeps the total kept count.
-    """
-
-    family: str
-    example: dict[str, Any] = field(default_factory=dict)
-    sparsity_argument: str = "sparsity"
-    keeps_layer_counts: bool = False
-    keeps_total: bool = False
-
-    def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"`family` must be one of {', '.join(map(repr, FAMILIES))}; got {self.family!r}.")
-
-
-#: Every registered method class, in registration (documentation) order.
-_METHODS: dict[str, type[SparseCallback]] = {}
-
-
-class LightningHost(Host):
-    """A :class:`~lightning_pai.core.session.Host` over a Lightning ``Trainer`` and its ``LightningModule``."""
-
-    def __init__(self, trainer: Any, pl_module: Any) -> None:
-        super().__init__(length_hint="set `max_steps` or `max_epochs` on the Trainer (training length is unbounded)")
-        self.trainer, self.pl_module = trainer, pl_module
-
-    @property
-    def world_size(self) -> int:
-        return self.trainer.world_size
-
-    @property
-    def is_global_zero(self) -> bool:
-        return self.trainer.is_global_zero
-
-    @property
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return self.trainer.optimizers
-
-    @property
-    def schedulers(self) -> list[Any]:
-        return [cfg.scheduler for cfg in self.trainer.lr_scheduler_configs]
-
-    @property
-    def total_steps(self) -> int | None:
-        total = self.trainer.estimated_stepping_batches
-        return None if total == float("inf") else int(total)
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        return self.trainer.strategy.broadcast(obj, src=src)
-
-    def batches(self, n: int) -> list[Any]:
-        trainer = self.trainer
-        trainer.fit_loop.setup_data()
-        loader = trainer.train_dataloader
-        if loader is None or not isinstance(loader, Iterable) or isinstance(loader, (dict, list, tuple)):
-            raise ValueError(f"Scoring uses the batches of a single train dataloader; got {type(loader).__name__}.")
-        return [trainer.strategy.batch_to_device(b) for b in islice(iter(loader), n)]
-
-    def default_loss(self, user: str = "the scorer") -> Callable[[nn.Module, Any], Tensor]:
-        """The loss ``training_step`` returns (its ``self.log`` calls silenced).
-
-        Raises:
-            ValueError: Under manual optimization, where ``training_step`` would step the optimizer.
-        """
-        if not self.pl_module.automatic_optimization:
-            raise ValueError(
-                f"`{user}` cannot score with `training_step` under manual optimization (it would step the "
-                "optimizer): pass `loss_fn=`."
-            )
-        return _training_step_loss
-
-    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self.trainer.is_global_zero:
-            for logger in self.trainer.loggers:
-                logger.log_metrics(metrics, step=self.trainer.global_step if step is None else step)
-
-    def warn(self, text: str) -> None:
-        rank_zero_warn(text)
 
 
 class SparseCallback(CallbackBase):
@@ -140,7 +42,7 @@ class SparseCallback(CallbackBase):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("card") is not None:
-            _METHODS[cls.__name__] = cls
+            register_method(cls)
 
     def __init__(self, *, include: Selectors = None, exclude: Selectors = None, verbose: bool = True) -> None:
         validate_selectors(include, exclude)
@@ -280,34 +182,3 @@ class SparseCallback(CallbackBase):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.session.load_state_dict(state_dict)
-
-
-def list_methods(family: str | None = None) -> list[type[SparseCallback]]:
-    """The registered method classes (those declaring a :class:`MethodCard`), optionally of one ``family``."""
-    return [cls for cls in _METHODS.values() if family is None or cls.card.family == family]
-
-
-def is_last_batch_of_epoch(trainer: Any) -> bool:
-    """Whether the running training batch is the epoch's last (Lightning's own test, or False if unavailable)."""
-    loop = trainer.fit_loop.epoch_loop
-    return loop._num_ready_batches_reached() if hasattr(loop, "_num_ready_batches_reached") else False
-
-
-def _training_step_loss(module: Any, batch: Any) -> Tensor:
-    """The loss ``module.training_step(batch, 0)`` returns, with ``self.log`` silenced."""
-    saved = module.__dict__.get("log"), module.__dict__.get("log_dict")
-    module.log = module.log_dict = lambda *args, **kwargs: None
-    try:
-        out = module.training_step(batch, 0)
-    finally:
-        for attr, value in zip(("log", "log_dict"), saved):
-            if value is None:
-                delattr(module, attr)
-            else:
-                setattr(module, attr, value)
-    loss = out["loss"] if isinstance(out, dict) else out
-    if not isinstance(loss, Tensor) or loss.ndim != 0:
-        raise ValueError(
-            "`training_step` must return a scalar loss (or a dict with 'loss') for scoring; or pass `loss_fn=`."
-        )
-    return loss

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from lightning_pai.callbacks.base import MethodCard
+from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.callbacks.topology import TopologyCallback
 from lightning_pai.core.dst import Plan, Rewire
 from lightning_pai.core.schedules import Constant, Every

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from lightning_pai.callbacks.base import MethodCard
 from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs
+from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.core.targets import Selectors
 from lightning_pai.core.validation import check_number
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lightning_pai.callbacks.base import MethodCard
+from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.callbacks.topology import TopologyCallback
 from lightning_pai.core.distributions import check_iterative
 from lightning_pai.core.dst import Plan, Pruning

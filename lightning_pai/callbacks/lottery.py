@@ -1,9 +1,4 @@
-"""Lottery tickets: iterative magnitude pruning with rewinding, all rounds inside one ``trainer.fit``.
-
-The algorithm (round arithmetic, mask decisions, rewind points) is :class:`~lightning_pai.core.lottery.LotterySession`;
-this adapter checks the Trainer's length, validates rounds that end mid-epoch, replays the samplers' epochs
-and reads the monitored metric.
-"""
+"""Lottery tickets inside one ``trainer.fit``: the Lightning adapter of the engine's ``LotterySession``."""
 
 from __future__ import annotations
 
@@ -13,7 +8,9 @@ from typing import Any
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_pai.callbacks.base import MethodCard, SparseCallback, is_last_batch_of_epoch
+from lightning_pai.callbacks.base import SparseCallback
+from lightning_pai.callbacks.host import is_last_batch_of_epoch, run_validation
+from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.core.lottery import LotterySession
 from lightning_pai.core.nm import NMSpec
 from lightning_pai.core.targets import Selectors
@@ -22,30 +19,14 @@ from lightning_pai.core.targets import Selectors
 class LotteryTicket(SparseCallback):
     """Iterative magnitude pruning (IMP) with weight, learning-rate or no rewinding, inside one fit.
 
-    Round 0 trains the dense network for ``epochs_per_round`` epochs (``T`` optimizer steps). At the start of
-    every later round the callback
-
-    1. removes ``prune_fraction`` of the weights that are still kept, by magnitude ``|w|`` of the trained
-       weights (see :func:`~lightning_pai.core.lottery.prune_remaining`; masks only ever shrink), so
-       round ``r`` keeps about ``(1 - prune_fraction) ** r`` of the weights;
-    2. rewinds, according to ``rewind_to``:
-
-       - ``"init"`` — weights (all parameters and buffers), optimizer state and LR-scheduler state go
-         back to their values at fit start (Frankle & Carbin 2019, arXiv:1803.03635);
-       - ``"step:k"`` / ``"epoch:k"`` — the same, to their values after ``k`` optimizer steps / at the
-         start of epoch ``k`` of round 0 ("late rewinding", Frankle et al. 2020, arXiv:1912.05671); the
-         round then trains ``T - k`` steps, from the rewind point to where round 0 ended, as open_lth does,
-         so the LR schedule continues from ``k`` and ends where it ended in round 0;
-       - ``"lr"`` — the trained weights are kept and the optimizer and LR schedule restart from fit
-         start ("learning-rate rewinding", Renda et al. 2020, arXiv:2003.02389);
-       - ``"none"`` — fine-tuning: weights and optimizer state are kept, and the learning rate stays at
-         the last value round 0 used (set before every step, overriding the schedule);
-    3. re-applies the masks (pruned weights and their optimizer state are zero).
-
-    Rewind points are kept on the CPU. Each round replays the data order of the rewind point (the global
-    RNG state and the samplers' epoch are restored with the weights), so every round sees the same
-    batches in the same order. **Configure the LR schedule for round 0** (``epochs_per_round`` epochs):
-    later rounds replay it from the rewind point.
+    The algorithm — pruning ``prune_fraction`` of the survivors by magnitude at the start of every round
+    after the dense round 0, rewinding (``rewind_to``: ``"init"`` as Frankle & Carbin 2019, ``"step:k"`` /
+    ``"epoch:k"`` late rewinding as Frankle et al. 2020 with later rounds of ``T - k`` steps, ``"lr"`` as
+    Renda et al. 2020, ``"none"``: fine-tuning at round 0's last learning rate), the controls
+    (``"random_prune"``, ``"random_reinit"``, and the LTH paper's ``ticket=`` control) and N:M budgets — is the
+    engine's :class:`~lightning_pai.core.lottery.LotterySession`, documented there; a plain loop runs the same
+    through :class:`~lightning_pai.Sparsifier`. Each round replays the rewind point's data order (RNG state
+    and the samplers' epoch). **Configure the LR schedule for round 0** (``epochs_per_round`` epochs).
 
     Round lengths: with ``init``, ``lr``, ``none`` (``k = 0``) every round has ``epochs_per_round`` epochs
     and ``Trainer(max_epochs=rounds * epochs_per_round)``; with ``epoch:k`` pruned rounds have
@@ -57,23 +38,10 @@ class LotteryTicket(SparseCallback):
     the batches keep flowing from the running epoch (the dropout/RNG state is rewound, the epoch's shuffle
     is not), unlike ``init``/``epoch:k``, which replay the rewind point's batches exactly.
 
-    Controls (from the same command): ``control="random_prune"`` removes, in every layer, as many
-    weights as IMP would, chosen at random among the survivors (Frankle & Carbin's random-pruning
-    control); ``control="random_reinit"`` prunes like IMP but, at every rewind, re-draws the kept weights
-    from the original initial distribution: a seeded random permutation of each layer's own initial
-    values, recorded at fit start (so the per-layer scale of a custom initialiser is kept exactly, see
-    :func:`~lightning_pai.core.pruning.reinitialize_`). The LTH paper's control — the *ticket's* masks with
-    a fresh initialization — is ``LotteryTicket(..., control="random_reinit", ticket=finished_ticket)``:
-    round ``r`` then uses the finished ticket's round-``r`` masks (``ticket.mask_history``) instead of
-    pruning its own weights.
-
-    Results: with ``monitor`` set, the best and last value of that logged metric in every round are
-    recorded (``callback.results``: one dict per round with ``round``, ``density``, ``best``, ``last``)
-    and logged as ``lottery/best`` and ``lottery/last``; ``lottery/round`` and ``lottery/density`` are
-    logged when a round starts. A round -> density -> metric table is printed on rank zero at the end.
-    Everything (round, masks, rewind point, results) is in the callback's ``state_dict``: a fit resumed
-    from a checkpoint continues the same round with the same masks and rewind point. Under DDP, the
-    masks are computed on rank zero and broadcast after every prune.
+    Results: with ``monitor``, each round's best and last value of that metric (``callback.results``, logged
+    as ``lottery/best``, ``lottery/last``; ``lottery/round``, ``lottery/density`` when a round starts; a table
+    at the end). Round, masks, rewind point and results are in the ``state_dict``: a resumed fit continues
+    the same round. Under DDP rank zero decides the masks after every prune.
 
     Args:
         rounds: Number of training rounds, including the dense round 0 (so ``rounds - 1`` prunes).
@@ -195,57 +163,18 @@ class LotteryTicket(SparseCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        session, name = self.session, type(self).__name__
-        if trainer.max_steps not in (-1, None) and not session.step_rounds:
+        if trainer.max_steps not in (-1, None) and not self.session.step_rounds:
             raise ValueError(
-                f"`{name}` counts rounds in epochs: leave `Trainer(max_steps=...)` unset (got {trainer.max_steps})."
+                f"`{type(self).__name__}` counts rounds in epochs: leave `Trainer(max_steps=...)` unset (got "
+                f"{trainer.max_steps})."
             )
-        max_epochs, late = trainer.max_epochs, session.late_epochs
-        if session.epochs_per_round is None:
-            if session.step_rounds:
-                raise ValueError(
-                    f"`{name}(rewind_to={self.rewind_to!r})`: pass `epochs_per_round` (round 0's length); the "
-                    "later rounds' length then follows from it."
-                )
-            # max_epochs = E + (rounds - 1) * (E - k)  =>  E = (max_epochs + (rounds - 1) * k) / rounds
-            total = None if max_epochs is None else max_epochs + (self.rounds - 1) * late
-            if total is None or max_epochs < self.rounds or total % self.rounds:
-                rule = (
-                    f"must be a positive multiple of {self.rounds}"
-                    if late == 0
-                    else f"must equal E + {self.rounds - 1} * (E - {late}) for a round-0 length of E epochs"
-                )
-                raise ValueError(
-                    f"`{name}(rounds={self.rounds}, rewind_to={self.rewind_to!r})` derives `epochs_per_round` from "
-                    f"`Trainer(max_epochs=...)`, which {rule}; got max_epochs={max_epochs}. Or pass `epochs_per_round`."
-                )
-            session.epochs_per_round = self.epochs_per_round = total // self.rounds
-        if self.rewind.kind == "epoch" and self.rewind.at >= session.epochs_per_round:
-            raise ValueError(
-                f"`rewind_to={self.rewind_to!r}` must rewind to an epoch of round 0 (< epochs_per_round="
-                f"{session.epochs_per_round})."
-            )
-        needed = session.epochs_needed()
-        if not session.step_rounds and max_epochs != needed:  # step:k is checked when the epoch length is known
-            raise ValueError(
-                f"`{name}(rounds={self.rounds}, epochs_per_round={session.epochs_per_round}, "
-                f"rewind_to={self.rewind_to!r})` trains {needed} epochs (round 0: {session.epochs_per_round}, each "
-                f"later round: {session.epochs_per_round - late}): set `Trainer(max_epochs={needed})` "
-                f"(got max_epochs={max_epochs})."
-            )
+        self.epochs_per_round = self.session.fit_epochs(trainer.max_epochs, "Trainer(max_epochs={})")
 
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
-        needed = self.session.check_steps(-(-trainer.num_training_batches // trainer.accumulate_grad_batches))
-        if needed is not None and trainer.max_steps != needed:
-            steps = self.session.epochs_per_round * self.session.steps_per_epoch
-            raise ValueError(
-                f"`{type(self).__name__}(rounds={self.rounds}, epochs_per_round={self.session.epochs_per_round}, "
-                f"rewind_to={self.rewind_to!r})` trains {needed} optimizer steps (round 0: {steps}, each later "
-                f"round: {steps} - {self.rewind.at}): set `Trainer(max_steps={needed}, max_epochs=-1)` (got "
-                f"max_steps={trainer.max_steps})."
-            )
+        steps_per_epoch = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
+        self.session.check_steps(steps_per_epoch, trainer.max_steps, "Trainer(max_steps={}, max_epochs=-1)")
 
     # ------------------------------------------------------------ the rounds
     @override
@@ -270,30 +199,16 @@ class LotteryTicket(SparseCallback):
             self.on_train_epoch_start(trainer, pl_module)
         if session.round_due(trainer.global_step):
             if self._validated_at != trainer.global_step:  # the round ends mid-epoch: validate it there
-                self._validate(trainer)
+                run_validation(trainer)
             session.finish_round()
             session.next_round(session.round + 1)
-
-    def _validate(self, trainer: Any) -> None:
-        """Run the validation loop now, as Lightning does for an in-epoch validation (``val_check_interval``)."""
-        every = trainer.check_val_every_n_epoch
-        if not trainer.enable_validation or (every is not None and (trainer.current_epoch + 1) % every):
-            return
-        # as `_TrainingEpochLoop.on_advance_end` does around `val_loop.run()` (Lightning 2.x)
-        connector = getattr(trainer, "_logger_connector", None)
-        first = getattr(connector, "_first_loop_iter", None)
-        trainer.validating = True
-        trainer.fit_loop.epoch_loop.val_loop.run()
-        trainer.training = True
-        if connector is not None and hasattr(connector, "_first_loop_iter"):
-            connector._first_loop_iter = first
 
     @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         session = self.session
         last = session.step_rounds and trainer.global_step == session.round_start_step(self.rounds)
         if last and not is_last_batch_of_epoch(trainer):  # max_steps ends the fit mid-epoch, without validation
-            self._validate(trainer)
+            run_validation(trainer)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override

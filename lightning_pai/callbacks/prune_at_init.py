@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_pai.callbacks.base import MethodCard, SparseCallback
+from lightning_pai.callbacks.base import SparseCallback
+from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.core.distributions import Distribution
 from lightning_pai.core.nm import NMSpec
 from lightning_pai.core.pruning import Pruner, _name

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lightning_pai.callbacks.base import MethodCard
 from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs
+from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.core.nm import NMSpec
 from lightning_pai.core.targets import Selectors
 

@@ -206,17 +206,45 @@ MODES = ("max", "min")
 class LotterySession(Session):
     """Iterative magnitude pruning with rewinding, all rounds in one run (the engine of ``LotteryTicket``).
 
-    Round 0 trains dense for ``epochs_per_round`` epochs (``T`` optimizer steps). Every later round starts by
-    pruning ``prune_fraction`` of the surviving weights by the magnitude of the trained weights
-    (:func:`prune_remaining`; N:M layers shrink their group budgets from ``M`` to ``N``; the controls draw
-    random masks or re-draw the weights), rewinding (weights, optimizer and LR-scheduler state and the RNG
-    to the rewind point, see :func:`parse_rewind`) and re-applying the masks. Rank zero decides the masks.
-    Rounds are whole epochs, except with ``step:k`` (``k > 0``), whose pruned rounds are ``T - k`` steps long
-    (:meth:`round_due` says when the loop must end one mid-epoch).
+    Round 0 trains the dense network for ``epochs_per_round`` epochs (``T`` optimizer steps). At the start of
+    every later round the session
 
-    The loop's protocol calls (:class:`~lightning_pai.core.session.Session`) drive the rounds; :meth:`record`
-    takes the monitored metric's values. Everything — round, masks, rewind point, results, history — is in
-    :meth:`state_dict`.
+    1. removes ``prune_fraction`` of the weights that are still kept, by magnitude ``|w|`` of the trained
+       weights (see :func:`~lightning_pai.core.lottery.prune_remaining`; masks only ever shrink), so
+       round ``r`` keeps about ``(1 - prune_fraction) ** r`` of the weights;
+    2. rewinds, according to ``rewind_to``:
+
+       - ``"init"`` — weights (all parameters and buffers), optimizer state and LR-scheduler state go
+         back to their values at fit start (Frankle & Carbin 2019, arXiv:1803.03635);
+       - ``"step:k"`` / ``"epoch:k"`` — the same, to their values after ``k`` optimizer steps / at the
+         start of epoch ``k`` of round 0 ("late rewinding", Frankle et al. 2020, arXiv:1912.05671); the
+         round then trains ``T - k`` steps, from the rewind point to where round 0 ended, as open_lth does,
+         so the LR schedule continues from ``k`` and ends where it ended in round 0;
+       - ``"lr"`` — the trained weights are kept and the optimizer and LR schedule restart from fit
+         start ("learning-rate rewinding", Renda et al. 2020, arXiv:2003.02389);
+       - ``"none"`` — fine-tuning: weights and optimizer state are kept, and the learning rate stays at
+         the last value round 0 used (set before every step, overriding the schedule);
+    3. re-applies the masks (pruned weights and their optimizer state are zero).
+
+    Rewind points are kept on the CPU. Each round replays the data order of the rewind point (the global
+    RNG state and the samplers' epoch are restored with the weights), so every round sees the same
+    batches in the same order. **Configure the LR schedule for round 0** (``epochs_per_round`` epochs):
+    later rounds replay it from the rewind point.
+
+    Controls (from the same command): ``control="random_prune"`` removes, in every layer, as many
+    weights as IMP would, chosen at random among the survivors (Frankle & Carbin's random-pruning
+    control); ``control="random_reinit"`` prunes like IMP but, at every rewind, re-draws the kept weights
+    from the original initial distribution: a seeded random permutation of each layer's own initial
+    values, recorded at fit start (so the per-layer scale of a custom initialiser is kept exactly, see
+    :func:`~lightning_pai.core.pruning.reinitialize_`). The LTH paper's control — the *ticket's* masks with
+    a fresh initialization — is ``LotteryTicket(..., control="random_reinit", ticket=finished_ticket)``:
+    round ``r`` then uses the finished ticket's round-``r`` masks (``ticket.mask_history``) instead of
+    pruning its own weights.
+
+    Rounds are whole epochs, except with ``step:k`` (``k > 0``), whose pruned rounds are ``T - k`` steps long
+    (:meth:`round_due` says when the loop must end one mid-epoch). Rank zero decides the masks. The loop's
+    protocol calls drive the rounds; :meth:`record` takes the monitored metric's values. Everything — round,
+    masks, rewind point, results, history — is in :meth:`state_dict`.
 
     Args:
         name: The method's name, used in messages.
@@ -383,19 +411,76 @@ class LotterySession(Session):
         if self.rewind_point is None and self.round == 0 and self.at_init:
             self.rewind_point = self.capture(sampler_epoch=0)
 
-    def check_steps(self, steps_per_epoch: int) -> int | None:
-        """Set the epoch length; with ``step:k`` return the run's length in optimizer steps (else None).
+    def fit_epochs(self, epochs: int | None, setting: str = "epochs={}") -> int:
+        """Check a run of ``epochs`` epochs against the rounds (deriving ``epochs_per_round`` when unset).
+
+        The run has round 0's ``E`` epochs and ``rounds - 1`` later rounds of ``E - k`` (``epoch:k``). With
+        ``step:k`` only ``epochs_per_round`` is needed here (the steps are checked by :meth:`check_steps`).
+
+        Args:
+            epochs: The run's epochs (e.g. ``Trainer(max_epochs=...)``).
+            setting: How the loop's setting is written, ``{}`` standing for the number (for messages).
+
+        Returns:
+            ``epochs_per_round``.
 
         Raises:
-            ValueError: If the rewind step lies beyond round 0.
+            ValueError: With the setting to use, when the lengths do not fit.
+        """
+        name, late = f"`{self.name}(rounds={self.rounds}, rewind_to={self.rewind_to!r}`", self.late_epochs
+        if self.epochs_per_round is None:
+            if self.step_rounds:
+                raise ValueError(
+                    f"{name})`: pass `epochs_per_round` (round 0's length); the later rounds' length then follows."
+                )
+            # epochs = E + (rounds - 1) * (E - k)  =>  E = (epochs + (rounds - 1) * k) / rounds
+            total = None if epochs is None else epochs + (self.rounds - 1) * late
+            if total is None or epochs < self.rounds or total % self.rounds:
+                rule = (
+                    f"must be a positive multiple of {self.rounds}"
+                    if late == 0
+                    else f"must equal E + {self.rounds - 1} * (E - {late}) for a round-0 length of E epochs"
+                )
+                raise ValueError(
+                    f"{name})` derives `epochs_per_round` from `{setting.format('...')}`, which {rule}; got "
+                    f"{setting.format(epochs)}. Or pass `epochs_per_round`."
+                )
+            self.epochs_per_round = total // self.rounds
+        if self.rewind.kind == "epoch" and self.rewind.at >= self.epochs_per_round:
+            raise ValueError(
+                f"`rewind_to={self.rewind_to!r}` must rewind to an epoch of round 0 (< epochs_per_round="
+                f"{self.epochs_per_round})."
+            )
+        needed = self.epochs_needed()
+        if not self.step_rounds and epochs != needed:
+            raise ValueError(
+                f"{name}, epochs_per_round={self.epochs_per_round})` trains {needed} epochs (round 0: "
+                f"{self.epochs_per_round}, each later round: {self.epochs_per_round - late}): set "
+                f"`{setting.format(needed)}` (got {setting.format(epochs)})."
+            )
+        return self.epochs_per_round
+
+    def check_steps(self, steps_per_epoch: int, steps: int | None = None, setting: str = "steps={}") -> None:
+        """Set the epoch length; with ``step:k`` rounds check that the run has ``steps`` optimizer steps.
+
+        Raises:
+            ValueError: If the rewind step lies beyond round 0, or ``steps`` is not the rounds' total.
         """
         self.steps_per_epoch = steps_per_epoch
         if self.rewind.kind != "step":
-            return None
-        steps = self.epochs_per_round * steps_per_epoch
-        if self.rewind.at > steps:
-            raise ValueError(f"`rewind_to={self.rewind_to!r}` lies beyond round 0, which has {steps} optimizer steps.")
-        return self.round_start_step(self.rounds) if self.step_rounds else None
+            return
+        per_round = self.epochs_per_round * steps_per_epoch
+        if self.rewind.at > per_round:
+            raise ValueError(
+                f"`rewind_to={self.rewind_to!r}` lies beyond round 0, which has {per_round} optimizer steps."
+            )
+        needed = self.round_start_step(self.rounds)
+        if self.step_rounds and steps is not None and steps != needed:
+            raise ValueError(
+                f"`{self.name}(rounds={self.rounds}, epochs_per_round={self.epochs_per_round}, rewind_to="
+                f"{self.rewind_to!r})` trains {needed} optimizer steps (round 0: {per_round}, each later round: "
+                f"{per_round} - {self.rewind.at}): set `{setting.format(needed)}` (got {setting.format(steps)})."
+            )
 
     def epoch_start(self, epoch: int) -> None:
         """Start the next round if ``epoch`` begins one; capture an ``epoch:k`` rewind point."""
