@@ -30,6 +30,28 @@ def import_ns(ns: str | ModuleType) -> ModuleType:
     return importlib.import_module(ns) if isinstance(ns, str) else ns
 
 
+def run_script(script, *args, timeout: int = 300):
+    """Run ``python script *args`` in a clean environment (no inherited rank variables, 1 thread) from the tests'
+    folder, as a multi-process launch needs; fail the test with the output when it exits non-zero."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
+        env.pop(var, None)
+    command = [sys.executable, str(script), *map(str, args)]
+    proc = subprocess.run(command, cwd=script.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (
+        f"{script.name} failed:\nSTDOUT:\n{proc.stdout[-5000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    )
+    return proc
+
+
 def make_optimizer(name: str, params) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)

@@ -4,32 +4,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import TARGET_SHAPES, TARGET_TOTAL, every_callback, masks_equal, topology_methods
+from helpers import run_script as run_python
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 
 def run_script(outdir: Path, strategy: str, method: str = "rank_random") -> subprocess.CompletedProcess:
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
-        env.pop(var, None)
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(outdir), strategy, method],
-        cwd=SCRIPT.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"DDP script failed:\nSTDOUT:\n{proc.stdout[-5000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
-    return proc
+    return run_python(SCRIPT, outdir, strategy, method)
 
 
 @pytest.fixture(scope="module")

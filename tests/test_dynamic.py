@@ -189,7 +189,7 @@ def test_resume_gives_the_same_topology_sequence(tmp_path, method):
     [
         ({"growth": "hebbian"}, r"Unknown `growth` 'hebbian'\. Valid growth rules: .*gradient.*momentum.*random"),
         ({"redistribution": "magnitude"}, "Unknown `redistribution` 'magnitude'. Valid redistribution rules"),
-        ({"drop": "oldest"}, "Unknown `drop` 'oldest'. Valid drop rules: magnitude, set, threshold"),
+        ({"drop": "oldest"}, r"Unknown `drop` 'oldest'. Valid drop rules: magnitude, set, .*threshold\. Register"),
         ({"rounding": "round"}, "`rounding` must be one of"),
         ({"min_fraction": 0.5}, r"`min_fraction` \(the cosine's floor\) must be a number in \[0, 0.3\]"),
         ({"beta": 1.0}, "`beta`"),

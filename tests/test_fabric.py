@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TARGET_TOTAL, masks_equal
+from helpers import TARGET_TOTAL, masks_equal, run_script
 
 SCRIPT = Path(__file__).with_name("fabric_script.py")
 pytest.importorskip("lightning.fabric")
@@ -17,21 +14,8 @@ pytest.importorskip("lightning.fabric")
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     outdir = tmp_path_factory.mktemp("fabric")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
-        env.pop(var, None)
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(outdir)],
-        cwd=SCRIPT.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"Fabric script failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    run_script(SCRIPT, outdir)
     return [torch.load(outdir / f"fabric{r}.pt", weights_only=False) for r in (0, 1)]
 
 

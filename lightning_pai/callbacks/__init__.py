@@ -6,7 +6,7 @@ check and the benchmarks. A new method is its class (and, if new, its rule in th
 line here.
 """
 
-from lightning_pai.callbacks.base import SparseCallback
+from lightning_pai.callbacks.base import MethodOptions, SparseCallback, TargetOptions
 from lightning_pai.callbacks.dynamic import DynamicSparseTraining
 from lightning_pai.callbacks.host import LightningHost
 from lightning_pai.callbacks.registry import MethodCard, list_methods
@@ -32,7 +32,9 @@ __all__ = [
     "DynamicSparseTraining",
     "LightningHost",
     "MethodCard",
+    "MethodOptions",
     "SparseCallback",
+    "TargetOptions",
     "TopologyCallback",
     "list_methods",
     *(cls.__name__ for cls in CALLBACKS),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import torch
 from typing_extensions import override
@@ -17,6 +17,27 @@ from lightning_pai.core.masks import MaskSet
 from lightning_pai.core.report import SparsityReport
 from lightning_pai.core.session import Session
 from lightning_pai.core.targets import Selectors, validate_selectors
+
+
+class TargetOptions(TypedDict, total=False):
+    """Keyword options every method takes (``**common`` in the method signatures).
+
+    Attributes:
+        include: Prunable parameters, see :func:`~lightning_pai.core.targets.select_targets` (default: every
+            linear-like weight).
+        exclude: Parameters left dense (name globs, module types, presets such as ``"stem"``, ``"head"``).
+        verbose: Print the sparsity table (rank zero) when the masks are set.
+    """
+
+    include: Selectors
+    exclude: Selectors
+    verbose: bool
+
+
+class MethodOptions(TargetOptions, total=False):
+    """:class:`TargetOptions` and ``seed``, the seed of the method's random choices (masks, growth, noise)."""
+
+    seed: int
 
 
 class SparseCallback(CallbackBase):
@@ -58,6 +79,10 @@ class SparseCallback(CallbackBase):
     def build_session(self) -> Session:
         """The engine session that runs this method (built once, on first use)."""
         raise NotImplementedError
+
+    def session_options(self) -> dict[str, Any]:
+        """The options every session takes from the method: ``include``, ``exclude``, ``verbose``."""
+        return {"include": self.include, "exclude": self.exclude, "verbose": self.verbose}
 
     @property
     def session(self) -> Session:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+from typing_extensions import Unpack
+
+from lightning_pai.callbacks.base import MethodOptions
 from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.callbacks.topology import TopologyCallback
 from lightning_pai.core.dst import Plan, Rewire
 from lightning_pai.core.schedules import Constant, Every
-from lightning_pai.core.targets import Selectors
 from lightning_pai.core.validation import check_number
 
 
@@ -34,7 +36,7 @@ class DeepR(TopologyCallback):
         init: ``"random"`` or a registered scorer for the initial masks.
         l1: ``alpha``, the L1 shrinkage of the active parameters per unit learning rate.
         noise: ``sigma``, the random walk's standard deviation per unit learning rate.
-        include, exclude, seed, verbose: As for :class:`~lightning_pai.TopologyCallback`.
+        **common: ``include``, ``exclude``, ``seed``, ``verbose`` (see :class:`~lightning_pai.MethodOptions`).
     """
 
     card = MethodCard("dynamic", keeps_layer_counts=True, keeps_total=True)
@@ -47,13 +49,9 @@ class DeepR(TopologyCallback):
         init: str = "random",
         l1: float = 1e-5,
         noise: float = 1e-5,
-        include: Selectors = None,
-        exclude: Selectors = None,
-        seed: int = 0,
-        verbose: bool = True,
+        **common: Unpack[MethodOptions],
     ) -> None:
-        kw = {"include": include, "exclude": exclude, "verbose": verbose}
-        super().__init__(sparsity, distribution=distribution, init=init, seed=seed, **kw)
+        super().__init__(sparsity, distribution=distribution, init=init, **common)
         self.l1 = check_number(l1, "l1", 0, math.inf, what="the L1 shrinkage per unit learning rate")
         self.noise = check_number(noise, "noise", 0, math.inf, what="the random walk's std per unit learning rate")
         self._check()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+from typing_extensions import Unpack
+
+from lightning_pai.callbacks.base import MethodOptions
 from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs
 from lightning_pai.callbacks.registry import MethodCard
-from lightning_pai.core.targets import Selectors
 from lightning_pai.core.validation import check_number
 
 
@@ -29,7 +31,7 @@ class DSR(DynamicSparseTraining):
         threshold: Initial threshold ``H``.
         tolerance: Relative band around ``K`` in which ``H`` is left unchanged.
         delta_t: Optimizer steps between updates.
-        include, exclude, seed, verbose: As for :class:`DynamicSparseTraining`.
+        **common: ``include``, ``exclude``, ``seed``, ``verbose`` (see :class:`~lightning_pai.MethodOptions`).
     """
 
     card = MethodCard("dynamic", example={"delta_t": 2}, keeps_total=True)
@@ -44,13 +46,10 @@ class DSR(DynamicSparseTraining):
         threshold: float = 1e-3,
         tolerance: float = 0.1,
         delta_t: int = 100,
-        include: Selectors = None,
-        exclude: Selectors = None,
-        seed: int = 0,
-        verbose: bool = True,
+        **common: Unpack[MethodOptions],
     ) -> None:
         self.threshold = check_number(threshold, "threshold", 0, math.inf, low_open=True, what="the initial H")
         self.tolerance = check_number(tolerance, "tolerance", 0, 1, high_open=True, what="the band around K")
         options = {"threshold": self.threshold, "tolerance": self.tolerance}
         kwargs = base_kwargs(locals(), alpha=prune_fraction, decay="constant", t_end=1.0, growth="random")
-        super().__init__(sparsity, **kwargs, drop="threshold", redistribution="survivors")
+        super().__init__(sparsity, **kwargs, drop="threshold", redistribution="survivors", **common)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing_extensions import Unpack
+
+from lightning_pai.callbacks.base import TargetOptions
 from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.callbacks.topology import TopologyCallback
 from lightning_pai.core.distributions import check_iterative
 from lightning_pai.core.dst import Plan, Pruning
 from lightning_pai.core.nm import NMSpec
 from lightning_pai.core.schedules import Cubic, Every
-from lightning_pai.core.targets import Selectors
 from lightning_pai.core.validation import check_gradual, check_positive_int
 
 
@@ -29,12 +31,10 @@ class GradualMagnitudePruning(TopologyCallback):
         end: Step (int) or fraction (float) at which ``sparsity`` is reached.
         frequency: Optimizer steps between pruning updates.
         distribution: ``"uniform"``, ``"global"`` or ``"lamp"``.
-        include: Prunable parameters (default: every linear-like weight matrix).
-        exclude: Parameters left dense.
-        verbose: Print the sparsity table when masks are set (rank zero).
         nm: N:M layers (``"2:4"`` or ``{glob: "N:M"}``): each group of ``M`` keeps
             ``M - floor((M - N) * p_t)`` weights, ``p_t`` the schedule's progress from 0 to 1 (so ``N`` at
             ``end``); the other layers follow ``s_t``.
+        **common: ``include``, ``exclude``, ``verbose`` (default False; see :class:`~lightning_pai.TargetOptions`).
     """
 
     score = "magnitude"
@@ -49,20 +49,11 @@ class GradualMagnitudePruning(TopologyCallback):
         end: int | float = 0.75,
         frequency: int = 100,
         distribution: str = "uniform",
-        include: Selectors = None,
-        exclude: Selectors = None,
-        verbose: bool = False,
         nm: NMSpec = None,
+        **common: Unpack[TargetOptions],
     ) -> None:
-        super().__init__(
-            sparsity,
-            distribution=distribution,
-            init="magnitude",
-            include=include,
-            exclude=exclude,
-            verbose=verbose,
-            nm=nm,
-        )
+        common.setdefault("verbose", False)  # gradual pruning prints nothing by default
+        super().__init__(sparsity, distribution=distribution, init="magnitude", nm=nm, **common)
         self.initial_sparsity = check_gradual(self.sparsity, initial_sparsity, start, end)
         if nm is not None and self.initial_sparsity > 0:
             raise ValueError("With `nm`, gradual pruning starts dense: leave `initial_sparsity` at 0.")
@@ -110,7 +101,7 @@ class MovementPruning(GradualMagnitudePruning):
         end: Step (int) or fraction (float) at which ``sparsity`` is reached.
         frequency: Optimizer steps between pruning updates.
         distribution: ``"uniform"`` (the paper), ``"global"`` or ``"lamp"``.
-        include, exclude, verbose: As for :class:`GradualMagnitudePruning`.
+        **common: ``include``, ``exclude``, ``verbose``, as for :class:`GradualMagnitudePruning`.
     """
 
     score = "movement"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing_extensions import Unpack
+
+from lightning_pai.callbacks.base import MethodOptions
 from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs
 from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.core.distributions import check_iterative
 from lightning_pai.core.dst import Plan, Pruning
 from lightning_pai.core.schedules import Cubic, Every
-from lightning_pai.core.targets import Selectors
 from lightning_pai.core.validation import check_gradual
 
 
@@ -41,7 +43,7 @@ class GraNet(DynamicSparseTraining):
         death_rate: Initial drop fraction ``r`` of the regeneration.
         min_rate: Final drop fraction ``m`` of the cosine decay.
         delta_t: Optimizer steps between updates.
-        include, exclude, seed, verbose: As for :class:`DynamicSparseTraining`.
+        **common: ``include``, ``exclude``, ``seed``, ``verbose`` (see :class:`~lightning_pai.MethodOptions`).
     """
 
     card = MethodCard("gradual", example={"initial_sparsity": 0.5, "delta_t": 2, "end": 0.5})
@@ -59,10 +61,7 @@ class GraNet(DynamicSparseTraining):
         death_rate: float = 0.5,
         min_rate: float = 0.005,
         delta_t: int = 1000,
-        include: Selectors = None,
-        exclude: Selectors = None,
-        seed: int = 0,
-        verbose: bool = True,
+        **common: Unpack[MethodOptions],
     ) -> None:
         self.initial_sparsity = check_gradual(sparsity, initial_sparsity, start, end)
         check_iterative(prune_distribution, "prune_distribution")
@@ -72,6 +71,7 @@ class GraNet(DynamicSparseTraining):
             **base_kwargs(
                 locals(), alpha=death_rate, min_fraction=min_rate, growth="gradient", rounding="ceil", t_end=1.0
             ),
+            **common,
         )
 
     @property

@@ -118,9 +118,7 @@ class LotteryTicket(SparseCallback):
             mode=self.mode,
             seed=self.seed,
             nm=self.nm,
-            include=self.include,
-            exclude=self.exclude,
-            verbose=self.verbose,
+            **self.session_options(),
         )
 
     @property

@@ -143,6 +143,4 @@ class PruneAtInit(SparseCallback):
 
     def build_session(self) -> PruneSession:
         """Masks scored once, at the start, then kept."""
-        return PruneSession(
-            type(self).__name__, self.pruner(), include=self.include, exclude=self.exclude, verbose=self.verbose
-        )
+        return PruneSession(type(self).__name__, self.pruner(), **self.session_options())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing_extensions import Unpack
+
+from lightning_pai.callbacks.base import MethodOptions
 from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs
 from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.core.nm import NMSpec
-from lightning_pai.core.targets import Selectors
 
 
 class RigL(DynamicSparseTraining):
@@ -24,7 +26,8 @@ class RigL(DynamicSparseTraining):
         alpha: Initial drop fraction.
         delta_t: Optimizer steps between updates.
         t_end: Fraction of training after which the topology is frozen.
-        include, exclude, seed, verbose, nm: As for :class:`DynamicSparseTraining` (``nm="2:4"``: N:M RigL).
+        nm: N:M layers, as for :class:`DynamicSparseTraining` (``nm="2:4"``: N:M RigL).
+        **common: ``include``, ``exclude``, ``seed``, ``verbose`` (see :class:`~lightning_pai.MethodOptions`).
     """
 
     card = MethodCard("dynamic", example={"delta_t": 2, "t_end": 1.0}, keeps_layer_counts=True, keeps_total=True)
@@ -38,10 +41,7 @@ class RigL(DynamicSparseTraining):
         alpha: float = 0.3,
         delta_t: int = 100,
         t_end: float = 0.75,
-        include: Selectors = None,
-        exclude: Selectors = None,
-        seed: int = 0,
-        verbose: bool = True,
         nm: NMSpec = None,
+        **common: Unpack[MethodOptions],
     ) -> None:
-        super().__init__(sparsity, **base_kwargs(locals(), growth="gradient"))
+        super().__init__(sparsity, **base_kwargs(locals(), growth="gradient"), **common)

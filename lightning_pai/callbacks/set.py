@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing_extensions import Unpack
+
+from lightning_pai.callbacks.base import MethodOptions
 from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs
 from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.core.nm import NMSpec
-from lightning_pai.core.targets import Selectors
 
 
 class SET(DynamicSparseTraining):
@@ -24,7 +26,8 @@ class SET(DynamicSparseTraining):
         zeta: Fraction of each sign's active weights replaced per update.
         update_on: ``"epoch"`` or ``"step"``.
         delta_t: Optimizer steps between updates with ``update_on="step"``.
-        include, exclude, seed, verbose, nm: As for :class:`DynamicSparseTraining` (``nm="2:4"``: N:M SET).
+        nm: N:M layers, as for :class:`DynamicSparseTraining` (``nm="2:4"``: N:M SET).
+        **common: ``include``, ``exclude``, ``seed``, ``verbose`` (see :class:`~lightning_pai.MethodOptions`).
     """
 
     card = MethodCard("dynamic", keeps_layer_counts=True, keeps_total=True)
@@ -38,12 +41,8 @@ class SET(DynamicSparseTraining):
         zeta: float = 0.3,
         update_on: str = "epoch",
         delta_t: int = 100,
-        include: Selectors = None,
-        exclude: Selectors = None,
-        seed: int = 0,
-        verbose: bool = True,
         nm: NMSpec = None,
+        **common: Unpack[MethodOptions],
     ) -> None:
-        super().__init__(
-            sparsity, **base_kwargs(locals(), alpha=zeta, growth="random", drop="set", decay="constant", t_end=1.0)
-        )
+        fixed = {"alpha": zeta, "growth": "random", "drop": "set", "decay": "constant", "t_end": 1.0}
+        super().__init__(sparsity, **base_kwargs(locals(), **fixed), **common)

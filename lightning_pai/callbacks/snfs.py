@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing_extensions import Unpack
+
+from lightning_pai.callbacks.base import MethodOptions
 from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs
 from lightning_pai.callbacks.registry import MethodCard
-from lightning_pai.core.targets import Selectors
 
 
 class SNFS(DynamicSparseTraining):
@@ -36,7 +38,7 @@ class SNFS(DynamicSparseTraining):
         update_on: ``"epoch"`` or ``"step"``.
         delta_t: Optimizer steps between updates with ``update_on="step"``.
         beta: Decay of the callback's own momentum (optimizers without momentum only).
-        include, exclude, seed, verbose: As for :class:`DynamicSparseTraining`.
+        **common: ``include``, ``exclude``, ``seed``, ``verbose`` (see :class:`~lightning_pai.MethodOptions`).
     """
 
     card = MethodCard("dynamic", keeps_total=True)
@@ -52,10 +54,7 @@ class SNFS(DynamicSparseTraining):
         update_on: str = "epoch",
         delta_t: int = 100,
         beta: float = 0.9,
-        include: Selectors = None,
-        exclude: Selectors = None,
-        seed: int = 0,
-        verbose: bool = True,
+        **common: Unpack[MethodOptions],
     ) -> None:
         super().__init__(
             sparsity,
@@ -68,4 +67,5 @@ class SNFS(DynamicSparseTraining):
                 rounding="ceil",
                 t_end=1.0,
             ),
+            **common,
         )

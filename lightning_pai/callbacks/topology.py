@@ -83,9 +83,7 @@ class TopologyCallback(SparseCallback):
             initial=initial,
             seed=self.seed,
             beta=self.beta,
-            include=self.include,
-            exclude=self.exclude,
-            verbose=self.verbose,
+            **self.session_options(),
         )
 
     # ------------------------------------------------------------- progress

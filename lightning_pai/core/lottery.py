@@ -246,6 +246,8 @@ class LotterySession(Session):
     protocol calls drive the rounds; :meth:`record` takes the monitored metric's values. Everything — round,
     masks, rewind point, results, history — is in :meth:`state_dict`.
 
+    Every argument is required: the defaults live in the method class (:class:`lightning_pai.LotteryTicket`).
+
     Args:
         name: The method's name, used in messages.
         rounds: Training rounds including the dense round 0.
@@ -266,17 +268,17 @@ class LotterySession(Session):
         self,
         name: str,
         *,
-        rounds: int = 10,
-        prune_fraction: float = 0.2,
-        epochs_per_round: int | None = None,
-        rewind_to: str = "init",
-        distribution: str = "global",
-        layer_fractions: Mapping[str, float] | None = None,
-        control: str | None = None,
-        ticket: Any = None,
-        mode: str = "max",
-        seed: int = 0,
-        nm: NMSpec = None,
+        rounds: int,
+        prune_fraction: float,
+        epochs_per_round: int | None,
+        rewind_to: str,
+        distribution: str,
+        layer_fractions: Mapping[str, float] | None,
+        control: str | None,
+        ticket: Any,
+        mode: str,
+        seed: int,
+        nm: NMSpec,
         **kwargs: Any,
     ) -> None:
         super().__init__(name, **kwargs)
