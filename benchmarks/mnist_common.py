@@ -23,14 +23,14 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 LENET_300_100 = (784, 300, 100, 10)
 
 
-def base_parser(doc: str, results_name: str) -> argparse.ArgumentParser:
+def base_parser(doc: str, out: Path) -> argparse.ArgumentParser:
     """Arguments every MNIST benchmark takes: data location, seeds, CPU threads and the results file."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--download", action="store_true")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / results_name))
+    parser.add_argument("--out", default=str(out))
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/compare.py's core: every installed library trains a tiny model step by step."""
+"""Smoke test of benchmarks/compare/compare.py's core: every installed library trains a tiny model step by step."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+sys.path[:0] = [str(BENCH / "compare"), str(BENCH)]
 
 import compare  # noqa: E402
-import compare_plots  # noqa: E402
+import compare_tables  # noqa: E402
 from peers import PRUNERS  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def test_table_has_a_row_per_library(one_thread):
     keys = [k for k in PRUNERS if PRUNERS[k].available()]
     timing = compare.time_model("tiny", keys, rounds=2, warmup=1, device=torch.device("cpu"), log=lambda _: None)
     assert set(timing["libraries"]) == set(keys)
-    text = compare_plots.render_markdown({"timing": {"tiny": timing}})
+    text = compare_tables.render_markdown({"timing": {"tiny": timing}})
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     for key in keys:
         label = timing["libraries"][key]["label"]
@@ -66,7 +66,7 @@ def test_markdown_tables_parse_into_series():
         "| dense | 1.33 ± 0.03 (all sparsities) | |\n| snip | 1.61 ± 0.08 | 2.79 ± 0.07 |\n"
         "| SNIP, paper (Lee et al.) | – | 2.4 |\n"
     )
-    data = compare_plots.mnist_series("x", text)
+    data = compare_tables.mnist_series("x", text)
     assert data["dense"] == pytest.approx(98.67)
     (d90, a90, s90), (d98, a98, _) = data["series"]["snip"]
     assert (d90, a90, s90) == (pytest.approx(0.1), pytest.approx(98.39), pytest.approx(0.08))

@@ -26,10 +26,10 @@ and ResNet-18 (expected about ``4 (1 - s) + 0.125`` bytes per masked float32 wei
 
 Usage::
 
-    python benchmarks/sparse_inference.py          # the results file (~10 min alone on 2 cores, 30 with retries)
-    python benchmarks/sparse_inference.py --quick  # smoke run, results not written
-    python benchmarks/sparse_inference.py --allocator steady  # results_steady: see STEADY_MALLOC
-    python benchmarks/sparse_inference.py --runs 5  # and 4 more fresh processes: min / median / max per row
+    python benchmarks/inference/sparse_inference.py  # the results file (~10 min alone on 2 cores, 30 with retries)
+    python benchmarks/inference/sparse_inference.py --quick  # smoke run, results not written
+    python benchmarks/inference/sparse_inference.py --allocator steady  # results_steady: see STEADY_MALLOC
+    python benchmarks/inference/sparse_inference.py --runs 5  # and 4 more fresh processes: min / median / max per row
 
 With glibc's default settings every large tensor is a fresh ``mmap`` and freed memory may be returned to the
 system, so a forward pass pays page faults whose count depends on the process's allocation history: the same
@@ -282,7 +282,7 @@ def markdown(lat: list[dict], sizes: list[dict], meta: dict) -> str:
     out = [
         "# Sparse inference on the CPU",
         "",
-        f"`python benchmarks/sparse_inference.py {' '.join(meta['argv'])}`: {meta['cpu']}, "
+        f"`python benchmarks/inference/sparse_inference.py {' '.join(meta['argv'])}`: {meta['cpu']}, "
         f"{meta['threads']} threads, torch {meta['torch']}, sparse kernels: {meta['kernels']}, allocator: "
         f"{ALLOCATORS[meta['allocator']]}; load average "
         f"{meta['load_before']:.2f} before, {meta['load_after']:.2f} after; {meta['minutes']:.1f} min.",

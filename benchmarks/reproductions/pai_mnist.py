@@ -15,12 +15,12 @@ state; mathematically this is the same as training them one by one. Masks are en
 gradients and re-applied after every step, so pruned weights stay exactly zero (checked at the end).
 
 The script writes a markdown table (final test error, mean +- std over seeds) to
-``benchmarks/results/pai_mnist.md`` and prints it.
+``benchmarks/reproductions/results/pai_mnist.md`` and prints it.
 
 Usage::
 
-    python benchmarks/pai_mnist.py                      # full run (see --iterations)
-    python benchmarks/pai_mnist.py --iterations 300 --seeds 1 --out /tmp/smoke.md   # smoke run
+    python benchmarks/reproductions/pai_mnist.py                      # full run (see --iterations)
+    python benchmarks/reproductions/pai_mnist.py --iterations 300 --seeds 1 --out /tmp/smoke.md   # smoke run
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from mnist_common import LENET_300_100, BatchStream, StackedMLP, base_parser, load_mnist, mlp, weight_names
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/mnist_common.py
+
+import torch  # noqa: E402
+from mnist_common import LENET_300_100, BatchStream, StackedMLP, base_parser, load_mnist, mlp, weight_names  # noqa: E402
 
 from lightning_pai.core import ScoringContext, prune
 
@@ -102,7 +104,7 @@ def table(results: dict, args: argparse.Namespace, seconds: float, zero_ok: bool
     lines = [
         "# Pruning at initialization: LeNet-300-100 on MNIST",
         "",
-        "Command: `" + " ".join(["python benchmarks/pai_mnist.py", *args.argv]) + "`",
+        "Command: `" + " ".join(["python benchmarks/reproductions/pai_mnist.py", *args.argv]) + "`",
         "",
         f"Final test error (%), mean ± std over seeds {args.seeds_list}; global ranking; SGD lr {args.lr}, "
         f"momentum 0.9, batch {args.batch_size}, weight decay {args.weight_decay}, "
@@ -132,7 +134,7 @@ def table(results: dict, args: argparse.Namespace, seconds: float, zero_ok: bool
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = base_parser(__doc__, "pai_mnist.md")
+    parser = base_parser(__doc__, Path(__file__).resolve().parent / "results" / "pai_mnist.md")
     parser.add_argument("--iterations", type=int, default=30_000)
     parser.add_argument("--decay-every", type=int, default=25_000)
     parser.add_argument("--lr", type=float, default=0.1)

@@ -15,12 +15,16 @@ weight is checked for being exactly zero in the forward weights ("leaks").
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
-import torch
-from mnist_common import LENET_300_100, load_mnist, mlp
-from peers import PRUNERS
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+
+import torch  # noqa: E402
+from mnist_common import LENET_300_100, load_mnist, mlp  # noqa: E402
+from peers import PRUNERS  # noqa: E402
 
 #: (row key, adapter key, adapter options, label)
 CONFIGS: list[tuple[str, str, dict[str, Any], str]] = [
@@ -30,7 +34,7 @@ CONFIGS: list[tuple[str, str, dict[str, Any], str]] = [
     ("sparsimony_rigl", "sparsimony_rigl", {}, "sparsimony RigL (ERK)"),
 ]
 SPARSITIES = (0.9, 0.98)
-#: lightning_pai's own 50-epoch result (benchmarks/results/dst_mnist.md, RigL at 98 %: test error %)
+#: lightning_pai's own 50-epoch result (benchmarks/reproductions/results/dst_mnist.md, RigL at 98 %: test error %)
 OURS_50_EPOCHS = {0.98: 2.16}
 
 

@@ -1,4 +1,4 @@
-"""Step-level adapters for lightning_pai and the libraries it is compared with (see ``benchmarks/compare.py``).
+"""Step-level adapters for lightning_pai and the libraries it is compared with (see ``benchmarks/compare/compare.py``).
 
 ``PRUNERS`` maps a key to its adapter class; :func:`installed` lists the keys whose library imports.
 """

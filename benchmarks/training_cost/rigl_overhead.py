@@ -1,7 +1,7 @@
 """Training-step cost of RigL (delta_t = 100) against dense training: torchvision ResNet-18, one process.
 
 Interleaves ``--pairs`` (dense, RigL) ``pytorch_lightning`` fits on synthetic CIFAR-shaped data
-(``benchmarks/step_time.py``'s module and loader). Each fit runs ``--warmup`` untimed steps and then
+(``benchmarks/training_cost/step_time.py``'s module and loader). Each fit runs ``--warmup`` untimed steps and then
 ``delta_t`` timed steps; RigL's update at step ``delta_t`` falls inside that window (exactly one per
 window), so the mean RigL step time is the amortized cost at the paper's update rate.
 A step is the wall time from one ``on_train_batch_start`` to the next (or to the end of training),
@@ -12,8 +12,8 @@ the non-update steps, and the update step's extra time.
 
 Usage::
 
-    python benchmarks/rigl_overhead.py --pairs 4         # what the results file was made with, ~9 min on 2 cores
-    python benchmarks/rigl_overhead.py --pairs 1 --warmup 3 --delta-t 10   # smoke run
+    python benchmarks/training_cost/rigl_overhead.py --pairs 4  # what the results file was made with, ~9 min, 2 cores
+    python benchmarks/training_cost/rigl_overhead.py --pairs 1 --warmup 3 --delta-t 10   # smoke run
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# RigL step-time overhead: ResNet-18 (torchvision), synthetic 3x32x32, CPU",
         "",
-        "Command: `" + " ".join(["python benchmarks/rigl_overhead.py", *raw]) + "`",
+        "Command: `" + " ".join(["python benchmarks/training_cost/rigl_overhead.py", *raw]) + "`",
         "",
         f"torch {torch.__version__}, pytorch_lightning {pl.__version__}, {torch.get_num_threads()} threads "
         f"({platform.processor() or platform.machine()}); batch {args.batch_size}, SGD(0.1, momentum 0.9, wd 5e-4); "

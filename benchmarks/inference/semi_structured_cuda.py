@@ -4,15 +4,15 @@ Needs a CUDA GPU with sparse tensor cores (compute capability 8.0+, e.g. A100/H1
 exits with a message and status 1. Prints, with CUDA-event timings (median of ``--repeats`` after warm-up):
 
 1. per matmul shape (``F.linear`` of ``rows x in`` by a ``out x in`` weight, float16): dense ms, 2:4 ms, ratio;
-2. end to end: the transformer MLP stack of ``benchmarks/sparse_inference.py`` (4 blocks of Linear(d, 4d) ->
+2. end to end: the transformer MLP stack of ``benchmarks/inference/sparse_inference.py`` (4 blocks of Linear(d, 4d) ->
    GELU -> Linear(4d, d), residual, LayerNorm) with 2:4 masks (the 2 largest |w| of every 4 inputs), dense
    float16 against ``to_sparse_inference`` (which picks 2:4 for exact 2:4 masks on CUDA), ratio, and the max
    deviation from the dense float16 model.
 
 Usage::
 
-    python benchmarks/semi_structured_cuda.py               # d = 1024, batch 64 x 128 tokens
-    python benchmarks/semi_structured_cuda.py --d 2048 --rows 16384
+    python benchmarks/inference/semi_structured_cuda.py               # d = 1024, batch 64 x 128 tokens
+    python benchmarks/inference/semi_structured_cuda.py --d 2048 --rows 16384
 """
 
 from __future__ import annotations

@@ -8,13 +8,13 @@ For ResNet-18 (CIFAR-10 head) on a batch of 128 random 3x32x32 images, measures
   for ``magnitude``, ``random``, ``snip``, ``grasp``, ``synflow`` (1 round) and ``synflow`` (100 rounds,
   its default);
 
-and prints (and writes to ``benchmarks/results/scorer_time.md``) each scorer's time as a ratio to the
+and prints (and writes to ``benchmarks/training_cost/results/scorer_time.md``) each scorer's time as a ratio to the
 median dense step measured in the same run.
 
 Usage::
 
-    python benchmarks/scorer_time.py                 # ~2-4 min on 2 idle CPU cores
-    python benchmarks/scorer_time.py --repeats 1 --steps 3 --out /tmp/scorer_time.md
+    python benchmarks/training_cost/scorer_time.py                 # ~2-4 min on 2 idle CPU cores
+    python benchmarks/training_cost/scorer_time.py --repeats 1 --steps 3 --out /tmp/scorer_time.md
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# Scorer wall time on ResNet-18 (batch 128, 3x32x32)",
         "",
-        "Command: `" + " ".join(["python benchmarks/scorer_time.py", *raw]) + "`",
+        "Command: `" + " ".join(["python benchmarks/training_cost/scorer_time.py", *raw]) + "`",
         "",
         f"One dense training step (forward, backward, SGD step): **{step * 1000:.1f} ms** (median of {args.steps}); "
         f"{torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()}), torch "

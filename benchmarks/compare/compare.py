@@ -18,15 +18,15 @@ One command, one process for the timings (CPU by default, CUDA when present):
    topology updates happen when scheduled.
 5. **accuracy** (``accuracy``, ``compare_accuracy.py``): RigL at 90 % and 98 % on LeNet-300-100 / MNIST
    through each library that implements it.
-6. **plots and tables** (``compare_plots.py``): ``benchmarks/results/compare.json``, ``compare.md``,
+6. **plots and tables** (``compare_plots.py``): ``benchmarks/compare/results/compare.json``, ``compare.md``,
    ``compare_*.png`` and the README section ``compare_readme_section.md``.
 
 Usage::
 
-    python benchmarks/compare.py                         # everything (~25 min on 2 idle CPU cores)
-    python benchmarks/compare.py --quick                 # smoke run (~2 min), written to /tmp
-    python benchmarks/compare.py --sections timing memory --models resnet18 --libraries dense pai_rigl rigl_torch
-    python benchmarks/compare.py --plots-only            # rebuild compare.md and the plots from compare.json
+    python benchmarks/compare/compare.py                         # everything (~25 min on 2 idle CPU cores)
+    python benchmarks/compare/compare.py --quick                 # smoke run (~2 min), written to /tmp
+    python benchmarks/compare/compare.py --sections timing memory --models resnet18 --libraries dense pai_rigl
+    python benchmarks/compare/compare.py --plots-only            # rebuild compare.md and the plots from compare.json
 
 Timings are only meaningful on an otherwise idle machine: the 1-minute load average is recorded before
 and after each section and a warning is printed when other processes were running.
@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # this group's modules, and benchmarks/mnist_common.py
 
 import torch  # noqa: E402
 from peers import PRUNERS, default_targets, installed, state_bytes  # noqa: E402
@@ -531,7 +531,9 @@ def main(argv: list[str] | None = None) -> int:
         help="before timing, wait up to SECONDS for the 1-min load average to fall below 0.5",
     )
     p.add_argument("--plots-only", action="store_true", help="rebuild compare.md and the plots from compare.json")
-    p.add_argument("--out", type=Path, default=None, help="JSON results file (default benchmarks/results/compare.json)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON results file (default benchmarks/compare/results/compare.json)"
+    )
     p.add_argument("--memory-worker", nargs=2, metavar=("MODEL", "LIBRARY"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -557,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [k for k in (args.libraries or PRUNERS) if k not in keys]
     if missing:
         print(f"not installed, skipped: {missing}")
-    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/compare.py", *sys.argv[1:]])
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/compare/compare.py", *sys.argv[1:]])
     results["env"] = environment(device)
     results["commands"] = {}
     log_lines: list[str] = []

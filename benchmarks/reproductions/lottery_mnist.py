@@ -24,12 +24,12 @@ the default here is fewer (see ``--iterations``) — reported in the table heade
 
 Usage::
 
-    python benchmarks/lottery_mnist.py                                   # full run
-    python benchmarks/lottery_mnist.py --rounds 3 --iterations 300 --seeds 1 --out /tmp/lt.md   # smoke
+    python benchmarks/reproductions/lottery_mnist.py                                   # full run
+    python benchmarks/reproductions/lottery_mnist.py --rounds 3 --iterations 300 --seeds 1 --out /tmp/lt.md   # smoke
     # the same run split over two processes (one CPU thread each), then merged:
-    python benchmarks/lottery_mnist.py --seed-list 0 --threads 1 --json /tmp/a.json &
-    python benchmarks/lottery_mnist.py --seed-list 1,2 --threads 1 --json /tmp/b.json; wait
-    python benchmarks/lottery_mnist.py --merge /tmp/a.json /tmp/b.json
+    python benchmarks/reproductions/lottery_mnist.py --seed-list 0 --threads 1 --json /tmp/a.json &
+    python benchmarks/reproductions/lottery_mnist.py --seed-list 1,2 --threads 1 --json /tmp/b.json; wait
+    python benchmarks/reproductions/lottery_mnist.py --merge /tmp/a.json /tmp/b.json
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from mnist_common import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/mnist_common.py
+
+import torch  # noqa: E402
+from mnist_common import (  # noqa: E402
     LENET_300_100,
     BatchStream,
     StackedMLP,
@@ -114,7 +116,7 @@ class Slots:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = base_parser(__doc__, "lottery_mnist.md")
+    parser = base_parser(__doc__, Path(__file__).resolve().parent / "results" / "lottery_mnist.md")
     parser.add_argument("--seed-list", default=None, help="comma-separated seeds (overrides --seeds)")
     parser.add_argument("--json", default=None, help="also write the raw results here (for --merge)")
     parser.add_argument("--merge", nargs="+", default=None, help="only merge these --json files into the table")
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
         "minutes": (time.perf_counter() - start) / 60,
-        "command": " ".join(["python benchmarks/lottery_mnist.py", *raw]),
+        "command": " ".join(["python benchmarks/reproductions/lottery_mnist.py", *raw]),
     }
     if args.json:
         rows = [[kind, seed, r, metrics] for (kind, seed, r), metrics in results.items()]

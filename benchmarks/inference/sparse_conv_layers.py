@@ -5,7 +5,7 @@ density, 1 and 16 images of the layer's ImageNet input size. Needs the compiled 
 
 Usage::
 
-    python benchmarks/sparse_conv_layers.py  # writes benchmarks/results/sparse_conv_layers.md
+    python benchmarks/inference/sparse_conv_layers.py  # writes benchmarks/inference/results/sparse_conv_layers.md
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def main() -> None:
     lines = [
         "# Direct sparse convolution, layer by layer",
         "",
-        f"`python benchmarks/sparse_conv_layers.py`: torch {torch.__version__}, {torch.get_num_threads()} threads. "
+        f"`python benchmarks/inference/sparse_conv_layers.py`: torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads. "
         "Ratio = best `nn.Conv2d` time / best `SparseConv2d` time (> 1: sparse faster), random masks.",
         "",
         f"| conv (in -> out, kernel, stride, input) | images | dense ms | {header} |",

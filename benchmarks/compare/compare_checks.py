@@ -17,7 +17,7 @@ The checks lightning_pai's own suite makes, run on every library through the sam
   in the stored parameter (reparametrised libraries keep a dense copy), and the kept count.
 - **(d) updates**: the steps at which the masks actually changed, for the methods that should change them.
 
-Run alone: ``python benchmarks/compare_checks.py`` (prints the table); the DDP workers are this file too
+Run alone: ``python benchmarks/compare/compare_checks.py`` (prints the table); the DDP workers are this file too
 (``ddp-peer KEY OUT`` / ``ddp-lightning KEY OUT``).
 """
 
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # this group's modules, and benchmarks/mnist_common.py
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -10,8 +10,8 @@ step 0.
 
 Usage::
 
-    python benchmarks/step_time.py          # defaults: 4 x (dense, sparse) fits of 5 + 25 steps, ~2 min on 2 idle cores
-    python benchmarks/step_time.py --repeats 2 --steps 50 --warmup 5 --batch-size 64 --threads 2
+    python benchmarks/training_cost/step_time.py  # defaults: 4 x (dense, sparse) fits of 5 + 25 steps, ~2 min, 2 cores
+    python benchmarks/training_cost/step_time.py --repeats 2 --steps 50 --warmup 5 --batch-size 64 --threads 2
 
 Step times are only meaningful on an otherwise idle machine: each fit's process-CPU / wall ratio is
 printed, and a warning is shown when it falls well below the thread count.

@@ -41,13 +41,13 @@ Per-method settings (callback defaults; T = total iterations, E = iterations per
 
 All (method, sparsity, seed) models train at once as one stacked batch (see ``mnist_common``), each
 with its own masks, data order and optimizer state. The table (final test error, mean +- std over
-seeds) goes to ``benchmarks/results/dst_mnist.md`` / ``dst_fashion.md``.
+seeds) goes to ``benchmarks/reproductions/results/dst_mnist.md`` / ``dst_fashion.md``.
 
 Usage::
 
-    python benchmarks/dst_mnist.py --epochs 50              # what the results file was made with (CPU time)
-    python benchmarks/dst_mnist.py --task fashion --epochs 100
-    python benchmarks/dst_mnist.py --epochs 1 --seeds 1 --out /tmp/smoke.md   # smoke run
+    python benchmarks/reproductions/dst_mnist.py --epochs 50  # what the results file was made with (CPU time)
+    python benchmarks/reproductions/dst_mnist.py --task fashion --epochs 100
+    python benchmarks/reproductions/dst_mnist.py --epochs 1 --seeds 1 --out /tmp/smoke.md   # smoke run
 """
 
 from __future__ import annotations
@@ -60,8 +60,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from mnist_common import LENET_300_100, BatchStream, StackedMLP, base_parser, load_mnist, mlp, weight_names
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/mnist_common.py
+
+import torch  # noqa: E402
+from mnist_common import LENET_300_100, BatchStream, StackedMLP, base_parser, load_mnist, mlp, weight_names  # noqa: E402
 
 from lightning_pai import GraNet, TopologyCallback, list_methods
 from lightning_pai.core import ScoringContext, TopologyUpdater, prune
@@ -293,7 +295,7 @@ def _header(title: str, args: argparse.Namespace, trainer: DSTTrainer, seconds: 
     return [
         f"# Dynamic sparse training: {title}",
         "",
-        "Command: `" + " ".join(["python benchmarks/dst_mnist.py", *args.argv]) + "`",
+        "Command: `" + " ".join(["python benchmarks/reproductions/dst_mnist.py", *args.argv]) + "`",
         "",
         f"Final test metric, mean ± std over seeds 0..{args.seeds - 1}; SGD lr {args.lr}, momentum 0.9, batch "
         f"{args.batch_size}, weight decay {args.weight_decay}, lr x0.1 at fractions "
@@ -310,7 +312,7 @@ def _header(title: str, args: argparse.Namespace, trainer: DSTTrainer, seconds: 
 def main(argv: list[str] | None = None) -> None:
     raw = sys.argv[1:] if argv is None else argv
     task = "fashion" if "fashion" in raw else "mnist"
-    parser = base_parser(__doc__, f"dst_{task}.md")
+    parser = base_parser(__doc__, Path(__file__).resolve().parent / "results" / f"dst_{task}.md")
     parser.add_argument("--task", choices=("mnist", "fashion"), default="mnist")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--lr", type=float, default=0.1 if task == "mnist" else 0.05)
