@@ -21,10 +21,15 @@ when it is available:
   then the mean of squared deviations, as PyTorch; ``y = (x - mean) / sqrt(var + eps) * w + b``).
 
 The library is built with ``cc -O3 -march=native -fopenmp -shared`` (``CC`` overrides the compiler) into
-``$LIGHTNING_PAI_CACHE`` (default ``~/.cache/lightning_pai``), in a file named after a hash of the source, the
-compiler, the flags and the CPU's feature flags, so a home directory shared by different machines gets one
-build per CPU kind. It links the OpenMP runtime PyTorch has already loaded (``libgomp.so.1``), so it shares
-PyTorch's thread pool instead of adding a second one. Set ``LIGHTNING_PAI_NO_CKERNELS=1`` to never compile;
+``$LIGHTNING_PAI_CACHE/kernels`` (default ``~/.cache/lightning_pai/kernels``), in a file named after a hash of
+the source, the compiler, the flags and the CPU's feature flags, so a home directory shared by different
+machines gets one build per CPU kind. Only a private cache is used — directories created 0700, a directory
+owned by another user or writable by its group or others refused — and a cached library is loaded only if
+it is a regular file of this user whose sha256 is the one recorded when it was built (a truncated,
+corrupted or replaced file is rebuilt). Without a home directory, or with a cache that is not private, the
+library is built for the running process in a fresh private temporary directory (never in a shared one).
+It links the OpenMP runtime PyTorch has already loaded (``libgomp.so.1``), so it shares PyTorch's thread pool
+instead of adding a second one. Set ``LIGHTNING_PAI_NO_CKERNELS=1`` to never compile;
 without a working compiler :func:`available` is ``False`` and the sparse layers use ``torch.sparse``.
 """
 
@@ -35,9 +40,11 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -320,6 +327,7 @@ def _cpu_signature() -> str:
 
 
 def _compile(cc: str, flags: tuple[str, ...], out: Path) -> bool:
+    """Build the library into ``out`` (atomically) and record its digest beside it (:func:`_manifest`)."""
     with tempfile.TemporaryDirectory() as tmp:
         src, lib = Path(tmp, "lp_kernels.c"), Path(tmp, "lp_kernels.so")
         src.write_text(_SOURCE)
@@ -329,18 +337,81 @@ def _compile(cc: str, flags: tuple[str, ...], out: Path) -> bool:
             return False
         if done.returncode != 0:
             return False
-        out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_suffix(f".{os.getpid()}.tmp")
         shutil.copyfile(lib, partial)
+        os.chmod(partial, 0o600)
+        digest = _file_digest(partial)
         os.replace(partial, out)  # atomic: concurrent processes (DDP ranks) never load a half-written file
+        note = _manifest(out).with_suffix(f".{os.getpid()}.tmp")
+        note.write_text(digest)
+        os.chmod(note, 0o600)
+        os.replace(note, _manifest(out))
     return True
 
 
-def _default_cache() -> Path:
+def _manifest(path: Path) -> Path:
+    """Where the sha256 of a built library is recorded (beside it, in the same private directory)."""
+    return path.with_suffix(".sha256")
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _private_dir(path: Path) -> bool:
+    """Create ``path`` (mode 0700) if missing; whether it is a real directory of this user that nobody else can write.
+
+    A symbolic link, a directory owned by another user, or one that its group or others may write (where
+    someone else could plant a library) is refused.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(path)
+    except OSError:
+        return False
+    owner_ok = not hasattr(os, "getuid") or info.st_uid == os.getuid()
+    return stat.S_ISDIR(info.st_mode) and owner_ok and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _trusted(path: Path) -> bool:
+    """Whether ``path`` is a library this user built and nobody changed since.
+
+    A regular file of this user, writable by nobody else, whose sha256 is the one recorded when it was built
+    (a truncated, corrupted or replaced file is not).
+    """
+    try:
+        for f in (path, _manifest(path)):
+            info = os.lstat(f)
+            if not stat.S_ISREG(info.st_mode) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                return False
+            if hasattr(os, "getuid") and info.st_uid != os.getuid():
+                return False
+        return _manifest(path).read_text().strip() == _file_digest(path)
+    except OSError:
+        return False
+
+
+def _default_cache() -> Path | None:
+    """``~/.cache/lightning_pai``, or None without a home directory (never a shared temp directory)."""
     try:
         return Path.home() / ".cache" / "lightning_pai"
-    except (RuntimeError, KeyError):  # no home directory
-        return Path(tempfile.gettempdir()) / "lightning_pai"
+    except (RuntimeError, KeyError):
+        return None
+
+
+def _cache_dir() -> tuple[Path | None, str]:
+    """The private directory the library is kept in between processes, or None (then: a per-process build)."""
+    configured = os.environ.get("LIGHTNING_PAI_CACHE")
+    cache = Path(configured) if configured else _default_cache()
+    if cache is None:
+        return None, "there is no home directory to cache it in"
+    kernels = cache / "kernels"
+    if _private_dir(cache) and _private_dir(kernels):
+        return kernels, ""
+    return None, (
+        f"the cache directory {kernels} is not private (it must be a directory of this user that its group and "
+        "others cannot write; set LIGHTNING_PAI_CACHE to such a directory)"
+    )
 
 
 def _load() -> ctypes.CDLL | None:
@@ -353,14 +424,28 @@ def _load() -> ctypes.CDLL | None:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    cache = Path(os.environ.get("LIGHTNING_PAI_CACHE") or _default_cache())
+    cache, why = _cache_dir()
+    scratch = None
+    if cache is None:  # build in a fresh directory only this process knows; it is removed once loaded
+        if why.startswith("the cache"):
+            warnings.warn(f"lightning_pai: {why}; building the sparse kernels for this process only.", stacklevel=3)
+        scratch = tempfile.mkdtemp(prefix="lightning_pai_kernels_")
+        cache = Path(scratch)
+    try:
+        return _build_and_open(cc, version, cache)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)  # the loaded library stays mapped
+
+
+def _build_and_open(cc: str, version: str, cache: Path) -> ctypes.CDLL | None:
     portable = tuple(f for f in _BASE_FLAGS if f != "-march=native")
     # without OpenMP: one thread; without -march=native: compilers that do not know it
     for flags in (_BASE_FLAGS + ("-fopenmp",), _BASE_FLAGS, portable):
         digest = hashlib.sha256("\0".join((_SOURCE, cc, version, *flags, _cpu_signature())).encode()).hexdigest()
-        path = cache / "kernels" / f"lp_kernels_{digest[:16]}.so"
+        path = cache / f"lp_kernels_{digest[:16]}.so"
         try:
-            if not path.exists() and not _compile(cc, flags, path):
+            if not _trusted(path) and not (_compile(cc, flags, path) and _trusted(path)):
                 continue
             lib = ctypes.CDLL(str(path))
         except OSError:
