@@ -171,7 +171,7 @@ class SparseCallback(CallbackBase):
         here: every worker of a later fit must see it, and rank zero overwrites it at the end of each such
         fit. It lives in the system temp directory.
         """
-        if self.session.current_masks() is None and os.path.exists(self._handoff):
+        if not self.session.has_masks and os.path.exists(self._handoff):
             self.session.load_state_dict(torch.load(self._handoff, weights_only=True))
 
     # --------------------------------------------------------------- reporting

@@ -243,6 +243,11 @@ class Session:
             return masks
         return self.host.broadcast({n: m.cpu() for n, m in masks.items()}, src=0)
 
+    @property
+    def has_masks(self) -> bool:
+        """Whether the session holds masks, started or only restored (no copy is made to tell)."""
+        return self.masks is not None or self._restored is not None
+
     def current_masks(self) -> dict[str, Tensor] | None:
         """The masks by name (CPU bool tensors) whether started or only restored; None before either."""
         if self.masks is not None:
