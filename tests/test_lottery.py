@@ -520,3 +520,34 @@ def test_crash_mid_round_and_resume(tmp_path, rewind_to, epochs, limits, crash_e
     assert [r["density"] for r in resumed.results] == [r["density"] for r in full.results]
     assert len(resumed.mask_history) == ROUNDS
     assert all(torch.equal(a[n], b[n]) for a, b in zip(resumed.mask_history, full.mask_history) for n in a)
+
+
+def test_a_misspelt_monitor_fails_at_the_sanity_check_before_training():
+    module = _Validated.add_validation(make_module(seed=0))
+    cb = LotteryTicket(2, 0.2, 1, monitor="val_accuracy", verbose=False)
+    trainer = make_trainer(max_steps=-1, max_epochs=2, callbacks=[cb])  # num_sanity_val_steps=2 (the default)
+    with pytest.raises(KeyError, match=r"no such logged metric; logged: \[.*'val_acc'\]"):
+        trainer.fit(module, make_dataloader(), make_dataloader(seed=7))
+    assert trainer.global_step == 0
+
+
+def test_a_monitor_without_a_validation_loop_fails_before_training():
+    cb = LotteryTicket(2, 0.2, 1, monitor="val_acc", verbose=False)
+    trainer = make_trainer(max_steps=-1, max_epochs=2, callbacks=[cb])
+    with pytest.raises(ValueError, match=r"has no validation loop .* leave `monitor` unset"):
+        trainer.fit(make_module(seed=0), make_dataloader())
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("method", ["LotteryTicket", "RigL", "PruneAtInit", "GradualMagnitudePruning"])
+def test_nm_groups_that_do_not_fit_a_layer_fail_before_training(method):
+    """``fc1`` has 56 inputs: 3:5 groups do not fit; every method refuses at setup (the lottery ticket used to
+    fail at its first prune, after a whole round of training)."""
+    import lightning_pai
+
+    cls = getattr(lightning_pai, method)
+    cb = cls.example(1 - 3 / 5, nm="3:5")
+    trainer = make_trainer(max_steps=-1, max_epochs=2, callbacks=[cb])
+    with pytest.raises(ValueError, match=r"multiples of M: conv.weight \(2 input channels\)"):
+        trainer.fit(make_module(seed=0), make_dataloader())
+    assert trainer.global_step == 0

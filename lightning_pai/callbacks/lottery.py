@@ -171,6 +171,12 @@ class LotteryTicket(SparseCallback):
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
+        if self.monitor is not None and not trainer.enable_validation:
+            raise ValueError(
+                f"`{type(self).__name__}(monitor={self.monitor!r})` records a validation metric per round, but this "
+                "fit has no validation loop (no val dataloader, no `validation_step`, or `limit_val_batches=0`): "
+                "add one, or leave `monitor` unset."
+            )
         steps_per_epoch = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
         self.session.check_steps(steps_per_epoch, trainer.max_steps, "Trainer(max_steps={}, max_epochs=-1)")
 
@@ -211,18 +217,19 @@ class LotteryTicket(SparseCallback):
 
     @override
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking:
-            return
-        self._validated_at = trainer.global_step
         if self.monitor is None:
+            if not trainer.sanity_checking:
+                self._validated_at = trainer.global_step
             return
         value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
+        if value is None:  # (the sanity check's validation tells before the first training step)
             raise KeyError(
                 f"`{type(self).__name__}(monitor={self.monitor!r})`: no such logged metric; logged: "
                 f"{sorted(trainer.callback_metrics)}."
             )
-        self.session.record(float(value))
+        if not trainer.sanity_checking:
+            self._validated_at = trainer.global_step
+            self.session.record(float(value))
 
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:

@@ -396,6 +396,11 @@ class LotterySession(Session):
         return self.rewind.kind == "step"
 
     # ------------------------------------------------------------------ protocol
+    @property
+    def nm_spec(self) -> NMSpec:
+        """The N:M layers, pruned on per-group budgets."""
+        return self.nm
+
     def check(self, module: nn.Module) -> None:
         """Also resolve ``layer_fractions`` against the targets (a pattern matching nothing is an error)."""
         super().check(module)

@@ -38,10 +38,11 @@ from torch import Tensor, nn
 
 from lightning_pai.core.dst import Plan, TopologyUpdater
 from lightning_pai.core.masks import MaskSet
+from lightning_pai.core.nm import NMSpec, resolve_nm
 from lightning_pai.core.report import SparsityReport, coverage, sparsity_report
 from lightning_pai.core.schedules import Cubic, resolve_window
 from lightning_pai.core.sharding import full_dict
-from lightning_pai.core.targets import Selectors, select_targets
+from lightning_pai.core.targets import Selectors, select_targets, target_layouts
 
 
 class Host:
@@ -167,9 +168,16 @@ class Session:
         return False
 
     # ------------------------------------------------------------------ protocol
+    @property
+    def nm_spec(self) -> NMSpec:
+        """The method's N:M layers (``"2:4"``, ``{glob: "N:M"}`` or None)."""
+        return None
+
     def check(self, module: nn.Module) -> None:
-        """Raise before training when the target patterns match nothing in ``module``."""
-        select_targets(module, self.include, self.exclude)
+        """Raise before training when the target patterns match nothing, or N:M groups cannot fit a layer."""
+        targets = select_targets(module, self.include, self.exclude)
+        if self.nm_spec is not None:
+            resolve_nm(self.nm_spec, {n: p.shape for n, p in targets.items()}, target_layouts(module, list(targets)))
 
     def start(self, module: nn.Module, host: Host | None = None) -> None:
         """Set the masks on ``module`` and start enforcing them around ``host``'s optimizers."""
@@ -312,6 +320,11 @@ class PruneSession(Session):
         super().__init__(name, **kwargs)
         self.pruner = pruner
 
+    @property
+    def nm_spec(self) -> NMSpec:
+        """The pruner's N:M layers."""
+        return self.pruner.nm
+
     def initial_masks(self, masks: MaskSet) -> dict[str, Tensor]:
         """Score the targets with the pruner's method and keep the top ones."""
         return self.pruner.masks(self.module, masks, self.host, self.name)
@@ -379,6 +392,11 @@ class TopologySession(Session):
         if self.initial is None:
             return super().initial_masks(masks)
         return self.initial.masks(self.module, masks, self.host, self.name)
+
+    @property
+    def nm_spec(self) -> NMSpec:
+        """The plan's N:M layers (``options["nm"]``)."""
+        return self.plan.options.get("nm")
 
     @property
     def dense_gradients(self) -> bool:
