@@ -556,3 +556,26 @@ def test_deepr_keeps_every_layers_count_and_rewires_sign_flips():
         w = params[n].detach()
         assert torch.equal(w[~m], torch.zeros(int((~m).sum())))  # dormant: exactly zero
         assert bool((w[m] * signs[n][m] >= 0).all())  # active: on its connection's side of zero (theta >= 0)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: SET(zeta=float("nan")), r"`zeta` \(a fraction of the weights\) must be a number in \(0, 1\); got nan"),
+        (lambda: SNFS(prune_rate=float("nan")), r"`prune_rate` .* must be a number in \(0, 1\); got nan"),
+        (lambda: SNFS(min_rate=0.9), r"`min_rate` .* must be a number in \[0, 0.5\]; got 0.9"),
+        (lambda: GraNet(death_rate=2.0), r"`death_rate` .* got 2.0"),
+        (lambda: DSR(prune_fraction=0), r"`prune_fraction` .* got 0"),
+        (lambda: RigL(init="bogus"), r"Unknown `init` 'bogus'\. Valid scorers: .*magnitude"),
+        (lambda: GradualMagnitudePruning(end=float("nan")), r"`end` is an optimizer step .* got nan"),
+    ],
+)
+def test_each_preset_names_its_own_argument(make, message):
+    """The presets' arguments are checked under their own names (not as the `alpha`/`method` they become)."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_selector_that_is_neither_a_pattern_nor_a_list_is_named():
+    with pytest.raises(TypeError, match=r"`include` takes a glob pattern .* or a list of them; got 42"):
+        RigL(include=42)

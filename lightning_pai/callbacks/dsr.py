@@ -7,7 +7,7 @@ import math
 from typing_extensions import Unpack
 
 from lightning_pai.callbacks.base import MethodOptions
-from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs
+from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs, check_rates
 from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.core.validation import check_number
 
@@ -48,6 +48,7 @@ class DSR(DynamicSparseTraining):
         delta_t: int = 100,
         **common: Unpack[MethodOptions],
     ) -> None:
+        check_rates(prune_fraction, "prune_fraction")
         self.threshold = check_number(threshold, "threshold", 0, math.inf, low_open=True, what="the initial H")
         self.tolerance = check_number(tolerance, "tolerance", 0, 1, high_open=True, what="the band around K")
         options = {"threshold": self.threshold, "tolerance": self.tolerance}

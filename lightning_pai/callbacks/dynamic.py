@@ -153,3 +153,14 @@ _BASE_PARAMS = frozenset(inspect.signature(DynamicSparseTraining.__init__).param
 def base_kwargs(local: Mapping[str, Any], **fixed: Any) -> dict[str, Any]:
     """:class:`DynamicSparseTraining` keyword arguments: a preset's same-named ``locals()`` plus ``fixed``."""
     return {**{k: v for k, v in local.items() if k in _BASE_PARAMS}, **fixed}
+
+
+def check_rates(initial: object, initial_name: str, final: object = 0.0, final_name: str | None = None) -> None:
+    """Check a preset's own drop-rate arguments under their own names (before they become ``alpha``, ...).
+
+    Raises:
+        ValueError: Unless ``initial`` is in ``(0, 1)`` and ``final`` (if named) in ``[0, initial]``.
+    """
+    first = check_number(initial, initial_name, 0, 1, low_open=True, high_open=True, what="a fraction of the weights")
+    if final_name is not None:
+        check_number(final, final_name, 0, first, what=f"the final value of `{initial_name}`'s decay")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing_extensions import Unpack
 
 from lightning_pai.callbacks.base import MethodOptions
-from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs
+from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs, check_rates
 from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.core.distributions import check_iterative
 from lightning_pai.core.dst import Plan, Pruning
@@ -63,6 +63,7 @@ class GraNet(DynamicSparseTraining):
         delta_t: int = 1000,
         **common: Unpack[MethodOptions],
     ) -> None:
+        check_rates(death_rate, "death_rate", min_rate, "min_rate")
         self.initial_sparsity = check_gradual(sparsity, initial_sparsity, start, end)
         check_iterative(prune_distribution, "prune_distribution")
         self.start, self.end, self.prune_distribution = start, end, prune_distribution

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing_extensions import Unpack
 
 from lightning_pai.callbacks.base import MethodOptions
-from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs
+from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs, check_rates
 from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.core.nm import NMSpec
 
@@ -44,5 +44,6 @@ class SET(DynamicSparseTraining):
         nm: NMSpec = None,
         **common: Unpack[MethodOptions],
     ) -> None:
+        check_rates(zeta, "zeta")
         fixed = {"alpha": zeta, "growth": "random", "drop": "set", "decay": "constant", "t_end": 1.0}
         super().__init__(sparsity, **base_kwargs(locals(), **fixed), **common)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing_extensions import Unpack
 
 from lightning_pai.callbacks.base import MethodOptions
-from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs
+from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs, check_rates
 from lightning_pai.callbacks.registry import MethodCard
 
 
@@ -56,6 +56,7 @@ class SNFS(DynamicSparseTraining):
         beta: float = 0.9,
         **common: Unpack[MethodOptions],
     ) -> None:
+        check_rates(prune_rate, "prune_rate", min_rate, "min_rate")
         super().__init__(
             sparsity,
             **base_kwargs(

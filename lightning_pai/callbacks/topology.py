@@ -55,7 +55,7 @@ class TopologyCallback(SparseCallback):
         self.nm = nm
         self.sparsity = check_sparsity(nm_sparsity(sparsity, nm))
         get_distribution(distribution)
-        get_scorer(init)
+        get_scorer(init, "init")
         self.beta = check_number(beta, "beta", 0.0, 1.0, high_open=True, what="the momentum decay")
         self.distribution, self.init, self.seed = distribution, init, int(seed)
 

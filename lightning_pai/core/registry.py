@@ -54,8 +54,10 @@ class Registry(Generic[F]):
 
         return _add if fn is None else _add(fn)
 
-    def get(self, name: str | F) -> F:
+    def get(self, name: str | F, argument: str | None = None) -> F:
         """Return the entry called ``name``; a callable is returned unchanged.
+
+        ``argument`` names the user's argument in the error (default: the registry's, e.g. ``method``).
 
         Raises:
             ValueError: If ``name`` is not registered; the message lists the valid names.
@@ -65,7 +67,7 @@ class Registry(Generic[F]):
             return name
         if not isinstance(name, str) or name.lower() not in self._entries:
             raise ValueError(
-                f"Unknown `{self.argument}` {name!r}. Valid {self.kind}s: {', '.join(self.list())}. "
+                f"Unknown `{argument or self.argument}` {name!r}. Valid {self.kind}s: {', '.join(self.list())}. "
                 f"Register a new one with `{self.register_hint}(name, fn)`."
             )
         return self._entries[name.lower()]

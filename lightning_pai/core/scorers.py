@@ -221,14 +221,14 @@ def scorer_info(name: str | Scorer) -> Mapping[str, Any]:
     return _SCORERS.info(name)
 
 
-def get_scorer(name: str | Scorer) -> Scorer:
+def get_scorer(name: str | Scorer, argument: str = "method") -> Scorer:
     """Return the scorer registered as ``name`` (a callable passes through).
 
     Raises:
-        ValueError: If the name is unknown; the message lists the valid names.
+        ValueError: If the name is unknown; the message (naming ``argument``) lists the valid names.
 
     """
-    return _SCORERS.get(name)
+    return _SCORERS.get(name, argument)
 
 
 def list_scorers() -> list[str]:

@@ -213,6 +213,11 @@ def _as_list(selectors: Selectors, argument: str) -> list[Selector]:
         return []
     if isinstance(selectors, (str, type)):
         selectors = [selectors]
+    if not isinstance(selectors, (list, tuple, set, frozenset)):
+        raise TypeError(
+            f"`{argument}` takes a glob pattern of parameter names (str), an `nn.Module` subclass, or a list of "
+            f"them; got {selectors!r}."
+        )
     out = list(selectors)
     for s in out:
         if not (isinstance(s, str) or (isinstance(s, type) and issubclass(s, nn.Module))):

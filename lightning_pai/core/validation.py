@@ -120,7 +120,7 @@ def check_point(value: object, argument: str) -> None:
     Raises:
         ValueError: Otherwise, naming ``argument``.
     """
-    if not is_number(value) or value < 0:
+    if not is_number(value) or value != value or value < 0:  # (NaN != NaN)
         raise ValueError(
             f"`{argument}` is an optimizer step (int >= 0) or a fraction of training (float); got {value!r}."
         )
