@@ -1,11 +1,11 @@
 """Sparse checkpoints that deploy: a compressed state-dict format, and masks made permanent.
 
-**File format** (``format = "lightning_pai.sparse_state_dict"``, ``version = 1``), one :func:`torch.save`
+**File format** (``format = "lightning_pai.sparse_state_dict"``, ``version = 2``), one :func:`torch.save`
 of a dict of plain containers, tensors and strings (so :func:`torch.load` reads it with
 ``weights_only=True``)::
 
     {
-        "header": {"format": "lightning_pai.sparse_state_dict", "version": 1},
+        "header": {"format": "lightning_pai.sparse_state_dict", "version": 2},
         "tensors": {                        # every state-dict entry, in the state dict's order
             "<name>": <Tensor>,             # dense entries (biases, norms, buffers, unmasked weights), as is
             "<name>": {                     # each compressed (masked) weight
@@ -16,7 +16,12 @@ of a dict of plain containers, tensors and strings (so :func:`torch.load` reads 
             },
         },
         "metadata": {...} or None,          # the state dict's ``_metadata`` (module versions), if it had one
+        "checksums": {"<name>": "<sha256>"},  # per tensor entry: of its bytes (compressed: values, then mask)
     }
+
+Every record's sha256 is checked when the file is read (:func:`dense_state_dict`): a flipped value, mask or
+tensor byte is an error naming the entry, never a silently different model. Version-1 files (no checksums)
+are still read.
 
 A masked weight of ``n`` entries and density ``d`` (fraction kept, ``1 - sparsity``) costs
 ``d * n * itemsize + ceil(n / 8)`` bytes instead of ``n * itemsize``: about ``4 d + 0.125`` bytes per
@@ -26,6 +31,7 @@ float32 weight (0.525 at 90 % sparsity, 13 % of the dense 4 bytes).
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -39,8 +45,8 @@ from lightning_pai.core.targets import select_targets
 
 #: Name written in (and required from) every sparse file's header.
 FORMAT_NAME = "lightning_pai.sparse_state_dict"
-#: Newest format version this code writes and reads.
-FORMAT_VERSION = 1
+#: Newest format version this code writes and reads (2: per-record sha256 checksums).
+FORMAT_VERSION = 2
 
 MaskLike = Mapping[str, Tensor] | Any  # a dict of bool tensors, or anything with ``.items()`` (a MaskSet)
 
@@ -170,7 +176,24 @@ def sparse_state_dict(
         "header": {"format": FORMAT_NAME, "version": FORMAT_VERSION},
         "tensors": tensors,
         "metadata": copy.deepcopy(dict(metadata)) if metadata is not None else None,
+        "checksums": {name: digest for name, entry in tensors.items() if (digest := _record_digest(entry))},
     }
+
+
+def _record_digest(entry: Any) -> str | None:
+    """sha256 of a record's bytes: a tensor's, or a compressed entry's values then mask; None for other objects."""
+    if isinstance(entry, Mapping):
+        parts = [entry.get("values"), entry.get("mask")]
+    elif isinstance(entry, Tensor):
+        parts = [entry]
+    else:
+        return None
+    h = hashlib.sha256()
+    for t in parts:
+        if not isinstance(t, Tensor):
+            return None
+        h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def _check_header(payload: Any, source: str) -> None:
@@ -208,11 +231,18 @@ def dense_state_dict(payload: Mapping[str, Any]) -> dict[str, Tensor]:
         ``model.load_state_dict(dense_state_dict(payload))`` restores the model.
 
     Raises:
-        ValueError: If the header is missing, names another format or a newer version, or an entry is damaged.
+        ValueError: If the header is missing, names another format or a newer version, or an entry is damaged
+            (its bytes differ from the checksum written with it, or its fields do not fit together).
     """
     _check_header(payload, "The payload")
+    checksums = payload.get("checksums") or {}
     out: OrderedDict[str, Tensor] = OrderedDict()
     for name, entry in payload["tensors"].items():
+        if name in checksums and _record_digest(entry) != checksums[name]:
+            raise ValueError(
+                f"Entry {name!r} does not match the checksum written with it: its bytes changed after saving "
+                "(a damaged or altered file). Nothing was loaded."
+            )
         if not isinstance(entry, Mapping):
             out[name] = entry
             continue

@@ -281,6 +281,7 @@ def main(outdir: str, strategy: str = "ddp", method: str = "rank_random") -> Non
                 "report_kept": cb.report().kept,
                 "ckpt_masks": ckpt["callbacks"][cb.state_key]["masks"],
                 "weights": weights,
+                "handoff": cb._handoff,
             },
             Path(outdir) / "main.pt",
         )

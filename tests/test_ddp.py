@@ -84,6 +84,7 @@ def test_ddp_fork_launching_process_keeps_masks(tmp_path):
     assert masks_equal(main["masks"], {n: ~z for n, z in zero.items()})
     assert main["ckpt_masks"] is not None and masks_equal(main["ckpt_masks"], main["masks"])
     assert main["report_kept"] == round(0.2 * TARGET_TOTAL)
+    assert not Path(main["handoff"]).exists()  # the hand-off file left with the launching process
     # The script ran a second ddp_fork fit with the same callback before reading any of this, with a scorer
     # that raises if called: its workers found the first fit's masks (above: they match its zero pattern).
 

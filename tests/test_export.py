@@ -268,3 +268,43 @@ def test_make_permanent_removes_torch_prune():
         make_permanent(plain, mask)
     with pytest.raises(ValueError, match="shape"):
         make_permanent(plain, {"0.weight": torch.ones(3, dtype=torch.bool)})
+
+
+def _saved_lenet(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    masks = {n: torch.rand(p.shape) < 0.1 for n, p in model.named_parameters() if p.dim() == 2}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in masks:
+                p.mul_(masks[n])
+    path = tmp_path / "model.sparse.pt"
+    save_sparse(model, path, masks)
+    return model, path
+
+
+@pytest.mark.parametrize("record", ["values", "mask", "bias"])
+def test_a_flipped_byte_in_any_record_is_refused(tmp_path, record):
+    """Every record carries a sha256: changed value, mask or plain-tensor bytes fail to load, naming the entry."""
+    model, path = _saved_lenet(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    if record == "bias":
+        payload["tensors"]["0.bias"].view(torch.uint8)[5] ^= 0x10
+        name = "0.bias"
+    else:
+        payload["tensors"]["2.weight"][record].view(torch.uint8)[3] ^= 0x01
+        name = "2.weight"
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=rf"Entry '{name}' does not match the checksum written with it"):
+        load_sparse(path)
+
+
+def test_checksums_are_written_and_version_1_files_are_still_read(tmp_path):
+    model, path = _saved_lenet(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    assert payload["header"]["version"] == 2
+    assert set(payload["checksums"]) == set(model.state_dict())  # one per record
+    old = {"header": {**payload["header"], "version": 1}, "tensors": payload["tensors"], "metadata": None}
+    torch.save(old, path)
+    restored = load_sparse(path)
+    assert all(torch.equal(restored[k], v) for k, v in model.state_dict().items())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import uuid
+import weakref
 from typing import Any, ClassVar, TypedDict
 
 import torch
@@ -72,8 +74,10 @@ class SparseCallback(CallbackBase):
         self.verbose = verbose
         self._session: Session | None = None
         # ddp_spawn/ddp_fork train in child processes: rank zero hands its state back to the launching
-        # process through this file (the callback object is copied to the children with this path in it).
+        # process through this file (the callback object is copied to the children with this path in it). It is
+        # removed when this object (in the process that created it, not in its copies) is collected or at exit.
         self._handoff = os.path.join(tempfile.gettempdir(), f"lightning_pai_{uuid.uuid4().hex}.pt")
+        weakref.finalize(self, _remove_file, self._handoff)
 
     # ------------------------------------------------------------- the method
     def build_session(self) -> Session:
@@ -207,3 +211,9 @@ class SparseCallback(CallbackBase):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.session.load_state_dict(state_dict)
+
+
+def _remove_file(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
