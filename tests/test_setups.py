@@ -229,3 +229,35 @@ def test_make_permanent_hands_back_a_plain_model(name):
     for n, m in cb.masks.items():
         assert torch.equal(plain.get_parameter(n)[~m].detach(), torch.zeros(int((~m).sum())))
     assert all(not mod._forward_pre_hooks for mod in plain.modules())
+
+
+@pytest.mark.parametrize("resume", [None, "checkpoint", "recompute"])
+def test_resuming_with_changed_arguments_is_refused_or_done_as_asked(tmp_path, resume):
+    """A RigL(0.8) checkpoint resumed with RigL(0.9): Lightning alone would drop the saved masks silently."""
+    pl = import_ns("lightning.pytorch")
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_top_k=-1)
+    first = lightning_pai.RigL(0.8, delta_t=2, t_end=1.0, verbose=False)
+    make_trainer(callbacks=[first, ckpt], max_epochs=1, max_steps=-1, enable_checkpointing=True).fit(
+        make_module(seed=0), make_dataloader()
+    )
+    saved = first.masks.state_dict()
+    cb = lightning_pai.RigL(0.9, delta_t=2, t_end=1.0, verbose=False, resume=resume)
+    seen = {}
+
+    class Probe(CallbackBase):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault("masks", cb.masks.state_dict())
+
+    trainer = make_trainer(callbacks=[cb, Probe()], max_epochs=2, max_steps=-1)
+    path = tmp_path / "epoch=0-step=8.ckpt"
+    if resume is None:
+        with pytest.raises(ValueError, match=r"state saved with other arguments .* resume='checkpoint'"):
+            trainer.fit(make_module(seed=0), make_dataloader(), ckpt_path=path)
+        assert not seen  # refused before any training step
+        return
+    trainer.fit(make_module(seed=0), make_dataloader(), ckpt_path=path)
+    kept = sum(int(m.sum()) for m in seen["masks"].values())
+    if resume == "checkpoint":  # the checkpoint's masks, as saved
+        assert all(torch.equal(seen["masks"][n], m) for n, m in saved.items())
+    else:  # new masks at the new sparsity
+        assert kept == round(0.1 * TARGET_TOTAL)

@@ -19,6 +19,9 @@ from lightning_pai.core.masks import MaskSet
 from lightning_pai.core.report import SparsityReport
 from lightning_pai.core.session import Session
 from lightning_pai.core.targets import Selectors, validate_selectors
+from lightning_pai.core.validation import check_choice
+
+RESUME = ("checkpoint", "recompute")
 
 
 class TargetOptions(TypedDict, total=False):
@@ -29,11 +32,15 @@ class TargetOptions(TypedDict, total=False):
             linear-like weight).
         exclude: Parameters left dense (name globs, module types, presets such as ``"stem"``, ``"head"``).
         verbose: Print the sparsity table (rank zero) when the masks are set.
+        resume: What a resumed fit does with this method's state saved under other arguments (e.g. a
+            ``RigL(0.8)`` checkpoint resumed with ``RigL(0.9)``): None (default) refuses before training,
+            ``"checkpoint"`` continues from the saved masks and progress, ``"recompute"`` starts from new masks.
     """
 
     include: Selectors
     exclude: Selectors
     verbose: bool
+    resume: str | None
 
 
 class MethodOptions(TargetOptions, total=False):
@@ -57,6 +64,8 @@ class SparseCallback(CallbackBase):
         include: Prunable-parameter selection, see :func:`~lightning_pai.core.targets.select_targets`.
         exclude: Parameters removed from the selection.
         verbose: Print the sparsity table (rank zero) when masks are set.
+        resume: With a checkpoint holding this method's state under other arguments: None refuses,
+            ``"checkpoint"`` uses that state, ``"recompute"`` ignores it (see :class:`TargetOptions`).
     """
 
     #: Set in a method class's body to register it (see :class:`MethodCard`).
@@ -67,11 +76,15 @@ class SparseCallback(CallbackBase):
         if cls.__dict__.get("card") is not None:
             register_method(cls)
 
-    def __init__(self, *, include: Selectors = None, exclude: Selectors = None, verbose: bool = True) -> None:
+    def __init__(
+        self, *, include: Selectors = None, exclude: Selectors = None, verbose: bool = True, resume: str | None = None
+    ) -> None:
         validate_selectors(include, exclude)
+        check_choice(resume, RESUME, "resume", optional=True)
         self.include = include
         self.exclude = exclude
         self.verbose = verbose
+        self.resume = resume
         self._session: Session | None = None
         # ddp_spawn/ddp_fork train in child processes: rank zero hands its state back to the launching
         # process through this file (the callback object is copied to the children with this path in it). It is
@@ -124,6 +137,26 @@ class SparseCallback(CallbackBase):
         if stage == "fit":
             check_strategy(trainer.strategy, type(self).__name__)
             self.session.check(pl_module)  # bad patterns fail before training
+
+    @override
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """A resumed fit: find this method's state saved under other arguments (another ``state_key``)."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        prefix = type(self).__qualname__ + "{"
+        other = [k for k, v in states.items() if k.startswith(prefix) and isinstance(v, dict) and "masks" in v]
+        if not other or self.resume == "recompute":
+            return
+        if self.resume == "checkpoint":
+            self.session.load_state_dict(states[other[0]])
+            return
+        raise ValueError(
+            f"The checkpoint holds `{type(self).__name__}` state saved with other arguments ({other[0]}); this "
+            f"callback is {self.state_key}. Lightning would drop the saved masks and training would restart from "
+            f"new ones. Pass `{type(self).__name__}(..., resume='checkpoint')` to continue from the checkpoint's "
+            "masks and progress, or `resume='recompute'` to start from new masks."
+        )
 
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -216,4 +249,3 @@ class SparseCallback(CallbackBase):
 def _remove_file(path: str) -> None:
     with contextlib.suppress(OSError):
         os.remove(path)
-

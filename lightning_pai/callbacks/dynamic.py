@@ -75,6 +75,8 @@ class DynamicSparseTraining(TopologyCallback):
             each group of ``M`` and regrows the same group back to ``N`` (the N:M case of SRigL, Lasby et al.
             2023); needs ``redistribution="none"``.
         options: Options the rules read (``UpdateContext.options``), for registered rules of your own.
+        resume: Checkpoint state saved under other arguments: None refuses, ``"checkpoint"`` uses it, ``"recompute"``
+            ignores it (see :class:`~lightning_pai.TargetOptions`).
 
     Example::
 
@@ -104,6 +106,7 @@ class DynamicSparseTraining(TopologyCallback):
         verbose: bool = True,
         nm: NMSpec = None,
         options: Mapping[str, Any] | None = None,
+        resume: str | None = None,
     ) -> None:
         super().__init__(
             sparsity,
@@ -115,6 +118,7 @@ class DynamicSparseTraining(TopologyCallback):
             exclude=exclude,
             verbose=verbose,
             nm=nm,
+            resume=resume,
         )
         check_choice(decay, DECAYS, "decay")
         check_choice(update_on, UPDATE_ON, "update_on")

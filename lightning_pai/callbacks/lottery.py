@@ -64,6 +64,8 @@ class LotteryTicket(SparseCallback):
         mode: ``"max"`` or ``"min"``: which value of ``monitor`` is the best.
         seed: Seed of the controls' random draws.
         verbose: Print the sparsity table after every prune and the results table at the end.
+        resume: Checkpoint state saved under other arguments: None refuses, ``"checkpoint"`` uses it, ``"recompute"``
+            ignores it (see :class:`~lightning_pai.TargetOptions`).
 
     Example::
 
@@ -92,8 +94,9 @@ class LotteryTicket(SparseCallback):
         seed: int = 0,
         verbose: bool = True,
         nm: NMSpec = None,
+        resume: str | None = None,
     ) -> None:
-        super().__init__(include=include, exclude=exclude, verbose=verbose)
+        super().__init__(include=include, exclude=exclude, verbose=verbose, resume=resume)
         self.rounds, self.prune_fraction, self.epochs_per_round = rounds, prune_fraction, epochs_per_round
         self.rewind_to, self.distribution, self.layer_fractions = rewind_to, distribution, dict(layer_fractions or {})
         self.control, self.ticket, self.monitor, self.mode = control, ticket, monitor, mode

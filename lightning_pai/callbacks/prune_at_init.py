@@ -75,6 +75,8 @@ class PruneAtInit(SparseCallback):
             every 4 consecutive input weights of every layer (density fixed at N/M), or ``{"glob": "2:4"}``
             for the matching layers only, the others pruned unstructured to ``sparsity``. Iterative scoring
             prunes the N:M layers in its last round.
+        resume: Checkpoint state saved under other arguments: None refuses, ``"checkpoint"`` uses it, ``"recompute"``
+            ignores it (see :class:`~lightning_pai.TargetOptions`).
 
     Example::
 
@@ -103,8 +105,9 @@ class PruneAtInit(SparseCallback):
         seed: int = 0,
         verbose: bool = True,
         nm: NMSpec = None,
+        resume: str | None = None,
     ) -> None:
-        super().__init__(include=include, exclude=exclude, verbose=verbose)
+        super().__init__(include=include, exclude=exclude, verbose=verbose, resume=resume)
         pruner = Pruner(  # checks every argument
             method, sparsity, distribution, iterations, schedule, batches, ablation, min_density, loss_fn,
             forward_fn, input_shape, temperature, seed, nm,

@@ -36,6 +36,8 @@ class TopologyCallback(SparseCallback):
         verbose: Print the sparsity table at fit start (rank zero).
         nm: N:M structured sparsity (``"2:4"`` or ``{glob: "N:M"}``, see :mod:`lightning_pai.core.nm`); the
             other layers follow ``sparsity``.
+        resume: Checkpoint state saved under other arguments: None refuses, ``"checkpoint"`` uses it, ``"recompute"``
+            ignores it (see :class:`~lightning_pai.TargetOptions`).
     """
 
     def __init__(
@@ -50,8 +52,9 @@ class TopologyCallback(SparseCallback):
         exclude: Selectors = None,
         verbose: bool = True,
         nm: NMSpec = None,
+        resume: str | None = None,
     ) -> None:
-        super().__init__(include=include, exclude=exclude, verbose=verbose)
+        super().__init__(include=include, exclude=exclude, verbose=verbose, resume=resume)
         self.nm = nm
         self.sparsity = check_sparsity(nm_sparsity(sparsity, nm))
         get_distribution(distribution)
