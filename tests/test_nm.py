@@ -193,3 +193,20 @@ def test_mask_set_layout_of_a_bare_parameter_is_its_shape_order():
     masks = MaskSet({"w": nn.Parameter(torch.zeros(4, 8))})
     masks.load_state_dict({"w": nm_keep(torch.randn(4, 8), 2, 4, masks.layouts["w"])})
     assert is_nm(masks["w"], 2, 4, LINEAR)
+
+
+@pytest.mark.parametrize(
+    ("nm", "message"),
+    [
+        ((5, 4), r"0 < N <= M .* got N=5, M=4"),
+        ((0, 4), r"got N=0, M=4"),
+        ((-1, 4), r"got N=-1, M=4"),
+        ((2, 3), r"input channels in multiples of M=3; this layer has 8"),
+    ],
+)
+def test_compute_masks_refuses_impossible_groups(nm, message):
+    """Resolved (N, M) pairs given to the engine directly are checked too (they were accepted or failed in reshape)."""
+    from lightning_pai import compute_masks
+
+    with pytest.raises(ValueError, match=message):
+        compute_masks({"w": torch.randn(4, 8)}, 0.5, nm={"w": nm}, layouts={"w": LINEAR})

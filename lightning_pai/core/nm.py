@@ -115,7 +115,16 @@ def resolve_nm(
 
 
 def _groups(tensor: Tensor, layout: Layout, m: int) -> Tensor:
-    """``tensor`` with its input-channel axis last, split into groups of ``m``: ``(..., channels / m, m)``."""
+    """``tensor`` with its input-channel axis last, split into groups of ``m``: ``(..., channels / m, m)``.
+
+    Raises:
+        ValueError: If the layout has no input axis or its channels are not a multiple of ``m``.
+    """
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"N:M groups have M >= 1 weights; got M={m!r}.")
+    if not layout.in_dims or tensor.shape[layout.in_dims[0]] % m:
+        channels = tensor.shape[layout.in_dims[0]] if layout.in_dims else 0
+        raise ValueError(f"N:M groups need input channels in multiples of M={m}; this layer has {channels}.")
     moved = tensor.movedim(layout.in_dims[0], -1)
     return moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
 
@@ -128,7 +137,13 @@ def _ungroup(groups: Tensor, layout: Layout, shape: Sequence[int]) -> Tensor:
 
 
 def nm_keep(scores: Tensor, k: int, m: int, layout: Layout) -> Tensor:
-    """Bool mask keeping the ``k`` highest scores of every group of ``m`` (``-inf``: kept only if forced)."""
+    """Bool mask keeping the ``k`` highest scores of every group of ``m`` (``-inf``: kept only if forced).
+
+    Raises:
+        ValueError: Unless ``0 < k <= m`` and the layer's input channels are a multiple of ``m``.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= m:
+        raise ValueError(f"N:M keeps 0 < N <= M weights of every group; got N={k!r}, M={m!r}.")
     groups = _groups(scores.detach().float(), layout, m)
     order = torch.argsort(groups, dim=-1, descending=True, stable=True)
     mask = torch.zeros_like(groups, dtype=torch.bool)
