@@ -3,9 +3,6 @@ identical to a single-process run on the same weights and data, and crash-and-re
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from helpers import (
     make_module,
     make_trainer,
     masks_equal,
+    run_script,
     topology_methods,
 )
 from torch.utils.data import DataLoader, TensorDataset
@@ -32,27 +30,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-#: Rendezvous failures of the gloo process group (a port taken between Lightning's pick and its use): the
-#: launch is retried once; any other failure fails the test.
-RENDEZVOUS = ("Address already in use", "EADDRINUSE", "Connection refused", "connect() timed out")
-
-
 def run(outdir: Path, names: str, crash_step: int = -1, ckpt: str = "") -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
-        env.pop(var, None)
-    for attempt in range(2):
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), str(outdir), names, str(crash_step), ckpt],
-            cwd=SCRIPT.parent,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if proc.returncode == 0 or attempt or not any(r in proc.stderr for r in RENDEZVOUS):
-            break
-    assert proc.returncode == 0, "FSDP2 script failed:\n" + proc.stdout[-3000:] + "\n" + proc.stderr[-12000:]
+    run_script(SCRIPT, outdir, names, crash_step, ckpt, timeout=600)
 
 
 def load(outdir: Path, method: str) -> tuple[dict, dict]:
