@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 from torch import Tensor
@@ -108,24 +109,10 @@ class PruneAtInit(SparseCallback):
         resume: str | None = None,
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose, resume=resume)
-        pruner = Pruner(  # checks every argument
-            method, sparsity, distribution, iterations, schedule, batches, ablation, min_density, loss_fn,
-            forward_fn, input_shape, temperature, seed, nm,
-        )  # fmt: skip
-        self.method = method
-        self.sparsity = pruner.sparsity
-        self.distribution = distribution
-        self.iterations = pruner.iterations
-        self.schedule = schedule
-        self.batches = batches
-        self.ablation = ablation
-        self.min_density = pruner.min_density
-        self.loss_fn = loss_fn
-        self.forward_fn = forward_fn
-        self.input_shape = pruner.input_shape
-        self.temperature = pruner.temperature
-        self.seed = pruner.seed
-        self.nm = nm
+        given = locals()
+        pruner = Pruner(**{f.name: given[f.name] for f in fields(Pruner)})  # checks every argument
+        for f in fields(Pruner):  # the arguments, as the pruner normalised them (e.g. the default iterations)
+            setattr(self, f.name, getattr(pruner, f.name))
 
     @property
     def state_key(self) -> str:
@@ -138,11 +125,7 @@ class PruneAtInit(SparseCallback):
 
     def pruner(self) -> Pruner:
         """The engine's pruning-at-initialization configuration for these arguments."""
-        return Pruner(
-            self.method, self.sparsity, self.distribution, self.iterations, self.schedule, self.batches,
-            self.ablation, self.min_density, self.loss_fn, self.forward_fn, self.input_shape, self.temperature,
-            self.seed, self.nm,
-        )  # fmt: skip
+        return Pruner(**{f.name: getattr(self, f.name) for f in fields(Pruner)})
 
     def build_session(self) -> PruneSession:
         """Masks scored once, at the start, then kept."""

@@ -762,10 +762,9 @@ class TopologyUpdater:
             ctx.masks = drop_and_grow(ctx, plan.rewire.fraction(step, total), plan.rewire)
         return ctx.masks
 
-    @property
-    def has_step_rule(self) -> bool:
-        """Whether the plan changes the active weights after every optimizer step."""
-        return self.plan.step_rule is not None
+    def step_rule_due(self, step: int) -> bool:
+        """Whether :meth:`apply_step_rule` has work after optimizer step ``step`` (a rule, not yet run for it)."""
+        return self.plan.step_rule is not None and step >= 1 and self.memory.get("step_rule_step", 0) < step
 
     @torch.no_grad()
     def apply_step_rule(
@@ -776,7 +775,7 @@ class TopologyUpdater:
         A no-op without a step rule, before the first step, and for a step it already ran on (a loop reports the
         same step again after micro-batches without an optimizer step, or after resuming from a checkpoint).
         """
-        if self.plan.step_rule is None or step < 1 or self.memory.get("step_rule_step", 0) >= step:
+        if not self.step_rule_due(step):
             return
         ctx = StepContext(weights, masks, step, self.seed, lr, self.memory, self.plan.options)
         _STEP.get(self.plan.step_rule)(ctx)

@@ -359,6 +359,7 @@ class TopologySession(Session):
         self.updater: TopologyUpdater | None = None
         self.pending: tuple[int, dict[str, Tensor] | None] | None = None
         self.total_steps = 0
+        self._lr_slots: dict[str, tuple[int, int] | None] | None = None
         self._restored_updater: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -375,6 +376,7 @@ class TopologySession(Session):
         prune = self.plan.prune
         if prune is not None and isinstance(prune.sparsity, Cubic):
             resolve_window(prune.sparsity.start, prune.sparsity.end, self.total_steps)
+        self._lr_slots = None  # found again for this run's optimizers (see _learning_rates)
         super().start(module, host)
         self.updater.bind(dict(self.masks.items()), self.masks.layouts)
 
@@ -452,15 +454,23 @@ class TopologySession(Session):
 
     def after_step(self, step: int) -> None:
         """Apply the plan's step rule (if any), then the update decided at ``step`` (unless due at the epoch end)."""
-        if self.updater.has_step_rule:
+        if self.updater.step_rule_due(step):
             self.updater.apply_step_rule(self.masks.params, dict(self.masks.items()), step, self._learning_rates())
         if not self.plan.when.at_epoch_end:
             self.run_pending(step)
 
     def _learning_rates(self) -> dict[str, float]:
-        """Each target's learning rate (its parameter group's ``lr``; 0 if no optimizer holds it)."""
-        lrs = {id(p): g["lr"] for opt in self.host.optimizers for g in opt.param_groups for p in g["params"]}
-        return {n: float(lrs.get(id(p), 0.0)) for n, p in self.masks.params.items()}
+        """Each target's learning rate: its parameter group's ``lr`` (0 if no optimizer holds it).
+
+        Where each target sits (optimizer, group) is found once per start; the group is read by position every
+        step, since ``load_state_dict`` (a lottery rewind, a resume) replaces the group dicts.
+        """
+        if self._lr_slots is None:
+            where = {id(p): (i, j) for i, opt in enumerate(self.host.optimizers)
+                     for j, g in enumerate(opt.param_groups) for p in g["params"]}  # fmt: skip
+            self._lr_slots = {n: where.get(id(p)) for n, p in self.masks.params.items()}
+        opts = self.host.optimizers
+        return {n: 0.0 if s is None else float(opts[s[0]].param_groups[s[1]]["lr"]) for n, s in self._lr_slots.items()}
 
     def epoch_end(self, epoch: int, step: int) -> None:
         """Run an epoch-end update decided at the epoch's last step ``step``."""
