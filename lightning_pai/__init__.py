@@ -22,8 +22,15 @@ from lightning_pai.core import (
     select_targets,
     sparsity_report,
 )
-from lightning_pai.export import dense_state_dict, load_sparse, make_permanent, save_sparse, sparse_state_dict
-from lightning_pai.inference import conversion_report, to_sparse_inference
+from lightning_pai.deploy import (
+    conversion_report,
+    dense_state_dict,
+    load_sparse,
+    make_permanent,
+    save_sparse,
+    sparse_state_dict,
+    to_sparse_inference,
+)
 from lightning_pai.sparsifier import Sparsifier
 
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_pai.core.masks import MaskSet
 from lightning_pai.core.packing import pack_mask, packed_size, unpack_mask
-from lightning_pai.export import (
+from lightning_pai.deploy.export import (
     FORMAT_NAME,
     FORMAT_VERSION,
     dense_state_dict,

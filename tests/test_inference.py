@@ -11,9 +11,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from lightning_pai import ckernels
 from lightning_pai.core.masks import MaskSet
-from lightning_pai.inference import (
+from lightning_pai.deploy import (
     ConversionReport,
     SparseConv1x1,
     SparseConv2d,
@@ -25,12 +24,13 @@ from lightning_pai.inference import (
     measure_crossover,
     to_sparse_inference,
 )
+from lightning_pai.deploy import kernels as ckernels
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse (CSR|BSR) tensor support is in beta")
 
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 HAS_C = ckernels.available()
-needs_c = pytest.mark.skipif(not HAS_C, reason="no C compiler: lightning_pai.ckernels unavailable")
+needs_c = pytest.mark.skipif(not HAS_C, reason="no C compiler: lightning_pai.deploy.kernels unavailable")
 #: What kernel="auto" picks for float32 CSR on the CPU at batch 64.
 AUTO_CPU = "c" if HAS_C else "sum"
 
@@ -378,19 +378,23 @@ def test_fused_relu_and_transposed_layer_norm(fuse, one_thread):
             block.norm.weight.uniform_(0.5, 1.5)
             block.norm.bias.normal_()
     prune(model, 0.9)
-    sparse = to_sparse_inference(model, crossover=1.0, fuse=fuse)
+    x = torch.randn(3, 11, 48)
+    sparse = to_sparse_inference(model, crossover=1.0, fuse=fuse, example_inputs=x)
+    report = conversion_report(sparse)
+    assert report.contiguous_outputs is False and report.max_abs_diff < 1e-5  # the trial run took the views
     found = kinds(sparse)
     assert found["1"] == ("Identity" if fuse else "ReLU")
     assert conversion_report(sparse).rows[0].implementation == f"csr/{AUTO_CPU}" + ("+relu" if fuse else "")
     transposed = fuse and HAS_C
     assert found["2.norm"] == found["3.norm"] == ("TransposedLayerNorm" if transposed else "LayerNorm")
     assert torch.equal(sparse[2].norm.weight, model[2].norm.weight)
-    assert sparse.state_dict().keys() == to_sparse_inference(model, crossover=1.0, fuse=False).state_dict().keys()
-    x = torch.randn(3, 11, 48)
+    unchecked = to_sparse_inference(model, crossover=1.0, fuse=False)  # no example_inputs: outputs copied
+    assert sparse.state_dict().keys() == unchecked.state_dict().keys()
     with torch.no_grad():
         expected, got = model(x), sparse(x)
         # the residual stream stays transposed from the first layer to the output: no copy between layers
         assert got.is_contiguous() == (not transposed)
+        assert unchecked(x).is_contiguous() and conversion_report(unchecked).contiguous_outputs
         assert_close(got, expected, **TOL)
         assert_close(sparse(x[:1, :1]), model(x[:1, :1]), **TOL)  # one row: matrix-vector path
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_pai import ckernels
+from lightning_pai.deploy import kernels as ckernels
 
 pytestmark = pytest.mark.skipif(not ckernels.available(), reason="no C compiler: lightning_pai.ckernels unavailable")
 
@@ -96,7 +96,7 @@ def test_a_tampered_library_in_the_private_cache_is_rebuilt(tmp_path, monkeypatc
 def test_a_truncated_cached_library_is_rebuilt_not_loaded(tmp_path):
     """A library truncated to 30 % (a full disk, a killed copy) crashed every later process with SIGBUS."""
     cache = tmp_path / "cache"
-    code = "from lightning_pai import ckernels; import torch; x = torch.randn(9, 7); " + (
+    code = "from lightning_pai.deploy import kernels as ckernels; import torch; x = torch.randn(9, 7); " + (
         "assert ckernels.available() and torch.equal(ckernels.transpose(x), x.t().contiguous())"
     )
     env = dict(os.environ, LIGHTNING_PAI_CACHE=str(cache))

@@ -1,0 +1,58 @@
+"""Deployment: sparse files, permanent masks, and inference-only sparse models that run (and compile) fast.
+
+- :mod:`~lightning_pai.deploy.export`: ``sparse_state_dict`` / ``save_sparse`` / ``load_sparse`` (kept weights
+  only, checksummed), ``dense_state_dict``, ``make_permanent``;
+- :mod:`~lightning_pai.deploy.convert`: ``to_sparse_inference`` (layers replaced where measured faster) and
+  its ``ConversionReport``;
+- :mod:`~lightning_pai.deploy.modules`: the sparse layers it swaps in;
+- :mod:`~lightning_pai.deploy.ops`: their computations, also as ``torch.library`` custom ops for
+  ``torch.compile``;
+- :mod:`~lightning_pai.deploy.kernels`: the compiled CPU kernels (``kernels.c``), built once per machine into a
+  private cache.
+
+Every public name is also importable from ``lightning_pai``.
+"""
+
+from lightning_pai.deploy.convert import (
+    ConversionReport,
+    LayerConversion,
+    clear_crossover_cache,
+    conversion_report,
+    is_two_four,
+    measure_conv_crossover,
+    measure_crossover,
+    to_sparse_inference,
+)
+from lightning_pai.deploy.export import dense_state_dict, load_sparse, make_permanent, save_sparse, sparse_state_dict
+from lightning_pai.deploy.modules import (
+    DenseWeightView,
+    SemiStructuredLinear,
+    SparseConv1x1,
+    SparseConv2d,
+    SparseLinear,
+    SparseMatmul,
+    TransposedLayerNorm,
+)
+
+__all__ = [
+    "ConversionReport",
+    "DenseWeightView",
+    "LayerConversion",
+    "SemiStructuredLinear",
+    "SparseConv1x1",
+    "SparseConv2d",
+    "SparseLinear",
+    "SparseMatmul",
+    "TransposedLayerNorm",
+    "clear_crossover_cache",
+    "conversion_report",
+    "dense_state_dict",
+    "is_two_four",
+    "load_sparse",
+    "make_permanent",
+    "measure_conv_crossover",
+    "measure_crossover",
+    "save_sparse",
+    "sparse_state_dict",
+    "to_sparse_inference",
+]
