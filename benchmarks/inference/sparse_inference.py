@@ -180,7 +180,7 @@ def measure(name: str, sparsity: float, batch: int, scale: float) -> dict:
     x = make_input(batch)
     auto = to_sparse_inference(dense, masks, example_inputs=x)
     convert_s = time.perf_counter() - start
-    forced = to_sparse_inference(dense, masks, crossover=1.0, batch_size=rows_for(batch))
+    forced = to_sparse_inference(dense, masks, crossover=1.0, batch_size=rows_for(batch), example_inputs=x)
     with torch.inference_mode():
         ref = dense(x)
         err = max(float((m(x) - ref).abs().max()) for m in (auto, forced))

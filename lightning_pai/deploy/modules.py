@@ -52,6 +52,13 @@ class DenseWeightView(torch.Tensor):
         )
 
     @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        # Overridden (not inherited) so that ``torch.overrides.has_torch_function`` sees it: fused fast paths
+        # that would read the weight's memory directly step aside. Results are plain tensors.
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+    @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         def dense(t: Any) -> Any:
             return t._layer.dense_weight() if isinstance(t, DenseWeightView) else t
@@ -179,8 +186,14 @@ class SparseMatmul(nn.Module):
         return (self.out_features, self.in_features)
 
     @property
-    def weight(self) -> DenseWeightView:
-        """The dense weight's stand-in: its shape, dtype and device; values only when an operation reads them."""
+    def weight(self) -> Tensor:
+        """The dense weight's stand-in: a :class:`DenseWeightView` (values only when an operation reads them).
+
+        Under ``torch.compile`` it is a ``meta`` tensor of the weight's shape and dtype instead (which the
+        compiler can trace): fine for metadata checks, an error if traced code computes with it.
+        """
+        if torch.compiler.is_compiling():
+            return torch.empty(self.weight_shape, dtype=self._buffers["values"].dtype, device="meta")
         return DenseWeightView(self)
 
     def dense_weight(self) -> Tensor:
