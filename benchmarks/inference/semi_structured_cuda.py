@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_pai.inference import conversion_report, to_sparse_inference
+from lightning_pai.deploy import conversion_report, to_sparse_inference
 
 
 def two_four(weight: torch.Tensor) -> torch.Tensor:

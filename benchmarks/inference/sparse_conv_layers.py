@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_pai import ckernels
-from lightning_pai.inference import SparseConv2d
+from lightning_pai.deploy import kernels as ckernels
+from lightning_pai.deploy import SparseConv2d
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: (in channels, out channels, kernel, stride, input size): every distinct conv of torchvision's ResNet-18.
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if not ckernels.available():
-        raise SystemExit("SparseConv2d needs lightning_pai.ckernels (a C compiler); none is usable here.")
+        raise SystemExit("SparseConv2d needs lightning_pai.deploy.kernels (a C compiler); none is usable here.")
     torch.set_num_threads(2)
     torch.manual_seed(0)
     header = " | ".join(f"{1 - d:.0%} sparse" for d in args.densities)

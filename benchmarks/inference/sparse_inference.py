@@ -17,7 +17,7 @@ Linear(1024, 256), residual and LayerNorm; inputs of ``batch x 64`` tokens) and 
 (224x224: every conv by direct sparse convolution, ``fc`` by the CSR kernel; BatchNorm, ReLU, max-pooling and
 the residual adds stay as they are, and take the same time in both models).
 
-The sparse kernels are the compiled ones of ``lightning_pai.ckernels`` when a C compiler is present (the
+The sparse kernels are the compiled ones of ``lightning_pai.deploy.kernels`` when a C compiler is present (the
 ``kernels`` field of the results says which were used); set ``LIGHTNING_PAI_NO_CKERNELS=1`` to measure
 PyTorch's own CSR kernels instead.
 
@@ -56,11 +56,11 @@ import torch
 import torchvision
 from torch import nn
 
-from lightning_pai import ckernels
+from lightning_pai.deploy import kernels as ckernels
 from lightning_pai.core.masks import compute_masks
 from lightning_pai.core.targets import select_targets
-from lightning_pai.export import make_permanent, save_sparse
-from lightning_pai.inference import clear_crossover_cache, conversion_report, to_sparse_inference
+from lightning_pai.deploy import make_permanent, save_sparse
+from lightning_pai.deploy import clear_crossover_cache, conversion_report, to_sparse_inference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: ``--allocator steady``: glibc keeps freed blocks for reuse instead of returning them to the system (no
@@ -401,7 +401,7 @@ def main() -> None:
         "minutes": (time.time() - start) / 60,
         "max_foreign": args.max_foreign,
         "tries": args.tries,
-        "kernels": "lightning_pai.ckernels (compiled)" if ckernels.available() else "torch.sparse",
+        "kernels": "lightning_pai.deploy.kernels (compiled)" if ckernels.available() else "torch.sparse",
         "allocator": args.allocator,
     }
     text = markdown(lat, sizes, meta) + (across_runs(runs) if len(runs) > 1 else "")
