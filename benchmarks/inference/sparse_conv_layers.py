@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_pai.deploy import kernels as ckernels
 from lightning_pai.deploy import SparseConv2d
+from lightning_pai.deploy import kernels as ckernels
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: (in channels, out channels, kernel, stride, input size): every distinct conv of torchvision's ResNet-18.

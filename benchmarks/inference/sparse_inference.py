@@ -56,11 +56,16 @@ import torch
 import torchvision
 from torch import nn
 
-from lightning_pai.deploy import kernels as ckernels
 from lightning_pai.core.masks import compute_masks
 from lightning_pai.core.targets import select_targets
-from lightning_pai.deploy import make_permanent, save_sparse
-from lightning_pai.deploy import clear_crossover_cache, conversion_report, to_sparse_inference
+from lightning_pai.deploy import (
+    clear_crossover_cache,
+    conversion_report,
+    make_permanent,
+    save_sparse,
+    to_sparse_inference,
+)
+from lightning_pai.deploy import kernels as ckernels
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: ``--allocator steady``: glibc keeps freed blocks for reuse instead of returning them to the system (no
