@@ -18,7 +18,7 @@ from lightning_pai.callbacks.registry import MethodCard, register_method
 from lightning_pai.core.masks import MaskSet
 from lightning_pai.core.report import SparsityReport
 from lightning_pai.core.session import Session
-from lightning_pai.core.targets import Selectors, validate_selectors
+from lightning_pai.core.targets import FROZEN, Selectors, validate_selectors
 from lightning_pai.core.validation import check_choice
 
 RESUME = ("checkpoint", "recompute")
@@ -35,12 +35,17 @@ class TargetOptions(TypedDict, total=False):
         resume: What a resumed fit does with this method's state saved under other arguments (e.g. a
             ``RigL(0.8)`` checkpoint resumed with ``RigL(0.9)``): None (default) refuses before training,
             ``"checkpoint"`` continues from the saved masks and progress, ``"recompute"`` starts from new masks.
+        frozen: What happens to selected parameters that do not train (``requires_grad=False``, e.g. a frozen
+            backbone): ``"skip"`` (default) leaves them dense and names them in a warning and in the report,
+            ``"prune"`` prunes them once at the start (methods that regrow weights or follow gradients refuse
+            them, naming them), ``"error"`` refuses to start while any is selected.
     """
 
     include: Selectors
     exclude: Selectors
     verbose: bool
     resume: str | None
+    frozen: str
 
 
 class MethodOptions(TargetOptions, total=False):
@@ -66,6 +71,8 @@ class SparseCallback(CallbackBase):
         verbose: Print the sparsity table (rank zero) when masks are set.
         resume: With a checkpoint holding this method's state under other arguments: None refuses,
             ``"checkpoint"`` uses that state, ``"recompute"`` ignores it (see :class:`TargetOptions`).
+        frozen: Frozen (``requires_grad=False``) targets: ``"skip"``, ``"prune"`` or ``"error"`` (see
+            :class:`TargetOptions`).
     """
 
     #: Set in a method class's body to register it (see :class:`MethodCard`).
@@ -77,14 +84,22 @@ class SparseCallback(CallbackBase):
             register_method(cls)
 
     def __init__(
-        self, *, include: Selectors = None, exclude: Selectors = None, verbose: bool = True, resume: str | None = None
+        self,
+        *,
+        include: Selectors = None,
+        exclude: Selectors = None,
+        verbose: bool = True,
+        resume: str | None = None,
+        frozen: str = "skip",
     ) -> None:
         validate_selectors(include, exclude)
         check_choice(resume, RESUME, "resume", optional=True)
+        check_choice(frozen, FROZEN, "frozen")
         self.include = include
         self.exclude = exclude
         self.verbose = verbose
         self.resume = resume
+        self.frozen = frozen
         self._session: Session | None = None
         # ddp_spawn/ddp_fork train in child processes: rank zero hands its state back to the launching
         # process through this file (the callback object is copied to the children with this path in it). It is
@@ -98,8 +113,8 @@ class SparseCallback(CallbackBase):
         raise NotImplementedError
 
     def session_options(self) -> dict[str, Any]:
-        """The options every session takes from the method: ``include``, ``exclude``, ``verbose``."""
-        return {"include": self.include, "exclude": self.exclude, "verbose": self.verbose}
+        """The options every session takes from the method: ``include``, ``exclude``, ``verbose``, ``frozen``."""
+        return {"include": self.include, "exclude": self.exclude, "verbose": self.verbose, "frozen": self.frozen}
 
     @property
     def session(self) -> Session:
@@ -224,10 +239,10 @@ class SparseCallback(CallbackBase):
         """A plain copy of ``module`` with this callback's zeros baked in and nothing attached.
 
         For users who just want the sparse weights: no callback, hooks or masks are needed to use, save or
-        export the result (see :func:`lightning_pai.export.make_permanent`, and
-        :func:`~lightning_pai.export.save_sparse` for a compressed file).
+        export the result (see :func:`lightning_pai.deploy.make_permanent`, and
+        :func:`~lightning_pai.deploy.save_sparse` for a compressed file).
         """
-        from lightning_pai.export import make_permanent
+        from lightning_pai.deploy import make_permanent
 
         self._collect_handoff()
         masks = self.session.current_masks()

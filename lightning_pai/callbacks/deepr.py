@@ -36,7 +36,8 @@ class DeepR(TopologyCallback):
         init: ``"random"`` or a registered scorer for the initial masks.
         l1: ``alpha``, the L1 shrinkage of the active parameters per unit learning rate.
         noise: ``sigma``, the random walk's standard deviation per unit learning rate.
-        **common: ``include``, ``exclude``, ``seed``, ``verbose`` (see :class:`~lightning_pai.MethodOptions`).
+        **common: ``include``, ``exclude``, ``frozen``, ``seed``, ``verbose`` (see
+            :class:`~lightning_pai.MethodOptions`).
     """
 
     card = MethodCard("dynamic", keeps_layer_counts=True, keeps_total=True)

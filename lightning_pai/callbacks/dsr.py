@@ -31,7 +31,8 @@ class DSR(DynamicSparseTraining):
         threshold: Initial threshold ``H``.
         tolerance: Relative band around ``K`` in which ``H`` is left unchanged.
         delta_t: Optimizer steps between updates.
-        **common: ``include``, ``exclude``, ``seed``, ``verbose`` (see :class:`~lightning_pai.MethodOptions`).
+        **common: ``include``, ``exclude``, ``frozen``, ``seed``, ``verbose`` (see
+            :class:`~lightning_pai.MethodOptions`).
     """
 
     card = MethodCard("dynamic", example={"delta_t": 2}, keeps_total=True)

@@ -74,9 +74,15 @@ class DynamicSparseTraining(TopologyCallback):
         nm: N:M layers (``"2:4"`` or ``{glob: "N:M"}``): initial masks N:M, and every update drops inside
             each group of ``M`` and regrows the same group back to ``N`` (the N:M case of SRigL, Lasby et al.
             2023); needs ``redistribution="none"``.
+        nm_incompatible: Layers the ``nm`` groups cannot fit (input channels not a multiple of ``M``, e.g. a
+            3-channel stem or a depthwise convolution): ``"error"`` (default) refuses before training, ``"dense"``
+            leaves them dense, ``"unstructured"`` updates them as unstructured layers at the pattern's sparsity;
+            they are named in a warning and in the report.
         options: Options the rules read (``UpdateContext.options``), for registered rules of your own.
         resume: Checkpoint state saved under other arguments: None refuses, ``"checkpoint"`` uses it, ``"recompute"``
             ignores it (see :class:`~lightning_pai.TargetOptions`).
+        frozen: Frozen (``requires_grad=False``) targets: ``"skip"`` (default) leaves them dense, ``"prune"``
+            prunes them, ``"error"`` refuses (see :class:`~lightning_pai.TargetOptions`).
 
     Example::
 
@@ -105,8 +111,10 @@ class DynamicSparseTraining(TopologyCallback):
         seed: int = 0,
         verbose: bool = True,
         nm: NMSpec = None,
+        nm_incompatible: str = "error",
         options: Mapping[str, Any] | None = None,
         resume: str | None = None,
+        frozen: str = "skip",
     ) -> None:
         super().__init__(
             sparsity,
@@ -119,6 +127,8 @@ class DynamicSparseTraining(TopologyCallback):
             verbose=verbose,
             nm=nm,
             resume=resume,
+            frozen=frozen,
+            nm_incompatible=nm_incompatible,
         )
         check_choice(decay, DECAYS, "decay")
         check_choice(update_on, UPDATE_ON, "update_on")

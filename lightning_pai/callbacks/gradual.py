@@ -34,7 +34,11 @@ class GradualMagnitudePruning(TopologyCallback):
         nm: N:M layers (``"2:4"`` or ``{glob: "N:M"}``): each group of ``M`` keeps
             ``M - floor((M - N) * p_t)`` weights, ``p_t`` the schedule's progress from 0 to 1 (so ``N`` at
             ``end``); the other layers follow ``s_t``.
-        **common: ``include``, ``exclude``, ``verbose`` (default False; see :class:`~lightning_pai.TargetOptions`).
+        nm_incompatible: Layers the ``nm`` groups cannot fit (input channels not a multiple of ``M``):
+            ``"error"`` (default) refuses before training, ``"dense"`` leaves them dense, ``"unstructured"`` prunes
+            them unstructured on the same budgets; they are named in a warning and in the report.
+        **common: ``include``, ``exclude``, ``frozen``, ``verbose`` (default False; see
+            :class:`~lightning_pai.TargetOptions`).
     """
 
     score = "magnitude"
@@ -50,10 +54,12 @@ class GradualMagnitudePruning(TopologyCallback):
         frequency: int = 100,
         distribution: str = "uniform",
         nm: NMSpec = None,
+        nm_incompatible: str = "error",
         **common: Unpack[TargetOptions],
     ) -> None:
         common.setdefault("verbose", False)  # gradual pruning prints nothing by default
-        super().__init__(sparsity, distribution=distribution, init="magnitude", nm=nm, **common)
+        nm_options = {"nm": nm, "nm_incompatible": nm_incompatible}
+        super().__init__(sparsity, distribution=distribution, init="magnitude", **nm_options, **common)
         self.initial_sparsity = check_gradual(self.sparsity, initial_sparsity, start, end)
         if nm is not None and self.initial_sparsity > 0:
             raise ValueError("With `nm`, gradual pruning starts dense: leave `initial_sparsity` at 0.")
@@ -101,7 +107,7 @@ class MovementPruning(GradualMagnitudePruning):
         end: Step (int) or fraction (float) at which ``sparsity`` is reached.
         frequency: Optimizer steps between pruning updates.
         distribution: ``"uniform"`` (the paper), ``"global"`` or ``"lamp"``.
-        **common: ``include``, ``exclude``, ``verbose``, as for :class:`GradualMagnitudePruning`.
+        **common: ``include``, ``exclude``, ``frozen``, ``verbose``, as for :class:`GradualMagnitudePruning`.
     """
 
     score = "movement"

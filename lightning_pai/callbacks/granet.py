@@ -43,7 +43,8 @@ class GraNet(DynamicSparseTraining):
         death_rate: Initial drop fraction ``r`` of the regeneration.
         min_rate: Final drop fraction ``m`` of the cosine decay.
         delta_t: Optimizer steps between updates.
-        **common: ``include``, ``exclude``, ``seed``, ``verbose`` (see :class:`~lightning_pai.MethodOptions`).
+        **common: ``include``, ``exclude``, ``frozen``, ``seed``, ``verbose`` (see
+            :class:`~lightning_pai.MethodOptions`).
     """
 
     card = MethodCard("gradual", example={"initial_sparsity": 0.5, "delta_t": 2, "end": 0.5})

@@ -60,12 +60,17 @@ class LotteryTicket(SparseCallback):
         nm: N:M layers (``"2:4"`` or ``{glob: "N:M"}``, see :mod:`lightning_pai.core.nm`), pruned by
             magnitude on per-group budgets: round ``r`` keeps ``M - floor((M - N) r / (rounds - 1))`` of each
             group of ``M`` (``N`` in the last round); the other layers prune ``prune_fraction`` per round.
+        nm_incompatible: Layers the ``nm`` groups cannot fit (input channels not a multiple of ``M``):
+            ``"error"`` (default) refuses before training, ``"dense"`` leaves them dense, ``"unstructured"``
+            prunes them unstructured on the same budgets; they are named in a warning and in the report.
         monitor: Logged metric to record per round (e.g. ``"val_acc"``), or None.
         mode: ``"max"`` or ``"min"``: which value of ``monitor`` is the best.
         seed: Seed of the controls' random draws.
         verbose: Print the sparsity table after every prune and the results table at the end.
         resume: Checkpoint state saved under other arguments: None refuses, ``"checkpoint"`` uses it, ``"recompute"``
             ignores it (see :class:`~lightning_pai.TargetOptions`).
+        frozen: Frozen (``requires_grad=False``) targets: ``"skip"`` (default) leaves them dense, ``"prune"``
+            prunes them, ``"error"`` refuses (see :class:`~lightning_pai.TargetOptions`).
 
     Example::
 
@@ -94,13 +99,15 @@ class LotteryTicket(SparseCallback):
         seed: int = 0,
         verbose: bool = True,
         nm: NMSpec = None,
+        nm_incompatible: str = "error",
         resume: str | None = None,
+        frozen: str = "skip",
     ) -> None:
-        super().__init__(include=include, exclude=exclude, verbose=verbose, resume=resume)
+        super().__init__(include=include, exclude=exclude, verbose=verbose, resume=resume, frozen=frozen)
         self.rounds, self.prune_fraction, self.epochs_per_round = rounds, prune_fraction, epochs_per_round
         self.rewind_to, self.distribution, self.layer_fractions = rewind_to, distribution, dict(layer_fractions or {})
         self.control, self.ticket, self.monitor, self.mode = control, ticket, monitor, mode
-        self.seed, self.nm = int(seed), nm
+        self.seed, self.nm, self.nm_incompatible = int(seed), nm, nm_incompatible
         self.rewind = self.session.rewind  # builds the session: every argument is checked here
         self.prune_fraction = self.session.prune_fraction
         self._validated_at = -1
@@ -121,6 +128,7 @@ class LotteryTicket(SparseCallback):
             mode=self.mode,
             seed=self.seed,
             nm=self.nm,
+            nm_incompatible=self.nm_incompatible,
             **self.session_options(),
         )
 

@@ -76,8 +76,14 @@ class PruneAtInit(SparseCallback):
             every 4 consecutive input weights of every layer (density fixed at N/M), or ``{"glob": "2:4"}``
             for the matching layers only, the others pruned unstructured to ``sparsity``. Iterative scoring
             prunes the N:M layers in its last round.
+        nm_incompatible: Layers the ``nm`` groups cannot fit (input channels not a multiple of ``M``, e.g. a
+            3-channel stem or a depthwise convolution): ``"error"`` (default) refuses before training,
+            ``"dense"`` leaves them dense (NVIDIA ASP's choice), ``"unstructured"`` prunes each to the pattern's
+            sparsity ``1 - N/M``; they are named in a warning and in the report.
         resume: Checkpoint state saved under other arguments: None refuses, ``"checkpoint"`` uses it, ``"recompute"``
             ignores it (see :class:`~lightning_pai.TargetOptions`).
+        frozen: Frozen (``requires_grad=False``) targets: ``"skip"`` (default) leaves them dense, ``"prune"``
+            prunes them, ``"error"`` refuses (see :class:`~lightning_pai.TargetOptions`).
 
     Example::
 
@@ -106,9 +112,11 @@ class PruneAtInit(SparseCallback):
         seed: int = 0,
         verbose: bool = True,
         nm: NMSpec = None,
+        nm_incompatible: str = "error",
         resume: str | None = None,
+        frozen: str = "skip",
     ) -> None:
-        super().__init__(include=include, exclude=exclude, verbose=verbose, resume=resume)
+        super().__init__(include=include, exclude=exclude, verbose=verbose, resume=resume, frozen=frozen)
         given = locals()
         pruner = Pruner(**{f.name: given[f.name] for f in fields(Pruner)})  # checks every argument
         for f in fields(Pruner):  # the arguments, as the pruner normalised them (e.g. the default iterations)

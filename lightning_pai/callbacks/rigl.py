@@ -27,7 +27,10 @@ class RigL(DynamicSparseTraining):
         delta_t: Optimizer steps between updates.
         t_end: Fraction of training after which the topology is frozen.
         nm: N:M layers, as for :class:`DynamicSparseTraining` (``nm="2:4"``: N:M RigL).
-        **common: ``include``, ``exclude``, ``seed``, ``verbose`` (see :class:`~lightning_pai.MethodOptions`).
+        nm_incompatible: Layers the ``nm`` groups cannot fit: ``"error"`` (default), ``"dense"`` or
+            ``"unstructured"``, as for :class:`DynamicSparseTraining`.
+        **common: ``include``, ``exclude``, ``frozen``, ``seed``, ``verbose`` (see
+            :class:`~lightning_pai.MethodOptions`).
     """
 
     card = MethodCard("dynamic", example={"delta_t": 2, "t_end": 1.0}, keeps_layer_counts=True, keeps_total=True)
@@ -42,6 +45,7 @@ class RigL(DynamicSparseTraining):
         delta_t: int = 100,
         t_end: float = 0.75,
         nm: NMSpec = None,
+        nm_incompatible: str = "error",
         **common: Unpack[MethodOptions],
     ) -> None:
         super().__init__(sparsity, **base_kwargs(locals(), growth="gradient"), **common)

@@ -27,7 +27,10 @@ class SET(DynamicSparseTraining):
         update_on: ``"epoch"`` or ``"step"``.
         delta_t: Optimizer steps between updates with ``update_on="step"``.
         nm: N:M layers, as for :class:`DynamicSparseTraining` (``nm="2:4"``: N:M SET).
-        **common: ``include``, ``exclude``, ``seed``, ``verbose`` (see :class:`~lightning_pai.MethodOptions`).
+        nm_incompatible: Layers the ``nm`` groups cannot fit: ``"error"`` (default), ``"dense"`` or
+            ``"unstructured"``, as for :class:`DynamicSparseTraining`.
+        **common: ``include``, ``exclude``, ``frozen``, ``seed``, ``verbose`` (see
+            :class:`~lightning_pai.MethodOptions`).
     """
 
     card = MethodCard("dynamic", keeps_layer_counts=True, keeps_total=True)
@@ -42,6 +45,7 @@ class SET(DynamicSparseTraining):
         update_on: str = "epoch",
         delta_t: int = 100,
         nm: NMSpec = None,
+        nm_incompatible: str = "error",
         **common: Unpack[MethodOptions],
     ) -> None:
         check_rates(zeta, "zeta")

@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from lightning_pai.callbacks.base import SparseCallback
 from lightning_pai.core.distributions import get_distribution
 from lightning_pai.core.dst import Plan, TopologyUpdater
-from lightning_pai.core.nm import NMSpec, nm_sparsity
+from lightning_pai.core.nm import NMSpec, check_nm_incompatible, nm_sparsity
 from lightning_pai.core.pruning import Pruner
 from lightning_pai.core.scorers import get_scorer
 from lightning_pai.core.session import TopologySession
@@ -38,6 +40,11 @@ class TopologyCallback(SparseCallback):
             other layers follow ``sparsity``.
         resume: Checkpoint state saved under other arguments: None refuses, ``"checkpoint"`` uses it, ``"recompute"``
             ignores it (see :class:`~lightning_pai.TargetOptions`).
+        frozen: Frozen (``requires_grad=False``) targets: ``"skip"`` (default) leaves them dense, ``"prune"``
+            prunes them, ``"error"`` refuses (see :class:`~lightning_pai.TargetOptions`).
+        nm_incompatible: Layers the ``nm`` groups cannot fit (input channels not a multiple of ``M``):
+            ``"error"`` (default) refuses before training, ``"dense"`` leaves them dense, ``"unstructured"``
+            prunes them unstructured to the pattern's sparsity; they are named in a warning and in the report.
     """
 
     def __init__(
@@ -53,9 +60,11 @@ class TopologyCallback(SparseCallback):
         verbose: bool = True,
         nm: NMSpec = None,
         resume: str | None = None,
+        frozen: str = "skip",
+        nm_incompatible: str = "error",
     ) -> None:
-        super().__init__(include=include, exclude=exclude, verbose=verbose, resume=resume)
-        self.nm = nm
+        super().__init__(include=include, exclude=exclude, verbose=verbose, resume=resume, frozen=frozen)
+        self.nm, self.nm_incompatible = nm, check_nm_incompatible(nm_incompatible)
         self.sparsity = check_sparsity(nm_sparsity(sparsity, nm))
         get_distribution(distribution)
         get_scorer(init, "init")
@@ -79,10 +88,12 @@ class TopologyCallback(SparseCallback):
     def build_session(self) -> TopologySession:
         """The engine session: this plan, initial masks from ``init`` at the starting sparsity (dense at 0)."""
         start = self.initial_sparsity_of_masks
-        initial = None if start == 0 else Pruner(self.init, start, self.distribution, seed=self.seed, nm=self.nm)
+        nm = {"nm": self.nm, "nm_incompatible": self.nm_incompatible}
+        initial = None if start == 0 else Pruner(self.init, start, self.distribution, seed=self.seed, **nm)
+        plan = self.plan()
         return TopologySession(
             type(self).__name__,
-            self.plan(),
+            replace(plan, options={**plan.options, "nm_incompatible": self.nm_incompatible}),
             initial=initial,
             seed=self.seed,
             beta=self.beta,

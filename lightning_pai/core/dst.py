@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from lightning_pai.core.masks import compute_masks
-from lightning_pai.core.nm import group_budget, refill_groups, resolve_nm
+from lightning_pai.core.nm import group_budget, nm_fits, refill_groups, resolve_nm
 from lightning_pai.core.registry import Registry
 from lightning_pai.core.schedules import Schedule, UpdateSchedule
 from lightning_pai.core.select import active_counts, apportion, topk_mask
@@ -351,7 +351,8 @@ def no_redistribution(ctx: UpdateContext, dropped: dict[str, Tensor]) -> dict[st
 
 def layer_momentum(momentum: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, float]:
     """SNFS's redistribution statistic: the mean ``|momentum|`` of each layer's active weights (0 if none)."""
-    sums = torch.stack([(momentum[n].detach().abs().float() * m).sum() for n, m in masks.items()]).tolist()
+    sums = torch.stack([torch.where(m, momentum[n].detach().abs().float(), 0.0).sum() for n, m in masks.items()])
+    sums = sums.tolist()
     kept = active_counts(masks)
     return {n: s / kept[n] if kept[n] else 0.0 for n, s in zip(masks, sums)}
 
@@ -464,7 +465,7 @@ def deepr_step(ctx: StepContext) -> None:
         update = (ctx.lr[n] * delta.to(signs[n].device) * signs[n] * ctx.masks[n]).to(w.dtype)
         mine = local(w)  # sharded: this rank's part
         mine.add_(local_slice(update, w))
-        mine.mul_(mine * local_slice(signs[n], w) > 0)  # theta <= 0: dormant, w = 0 (a regrown one restarts at 0)
+        mine.masked_fill_(~(mine * local_slice(signs[n], w) > 0), 0)  # theta <= 0: dormant, w = 0 (regrown: from 0)
 
 
 @register_drop_rule("sign_flip")
@@ -634,6 +635,7 @@ class TopologyUpdater:
         self.memory: dict[str, Any] = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self.nm: dict[str, tuple[int, int]] = {}
+        self.nm_unfit: dict[str, tuple[int, int]] = {}  # N:M layers the groups cannot fit (`nm_incompatible`)
         self.layouts: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ set-up
@@ -644,7 +646,8 @@ class TopologyUpdater:
     def bind(self, masks: Mapping[str, Tensor], layouts: Mapping[str, Any] | None = None) -> None:
         """Start (or continue, after :meth:`load_state_dict`) on ``masks``' devices (after :meth:`use_optimizer`).
 
-        ``layouts`` (the targets' :class:`~lightning_pai.core.targets.Layout`) resolve ``options["nm"]``.
+        ``layouts`` (the targets' :class:`~lightning_pai.core.targets.Layout`) resolve ``options["nm"]``; layers
+        the groups cannot fit are refused, or (``options["nm_incompatible"]``) updated as unstructured layers.
 
         Raises:
             ValueError: If N:M layers are asked for with a redistribution rule that moves weights between layers.
@@ -652,7 +655,10 @@ class TopologyUpdater:
         optimizer = self._optimizer
         self.layouts = dict(layouts or {})
         spec = self.plan.options.get("nm")
-        self.nm = resolve_nm(spec, {n: m.shape for n, m in masks.items()}, self.layouts) if spec else {}
+        shapes = {n: m.shape for n, m in masks.items()}
+        resolved = resolve_nm(spec, shapes, self.layouts, self.plan.options.get("nm_incompatible", "error"))
+        self.nm = {n: km for n, km in resolved.items() if nm_fits(shapes[n], self.layouts[n], km[1])}
+        self.nm_unfit = {n: km for n, km in resolved.items() if n not in self.nm}
         rewire = self.plan.rewire
         if self.nm and rewire is not None and rewire.redistribution != "none":
             raise ValueError(
@@ -749,13 +755,20 @@ class TopologyUpdater:
         if plan.prune is not None:
             target = plan.prune.sparsity(step, total)
             size = sum(m.numel() for m in masks.values())
-            if self.nm or sum(ctx.kept.values()) > size - round(target * size):
+            if self.nm or self.nm_unfit or sum(ctx.kept.values()) > size - round(target * size):
                 scores = _GROWTH.get(plan.prune.score)(ctx)
                 first, last = plan.prune.sparsity(0, total), plan.prune.sparsity(total, total)
                 progress = 1.0 if last == first else (target - first) / (last - first)
-                budgets = {n: (group_budget(k, m, progress), m) for n, (k, m) in self.nm.items()}
+                nm = {**self.nm, **self.nm_unfit}
+                budgets = {n: (group_budget(k, m, progress), m) for n, (k, m) in nm.items()}
                 ctx.masks = compute_masks(
-                    scores, target, plan.prune.distribution, masks=masks, layouts=self.layouts, nm=budgets
+                    scores,
+                    target,
+                    plan.prune.distribution,
+                    masks=masks,
+                    layouts=self.layouts,
+                    nm=budgets,
+                    nm_incompatible=plan.options.get("nm_incompatible", "error"),
                 )
                 ctx.kept = active_counts(ctx.masks)
         if plan.rewire is not None:
@@ -789,7 +802,7 @@ class TopologyUpdater:
         if self.momentum is not None:  # as the optimizer state: inactive entries <- mean of the active ones
             for n, m in new.items():
                 buf = self.momentum[n]
-                buf.copy_(torch.where(m, buf, (buf * m).sum() / m.sum().clamp_min(1)))
+                buf.copy_(torch.where(m, buf, torch.where(m, buf, 0.0).sum() / m.sum().clamp_min(1)))
         self.updates += 1
         return update
 

@@ -21,13 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_pai.core.distributions import check_iterative, distribute
-from lightning_pai.core.nm import NMSpec, check_nm, group_budget, nm_keep, resolve_nm
+from lightning_pai.core.nm import NMSpec, check_nm, check_nm_incompatible, group_budget, nm_mask, resolve_nm
 from lightning_pai.core.packing import pack_mask, unpack_mask
 from lightning_pai.core.pruning import reinitialize_
 from lightning_pai.core.select import masks_from_counts
 from lightning_pai.core.session import Host, Session
 from lightning_pai.core.sharding import full, gather_tree, load_full_state_, shard_optimizer_state
-from lightning_pai.core.targets import select_targets
 from lightning_pai.core.validation import (
     check_choice,
     check_fraction,
@@ -261,7 +260,9 @@ class LotterySession(Session):
         mode: ``"max"`` or ``"min"``: which recorded value is a round's best.
         seed: Seed of the controls' random draws.
         nm: N:M layers (``"2:4"`` or ``{glob: "N:M"}``).
-        include, exclude, verbose: As for :class:`~lightning_pai.core.session.Session`.
+        nm_incompatible: Layers the N:M groups cannot fit: ``"error"``, ``"dense"`` or ``"unstructured"`` (see
+            :data:`~lightning_pai.core.nm.NM_INCOMPATIBLE`).
+        include, exclude, verbose, frozen: As for :class:`~lightning_pai.core.session.Session`.
     """
 
     def __init__(
@@ -279,9 +280,11 @@ class LotterySession(Session):
         mode: str,
         seed: int,
         nm: NMSpec,
+        nm_incompatible: str = "error",
         **kwargs: Any,
     ) -> None:
         super().__init__(name, **kwargs)
+        self._nm_incompatible = check_nm_incompatible(nm_incompatible)
         self.rounds = check_positive_int(rounds, "rounds", "training rounds, the dense one included")
         self.prune_fraction = check_number(
             prune_fraction, "prune_fraction", 0, 1, low_open=True, high_open=True, what="removed per round"
@@ -401,10 +404,15 @@ class LotterySession(Session):
         """The N:M layers, pruned on per-group budgets."""
         return self.nm
 
+    @property
+    def nm_incompatible(self) -> str:
+        """What becomes of the layers the N:M groups cannot fit."""
+        return self._nm_incompatible
+
     def check(self, module: nn.Module) -> None:
         """Also resolve ``layer_fractions`` against the targets (a pattern matching nothing is an error)."""
         super().check(module)
-        match_fractions(list(select_targets(module, self.include, self.exclude)), self.layer_fractions)
+        match_fractions(list(self.select(module)), self.layer_fractions)
 
     def start(self, module: nn.Module, host: Host | None = None) -> None:
         """Round 0's (dense) masks, the history, the initial values for ``random_reinit``, the init rewind point."""
@@ -569,7 +577,7 @@ class LotterySession(Session):
     def _prune(self, round_index: int, current: dict[str, Tensor]) -> dict[str, Tensor]:
         masks = self.masks
         scores = {n: full(p.detach()).abs().cpu() for n, p in masks.params.items()}  # sharded: gathered
-        nm = resolve_nm(self.nm, {n: m.shape for n, m in current.items()}, masks.layouts)
+        nm = resolve_nm(self.nm, {n: m.shape for n, m in current.items()}, masks.layouts, self.nm_incompatible)
         rest = [n for n in masks.names if n not in nm]
         fractions = {n: f for n, f in match_fractions(masks.names, self.layer_fractions).items() if n not in nm}
         new = {}
@@ -584,7 +592,8 @@ class LotterySession(Session):
         progress = round_index / (self.rounds - 1)
         for n, (k, m) in nm.items():  # per-group budgets shrinking from M to N over the rounds
             survivors = scores[n].masked_fill(~current[n], -math.inf)
-            new[n] = nm_keep(survivors, group_budget(k, m, progress), m, masks.layouts[n])
+            new[n] = nm_mask(survivors, group_budget(k, m, progress), m, masks.layouts[n], self.nm_incompatible)
+            new[n] &= current[n].to(new[n].device)  # a layer left dense keeps what it has (N:M ones: a no-op)
         new = {n: new[n] for n in masks.names}
         if self.control == "random_prune":
             counts = {n: int(m.sum()) for n, m in new.items()}
@@ -592,7 +601,8 @@ class LotterySession(Session):
             gen = torch.Generator().manual_seed(self.seed + round_index)
             for n, (k, m) in nm.items():  # random, but still within the groups' budgets
                 drawn = torch.rand(current[n].shape, generator=gen).masked_fill(~current[n], -math.inf)
-                new[n] = nm_keep(drawn, group_budget(k, m, progress), m, masks.layouts[n])
+                new[n] = nm_mask(drawn, group_budget(k, m, progress), m, masks.layouts[n], self.nm_incompatible)
+                new[n] &= current[n].to(new[n].device)
         return new
 
     def _ticket_masks(self, round_index: int) -> dict[str, Tensor]:

@@ -4,20 +4,57 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_pai.core.distributions import Distribution, distribute, get_distribution, global_, global_masks
-from lightning_pai.core.nm import nm_keep
+from lightning_pai.core.nm import nm_fits, nm_mask
 from lightning_pai.core.select import active_counts, masks_from_counts, raise_to_floors
 from lightning_pai.core.sharding import full, is_sharded, local, local_slice
 from lightning_pai.core.targets import Layout, Selectors, select_targets, target_layouts
 from lightning_pai.core.validation import check_min_density, check_sparsity
 
-__all__ = ["ZERO_PRESERVING", "MaskSet", "check_min_density", "check_sparsity", "compute_masks"]
+__all__ = ["ZERO_PRESERVING", "MaskSet", "check_min_density", "check_sparsity", "compute_masks", "zero_masked_"]
+
+#: Integer type of each element size: a tensor seen as its bit patterns (see :func:`zero_masked_`).
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_bits(tensor: Tensor) -> Tensor | None:
+    """``tensor``'s bytes seen as integers of the same width (a view), or None for a 16-byte element type."""
+    kind = _BITS.get(tensor.element_size())
+    return None if kind is None else tensor.view(kind)
+
+
+@torch.no_grad()
+def zero_masked_(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
+    """Set the entries of ``tensors`` whose mask entry is 0 / False to exactly 0, whatever they hold (NaN, Inf).
+
+    ``tensor * mask`` keeps ``0 * NaN = NaN``: a NaN gradient at a pruned weight would make the weight NaN. Here
+    each tensor's bit patterns (its bytes seen as integers of the same width) are multiplied by the 0/1 mask
+    instead: an entry is cleared to ``+0.0`` or left bit-for-bit untouched — ``torch.where(mask, t, 0)`` semantics,
+    in place, at the cost of PyTorch's fused same-kind multiply (ResNet-18 step times in
+    ``benchmarks/training_cost/masking_cost.py``). Element types without an integer of their width (complex128)
+    fall back to ``masked_fill_``.
+
+    Args:
+        tensors: Tensors edited in place (weights, gradients, optimizer state).
+        masks: One bool or uint8 (0/1) mask per tensor, of its shape.
+    """
+    bits, flags = [], []
+    for t, m in zip(tensors, masks):
+        m = m if m.dtype == torch.uint8 else m.to(torch.bool).view(torch.uint8)
+        view = _as_bits(t)
+        if view is None:
+            t.masked_fill_(m == 0, 0)
+        else:
+            bits.append(view)
+            flags.append(m)
+    if bits:
+        torch._foreach_mul_(bits, flags)
 
 
 def compute_masks(
@@ -30,6 +67,7 @@ def compute_masks(
     layouts: Mapping[str, Layout] | None = None,
     nm: Mapping[str, tuple[int, int]] | None = None,
     options: Mapping[str, object] | None = None,
+    nm_incompatible: str = "error",
 ) -> dict[str, Tensor]:
     """Turn scores into keep-masks: the distribution fixes each layer's count, the highest scores are kept.
 
@@ -49,6 +87,9 @@ def compute_masks(
             inputs (see :mod:`lightning_pai.core.nm`); ``sparsity`` and ``distribution`` then apply to the
             other layers only.
         options: Keyword options for a distribution registered with ``options=True``.
+        nm_incompatible: An ``nm`` layer whose input channels are not a multiple of ``m``: ``"error"`` raises,
+            ``"dense"`` keeps every weight it still has, ``"unstructured"`` keeps its ``round(size * k / m)``
+            highest scores (see :func:`~lightning_pai.core.nm.nm_mask`).
 
     Returns:
         New bool masks, by name.
@@ -59,7 +100,9 @@ def compute_masks(
         out = {}
         for n, (k, m) in nm.items():
             s = scores[n].masked_fill(~masks[n].to(scores[n].device), -math.inf) if masks is not None else scores[n]
-            out[n] = nm_keep(torch.where(torch.isfinite(s), -s, s) if invert else s, k, m, layouts[n])
+            out[n] = nm_mask(torch.where(torch.isfinite(s), -s, s) if invert else s, k, m, layouts[n], nm_incompatible)
+            if masks is not None and nm_incompatible == "dense" and not nm_fits(s.shape, layouts[n], m):
+                out[n] &= masks[n].to(out[n].device)  # left dense: what it still has
         rest = [n for n in scores if n not in nm]
         if rest:
             sub = compute_masks(
@@ -107,9 +150,10 @@ class MaskSet:
     Weights stay ordinary parameters (no ``weight_orig``, no forward hooks, 1 byte of mask per weight).
     Sharded (FSDP2 ``DTensor``) parameters keep their full-shape mask on every rank and are masked on their
     local shard (see :mod:`lightning_pai.core.sharding`).
-    Sparsity is enforced by zeroing, in place and with fused multi-tensor ops, the masked weights
-    (:meth:`apply_`), their gradients before the optimizer step (:meth:`mask_grads_`) and their
-    optimizer state when the masks change (:meth:`mask_optimizer_state_`). With zero weight, zero
+    Sparsity is enforced by zeroing, in place and with fused multi-tensor ops (:func:`zero_masked_`: exactly
+    zero whatever the entry held, NaN and Inf included), the masked weights (:meth:`apply_`), their gradients
+    before the optimizer step (:meth:`mask_grads_`) and their optimizer state when the masks change
+    (:meth:`mask_optimizer_state_`). With zero weight, zero
     gradient and zero state, SGD (momentum, weight decay, Nesterov) and Adam(W) leave the weight at
     exactly zero, so :meth:`attach` skips re-applying the masks after their steps; it re-applies them
     after every step of any other optimizer.
@@ -199,7 +243,7 @@ class MaskSet:
     @torch.no_grad()
     def apply_(self) -> None:
         """Zero every masked weight in place."""
-        torch._foreach_mul_([local(p) for p in self._plist] if self._sharded else self._plist, self._ulist)
+        zero_masked_([local(p) for p in self._plist] if self._sharded else self._plist, self._ulist)
 
     @torch.no_grad()
     def mask_grads_(self) -> None:
@@ -207,7 +251,7 @@ class MaskSet:
         pairs = [(local(p.grad), m) for p, m in zip(self._plist, self._ulist) if p.grad is not None]
         if pairs:
             grads, masks = zip(*pairs)
-            torch._foreach_mul_(list(grads), list(masks))
+            zero_masked_(grads, masks)
 
     @torch.no_grad()
     def mask_optimizer_state_(self, optimizer: torch.optim.Optimizer, fill: str = "zero") -> None:
@@ -225,10 +269,10 @@ class MaskSet:
             for value in optimizer.state.get(p, {}).values():
                 if isinstance(value, Tensor) and value.shape == p.shape:
                     if fill == "zero":
-                        local(value).mul_(u)
+                        zero_masked_([local(value)], [u])
                     else:  # the mean over the whole tensor (gathered when sharded), written to the local shard
                         whole = full(value)
-                        mean = (whole * m).sum() / m.sum().clamp_min(1)
+                        mean = torch.where(m, whole, 0.0).sum() / m.sum().clamp_min(1)
                         local(value).copy_(torch.where(u.bool(), local(value), mean))
 
     def update_(
@@ -271,15 +315,22 @@ class MaskSet:
         :attr:`grad_hooks_active` to False for a backward whose dense gradients are needed (e.g. a RigL update
         step), and call :meth:`mask_grads_` after it. Only for single-process training: under DDP/FSDP the
         gradients are overwritten by their all-reduced values after the hooks ran. :meth:`detach` removes them.
+        Frozen parameters (``requires_grad=False``, never given a gradient) get no hook.
         """
         self.grad_hooks_active = True
         for p, u in zip(self._plist, self._ulist):
+            if not p.requires_grad:
+                continue
             self._handles.append(p.register_post_accumulate_grad_hook(functools.partial(self._mask_one_grad, u)))
 
     def _mask_one_grad(self, mask: Tensor, param: Tensor) -> None:
         if self.grad_hooks_active and param.grad is not None:
             with torch.no_grad():
-                param.grad.mul_(mask)
+                bits = _as_bits(param.grad)
+                if bits is None:
+                    param.grad.masked_fill_(mask == 0, 0)
+                else:
+                    bits.mul_(mask)  # exactly 0 where pruned, even for a NaN gradient (see `zero_masked_`)
 
     def detach(self) -> None:
         """Remove every hook :meth:`attach` registered."""

@@ -22,8 +22,15 @@ import torch
 from torch import Tensor
 
 from lightning_pai.core.targets import Layout
+from lightning_pai.core.validation import check_choice
 
 NMSpec = str | Mapping[str, str] | None
+
+#: What becomes of a layer N:M groups cannot fit (input channels not a multiple of ``M``: a 3-channel stem, a
+#: depthwise convolution): ``"error"`` refuses before training (the default), ``"dense"`` leaves it dense (out
+#: of the targets), ``"unstructured"`` prunes it unstructured to the pattern's sparsity ``1 - N/M`` (NVIDIA
+#: ASP leaves such layers dense). Either way the layers are named in a warning and in the report.
+NM_INCOMPATIBLE = ("error", "dense", "unstructured")
 
 
 def parse_nm(value: str, argument: str = "nm") -> tuple[int, int]:
@@ -58,6 +65,21 @@ def check_nm(nm: NMSpec) -> None:
         parse_nm(pattern)
 
 
+def check_nm_incompatible(value: object) -> str:
+    """``value`` if it is one of :data:`NM_INCOMPATIBLE`.
+
+    Raises:
+        ValueError: Otherwise, naming ``nm_incompatible`` and the allowed values.
+    """
+    check_choice(value, NM_INCOMPATIBLE, "nm_incompatible")
+    return value
+
+
+def nm_fits(shape: Sequence[int], layout: Layout, m: int) -> bool:
+    """Whether a layer of ``shape`` splits into groups of ``m`` along its input-channel axis."""
+    return bool(layout.in_dims) and shape[layout.in_dims[0]] % m == 0
+
+
 def nm_sparsity(sparsity: float | None, nm: NMSpec) -> float:
     """The ``sparsity`` a callback prunes its unstructured layers to, checked against ``nm``.
 
@@ -84,32 +106,46 @@ def nm_sparsity(sparsity: float | None, nm: NMSpec) -> float:
 
 
 def resolve_nm(
-    nm: NMSpec, shapes: Mapping[str, Sequence[int]], layouts: Mapping[str, Layout]
+    nm: NMSpec, shapes: Mapping[str, Sequence[int]], layouts: Mapping[str, Layout], incompatible: str = "error"
 ) -> dict[str, tuple[int, int]]:
     """Per target name, its ``(n, m)``: every target for a plain ``"N:M"``, the first matching glob otherwise.
 
+    Args:
+        nm: ``"N:M"``, ``{glob: "N:M"}`` or None.
+        shapes: The targets' shapes, by name.
+        layouts: Their layouts (the input-channel axis the groups run along).
+        incompatible: Layers whose input channels are not a multiple of ``M`` (see :data:`NM_INCOMPATIBLE`):
+            ``"error"`` raises; otherwise they are returned too (test them with :func:`nm_fits`). With
+            ``"dense"`` a glob may match nothing: its layers may already have been left out of the targets.
+
     Raises:
-        ValueError: If a glob matches no target, or a layer's input channels are not a multiple of ``m``.
+        ValueError: If a glob matches no target, or (``incompatible="error"``) a layer's input channels are
+            not a multiple of ``m``; the message names every such layer.
     """
+    check_nm_incompatible(incompatible)
     if nm is None:
         return {}
     rules = {"*": nm} if isinstance(nm, str) else dict(nm)
     out: dict[str, tuple[int, int]] = {}
     for pattern, value in rules.items():
         hits = [name for name in shapes if fnmatch.fnmatchcase(name, pattern)]
-        if not hits:
+        if not hits and incompatible != "dense":
             raise ValueError(f"`nm` pattern {pattern!r} matches no pruned parameter; they are {list(shapes)[:6]}.")
         for name in hits:
             out.setdefault(name, parse_nm(value))
     bad = [
-        f"{name} ({shapes[name][layouts[name].in_dims[0]]} input channels)"
+        f"{name} ({shapes[name][layouts[name].in_dims[0]] if layouts[name].in_dims else 0} input channels)"
         for name, (_, m) in out.items()
-        if not layouts[name].in_dims or shapes[name][layouts[name].in_dims[0]] % m
+        if not nm_fits(shapes[name], layouts[name], m)
     ]
-    if bad:
+    if bad and incompatible == "error":
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
         raise ValueError(
-            f"N:M groups need input channels in multiples of M: {', '.join(bad[:4])}; leave those layers out of "
-            "`nm` (a mapping of globs) or `exclude` them."
+            f"N:M groups need input channels in multiples of M: {', '.join(bad[:8])}{more} "
+            f"({len(bad)} targeted layer{'s' if len(bad) > 1 else ''}). Pass `nm_incompatible='dense'` to leave such "
+            "layers dense or `nm_incompatible='unstructured'` to prune them unstructured to the same sparsity (each "
+            "is then named in a warning and in the report), leave them out of `nm` (a mapping of globs), or "
+            "`exclude` them."
         )
     return out
 
@@ -124,7 +160,10 @@ def _groups(tensor: Tensor, layout: Layout, m: int) -> Tensor:
         raise ValueError(f"N:M groups have M >= 1 weights; got M={m!r}.")
     if not layout.in_dims or tensor.shape[layout.in_dims[0]] % m:
         channels = tensor.shape[layout.in_dims[0]] if layout.in_dims else 0
-        raise ValueError(f"N:M groups need input channels in multiples of M={m}; this layer has {channels}.")
+        raise ValueError(
+            f"N:M groups need input channels in multiples of M={m}; this layer has {channels} (`nm_incompatible` "
+            "'dense' or 'unstructured' handles such layers)."
+        )
     moved = tensor.movedim(layout.in_dims[0], -1)
     return moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
 
@@ -149,6 +188,30 @@ def nm_keep(scores: Tensor, k: int, m: int, layout: Layout) -> Tensor:
     mask = torch.zeros_like(groups, dtype=torch.bool)
     mask.scatter_(-1, order[..., :k], True)
     return _ungroup(mask, layout, scores.shape).contiguous()
+
+
+def nm_mask(scores: Tensor, k: int, m: int, layout: Layout, incompatible: str = "error") -> Tensor:
+    """:func:`nm_keep` where the layer's input channels split into groups of ``m``; otherwise per ``incompatible``.
+
+    A layer the groups cannot fit keeps every weight with ``"dense"``, and with ``"unstructured"`` the
+    ``round(size * k / m)`` highest scores of the whole layer (the same density ``k / m``; ties broken by
+    position, ``-inf`` kept only if forced); ``"error"`` raises as :func:`nm_keep` does.
+
+    Raises:
+        ValueError: Unless ``0 < k <= m``, or (``"error"``) if the groups cannot fit the layer.
+    """
+    check_nm_incompatible(incompatible)
+    if incompatible == "error" or nm_fits(scores.shape, layout, m):
+        return nm_keep(scores, k, m, layout)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= m:
+        raise ValueError(f"N:M keeps 0 < N <= M weights of every group; got N={k!r}, M={m!r}.")
+    if incompatible == "dense":
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    flat = scores.detach().float().reshape(-1)
+    order = torch.argsort(flat, descending=True, stable=True)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[order[: round(flat.numel() * k / m)]] = True
+    return mask.view(scores.shape)
 
 
 def group_counts(mask: Tensor, m: int, layout: Layout) -> Tensor:

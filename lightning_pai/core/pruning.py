@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_pai.core.distributions import Distribution, distribution_info, get_distribution, signed_distributions
-from lightning_pai.core.masks import compute_masks
-from lightning_pai.core.nm import NMSpec, nm_keep, nm_sparsity, resolve_nm
+from lightning_pai.core.masks import compute_masks, zero_masked_
+from lightning_pai.core.nm import NMSpec, check_nm_incompatible, nm_fits, nm_keep, nm_sparsity, resolve_nm
 from lightning_pai.core.schedules import round_sparsities
 from lightning_pai.core.scorers import Scorer, ScoringContext, default_forward, get_scorer, scorer_info
 from lightning_pai.core.sharding import full, full_dict, local, local_slice
@@ -47,7 +47,7 @@ def preserved_state(module: nn.Module, params: Mapping[str, nn.Parameter] | None
 @torch.no_grad()
 def _zero_pruned(params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
     for n, p in params.items():
-        local(p).mul_(local_slice(masks[n].to(p.device), p))
+        zero_masked_([local(p)], [local_slice(masks[n].to(p.device), p)])
 
 
 def shuffle_masks(masks: Mapping[str, Tensor], seed: int = 0) -> dict[str, Tensor]:
@@ -106,6 +106,7 @@ def prune(
     ablation: str | None = None,
     min_density: float = 0.0,
     nm: Mapping[str, tuple[int, int]] | None = None,
+    nm_incompatible: str = "error",
 ) -> dict[str, Tensor]:
     """Score and prune, in one shot or over ``iterations`` rounds; return the final keep-masks.
 
@@ -129,6 +130,8 @@ def prune(
         min_density: Every layer keeps at least ``ceil(min_density * size)`` weights (layer-collapse guard).
         nm: Layers pruned N:M (name -> ``(n, m)``, see :mod:`lightning_pai.core.nm`), in the last round, on
             that round's scores (they stay dense in the earlier rounds); ``sparsity`` applies to the others.
+        nm_incompatible: An ``nm`` layer whose input channels are not a multiple of ``M``: ``"error"``,
+            ``"dense"`` or ``"unstructured"`` (see :func:`~lightning_pai.core.masks.compute_masks`).
 
     Returns:
         Bool masks by parameter name.
@@ -159,11 +162,14 @@ def prune(
                 invert=ablation == "invert",
                 layouts=ctx.layouts,
                 nm={n: (k if last else m, m) for n, (k, m) in (nm or {}).items()},
+                nm_incompatible=nm_incompatible,
             )
     if ablation == "shuffle":
         masks = shuffle_masks(masks, ctx.seed)
         gen = torch.Generator().manual_seed(ctx.seed + 1)
         for n, (k, m) in (nm or {}).items():  # N:M layers: shuffled within their groups, still N:M
+            if not nm_fits(masks[n].shape, ctx.layouts[n], m):
+                continue  # pruned unstructured (or left dense): the layer-wide shuffle keeps its count
             masks[n] = nm_keep(torch.rand(masks[n].shape, generator=gen), k, m, ctx.layouts[n]).to(masks[n].device)
     elif ablation == "reinit":
         if ctx.module is None:
@@ -194,6 +200,8 @@ class Pruner:
         temperature: GraSP's softmax temperature.
         seed: Seed of stochastic scorers and ablations.
         nm: N:M structured sparsity (``"2:4"`` or ``{glob: "N:M"}``), see :mod:`lightning_pai.core.nm`.
+        nm_incompatible: Layers the N:M groups cannot fit: ``"error"``, ``"dense"`` or ``"unstructured"``
+            (see :data:`~lightning_pai.core.nm.NM_INCOMPATIBLE`).
     """
 
     method: str | Scorer = "magnitude"
@@ -210,9 +218,11 @@ class Pruner:
     temperature: float = 200.0
     seed: int = 0
     nm: NMSpec = None
+    nm_incompatible: str = "error"
 
     def __post_init__(self) -> None:
         self.sparsity = nm_sparsity(self.sparsity, self.nm)
+        check_nm_incompatible(self.nm_incompatible)
         get_scorer(self.method)
         info = scorer_info(self.method)
         if self.iterations is None:
@@ -283,7 +293,8 @@ class Pruner:
             schedule=self.schedule,
             ablation=self.ablation,
             min_density=self.min_density,
-            nm=resolve_nm(self.nm, {n: p.shape for n, p in masks.params.items()}, masks.layouts),
+            nm=resolve_nm(self.nm, {n: p.shape for n, p in masks.params.items()}, masks.layouts, self.nm_incompatible),
+            nm_incompatible=self.nm_incompatible,
         )
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -128,10 +130,15 @@ class SparsityReport:
     Attributes:
         rows: One row per target.
         coverage: How much of the model the targets are (when the report was made with the model).
+        skipped: Frozen (``requires_grad=False``) parameters the selection left dense (``frozen="skip"``).
+        notes: Further lines printed under the table (e.g. the layers N:M groups cannot fit, and what became of
+            them).
     """
 
     rows: list[LayerSparsity]
     coverage: Coverage | None = None
+    skipped: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def kept(self) -> int:
@@ -198,7 +205,22 @@ class SparsityReport:
         lines += [fmt.format(*row) for row in body]
         if self.coverage is not None:
             lines.append(f"Coverage: {self.coverage}.")
+        if self.skipped:
+            line = skipped_line(self.skipped)
+            lines.append(line[0].upper() + line[1:] + ".")
+        lines += list(self.notes)
         return "\n".join(lines)
+
+
+def skipped_line(names: Sequence[str], limit: int = 5) -> str:
+    """``skipped 2 frozen parameters (requires_grad=False), left dense: a.weight, b.weight``."""
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    plural = "" if len(names) == 1 else "s"
+    return (
+        f"skipped {len(names)} frozen parameter{plural} (requires_grad=False), left dense: "
+        + ", ".join(names[:limit])
+        + more
+    )
 
 
 @torch.no_grad()
@@ -217,10 +239,15 @@ def sparsity_report(
             ``include``/``exclude`` (see :func:`~lightning_pai.core.targets.select_targets`) are counted.
         include: Target selection when ``masks`` is None.
         exclude: Target selection when ``masks`` is None.
-        effective: Also compute effective sparsity (see :func:`effective_masks`; chains of layers only).
+        effective: Also compute effective sparsity (see :func:`effective_masks`). Only defined for a plain
+            chain of layers, which :func:`chain_order` checks on ``module``'s traced forward.
 
     Returns:
         The report; ``str(report)`` is a table, ``report.metrics()`` a dict for loggers.
+
+    Raises:
+        ValueError: With ``effective=True``, if ``module`` is None or its targets do not form a plain chain
+            (residual connections, attention, parallel branches) or its forward cannot be traced to tell.
 
     """
     if masks is None and module is None:
@@ -233,14 +260,163 @@ def sparsity_report(
             for n, p in select_targets(module, include, exclude).items()
         ]
     if effective:
-        kept = {r.name: (masks[r.name] if masks is not None else module.get_parameter(r.name) != 0) for r in rows}
-        layouts = getattr(masks, "layouts", None) or (
-            target_layouts(module, [r.name for r in rows]) if module is not None else None
-        )
+        if module is None:
+            raise ValueError(
+                "`effective=True` needs the `module`: effective sparsity is only defined for a plain chain of layers, "
+                "which is checked on the model's forward."
+            )
+        order = chain_order(module, [r.name for r in rows])
+        kept = {n: (masks[n] if masks is not None else module.get_parameter(n) != 0) for n in order}
+        layouts = getattr(masks, "layouts", None) or target_layouts(module, order)
         eff = effective_masks(kept, layouts)
         rows = [replace(r, effective_kept=int(torch.count_nonzero(eff[r.name]))) for r in rows]
     cover = coverage(module, {r.name for r in rows}) if module is not None else None
     return SparsityReport(rows, cover)
+
+
+#: Layouts a layer of a chain may have (one weight matrix, output and input-channel axes known).
+_CHAIN_KINDS = ("linear", "conv", "conv_transpose", "conv1d")
+#: Modules that keep each unit (feature / channel) of a chain in place: activations, dropout, pooling,
+#: flattening and per-channel batch norm. Anything else between two targets (an untargeted layer, a layer norm,
+#: softmax) mixes units and breaks the chain.
+_UNITWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.LogSigmoid, nn.Threshold, nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.batchnorm._BatchNorm,
+)  # fmt: skip
+#: Functions and tensor methods (by name) that keep units in place, applied to one tensor (other arguments constant).
+_UNITWISE_CALLS = frozenset(
+    "relu relu_ relu6 gelu silu elu selu celu leaky_relu hardtanh hardswish hardsigmoid mish softplus softsign "
+    "tanhshrink logsigmoid sigmoid tanh threshold dropout dropout1d dropout2d dropout3d alpha_dropout "
+    "feature_alpha_dropout max_pool1d max_pool2d max_pool3d _max_pool1d _max_pool2d _max_pool3d avg_pool1d "
+    "avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d "
+    "adaptive_max_pool2d adaptive_max_pool3d _adaptive_max_pool1d _adaptive_max_pool2d _adaptive_max_pool3d "
+    "batch_norm flatten view reshape squeeze unsqueeze contiguous clamp clamp_min clamp_max float half bfloat16 "
+    "double to add sub mul truediv neg iadd isub imul itruediv".split()
+)
+#: Calls that read a tensor's metadata, not its values (their results are not data flowing through the chain).
+_META_CALLS = frozenset({"size", "dim", "numel", "getattr", "type", "device"})
+
+
+def _call_name(node: Any) -> str:
+    """The function or method name a traced node calls (``""`` for other nodes)."""
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return ""
+
+
+def chain_order(module: nn.Module, names: Sequence[str]) -> list[str]:
+    """``names`` (weights of ``module``) in forward order, once the forward shows they form a plain chain.
+
+    Effective sparsity (:func:`effective_masks`) reads the targets as a chain: each targeted layer's input is
+    the previous targeted layer's output, through unit-wise operations only (activations, dropout, pooling,
+    per-channel batch norm, flattening, arithmetic with constants). The forward is traced with ``torch.fx``
+    (the targets' modules as leaves) and checked for exactly that: residual additions, concatenations,
+    attention products, parallel branches, untargeted layers between targets or a layer used twice break
+    the chain. Before the first target and after the last any single-input computation is allowed (an
+    excluded stem or head).
+
+    Raises:
+        ValueError: Naming the first target where the chain breaks, a target that is not a single weight
+            matrix, or the tracing error when the forward cannot be traced (HF transformers models, for one).
+    """
+    import torch.fx
+
+    hint = "Use `effective=False` (the masks' own sparsity is exact), or compute effective masks for this graph."
+    plain = "effective sparsity is only defined for a plain chain of layers"
+    layouts = target_layouts(module, names)
+    owners: dict[str, str] = {}
+    for n in names:
+        prefix, _, attr = n.rpartition(".")
+        kind = layouts[n].kind
+        if kind not in _CHAIN_KINDS or attr != "weight":
+            raise ValueError(f"`{n}` ({kind} weight) is not a layer of a chain: {plain}. {hint}")
+        owners[prefix] = n
+
+    class _Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return qualname in owners or super().is_leaf_module(m, qualname)
+
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+        concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        graph = _Tracer().trace(module, concrete_args=concrete or None)
+    except Exception as error:  # any tracing failure: the graph cannot be checked
+        raise ValueError(
+            f"Cannot check that the {len(names)} targets of `{type(module).__name__}` ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}) form a plain chain, and {plain}: torch.fx cannot trace its "
+            f"forward ({type(error).__name__}: {error}). {hint}"
+        ) from error
+    nodes = list(graph.nodes)
+    data: dict[Any, bool] = {}
+    for node in nodes:
+        if node.op == "placeholder":
+            data[node] = True
+        elif node.op == "get_attr" or _call_name(node) in _META_CALLS:
+            data[node] = False
+        else:
+            data[node] = any(data.get(i, False) for i in node.all_input_nodes)
+    calls: dict[str, list[Any]] = {n: [] for n in names}
+    for node in nodes:
+        if node.op == "call_module" and node.target in owners:
+            calls[owners[node.target]].append(node)
+    for n, used in calls.items():
+        if len(used) != 1:
+            how = "is never called as a module" if not used else f"is called {len(used)} times"
+            raise ValueError(f"The chain breaks at `{n}`: its layer {how} in the forward, and {plain}. {hint}")
+    order = sorted(names, key=lambda n: nodes.index(calls[n][0]))
+    position = {calls[n][0]: n for n in order}
+
+    def _inputs(node: Any) -> list[Any]:
+        return [i for i in node.all_input_nodes if data.get(i, False)]
+
+    def _describe(node: Any) -> str:
+        if node.op == "call_module":
+            return f"`{node.target}` ({type(module.get_submodule(str(node.target))).__name__})"
+        return f"`{_call_name(node) or node.op}`"
+
+    def _walk(start: Any, stop: Any, strict: bool, where: str) -> None:
+        """Follow the single data input back from ``start`` to ``stop`` (unit-wise steps only if ``strict``)."""
+        node = start
+        while True:
+            inputs = _inputs(node)
+            if len(inputs) != 1:
+                raise ValueError(
+                    f"The chain breaks {where}: {_describe(node)} combines {len(inputs)} tensors (a residual, "
+                    f"concatenation, product or several outputs), and {plain}. {hint}"
+                )
+            node = inputs[0]
+            if node is stop:
+                return
+            if node in position or node.op == "placeholder":
+                source = f"`{position[node]}`" if node in position else "the model's input"
+                expected = f"`{position[stop]}`" if stop in position else "the previous target"
+                raise ValueError(
+                    f"The chain breaks {where}: its input comes from {source}, not from {expected} (parallel "
+                    f"branches), and {plain}. {hint}"
+                )
+            if strict:
+                unitwise = (
+                    isinstance(module.get_submodule(str(node.target)), _UNITWISE_MODULES)
+                    if node.op == "call_module"
+                    else _call_name(node) in _UNITWISE_CALLS
+                )
+                if not unitwise:
+                    raise ValueError(
+                        f"The chain breaks {where}: {_describe(node)} runs between it and the previous target "
+                        f"`{position[stop]}` and mixes their units (only activations, dropout, pooling, batch norm "
+                        f"and flattening keep them), and {plain}. {hint}"
+                    )
+
+    for prev, cur in zip(order, order[1:]):
+        _walk(calls[cur][0], calls[prev][0], True, f"at `{cur}`")
+    output = next(node for node in reversed(nodes) if node.op == "output")
+    _walk(output, calls[order[-1]][0], False, f"after the last target `{order[-1]}`")
+    return order
 
 
 def _to_units(alive: Tensor, width: int, argument: str) -> Tensor:
@@ -271,7 +447,8 @@ def effective_masks(masks: Mapping[str, Tensor], layouts: Mapping[str, Layout] |
     only if input unit ``i`` is reachable from the network input through kept weights and output unit
     ``o`` reaches the network output through kept weights. Biases are ignored (they carry no input
     signal). Residual connections, concatenations and attention are not modelled: for such graphs the
-    result is undefined, and inconsistent widths raise an error.
+    result is undefined, and inconsistent widths raise an error. This function trusts the order it is given;
+    :func:`sparsity_report` first checks the model's forward with :func:`chain_order`.
 
     Args:
         masks: Bool masks in forward order (``[out, in, *kernel]`` without ``layouts``).

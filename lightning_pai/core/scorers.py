@@ -71,7 +71,10 @@ def call_forward(module: nn.Module, inputs: Any) -> Any:
     """``module(**inputs)``, ``module(*inputs)`` or ``module(inputs)`` for a dict, tuple or single input.
 
     Raises:
-        ValueError: If the call fails on its arguments; the message says how to pass ``forward_fn``.
+        ValueError: If the call fails on its arguments: a ``TypeError`` (a missing or unexpected argument) or a
+            ``ValueError`` (a model refusing the arguments it got, e.g. an encoder-decoder given no decoder
+            inputs); the message says how to pass ``forward_fn``, and the model's error is its ``__cause__``.
+            Other errors (shapes, devices, memory) pass through unchanged.
     """
     try:
         if isinstance(inputs, Mapping):
@@ -79,9 +82,12 @@ def call_forward(module: nn.Module, inputs: Any) -> Any:
         if isinstance(inputs, tuple):
             return module(*inputs)
         return module(inputs)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
+        how = ""
+        if isinstance(inputs, Mapping):
+            how = f" (keyword arguments {sorted(inputs)}: every key of the batch but {'/'.join(LABEL_KEYS)})"
         raise ValueError(
-            f"Cannot call the model's forward on the batch's inputs ({type(inputs).__name__}): {error}. "
+            f"Cannot call the model's forward on the batch's inputs{how}: {type(error).__name__}: {error}. "
             f"{_FORWARD_HINT}."
         ) from error
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -38,11 +39,12 @@ from torch import Tensor, nn
 
 from lightning_pai.core.dst import Plan, TopologyUpdater
 from lightning_pai.core.masks import MaskSet
-from lightning_pai.core.nm import NMSpec, resolve_nm
-from lightning_pai.core.report import SparsityReport, coverage, sparsity_report
+from lightning_pai.core.nm import NMSpec, nm_fits, resolve_nm
+from lightning_pai.core.report import SparsityReport, coverage, skipped_line, sparsity_report
 from lightning_pai.core.schedules import Cubic, resolve_window
 from lightning_pai.core.sharding import full_dict
-from lightning_pai.core.targets import Selectors, select_targets, target_layouts
+from lightning_pai.core.targets import FROZEN, Selectors, select_targets, target_layouts
+from lightning_pai.core.validation import check_choice
 
 
 class Host:
@@ -138,11 +140,26 @@ class Session:
         include: Prunable-parameter selection, see :func:`~lightning_pai.core.targets.select_targets`.
         exclude: Parameters removed from the selection.
         verbose: Print the sparsity table (rank zero) when the masks are set or change.
+        frozen: Selected parameters with ``requires_grad=False``: ``"skip"`` leaves them dense (named in a
+            warning and in the report), ``"prune"`` prunes them once at the start (methods whose masks follow
+            gradients or regrow weights refuse them), ``"error"`` refuses them (see :data:`FROZEN`).
     """
 
-    def __init__(self, name: str, *, include: Selectors = None, exclude: Selectors = None, verbose: bool = True):
+    def __init__(
+        self,
+        name: str,
+        *,
+        include: Selectors = None,
+        exclude: Selectors = None,
+        verbose: bool = True,
+        frozen: str = "skip",
+    ):
         self.name = name
         self.include, self.exclude, self.verbose = include, exclude, verbose
+        check_choice(frozen, FROZEN, "frozen")
+        self.frozen = frozen
+        self.skipped: list[str] = []  # frozen parameters left dense (`frozen="skip"`), found at `start`
+        self.nm_unfit: list[str] = []  # targets N:M groups cannot fit (`nm_incompatible`), found at `start`
         self.masks: MaskSet | None = None
         self.module: nn.Module | None = None
         self.host: Host = Host()
@@ -173,16 +190,62 @@ class Session:
         """The method's N:M layers (``"2:4"``, ``{glob: "N:M"}`` or None)."""
         return None
 
+    @property
+    def nm_incompatible(self) -> str:
+        """What becomes of targets the N:M groups cannot fit (see :data:`~lightning_pai.core.nm.NM_INCOMPATIBLE`)."""
+        return "error"
+
+    def nm_unfit_targets(self, module: nn.Module, targets: dict[str, nn.Parameter]) -> list[str]:
+        """The ``targets`` the N:M groups cannot fit (none without ``nm``).
+
+        Raises:
+            ValueError: If there are some and ``nm_incompatible`` is ``"error"``, or an ``nm`` glob matches nothing.
+        """
+        if self.nm_spec is None:
+            return []
+        shapes, layouts = {n: p.shape for n, p in targets.items()}, target_layouts(module, list(targets))
+        strict = "error" if self.nm_incompatible == "error" else "unstructured"  # globs checked on every target
+        resolved = resolve_nm(self.nm_spec, shapes, layouts, strict)
+        return [n for n, (_, m) in resolved.items() if not nm_fits(shapes[n], layouts[n], m)]
+
+    def frozen_conflict(self) -> str | None:
+        """Why the method cannot prune frozen parameters (None: it can, their masks never need a gradient)."""
+        return None
+
+    def select(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """The targets in ``module``, frozen ones handled as ``frozen`` says (see :func:`select_targets`).
+
+        With ``nm_incompatible="dense"`` the layers the N:M groups cannot fit are left out (dense).
+        """
+        targets = select_targets(module, self.include, self.exclude, self.frozen)
+        if self.nm_incompatible == "dense":  # layers N:M groups cannot fit are left out, dense
+            unfit = self.nm_unfit_targets(module, targets)
+            targets = {n: p for n, p in targets.items() if n not in unfit}
+        return targets
+
     def check(self, module: nn.Module) -> None:
         """Raise before training when the target patterns match nothing, or N:M groups cannot fit a layer."""
-        targets = select_targets(module, self.include, self.exclude)
+        targets = self.select(module)
+        frozen = [n for n, p in targets.items() if not p.requires_grad]
+        conflict = self.frozen_conflict() if frozen else None
+        if conflict is not None:
+            raise ValueError(
+                f"`{self.name}` {conflict}, which a frozen parameter (`requires_grad=False`) cannot follow; frozen "
+                f"targets: {', '.join(frozen)}. Leave them dense with `frozen='skip'` (the default), exclude them "
+                f"(`exclude={frozen!r}`), or unfreeze them before fitting."
+            )
         if self.nm_spec is not None:
-            resolve_nm(self.nm_spec, {n: p.shape for n, p in targets.items()}, target_layouts(module, list(targets)))
+            layouts = target_layouts(module, list(targets))
+            resolve_nm(self.nm_spec, {n: p.shape for n, p in targets.items()}, layouts, self.nm_incompatible)
 
     def start(self, module: nn.Module, host: Host | None = None) -> None:
         """Set the masks on ``module`` and start enforcing them around ``host``'s optimizers."""
         self.module, self.host = module, host if host is not None else Host()
-        masks = MaskSet.from_module(module, self.include, self.exclude)
+        params = self.select(module)
+        masks = MaskSet(params, layouts=target_layouts(module, list(params)))
+        if self.frozen == "skip":
+            every = select_targets(module, self.include, self.exclude)
+            self.skipped = [n for n, p in every.items() if n not in params and not p.requires_grad]
         if self._restored is not None:
             masks.load_state_dict(self._restored)
             self._restored = None
@@ -201,6 +264,14 @@ class Session:
             masks.mask_grads_in_backward()
         masks.apply_()
         self._warn_coverage()
+        self.nm_unfit = self.nm_unfit_targets(module, select_targets(module, self.include, self.exclude, self.frozen))
+        if self.nm_unfit:
+            self.host.warn(f"`{self.name}`: {self._nm_line()}")
+        if self.skipped:
+            self.host.warn(
+                f"`{self.name}`: {skipped_line(self.skipped)}. Pass `frozen='prune'` to prune them too, or exclude "
+                f"them to silence this warning (`exclude={self.skipped[:5]!r}`)."
+            )
         self.masks_changed()
 
     def train_start(self) -> None:
@@ -271,7 +342,19 @@ class Session:
         masks = self.masks if self.masks is not None else self._restored
         if masks is None:
             raise RuntimeError(f"`{self.name}` has no masks yet: they are set when training starts.")
-        return sparsity_report(module, masks)
+        report = sparsity_report(module, masks)
+        if self.nm_unfit:
+            report = replace(report, notes=(*report.notes, self._nm_line()))
+        return replace(report, skipped=tuple(self.skipped)) if self.skipped else report
+
+    def _nm_line(self) -> str:
+        """The report's line naming the targets N:M groups cannot fit, and what became of them."""
+        what = {"dense": "left dense", "unstructured": "pruned unstructured to the same sparsity"}[self.nm_incompatible]
+        plural = "s" if len(self.nm_unfit) > 1 else ""
+        return (
+            f"N:M: {len(self.nm_unfit)} layer{plural} the groups cannot fit (input channels not a multiple of M), "
+            f"{what} (`nm_incompatible={self.nm_incompatible!r}`): {', '.join(self.nm_unfit)}."
+        )
 
     def masks_changed(self, step: int | None = None) -> None:
         """Log ``sparsity/*`` metrics (incl. coverage) and, if verbose, print the table (rank zero)."""
@@ -313,7 +396,7 @@ class PruneSession(Session):
     Args:
         name: The method's name, used in messages.
         pruner: Scores the targets and keeps the top ones.
-        include, exclude, verbose: As for :class:`Session`.
+        include, exclude, verbose, frozen: As for :class:`Session`.
     """
 
     def __init__(self, name: str, pruner: Any, **kwargs: Any) -> None:
@@ -324,6 +407,11 @@ class PruneSession(Session):
     def nm_spec(self) -> NMSpec:
         """The pruner's N:M layers."""
         return self.pruner.nm
+
+    @property
+    def nm_incompatible(self) -> str:
+        """The pruner's choice for layers the N:M groups cannot fit."""
+        return self.pruner.nm_incompatible
 
     def initial_masks(self, masks: MaskSet) -> dict[str, Tensor]:
         """Score the targets with the pruner's method and keep the top ones."""
@@ -347,7 +435,7 @@ class TopologySession(Session):
             to start dense.
         seed: Seed of random rules.
         beta: Decay of the updater's own momentum buffer (optimizers without momentum).
-        include, exclude, verbose: As for :class:`Session`.
+        include, exclude, verbose, frozen: As for :class:`Session`.
     """
 
     def __init__(
@@ -395,10 +483,23 @@ class TopologySession(Session):
             return super().initial_masks(masks)
         return self.initial.masks(self.module, masks, self.host, self.name)
 
+    def frozen_conflict(self) -> str | None:
+        """Regrowing weights, or reading gradients during training, needs every target to train."""
+        if self.plan.rewire is not None:
+            return "regrows weights during training (a frozen weight regrown from zero would stay zero)"
+        if self.plan.needs() or self.plan.observers():
+            return "decides its masks from gradients during training"
+        return None
+
     @property
     def nm_spec(self) -> NMSpec:
         """The plan's N:M layers (``options["nm"]``)."""
         return self.plan.options.get("nm")
+
+    @property
+    def nm_incompatible(self) -> str:
+        """The plan's choice for layers the N:M groups cannot fit (``options["nm_incompatible"]``)."""
+        return self.plan.options.get("nm_incompatible", "error")
 
     @property
     def dense_gradients(self) -> bool:

@@ -9,6 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
+
+from lightning_pai.core.validation import check_choice
 
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 #: Module types whose weight matrices are pruned when ``include`` is not given (subclasses included), besides
@@ -32,6 +35,11 @@ Selectors = Selector | Sequence[Selector] | None
 #: Named selections usable in ``include`` / ``exclude``: the input layer (``"stem"``), the classifier
 #: (``"head"``) or both (``"stem_and_head"``). See :func:`preset_names`.
 PRESETS = ("stem", "head", "stem_and_head")
+
+#: What target selection does with frozen (``requires_grad=False``) parameters: leave them dense (``"skip"``),
+#: prune them like the others (``"prune"``; their masks are set once and never need a gradient) or refuse
+#: (``"error"``). See :func:`select_targets`.
+FROZEN = ("skip", "prune", "error")
 
 
 @dataclass(frozen=True)
@@ -104,10 +112,14 @@ def default_layouts(module: nn.Module) -> dict[str, Layout]:
     params = dict(module.named_parameters(recurse=False))
     if isinstance(module, nn.Linear):
         return {"weight": LINEAR} if "weight" in params else {}
+    # A convolution's axes come from its `kernel_size`, not from its weight, which a lazy module
+    # (`nn.LazyConv2d`) has not shaped yet.
     if isinstance(module, _CONV_TRANSPOSE):  # (in, out / groups, *kernel)
-        return {"weight": Layout("conv_transpose", 1, (0, *range(2, params["weight"].dim())))}
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return {"weight": Layout("conv", 0, tuple(range(1, params["weight"].dim())))}
+        kernel = range(2, 2 + len(module.kernel_size))
+        return {"weight": Layout("conv_transpose", 1, (0, *kernel))} if "weight" in params else {}
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):  # (out, in / groups, *kernel)
+        kernel = range(2, 2 + len(module.kernel_size))
+        return {"weight": Layout("conv", 0, (1, *kernel))} if "weight" in params else {}
     if isinstance(module, nn.MultiheadAttention):
         out = {}
         if params.get("in_proj_weight") is not None:
@@ -227,10 +239,14 @@ def _as_list(selectors: Selectors, argument: str) -> list[Selector]:
     return out
 
 
-def _expand_presets(module: nn.Module, selectors: list[Selector]) -> list[Selector]:
-    out: list[Selector] = []
+def _expand_presets(module: nn.Module, selectors: list[Selector]) -> list[tuple[Selector, str | None]]:
+    """Each selector, presets replaced by the names they select: ``(selector, the preset it came from or None)``."""
+    out: list[tuple[Selector, str | None]] = []
     for s in selectors:
-        out.extend(preset_names(module, s) or [s] if isinstance(s, str) and s in PRESETS else [s])
+        if isinstance(s, str) and s in PRESETS:
+            out.extend((name, s) for name in preset_names(module, s) or [s])
+        else:
+            out.append((s, None))
     return out
 
 
@@ -255,14 +271,18 @@ def _matches(selector: Selector, name: str, module: nn.Module, attr: str) -> boo
     return attr in defaults if defaults else attr == "weight"
 
 
-def select_targets(module: nn.Module, include: Selectors = None, exclude: Selectors = None) -> dict[str, nn.Parameter]:
+def select_targets(
+    module: nn.Module, include: Selectors = None, exclude: Selectors = None, frozen: str = "prune"
+) -> dict[str, nn.Parameter]:
     """Return the prunable parameters of ``module``, keyed by fully qualified name, in registration order.
 
     Without ``include`` the targets are the weight matrices of every linear-like operation: ``weight`` of
     ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` (subclasses included, such as timm's),
     HF-style ``Conv1D``, ``nn.MultiheadAttention``'s ``in_proj_weight`` (or ``q|k|v_proj_weight``) plus its
     ``out_proj``, and ``nn.RNN/LSTM/GRU``'s ``weight_ih_l*`` / ``weight_hh_l*`` (``weight_hr_l*``,
-    ``_reverse``). Biases, norms and embeddings are left dense (select them with ``include``).
+    ``_reverse``). Biases, norms and embeddings are left dense (select them with ``include``). A tensor
+    shared by several modules (tied weights, e.g. GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``)
+    is one candidate, named and typed after its first owner.
 
     Args:
         module: The model.
@@ -271,14 +291,20 @@ def select_targets(module: nn.Module, include: Selectors = None, exclude: Select
             preset of :data:`PRESETS` (``"stem"``, ``"head"``, ``"stem_and_head"``, see :func:`preset_names`).
         exclude: Removed from the targets; same forms as ``include`` (e.g. ``exclude="stem_and_head"``
             keeps a timm model's input layer and classifier dense).
+        frozen: What to do with selected parameters that do not train (``requires_grad=False``), one of
+            :data:`FROZEN`: ``"prune"`` keeps them among the targets (the default here), ``"skip"`` leaves
+            them out (see :func:`frozen_targets` for their names), ``"error"`` raises.
 
     Returns:
         Ordered mapping from parameter name to parameter.
 
     Raises:
-        ValueError: If an ``include`` or ``exclude`` entry matches no parameter, or nothing is left to prune.
+        ValueError: If an ``include`` or ``exclude`` entry matches no parameter (tied weights are named as
+            such), a target is an uninitialized lazy parameter (``nn.LazyLinear`` before its first forward),
+            a target is frozen under ``frozen="error"``, or nothing is left to prune.
 
     """
+    check_choice(frozen, FROZEN, "frozen")
     inc = _expand_presets(module, _as_list(include, "include"))
     exc = _expand_presets(module, _as_list(exclude, "exclude"))
     owners = [
@@ -286,23 +312,41 @@ def select_targets(module: nn.Module, include: Selectors = None, exclude: Select
         for prefix, mod in module.named_modules()
         for attr, p in mod.named_parameters(recurse=False)
     ]
-    seen: set[int] = set()
-    candidates = []
+    first: dict[int, str] = {}
+    candidates, aliases = [], []
     for name, mod, attr, p in owners:  # shared parameters are kept once, under their first name
-        if id(p) not in seen and p.is_floating_point():
-            seen.add(id(p))
+        if id(p) in first:
+            aliases.append((name, mod, attr, p))
+        elif p.is_floating_point():
+            first[id(p)] = name
             candidates.append((name, mod, attr, p))
 
-    def _pick(selectors: list[Selector], pool: list, argument: str) -> list:
+    def _pick(selectors: list[tuple[Selector, str | None]], pool: list, argument: str) -> list:
         picked = []
-        for s in selectors:
+        for s, preset in selectors:
             hits = [c for c in pool if _matches(s, c[0], c[1], c[2])]
             if not hits:
-                example = ", ".join(c[0] for c in pool[:5]) + (", ..." if len(pool) > 5 else "")
                 what = s if isinstance(s, str) else s.__name__
+                entry = f"{preset!r} (the preset; here {what!r})" if preset is not None else repr(what)
+                among = " among the targets" if argument == "exclude" else ""
+                tied = [(c[0], first[id(c[3])]) for c in aliases if _matches(s, c[0], c[1], c[2])]
+                if tied:
+                    alias, owner = tied[0]
+                    kind = _type_name(next(c[1] for c in candidates if c[0] == owner))
+                    if argument == "include":
+                        hint = f"Include it as {owner!r} (one tensor: pruning it prunes both)"
+                    elif any(c[0] == owner for c in pool):
+                        hint = f"`{owner}` is a target: exclude it as {owner!r}"
+                    else:
+                        hint = f"`{owner}` ({kind}) is not a target, so it is dense already: drop {preset or what!r}"
+                        hint += " from `exclude`"
+                    raise ValueError(
+                        f"`{argument}` entry {entry} matches no parameter{among}: `{alias}` is the same tensor as "
+                        f"`{owner}` (tied weights), and a shared tensor is selected under its first name. {hint}."
+                    )
+                example = ", ".join(c[0] for c in pool[:5]) + (", ..." if len(pool) > 5 else "")
                 raise ValueError(
-                    f"`{argument}` entry {what!r} matches no parameter"
-                    f"{' among the targets' if argument == 'exclude' else ''}. Parameter names look like: {example}"
+                    f"`{argument}` entry {entry} matches no parameter{among}. Parameter names look like: {example}"
                 )
             picked.extend(hits)
         return picked
@@ -315,6 +359,32 @@ def select_targets(module: nn.Module, include: Selectors = None, exclude: Select
     if exc:
         dropped = {id(c[3]) for c in _pick(exc, targets, "exclude")}
         targets = [c for c in targets if id(c[3]) not in dropped]
+    lazy = [(name, mod) for name, mod, _, p in targets if is_lazy(p)]
+    if lazy:
+        names = ", ".join(f"`{n}`" for n, _ in lazy[:5]) + (", ..." if len(lazy) > 5 else "")
+        kinds = ", ".join(dict.fromkeys(_type_name(m) for _, m in lazy))
+        verb = "is" if len(lazy) == 1 else "are"
+        raise ValueError(
+            f"Parameter{'s' if len(lazy) > 1 else ''} {names} {verb} uninitialized ({kinds}): run one forward pass "
+            "(e.g. `model(example_batch)`) before fitting, so that lazy modules get their shapes, or exclude "
+            f"{'it' if len(lazy) == 1 else 'them'} (`exclude={[n for n, _ in lazy[:5]]!r}`)."
+        )
+    if frozen != "prune":
+        still = [c for c in targets if c[3].requires_grad]
+        if frozen == "error" and len(still) < len(targets):
+            names = [c[0] for c in targets if not c[3].requires_grad]
+            raise ValueError(
+                f"{_count(names, 'target')} frozen (`requires_grad=False`): {_listed(names)}. Pass "
+                "`frozen='skip'` to leave frozen parameters dense, `frozen='prune'` to prune them anyway, "
+                f"`exclude={names[:5]!r}`, or unfreeze them before fitting."
+            )
+        if not still and targets:
+            raise ValueError(
+                f"Every target is frozen (`requires_grad=False`): {_listed([c[0] for c in targets])}; nothing "
+                "trains to be pruned. Unfreeze the layers to prune, select trainable ones with `include`, or pass "
+                "`frozen='prune'` to prune the frozen weights once."
+            )
+        targets = still
     if not targets:
         raise ValueError(
             "The model has no prunable parameter: by default the weight matrices of linear, convolution, "
@@ -322,3 +392,23 @@ def select_targets(module: nn.Module, include: Selectors = None, exclude: Select
             "or module types) or relax `exclude`."
         )
     return {name: p for name, _, _, p in targets}
+
+
+def frozen_targets(module: nn.Module, include: Selectors = None, exclude: Selectors = None) -> list[str]:
+    """Names of the parameters :func:`select_targets` would pick that do not train (``requires_grad=False``)."""
+    return [n for n, p in select_targets(module, include, exclude).items() if not p.requires_grad]
+
+
+def _type_name(module: nn.Module) -> str:
+    kind = type(module)
+    return f"nn.{kind.__name__}" if kind.__module__.startswith("torch.nn.") else kind.__name__
+
+
+def _count(names: Sequence[str], what: str) -> str:
+    return f"{len(names)} {what}{'' if len(names) == 1 else 's'} {'is' if len(names) == 1 else 'are'}"
+
+
+def _listed(names: Sequence[str], limit: int = 5) -> str:
+    """``a.weight, b.weight, ... (7 in all)``."""
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
