@@ -110,6 +110,7 @@ class SparsityCallback(TrainerCallback):
         if state.global_step > 0:  # resumed: the method's state from the checkpoint being resumed
             self.session.load_state_dict(_load_state(args, state))
         self.session.check(model)
+        self.session.prepare(model)
         self.session.start(model, self.host)
         self.session.train_start()
         self._epoch = int(math.floor((state.epoch or 0) + 1e-9))

@@ -198,6 +198,7 @@ class Sparsifier:
         self.host = LoopHost([unwrap_optimizer(optimizer)], schedulers, total_steps, data, device, logger)
         self._step = self._epoch = self._in_epoch = 0
         session.check(self.module)
+        session.prepare(self.module)
         if state is not None:  # as a resumed Trainer does: the saved masks, not new ones
             session.load_state_dict(dict(state["session"]))
             self._set_counters(state)

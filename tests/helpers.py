@@ -206,3 +206,20 @@ def scheduled_updates(cb, total_steps: int, steps_per_epoch: int) -> int:
 
     updater = TopologyUpdater(cb.plan())
     return sum(updater.is_update(t, total_steps, t % steps_per_epoch == 0) for t in range(1, total_steps + 1))
+
+
+def assert_enforced(cb, module: nn.Module, x: Tensor | None = None) -> None:
+    """The masks hold: pruned weights are exactly zero, or, for a learned mask (whose weights are never zeroed),
+    the model computes exactly what the copy with the zeros baked in computes (on ``x``, default: a batch of
+    :func:`make_module`'s inputs)."""
+    if cb.card.family == "learned":
+        if x is None:
+            x = torch.randn(5, IN_CHANNELS, LENGTH, generator=torch.Generator().manual_seed(1))
+        x = x.to(next(module.parameters()).device)
+        with torch.no_grad():
+            plain = cb.make_permanent(module)
+            assert torch.allclose(module(x), plain(x), atol=1e-6)
+        return
+    params = dict(module.named_parameters())
+    for n, m in cb.masks.items():
+        assert torch.equal(params[n][~m].detach().float().cpu(), torch.zeros(int((~m).sum())))

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import every_callback, make_trainer
+from helpers import assert_enforced, every_callback, make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -171,6 +171,11 @@ def test_every_method_prunes_every_kind_exactly(name):
     sizes = {n: p.numel() for n, p in cb.masks.params.items()}
     total = sum(sizes.values())
     kept = {n: int(m.sum()) for n, m in cb.masks.items()}
+    if cb.card.family == "learned":  # each layer keeps its own top-k: within one of 20 % (or a learned density)
+        if cb.card.exact_sparsity:
+            assert all(abs(kept[n] - 0.2 * s) < 1 for n, s in sizes.items()), kept
+        assert_enforced(cb, module, torch.randn(5, 6, 8))
+        return
     assert sum(kept.values()) == total - round(0.8 * total)
     if cb.card.family == "gradual" and getattr(cb, "distribution", None) == "uniform":
         assert all(abs(kept[n] - 0.2 * s) < 1 for n, s in sizes.items())  # every layer at 80 % (within one)

@@ -9,6 +9,7 @@ line here.
 from lightning_pai.callbacks.base import MethodOptions, SparseCallback, TargetOptions
 from lightning_pai.callbacks.dynamic import DynamicSparseTraining
 from lightning_pai.callbacks.host import LightningHost
+from lightning_pai.callbacks.learned import LearnedMask
 from lightning_pai.callbacks.registry import MethodCard, list_methods
 from lightning_pai.callbacks.topology import TopologyCallback
 
@@ -22,7 +23,9 @@ from lightning_pai.callbacks.granet import GraNet as GraNet  # isort: skip
 from lightning_pai.callbacks.dsr import DSR as DSR  # isort: skip
 from lightning_pai.callbacks.deepr import DeepR as DeepR  # isort: skip
 from lightning_pai.callbacks.gradual import GradualMagnitudePruning as GradualMagnitudePruning  # isort: skip
-from lightning_pai.callbacks.gradual import MovementPruning as MovementPruning  # isort: skip
+from lightning_pai.callbacks.learned import EdgePopup as EdgePopup  # isort: skip
+from lightning_pai.callbacks.learned import Supermask as Supermask  # isort: skip
+from lightning_pai.callbacks.learned import MovementPruning as MovementPruning  # isort: skip
 
 #: Every registered method callback (the classes users put in a Trainer), in registration order.
 CALLBACKS = tuple(list_methods())
@@ -30,6 +33,7 @@ CALLBACKS = tuple(list_methods())
 __all__ = [
     "CALLBACKS",
     "DynamicSparseTraining",
+    "LearnedMask",
     "LightningHost",
     "MethodCard",
     "MethodOptions",

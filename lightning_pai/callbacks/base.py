@@ -152,6 +152,7 @@ class SparseCallback(CallbackBase):
         if stage == "fit":
             check_strategy(trainer.strategy, type(self).__name__)
             self.session.check(pl_module)  # bad patterns fail before training
+            self.session.prepare(pl_module)  # before the strategy wraps the model (DDP records what trains)
 
     @override
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Gradual pruning during training: magnitude (Zhu & Gupta 2017) and movement (Sanh et al. 2020)."""
+"""Gradual magnitude pruning during training (Zhu & Gupta 2017)."""
 
 from __future__ import annotations
 
@@ -82,33 +82,3 @@ class GradualMagnitudePruning(TopologyCallback):
         sparsity = Cubic(self.initial_sparsity, self.sparsity, self.start, self.end)
         when = Every(self.frequency, self.start, self.end, also=(self.end,))
         return Plan(when=when, prune=Pruning(sparsity, self.score, self.distribution), options={"nm": self.nm})
-
-
-class MovementPruning(GradualMagnitudePruning):
-    """Movement pruning (Sanh et al. 2020, arXiv:2005.07683), first-order hard variant, for fine-tuning.
-
-    Every optimizer step accumulates the movement score ``S <- S - W * dL/dW`` of each targeted weight (the
-    dense gradient, before masking; ``S = -sum_t W_t dL/dW_t`` is the paper's score under its straight-through
-    estimator, up to the score learning rate). On the cubic schedule of :class:`GradualMagnitudePruning`
-    (``s_t`` from ``initial_sparsity`` to ``sparsity`` over ``[start, end]``, every ``frequency`` steps)
-    the active weights with the highest ``S`` are kept (``distribution="uniform"``: each matrix keeps the
-    same fraction, the paper's local Top-v). Weights moving away from zero are kept, weights shrinking
-    towards zero are pruned, whatever their magnitude.
-
-    Differences from the paper, documented: pruned weights are exactly zero here (1 byte of mask per
-    weight, no kept copy), so their score stops changing and masks only shrink, whereas the paper's
-    Top-v over ``S`` can revive a pruned weight; the learned-score (soft) variant is not implemented.
-    Scores (4 bytes per targeted weight) are saved in checkpoints.
-
-    Args:
-        sparsity: Final sparsity ``s_f``.
-        initial_sparsity: ``s_i``; when above 0, pruned by magnitude to it at fit start.
-        start: First pruning step (int) or fraction of training (float).
-        end: Step (int) or fraction (float) at which ``sparsity`` is reached.
-        frequency: Optimizer steps between pruning updates.
-        distribution: ``"uniform"`` (the paper), ``"global"`` or ``"lamp"``.
-        **common: ``include``, ``exclude``, ``frozen``, ``verbose``, as for :class:`GradualMagnitudePruning`.
-    """
-
-    score = "movement"
-    card = MethodCard("gradual", example={"start": 0, "end": 0.5, "frequency": 2})

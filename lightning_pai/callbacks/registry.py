@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-FAMILIES = ("prune_at_init", "lottery", "dynamic", "gradual")
+FAMILIES = ("prune_at_init", "lottery", "dynamic", "gradual", "learned")
 
 
 @dataclass(frozen=True)
@@ -16,14 +16,15 @@ class MethodCard:
     created (:func:`~lightning_pai.callbacks.list_methods`); every registry-parametrized suite picks it up.
 
     Attributes:
-        family: ``"prune_at_init"``, ``"lottery"``, ``"dynamic"`` (drop-and-grow) or ``"gradual"`` (pruning
-            during training).
+        family: ``"prune_at_init"``, ``"lottery"``, ``"dynamic"`` (drop-and-grow), ``"gradual"`` (pruning
+            during training) or ``"learned"`` (masks drawn from scores trained by gradient).
         example: A small configuration (keyword arguments besides the sparsity) that reaches its final
             sparsity within a fit of 2 epochs of 8 optimizer steps; used by :meth:`SparseCallback.example`.
         sparsity_argument: The argument that sets how much is pruned (``"sparsity"``; the lottery ticket's
             example prunes ``prune_fraction`` once, in 2 rounds).
         keeps_layer_counts: Every topology update keeps each layer's kept count (RigL, SET).
         keeps_total: Every topology update keeps the total kept count.
+        exact_sparsity: The method ends at its ``sparsity`` (False: the density is learned, e.g. supermasks).
     """
 
     family: str
@@ -31,6 +32,7 @@ class MethodCard:
     sparsity_argument: str = "sparsity"
     keeps_layer_counts: bool = False
     keeps_total: bool = False
+    exact_sparsity: bool = True
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -4,7 +4,7 @@ A topology update has up to two stages, both optional (a :class:`Plan`):
 
 1. **pruning** (:class:`Pruning`): raise the sparsity to a value schedule's target (Zhu & Gupta's cubic one)
    by keeping the highest *scores* of the still-active weights under a layer-wise distribution (GMP,
-   GraNet's pruning phase, movement pruning);
+   GraNet's pruning phase);
 2. **rewiring** (:class:`Rewire`): a *drop rule* removes active weights (``fraction`` from a value
    schedule), a *redistribution rule* decides how many weights each layer grows back, and a *growth rule*
    scores the inactive weights (the highest grow).
@@ -55,7 +55,7 @@ class UpdateContext:
         seed: Base seed of the run (random rules combine it with ``step``).
         grads: Dense gradients of the update step (before masking), when a rule needs them.
         momentum: Dense momentum (the optimizer's, or the updater's own buffer), when a rule needs it.
-        memory: Persistent state of stateful rules (e.g. DSR's threshold, movement scores); saved in checkpoints.
+        memory: Persistent state of stateful rules (e.g. DSR's threshold); saved in checkpoints.
         options: Method options for the rules (e.g. ``rounding``, DSR's ``tolerance``).
         nm: Layers kept N:M (name -> ``(n, m)``): their growth refills every group of ``m`` to ``n``.
         layouts: The targets' layouts (the N:M groups' axis).
@@ -297,21 +297,6 @@ def magnitude_score(ctx: UpdateContext) -> dict[str, Tensor]:
     return {n: w.detach().abs() for n, w in ctx.weights.items()}
 
 
-def _accumulate_movement(memory: dict[str, Any], weights: Mapping[str, Tensor], grads, finite: Tensor) -> None:
-    scores = memory.setdefault("movement", {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()})
-    for n, w in weights.items():  # S <- S - W * dL/dW; a step with non-finite gradients adds nothing
-        scores[n].sub_(torch.where(finite, w.detach().float() * grads[n].float(), 0.0))
-
-
-@register_growth_rule("movement", observe=_accumulate_movement)
-def movement_score(ctx: UpdateContext) -> dict[str, Tensor]:
-    """Movement scores ``S = -sum_t W_t * dL/dW_t`` accumulated every step (Sanh et al. 2020, first order)."""
-    scores = ctx.memory.get("movement")
-    if scores is None:
-        raise ValueError("The `movement` score has no accumulated scores yet (no optimizer step observed).")
-    return dict(scores)
-
-
 # ---------------------------------------------------------------------------------- redistribution rules
 def proportional_counts(shares: Mapping[str, float], caps: Mapping[str, int], total: int) -> dict[str, int]:
     """Split ``total`` over layers in proportion to ``shares``, never above ``caps``; the excess is re-split.
@@ -485,7 +470,7 @@ class Pruning:
 
     Attributes:
         sparsity: Value schedule of the target sparsity (e.g. :class:`~lightning_pai.core.schedules.Cubic`).
-        score: Growth-rule name whose scores rank the active weights (``"magnitude"``, ``"movement"``).
+        score: Growth-rule name whose scores rank the active weights (e.g. ``"magnitude"``).
         distribution: How the kept count is split over layers (``"global"``, ``"uniform"``, ``"lamp"``).
     """
 
@@ -551,7 +536,7 @@ class Plan:
         return {need for registry, name in self.rules() for need in registry.info(name)["needs"]}
 
     def observers(self) -> list[Callable]:
-        """Per-step accumulators of the rules (e.g. movement scores)."""
+        """Per-step accumulators of the rules."""
         return [obs for registry, name in self.rules() if (obs := registry.info(name)["observe"]) is not None]
 
 

@@ -8,6 +8,7 @@ drives it is described by a :class:`Host` — the collectives, optimizers, data 
 The protocol, in the order a loop calls it::
 
     session.check(module)                       # bad target patterns fail before training
+    session.prepare(module)                     # changes the method makes before the loop wraps the model
     session.start(module, host)                 # masks: restored, kept from a previous run, or initial
     session.train_start()                       # after a resumed loop loaded its optimizer state
     for each epoch:
@@ -99,6 +100,24 @@ class Host:
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """Rank ``src``'s ``obj`` on every rank (a collective: every rank calls it)."""
         return obj
+
+    def all_reduce_mean(self, tensors: Sequence[Tensor]) -> None:
+        """Replace each tensor by its mean over the processes, in place (a collective; one bucket for all).
+
+        Uses the default ``torch.distributed`` process group, which every loop here (Lightning, Fabric, a plain
+        ``torch.distributed`` loop, the Hugging Face ``Trainer``) initialises; a no-op on one process.
+        """
+        if self.world_size <= 1 or not tensors:
+            return
+        import torch.distributed as dist
+
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
     def batches(self, n: int) -> list[Any]:
         """The first ``n`` training batches, on the model's device (for data-driven scorers).
@@ -237,6 +256,12 @@ class Session:
         if self.nm_spec is not None:
             layouts = target_layouts(module, list(targets))
             resolve_nm(self.nm_spec, {n: p.shape for n, p in targets.items()}, layouts, self.nm_incompatible)
+
+    def prepare(self, module: nn.Module) -> None:
+        """Change ``module`` before the loop wraps it (DDP, FSDP), if the method must (e.g. freeze weights).
+
+        Called after :meth:`check` and before the model is wrapped; the base class changes nothing.
+        """
 
     def start(self, module: nn.Module, host: Host | None = None) -> None:
         """Set the masks on ``module`` and start enforcing them around ``host``'s optimizers."""

@@ -321,7 +321,10 @@ def load_sparse(
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
-    """``deepcopy(model)`` with ``torch.nn.utils.prune`` re-parametrizations baked in (``prune.remove``)."""
+    """``deepcopy(model)`` with ``torch.nn.utils.prune`` re-parametrizations baked in (``prune.remove``).
+
+    The copy also drops the forward hooks learned-mask methods attach (the zeros are baked in instead).
+    """
     from torch.nn.utils import prune
 
     pruned = [
@@ -343,6 +346,11 @@ def _plain_copy(model: nn.Module) -> nn.Module:
         for hook in list(mod._forward_pre_hooks.values()):
             if isinstance(hook, prune.BasePruningMethod):
                 prune.remove(mod, hook._tensor_name)
+        # the forward hooks of learned-mask methods (lightning_pai.core.learned), which the copy does not need
+        for hooks in (mod._forward_pre_hooks, mod._forward_hooks):
+            for key in [k for k, h in hooks.items() if getattr(h, "lightning_pai_hook", False)]:
+                del hooks[key]
+                mod._forward_hooks_always_called.pop(key, None)
     return out
 
 

@@ -1,0 +1,259 @@
+"""Learned masks: the straight-through gradients, exact counts, frozen weights, revival, resume, the references."""
+
+import math
+
+import pytest
+import torch
+from helpers import import_ns, make_dataloader, make_module, make_trainer
+from torch import nn
+
+from lightning_pai import EdgePopup, MovementPruning, Sparsifier, Supermask
+from lightning_pai.core.learned import get_mask_rule, list_mask_rules, masked_weight, top_k
+from lightning_pai.core.targets import LINEAR
+
+
+# ------------------------------------------------------------------------------------------- the rules
+def test_rules_are_registered():
+    assert {"topk_abs", "topk", "bernoulli", "sigmoid_threshold"} <= set(list_mask_rules())
+    with pytest.raises(ValueError, match="Unknown `rule` 'nope'. Valid mask rules: .*register_mask_rule"):
+        get_mask_rule("nope")
+
+
+@pytest.mark.parametrize(
+    ("rule", "factor"),
+    [
+        ("topk_abs", lambda s: s.sign()),  # GetSubnet's identity, then |s|'s derivative
+        ("topk", lambda s: torch.ones_like(s)),  # TopKBinarizer: identity
+        ("bernoulli", lambda s: torch.sigmoid(s) * (1 - torch.sigmoid(s))),  # through σ(s)
+        ("sigmoid_threshold", lambda s: torch.ones_like(s)),  # ThresholdBinarizer: sigmoid inside, identity
+    ],
+)
+def test_straight_through_gradients(rule, factor):
+    torch.manual_seed(0)
+    weight = torch.randn(6, 8, requires_grad=True)
+    scores = torch.randn(6, 8, requires_grad=True)
+    mask = (torch.rand(6, 8) < 0.5).float()
+    upstream = torch.randn(6, 8)
+    effective = get_mask_rule(rule).effective(weight, scores, mask)
+    assert torch.equal(effective, weight.detach() * mask)
+    effective.backward(upstream)
+    assert torch.allclose(scores.grad, upstream * weight.detach() * factor(scores.detach()))
+    assert torch.equal(weight.grad, upstream * mask)  # pruned weights get no gradient through the product
+
+
+def test_masked_weight_without_weight_gradient():
+    weight, scores = torch.randn(3, 4), torch.randn(3, 4, requires_grad=True)
+    masked_weight(weight, scores, torch.ones(3, 4)).sum().backward()
+    assert torch.equal(scores.grad, weight)
+
+
+def test_edge_popup_and_movement_counts():
+    scores = torch.randn(7, 9)  # 63 weights
+    layout = LINEAR
+    edge = get_mask_rule("topk_abs").binarize(scores, scores, 0.3, None, layout, None)
+    assert int(edge.sum()) == 63 - int(0.7 * 63)  # GetSubnet: n - floor((1 - k) n) = 19
+    assert torch.equal(edge, top_k(scores.abs(), 19, None, layout))
+    move = get_mask_rule("topk").binarize(scores, scores, 0.3, None, layout, None)
+    assert int(move.sum()) == int(0.3 * 63)  # TopKBinarizer: floor(k n) = 18
+    kept = scores.flatten()[move.flatten()]
+    assert kept.min() > scores.flatten()[~move.flatten()].max()  # the highest raw scores, sign included
+
+
+def reference_topk_binarizer(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The HF movement-pruning reference's TopKBinarizer.forward, written out straightforwardly."""
+    mask = scores.clone()
+    _, idx = scores.flatten().sort(descending=True)
+    j = int(threshold * scores.numel())
+    flat = mask.flatten()
+    flat[idx[j:]] = 0
+    flat[idx[:j]] = 1
+    return flat.view(scores.shape).bool()
+
+
+def test_soft_movement_keeps_a_floor():
+    scores = torch.full((10, 30), -5.0)
+    scores[0, :3] = 4.0
+    mask = get_mask_rule("sigmoid_threshold").binarize(scores, scores, 0.5, None, LINEAR, None)
+    assert int(mask.sum()) == 3  # σ(4) > τ; more than the floor of int(0.005 * 300) + 1 = 2
+    scores[0, :3] = -4.0
+    scores[1, 5] = 0.0
+    mask = get_mask_rule("sigmoid_threshold").binarize(scores, scores, 0.9, None, LINEAR, None)
+    assert int(mask.sum()) == 2 and bool(mask[1, 5])  # none above τ: the floor's highest scores
+
+
+# --------------------------------------------------------------------------------------- in a Trainer
+class Recorder:
+    """Masks and scores after every optimizer step (a Lightning callback placed after the method)."""
+
+    def __new__(cls, ns, method):
+        pl = import_ns(ns)
+
+        class _Recorder(pl.Callback):
+            def __init__(self):
+                self.masks, self.scores = [], []
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                self.masks.append(method.masks.state_dict())
+                self.scores.append({n: s.detach().clone() for n, s in method.session.scores.items()})
+
+        return _Recorder()
+
+
+def fit(cb, ns="pytorch_lightning", epochs=2, seed=0, extra=(), **trainer_kwargs):
+    torch.manual_seed(seed)
+    module = make_module(ns)
+    trainer = make_trainer(ns, callbacks=[cb, *extra], max_epochs=epochs, max_steps=-1, **trainer_kwargs)
+    trainer.fit(module, make_dataloader())
+    return module, trainer
+
+
+@pytest.mark.parametrize("weight_init", ["keep", "signed_constant"])
+def test_edge_popup_freezes_weights_and_keeps_exact_counts(weight_init):
+    torch.manual_seed(0)
+    reference = make_module("pytorch_lightning")
+    cb = EdgePopup(0.7, weight_init=weight_init, verbose=False)
+    module, _ = fit(cb)
+    targets = ("conv.weight", "fc1.weight", "fc2.weight")
+    for name, param in module.named_parameters():
+        before = dict(reference.named_parameters())[name].detach()
+        if name in targets:
+            expected = before if weight_init == "keep" else before.sign() * math.sqrt(2.0 / before[0].numel())
+            assert torch.equal(param.detach(), expected)  # bit-identical: frozen, never zeroed
+            assert not param.requires_grad
+    kept = cb.masks.kept()
+    for name in targets:
+        n = cb.masks[name].numel()
+        assert kept[name] == n - int(0.7 * n)  # GetSubnet: n - floor((1 - k) n), k = 0.3 kept
+    scores = cb.session.scores
+    assert all(torch.equal(cb.masks[n], top_k(scores[n].abs(), kept[n], None, cb.masks.layouts[n])) for n in targets)
+    assert cb.session.optimizer.state  # the scores trained with their own SGD (momentum buffers exist)
+    x = torch.randn(5, 2, 16)
+    with torch.no_grad():  # after fit, the model computes with w ⊙ m; the weights themselves hold no zeros
+        plain = cb.make_permanent(module)
+        assert torch.allclose(module(x), plain(x), atol=1e-6)
+        assert not torch.equal(module.fc1.weight, plain.fc1.weight)
+        assert not plain.fc1._forward_pre_hooks and not plain.fc1._forward_hooks  # nothing attached
+
+
+def test_supermask_frozen_weights_and_rounded_mask():
+    torch.manual_seed(0)
+    reference = make_module("pytorch_lightning")
+    cb = Supermask(lr=10.0, verbose=False)
+    module, _ = fit(cb)
+    for name in ("conv.weight", "fc1.weight", "fc2.weight"):
+        assert torch.equal(dict(module.named_parameters())[name], dict(reference.named_parameters())[name])
+        scores = cb.session.scores[name]
+        expected = int(torch.sigmoid(scores.double()).sum().round())
+        assert int(cb.masks[name].sum()) == expected  # the expected count, the most probable weights
+        assert (
+            expected == 0 or cb.masks[name].sum() == 0 or scores[cb.masks[name]].min() >= scores[~cb.masks[name]].max()
+        )
+    assert 0.0 < cb.masks.density < 1.0
+
+
+def test_supermask_initial_density():
+    cb = Supermask(0.8, lr=1e-9, verbose=False)
+    fit(cb, epochs=1)
+    scores = torch.cat([s.flatten() for s in cb.session.scores.values()])
+    assert torch.allclose(torch.sigmoid(scores), torch.full_like(scores, 0.2), atol=1e-5)  # logit(1 - sparsity)
+
+
+def test_movement_pruning_revives_and_follows_the_reference_rule():
+    cb = MovementPruning(0.75, initial_warmup=0, final_warmup=0.25, lr=0.1, verbose=False)
+    recorder = Recorder("pytorch_lightning", cb)
+    fit(cb, epochs=2, extra=[recorder])
+    steps = len(recorder.masks)
+    assert steps == 16
+    revived = 0
+    for name in ("fc1.weight", "fc2.weight"):
+        stack = torch.stack([m[name] for m in recorder.masks])  # (steps, ...)
+        pruned_then_kept = (~stack[:-1]).cumsum(0).bool() & stack[1:]
+        revived += int(pruned_then_kept.any(0).sum())
+    assert revived > 0  # a weight pruned at one step is kept at a later one
+    # the kept set is the reference's TopKBinarizer's wherever its choice is unique (no tie at the k-th score:
+    # Adam's first steps move many scores by the same amount, and the reference breaks ties by an unstable sort)
+    compared = 0
+    for step in range(1, 17):
+        level = cb.level(step, 16)
+        for name, scores in recorder.scores[step - 1].items():
+            mask, k = recorder.masks[step - 1][name], int(level * scores.numel())
+            assert int(mask.sum()) == max(1, k)
+            ranked = scores.flatten().sort(descending=True).values
+            if 0 < k < scores.numel() and ranked[k - 1] > ranked[k]:
+                assert torch.equal(mask, reference_topk_binarizer(scores, level))
+                compared += 1
+    assert compared >= 16
+    assert cb.level(16, 16) == pytest.approx(0.25) and cb.level(0, 16) == 1.0
+    assert recorder.scores[-1]["fc1.weight"].abs().sum() > 0  # trained by their AdamW
+
+
+def test_soft_movement_penalty_and_threshold():
+    cb = MovementPruning(
+        None, variant="soft", initial_warmup=0, final_warmup=0, final_lambda=1e4, lr=0.5, verbose=False
+    )
+    fit(cb, epochs=2)
+    assert cb.session.masks.density < 0.9  # the penalty pushed σ(S) below τ for many weights
+    for name, scores in cb.session.scores.items():
+        assert torch.equal(cb.masks[name], torch.sigmoid(scores) > cb.threshold) or int(cb.masks[name].sum()) == (
+            int(0.005 * scores.numel()) + 1
+        )
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="`sparsity` .* must be a number in \\[0, 1\\)"):
+        EdgePopup(1.0)
+    with pytest.raises(ValueError, match="`weight_init` must be one of 'keep', 'signed_constant'"):
+        EdgePopup(0.5, weight_init="zeros")
+    with pytest.raises(ValueError, match="variant='soft'\\)` sets no sparsity"):
+        MovementPruning(0.9, variant="soft")
+    with pytest.raises(ValueError, match="`eval_mask` must be one of 'expected', 'round', 'sample'"):
+        Supermask(eval_mask="mean")
+    with pytest.raises(ValueError, match="`lr` must be a number in \\(0, inf\\]"):
+        Supermask(lr=0)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: EdgePopup(0.6, verbose=False),
+        lambda: Supermask(lr=5.0, verbose=False),
+        lambda: MovementPruning(0.8, initial_warmup=0, final_warmup=0, verbose=False),
+    ],
+)
+def test_crash_and_resume_gives_the_same_masks_and_scores(factory, tmp_path):
+    import pytorch_lightning as pl
+
+    full = factory()
+    fit(full, epochs=2)
+    first = factory()
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    torch.manual_seed(0)
+    module = make_module("pytorch_lightning")
+    trainer = make_trainer(
+        "pytorch_lightning", callbacks=[first, ckpt_cb], max_epochs=2, max_steps=-1, enable_checkpointing=True
+    )
+    trainer.fit(module, make_dataloader())  # the checkpoint saved after epoch 0 stands for a crash there
+    ckpt = next(tmp_path.glob("epoch=0*.ckpt"))
+    resumed = factory()
+    torch.manual_seed(0)
+    module = make_module("pytorch_lightning")
+    trainer = make_trainer("pytorch_lightning", callbacks=[resumed], max_epochs=2, max_steps=-1)
+    trainer.fit(module, make_dataloader(), ckpt_path=ckpt)
+    for name in full.masks:
+        assert torch.equal(resumed.masks[name], full.masks[name])
+        assert torch.equal(resumed.session.scores[name], full.session.scores[name])
+
+
+def test_sparsifier_runs_edge_popup_in_a_plain_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = Sparsifier(EdgePopup(0.5, verbose=False), model, opt, total_steps=20)
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    for _ in range(20):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sparsifier.step()
+    assert torch.equal(model[0].weight, before[0]) and torch.equal(model[2].weight, before[2])
+    assert sparsifier.masks.kept() == {"0.weight": 80, "2.weight": 24}
