@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import make_dataloader, make_module, make_trainer
+from helpers import assert_enforced, make_dataloader, make_module, make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -189,12 +189,14 @@ def test_every_method_taking_nm_handles_an_unfit_layer(cls, mode):
         warnings.simplefilter("ignore")
         make_trainer(callbacks=[cb], max_epochs=2, max_steps=-1).fit(module, make_dataloader())
     _assert_two_of_four(cb.masks, ["fc1.weight", "fc2.weight"])
+    learned = cb.card.family == "learned"  # its weights are never zeroed: the forward uses w ⊙ m
     if mode == "dense":
         assert cb.masks.names == ["fc1.weight", "fc2.weight"]
         assert bool(module.conv.weight.ne(0).all())
     else:
         assert int(cb.masks["conv.weight"].sum()) == 12  # 24 weights, sparsity 1 - 2/4
-        assert int(module.conv.weight.ne(0).sum()) <= 12
+        assert learned or int(module.conv.weight.ne(0).sum()) <= 12
+    assert_enforced(cb, module)
     assert cb.session.nm_unfit == ["conv.weight"]
 
 

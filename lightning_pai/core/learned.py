@@ -378,6 +378,7 @@ class LearnedMaskSession(Session):
         if self._prepared:
             return
         targets = self.select(module)
+        self._note_targets(module, targets)
         self._target_names = list(targets)
         with torch.no_grad():
             for param in targets.values():
@@ -401,7 +402,7 @@ class LearnedMaskSession(Session):
         shapes = {n: p.shape for n, p in targets.items()}
         self._nm_groups = {}
         if self._nm is not None:
-            unfit = set(self.nm_unfit_targets(module, targets))
+            unfit = set(self.nm_unfit)
             resolved = resolve_nm(self._nm, shapes, self._layouts, self._nm_incompatible)
             self._nm_groups = {n: nm for n, nm in resolved.items() if n not in unfit}
         self._targets = {}
@@ -436,8 +437,7 @@ class LearnedMaskSession(Session):
         self._draw()
         self._hook()
         self._learning = True
-        if self.verbose or self.host.is_global_zero:
-            self.masks_changed(self.step)
+        self._announce()
 
     def train_start(self) -> None:
         """Nothing to clean: pruned weights keep their values and the user's optimizer state."""

@@ -268,9 +268,7 @@ class Session:
         self.module, self.host = module, host if host is not None else Host()
         params = self.select(module)
         masks = MaskSet(params, layouts=target_layouts(module, list(params)))
-        if self.frozen == "skip":
-            every = select_targets(module, self.include, self.exclude)
-            self.skipped = [n for n, p in every.items() if n not in params and not p.requires_grad]
+        self._note_targets(module, params)
         if self._restored is not None:
             masks.load_state_dict(self._restored)
             self._restored = None
@@ -288,8 +286,18 @@ class Session:
         if self._in_backward:
             masks.mask_grads_in_backward()
         masks.apply_()
-        self._warn_coverage()
+        self._announce()
+
+    def _note_targets(self, module: nn.Module, params: dict[str, nn.Parameter]) -> None:
+        """Record the frozen parameters left dense (``frozen="skip"``) and the targets N:M groups cannot fit."""
+        if self.frozen == "skip":
+            every = select_targets(module, self.include, self.exclude)
+            self.skipped = [n for n, p in every.items() if n not in params and not p.requires_grad]
         self.nm_unfit = self.nm_unfit_targets(module, select_targets(module, self.include, self.exclude, self.frozen))
+
+    def _announce(self) -> None:
+        """Warn about low coverage, unfit N:M layers and skipped frozen parameters; log and print the masks."""
+        self._warn_coverage()
         if self.nm_unfit:
             self.host.warn(f"`{self.name}`: {self._nm_line()}")
         if self.skipped:
