@@ -181,7 +181,7 @@ class _FinalMasks(CallbackBase):
 
 
 #: Under ddp_spawn: a step-update, an epoch-update and a pruning-only method (the hand-back is the base class's).
-SPAWN = ("RigL", "SET", "MovementPruning")
+SPAWN = ("RigL", "SET", "GradualMagnitudePruning")
 
 
 def spawn_dst(outdir: str) -> None:
@@ -201,6 +201,28 @@ def spawn_dst(outdir: str) -> None:
             "zero": all(bool((params[n].detach()[~m] == 0).all()) for n, m in masks.items()),
         }
     torch.save(main, Path(outdir) / "spawn_main.pt")
+
+
+def learned(outdir: str) -> None:
+    """Every learned-mask method under 2-process DDP (2 epochs of 4 steps, each rank its own shuffled half of
+    the data): masks at every step, final scores and weights per rank."""
+    for name, factory in every_callback().items():
+        cb = factory()
+        if cb.card.family != "learned":
+            continue
+        module = make_module("lightning.pytorch", optimizer="sgd", seed=0)
+        recorder = _MaskRecorder(cb)
+        loader = make_dataloader(n=64, batch_size=8)
+        loader = torch.utils.data.DataLoader(loader.dataset, batch_size=8, shuffle=True)
+        trainer = _trainer("ddp", [cb, recorder], max_epochs=2, max_steps=-1)
+        trainer.fit(module, loader)
+        result = {
+            "masks": {**recorder.masks, trainer.global_step: cb.masks.state_dict()},
+            "scores": {n: s.detach().cpu().clone() for n, s in cb.session.scores.items()},
+            "weights": {n: p.detach().cpu().clone() for n, p in module.named_parameters()},
+            "global_step": trainer.global_step,
+        }
+        torch.save(result, Path(outdir) / f"learned_{name}_{trainer.global_rank}.pt")
 
 
 def nm_fits(outdir: str) -> None:
@@ -247,6 +269,9 @@ def main(outdir: str, strategy: str = "ddp", method: str = "rank_random") -> Non
         return
     if method == "nm":
         nm_fits(outdir)
+        return
+    if method == "learned":
+        learned(outdir)
         return
     if method == "timm":
         timm_rigl(outdir)

@@ -50,7 +50,9 @@ def methods() -> dict:
         "lottery": lambda: LotteryTicket(rounds=2, prune_fraction=0.5, epochs_per_round=1, verbose=False),
         "rigl": lambda: RigL(0.8, delta_t=2, t_end=1.0, verbose=False),
     }
-    out.update({f"every_{name}": factory for name, factory in every_callback().items()})
+    every = every_callback()
+    out.update({f"every_{name}": f for name, f in every.items() if f().card.family != "learned"})
+    out.update({f"refused_{name}": f for name, f in every.items() if f().card.family == "learned"})
     return out
 
 
@@ -109,6 +111,12 @@ def fit(outdir: str, method: str, crash_step: str = "-1", ckpt: str = "") -> Non
     except RuntimeError as error:
         if "simulated crash" not in str(error):
             raise
+        return
+    except ValueError as error:  # methods that refuse sharded parameters: the message, and no step taken
+        if not method.startswith("refused_"):
+            raise
+        result = {"error": str(error), "global_step": trainer.global_step}
+        torch.save(result, Path(outdir) / f"{method}{trainer.global_rank}.pt")
         return
     rank = trainer.global_rank
     params = dict(module.named_parameters())

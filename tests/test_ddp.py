@@ -194,8 +194,8 @@ def test_dynamic_callbacks_under_ddp_spawn(tmp_path):
     launching process gets rank zero's masks, update count and trained weights back."""
     run_script(tmp_path, "ddp_spawn", "spawn_dst")
     main = torch.load(tmp_path / "spawn_main.pt", weights_only=False)
-    # 2 epochs of 4 steps: RigL every 2 steps but never the last (8): 3; SET at epoch 0's end: 1; movement 2, 4
-    expected_updates = {"RigL": 3, "SET": 1, "MovementPruning": 2}
+    # 2 epochs of 4 steps: RigL every 2 steps but never the last (8): 3; SET at epoch 0's end: 1; GMP at 2, 4
+    expected_updates = {"RigL": 3, "SET": 1, "GradualMagnitudePruning": 2}
     for name, got in main.items():
         w0, w1 = (torch.load(tmp_path / f"spawn_{name}_{r}.pt", weights_only=False) for r in (0, 1))
         assert masks_equal(w0["masks"], w1["masks"]), name
@@ -204,6 +204,28 @@ def test_dynamic_callbacks_under_ddp_spawn(tmp_path):
         assert got["updates"] == w0["updates"] == expected_updates[name], name
         kept = sum(int(m.sum()) for m in got["masks"].values())
         assert abs(kept - round(0.2 * TARGET_TOTAL)) <= 3, name
+
+
+def test_learned_masks_under_ddp(tmp_path):
+    """Each rank trains on its own half of the data, so the ranks' score gradients differ: identical masks and
+    scores at every step (0 differing entries) come from the gradients being averaged before each step."""
+    from lightning_pai.callbacks import CALLBACKS
+
+    run_script(tmp_path, "ddp", "learned")
+    learned = [cls.__name__ for cls in CALLBACKS if cls.card.family == "learned"]
+    assert learned == ["EdgePopup", "Supermask", "MovementPruning", "TrainableThresholds"]
+    for name in learned:
+        r0, r1 = (torch.load(tmp_path / f"learned_{name}_{r}.pt", weights_only=False) for r in (0, 1))
+        assert r0["global_step"] == r1["global_step"] == 8
+        assert sorted(r0["masks"]) == sorted(r1["masks"]) == list(range(9)), name
+        for step in r0["masks"]:
+            differing = sum(int((r0["masks"][step][n] != r1["masks"][step][n]).sum()) for n in r0["masks"][step])
+            assert differing == 0, (name, step)
+        assert not masks_equal(r0["masks"][0], r0["masks"][8]), name  # the masks were learned
+        for n, s in r0["scores"].items():
+            assert torch.equal(s, r1["scores"][n]), (name, n)
+        for n, w in r0["weights"].items():
+            assert torch.equal(w, r1["weights"][n]), (name, n)
 
 
 def test_nm_masks_under_ddp(tmp_path):

@@ -189,7 +189,7 @@ from lightning_pai.core.schedules import Constant, EpochEnds, Every, round_spars
 def test_rule_registries_list_every_rule_and_reject_unknown_names():
     # the built-in rules (a new method may add more: these lists only grow)
     assert {"magnitude", "set", "threshold", "sign_flip"} <= set(list_drop_rules())
-    assert {"gradient", "magnitude", "momentum", "movement", "random"} <= set(list_growth_rules())
+    assert {"gradient", "magnitude", "momentum", "random"} <= set(list_growth_rules())
     assert {"momentum", "none", "survivors"} <= set(list_redistributions())
     assert list_drop_rules() == sorted(list_drop_rules())
     with pytest.raises(ValueError, match=r"Unknown `growth` 'hebb'\. .* Register a new one with"):

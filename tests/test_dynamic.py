@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import TARGET_SHAPES, TARGET_TOTAL, make_dataloader, make_module, make_trainer, masks_equal
 
-from lightning_pai import DSR, SET, SNFS, DynamicSparseTraining, GradualMagnitudePruning, GraNet, MovementPruning, RigL
+from lightning_pai import DSR, SET, SNFS, DynamicSparseTraining, GradualMagnitudePruning, GraNet, RigL
 from lightning_pai.callbacks._compat import CallbackBase
 from lightning_pai.core.dst import (
     TopologyUpdater,
@@ -20,7 +20,6 @@ from lightning_pai.core.dst import (
     random_scores,
     snfs_rates,
 )
-from lightning_pai.core.masks import compute_masks
 from lightning_pai.core.schedules import Cosine, Cubic
 from lightning_pai.core.select import active_counts
 
@@ -489,37 +488,6 @@ def test_dsr_updates_match_the_core_and_adapt_the_threshold():
         assert torch.equal(params[n][~m], torch.zeros(int((~m).sum())))
 
 
-def test_movement_pruning_keeps_the_highest_accumulated_movement():
-    cb = MovementPruning(0.9, start=0, end=20, frequency=5)
-    rec, module = _run(cb)
-    scores = {n: torch.zeros(shape) for n, shape in TARGET_SHAPES.items()}
-    for step in range(1, STEPS):
-        scores = {n: scores[n] - rec.pre_weights[step][n] * rec.grads[step][n] for n in scores}  # S -= W dL/dW
-        before, after = rec.masks_before[step], rec.masks_after[step]
-        if step in (5, 10, 15, 20):
-            target = cubic_sparsity(step, 0.0, 0.9, 0, 20)
-            expected = compute_masks(scores, target, "uniform", masks=before)
-            assert all(torch.equal(after[n], expected[n]) for n in after), step
-            assert not any((after[n] & ~before[n]).any() for n in after)  # only shrinks
-        else:
-            assert all(torch.equal(after[n], before[n]) for n in after), step
-    assert all(
-        torch.allclose(
-            cb.updater.memory["movement"][n], scores[n] - rec.pre_weights[STEPS][n] * rec.grads[STEPS][n], atol=1e-6
-        )
-        for n in scores
-    )
-    kept = sum(_kept(cb.masks).values())
-    expected_kept = sum(torch.Size(s).numel() - round(0.9 * torch.Size(s).numel()) for s in TARGET_SHAPES.values())
-    assert kept == expected_kept
-    magnitude = compute_masks({n: rec.weights[20][n].abs() for n in scores}, 0.9, "uniform", masks=rec.masks_before[20])
-    assert not all(torch.equal(cb.masks[n], magnitude[n]) for n in scores)  # not magnitude pruning in disguise
-    params = dict(module.named_parameters())
-    for n, m in cb.masks.items():
-        assert torch.equal(params[n][~m], torch.zeros(int((~m).sum())))
-
-
-# ------------------------------------------------------------------- Deep Rewiring
 def test_deepr_step_rule_and_sign_flip_drop_by_hand():
     """theta <- theta - eta * l1 (noise 0) on active connections only; theta <= 0 -> dormant."""
     from lightning_pai.core.dst import StepContext, UpdateContext, connection_signs, deepr_step, sign_flip_drop

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 SCRIPT = Path(__file__).with_name("fsdp_script.py")
 EQUIVALENCE = ("magnitude", "snip", "lottery", "rigl")
 EVERY = tuple(name for name in methods() if name.startswith("every_"))
+REFUSED = tuple(name for name in methods() if name.startswith("refused_"))  # learned masks: scores not sharded
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
@@ -41,7 +42,7 @@ def load(outdir: Path, method: str) -> tuple[dict, dict]:
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("fsdp")
-    run(outdir, ",".join(EQUIVALENCE + EVERY))
+    run(outdir, ",".join(EQUIVALENCE + EVERY + REFUSED))
     return outdir
 
 
@@ -94,6 +95,18 @@ def test_every_callback_trains_under_fsdp2(sharded, method):
     cb = every_callback()[method.removeprefix("every_")]()
     if method.removeprefix("every_") in topology_methods() and not cb.plan().when.at_epoch_end:
         assert r0["updates"] >= 3
+
+
+@pytest.mark.parametrize("method", REFUSED)
+def test_learned_masks_refuse_sharded_parameters_before_training(sharded, method):
+    r0, r1 = load(sharded, method)
+    for result in (r0, r1):
+        assert result["global_step"] == 0
+        assert result["error"] == (
+            f"`{method.removeprefix('refused_')}` learns its mask from per-weight scores, which are not sharded yet: "
+            "it does not run on FSDP2-sharded parameters (conv.weight, fc1.weight, fc2.weight). Use DDP, or a method "
+            "of another family."
+        )
 
 
 @pytest.mark.parametrize("method", ["rigl", "lottery"])

@@ -257,3 +257,44 @@ def test_sparsifier_runs_edge_popup_in_a_plain_loop():
         sparsifier.step()
     assert torch.equal(model[0].weight, before[0]) and torch.equal(model[2].weight, before[2])
     assert sparsifier.masks.kept() == {"0.weight": 80, "2.weight": 24}
+
+
+# ------------------------------------------------------------------------------------ trainable thresholds
+def test_threshold_step_gradients_follow_the_long_tailed_estimator():
+    torch.manual_seed(0)
+    weight = torch.randn(4, 6, requires_grad=True)
+    threshold = torch.tensor([0.1, 0.5, 1.2, 0.0], requires_grad=True)
+    upstream = torch.randn(4, 6)
+    rule = get_mask_rule("row_threshold")
+    out = rule.effective(weight, threshold, torch.empty(0))
+    x = weight.detach().abs() - threshold.detach().unsqueeze(1)
+    mask = (x > 0).float()
+    assert torch.equal(out, weight.detach() * mask)
+    out.backward(upstream)
+    ax = x.abs()
+    slope = torch.where(ax <= 0.4, 2 - 4 * ax, torch.where(ax <= 1.0, torch.tensor(0.4), torch.tensor(0.0)))
+    through = upstream * weight.detach() * slope
+    assert torch.allclose(weight.grad, upstream * mask + through * weight.detach().sign())
+    assert torch.allclose(threshold.grad, -through.sum(1))
+
+
+def test_threshold_reset_when_a_layer_falls_to_one_percent():
+    rule = get_mask_rule("row_threshold")
+    weight = torch.full((10, 20), 0.5)
+    weight[0, 0] = 2.0  # 1 of 200 weights above the thresholds: density 0.005
+    thresholds = torch.full((10,), 1.0)
+    mask = rule.binarize(thresholds, weight, 0.0, None, LINEAR, None)
+    assert torch.equal(thresholds, torch.zeros(10)) and bool(mask.all())  # reset to 0: every weight back
+
+
+def test_trainable_thresholds_prune_by_the_regulariser():
+    from lightning_pai import TrainableThresholds
+
+    cb = TrainableThresholds(alpha=0.05, lr=0.05, verbose=False)
+    module, _ = fit(cb, epochs=2)
+    assert cb.final_sparsity is None
+    assert cb.masks.density < 1.0  # the thresholds rose from 0 and pruned
+    for name, t in cb.session.scores.items():
+        w = module.get_parameter(name).detach()
+        assert t.shape == (w.shape[0],) and bool((t > 0).any())
+        assert torch.equal(cb.masks[name], w.abs() > t.view(-1, *[1] * (w.dim() - 1)))

@@ -138,7 +138,8 @@ class SparseCallback(CallbackBase):
         card = cls.__dict__.get("card")
         if card is None:
             raise TypeError(f"`{cls.__name__}` declares no `card`, so it has no example configuration.")
-        kwargs = {card.sparsity_argument: sparsity, **card.example, "verbose": False, **overrides}
+        kwargs = {card.sparsity_argument: sparsity} if card.sparsity_argument is not None else {}
+        kwargs.update({**card.example, "verbose": False, **overrides})
         return cls(**kwargs)
 
     @property

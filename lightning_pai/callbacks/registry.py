@@ -21,7 +21,8 @@ class MethodCard:
         example: A small configuration (keyword arguments besides the sparsity) that reaches its final
             sparsity within a fit of 2 epochs of 8 optimizer steps; used by :meth:`SparseCallback.example`.
         sparsity_argument: The argument that sets how much is pruned (``"sparsity"``; the lottery ticket's
-            example prunes ``prune_fraction`` once, in 2 rounds).
+            example prunes ``prune_fraction`` once, in 2 rounds), or None where the density is learned from
+            another knob (e.g. ``TrainableThresholds``' regulariser weight).
         keeps_layer_counts: Every topology update keeps each layer's kept count (RigL, SET).
         keeps_total: Every topology update keeps the total kept count.
         exact_sparsity: The method ends at its ``sparsity`` (False: the density is learned, e.g. supermasks).
@@ -29,7 +30,7 @@ class MethodCard:
 
     family: str
     example: dict[str, Any] = field(default_factory=dict)
-    sparsity_argument: str = "sparsity"
+    sparsity_argument: str | None = "sparsity"
     keeps_layer_counts: bool = False
     keeps_total: bool = False
     exact_sparsity: bool = True

@@ -244,10 +244,63 @@ class SigmoidThreshold(MaskRule):
         return mask
 
 
+class _ThresholdStep(torch.autograd.Function):
+    """``W ⊙ H(|W| - t)`` per row, with the long-tailed estimator of Liu et al. 2020 for ``H'``."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, threshold: Tensor) -> Tensor:
+        x = weight.abs() - threshold.unsqueeze(1)
+        ctx.save_for_backward(weight, x)
+        return weight * (x > 0).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        weight, x = ctx.saved_tensors
+        ax = x.abs()
+        slope = torch.where(
+            ax <= 0.4, 2 - 4 * ax, torch.where(ax <= 1.0, torch.full_like(ax, 0.4), torch.zeros_like(ax))
+        )
+        through_mask = grad * weight * slope  # ∂L/∂m ⊙ H'(x)
+        grad_weight = grad * (x > 0).to(grad.dtype) + through_mask * weight.sign() if ctx.needs_input_grad[0] else None
+        grad_threshold = -through_mask.sum(1) if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_threshold
+
+
+class RowThreshold(MaskRule):
+    """Trainable masked layers: one threshold per output neuron, ``m_ij = H(|W_ij| - t_i)``.
+
+    Liu et al. 2020, "Dynamic sparse training: find efficient sparse network from scratch with trainable masked
+    layers" (ICLR): a threshold ``t_i`` per row of the layer's matrix (output neuron or filter), starting at 0.
+
+    The step's derivative is the paper's long-tailed estimator ``H'(x) = 2 - 4|x|`` for ``|x| <= 0.4``,
+    ``0.4`` for ``0.4 < |x| <= 1``, ``0`` beyond, so ``∂L/∂W = ∂L/∂W' ⊙ m + ∂L/∂W' ⊙ W ⊙ H'(x) ⊙ sign(W)`` and
+    ``∂L/∂t_i = -Σ_j ∂L/∂W'_ij W_ij H'(x_ij)`` (the official ``BinaryStep``); a layer whose density falls to
+    1 % or below has its thresholds reset to 0 (the official ``MaskedMLP``).
+    """
+
+    name = "row_threshold"
+    counted = False
+
+    def init(self, param: Tensor, generator: torch.Generator) -> Tensor:
+        return torch.zeros(param.shape[0], dtype=torch.float32, device=param.device)
+
+    def binarize(self, scores, param, density, nm, layout, gen):  # noqa: D102
+        matrix = param.detach().reshape(param.shape[0], -1)
+        mask = matrix.abs() > scores.unsqueeze(1)
+        if mask.float().mean() <= 0.01:
+            scores.zero_()  # the reference's reset: every threshold of the layer back to 0
+            mask = matrix.abs() > 0
+        return mask.view(param.shape)
+
+    def effective(self, weight: Tensor, scores: Tensor, mask: Tensor) -> Tensor:
+        return _ThresholdStep.apply(weight.reshape(weight.shape[0], -1), scores).view(weight.shape)
+
+
 register_mask_rule("topk_abs", TopKAbs())
 register_mask_rule("topk", TopK())
 register_mask_rule("bernoulli", Bernoulli())
 register_mask_rule("sigmoid_threshold", SigmoidThreshold())
+register_mask_rule("row_threshold", RowThreshold())
 
 
 def _hook_site(module: nn.Module, name: str) -> tuple[nn.Module, str, str]:
