@@ -298,3 +298,91 @@ def test_trainable_thresholds_prune_by_the_regulariser():
         w = module.get_parameter(name).detach()
         assert t.shape == (w.shape[0],) and bool((t > 0).any())
         assert torch.equal(cb.masks[name], w.abs() > t.view(-1, *[1] * (w.dim() - 1)))
+
+
+# ------------------------------------------------------------------- Zhou et al.'s lottery-ticket variants
+def test_mask_criteria_formulas():
+    from lightning_pai.core.lottery import CRITERIA
+
+    wi = torch.tensor([1.0, -2.0, 0.5, -0.1])
+    wf = torch.tensor([2.0, 1.0, -0.25, -3.0])
+    same = torch.tensor([True, False, False, True])
+    expected = {
+        "large_final": wf.abs(),
+        "small_final": -wf.abs(),
+        "large_init": wi.abs(),
+        "small_init": -wi.abs(),
+        "magnitude_increase": wf.abs() - wi.abs(),
+        "movement": (wf - wi).abs(),
+        "large_final_same_sign": torch.where(same, wf.abs(), 0.0),
+        "large_final_diff_sign": torch.where(same, 0.0, wf.abs()),
+        "magnitude_increase_same_sign": torch.where(same, wf.abs() - wi.abs(), 0.0),
+        "magnitude_increase_diff_sign": torch.where(same, 0.0, wf.abs() - wi.abs()),
+    }
+    for name, want in expected.items():
+        assert torch.equal(CRITERIA[name](wf, wi), want), name
+
+
+def test_large_init_large_final_is_the_two_threshold_rule():
+    """Keeping the top k by min(percentile(|w_i|), percentile(|w_f|)) = keeping the weights above a common
+    percentile of both, the percentile set so that k remain (the reference's bisection)."""
+    from lightning_pai.core.lottery import CRITERIA
+
+    gen = torch.Generator().manual_seed(0)
+    wi, wf = torch.randn(200, generator=gen), torch.randn(200, generator=gen)
+    scores = CRITERIA["large_init_large_final"](wf, wi)
+    for p in (0.3, 0.5, 0.8):
+        both = (wi.abs() >= wi.abs().quantile(p, interpolation="lower")) & (
+            wf.abs() >= wf.abs().quantile(p, interpolation="lower")
+        )
+        k = int(both.sum())
+        kept = torch.zeros(200, dtype=torch.bool)
+        kept[scores.topk(k).indices] = True
+        assert torch.equal(kept, both), p
+
+
+def _lottery_fit(**kwargs):
+    import pytorch_lightning as pl
+
+    from lightning_pai import LotteryTicket
+
+    cb = LotteryTicket(2, 0.5, epochs_per_round=1, distribution="uniform", verbose=False, **kwargs)
+    seen = {}
+
+    class Watch(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen[f"start{trainer.current_epoch}"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen[f"end{trainer.current_epoch}"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    fit(cb, epochs=2, extra=[Watch()])
+    return cb, seen
+
+
+def test_lottery_ticket_magnitude_increase_criterion():
+    from lightning_pai.core.lottery import prune_remaining
+
+    cb, seen = _lottery_fit(criterion="magnitude_increase")
+    names = cb.masks.names
+    scores = {n: seen["end0"][n].abs() - seen["start0"][n].abs() for n in names}
+    ones = {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
+    assert all(torch.equal(cb.mask_history[1][n], m) for n, m in prune_remaining(scores, ones, 0.5, "uniform").items())
+    magnitude = prune_remaining({n: seen["end0"][n].abs() for n in names}, ones, 0.5, "uniform")
+    assert not all(torch.equal(cb.mask_history[1][n], magnitude[n]) for n in names)  # another criterion indeed
+
+
+def test_lottery_ticket_signed_constant_rewind():
+    cb, seen = _lottery_fit(rewind_to="signed_constant")
+    for n in cb.masks.names:
+        w0, w1, mask = seen["start0"][n], seen["start1"][n], cb.mask_history[1][n]
+        assert torch.equal(w1[mask], (torch.sign(w0) * w0.std())[mask])  # sign(w_i) · std of the layer's w_i
+        assert not w1[~mask].any()
+    with pytest.raises(ValueError, match="`rewind_to` must be .* 'none' or 'signed_constant'"):
+        from lightning_pai import LotteryTicket
+
+        LotteryTicket(rewind_to="signed")
+    with pytest.raises(ValueError, match="`criterion='small_final'` gives signed scores"):
+        from lightning_pai import LotteryTicket
+
+        LotteryTicket(criterion="small_final", distribution="lamp")

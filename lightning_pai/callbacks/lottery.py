@@ -47,7 +47,12 @@ class LotteryTicket(SparseCallback):
         rounds: Number of training rounds, including the dense round 0 (so ``rounds - 1`` prunes).
         prune_fraction: Fraction of the *remaining* weights removed per round, in ``(0, 1)``.
         epochs_per_round: Epochs of round 0 (default: derived from ``max_epochs``; required with ``step:k``).
-        rewind_to: ``"init"``, ``"step:N"``, ``"epoch:N"``, ``"lr"`` or ``"none"`` (see above).
+        rewind_to: ``"init"``, ``"step:N"``, ``"epoch:N"``, ``"lr"``, ``"none"`` or ``"signed_constant"`` (kept
+            weights rewound to ``sign(w_0) · std`` of their layer's initial weights, Zhou et al. 2019).
+        criterion: The mask criterion of Zhou et al. 2019 ("Deconstructing lottery tickets"): ``"large_final"``
+            (``|w_f|``, the default: magnitude pruning), ``"magnitude_increase"`` (``|w_f| - |w_i|``),
+            ``"movement"`` (``|w_f - w_i|``), ``"large_init_large_final"``, ``"large_final_same_sign"``, ...
+            (:data:`lightning_pai.core.lottery.CRITERIA`); ``w_i`` are the weights at fit start.
         distribution: ``"global"`` (one ranking across layers), ``"uniform"`` (each layer removes
             ``prune_fraction`` of its own survivors) or ``"lamp"``.
         layer_fractions: Per-layer fractions overriding ``prune_fraction`` (glob over parameter names ->
@@ -102,8 +107,10 @@ class LotteryTicket(SparseCallback):
         nm_incompatible: str = "error",
         resume: str | None = None,
         frozen: str = "skip",
+        criterion: str = "large_final",
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose, resume=resume, frozen=frozen)
+        self.criterion = criterion
         self.rounds, self.prune_fraction, self.epochs_per_round = rounds, prune_fraction, epochs_per_round
         self.rewind_to, self.distribution, self.layer_fractions = rewind_to, distribution, dict(layer_fractions or {})
         self.control, self.ticket, self.monitor, self.mode = control, ticket, monitor, mode
@@ -129,6 +136,7 @@ class LotteryTicket(SparseCallback):
             seed=self.seed,
             nm=self.nm,
             nm_incompatible=self.nm_incompatible,
+            criterion=self.criterion,
             **self.session_options(),
         )
 

@@ -13,20 +13,20 @@ import copy
 import fnmatch
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_pai.core.distributions import check_iterative, distribute
+from lightning_pai.core.distributions import check_iterative, distribute, distribution_info
 from lightning_pai.core.nm import NMSpec, check_nm, check_nm_incompatible, group_budget, nm_mask, resolve_nm
 from lightning_pai.core.packing import pack_mask, unpack_mask
 from lightning_pai.core.pruning import reinitialize_
 from lightning_pai.core.select import masks_from_counts
 from lightning_pai.core.session import Host, Session
-from lightning_pai.core.sharding import full, gather_tree, load_full_state_, shard_optimizer_state
+from lightning_pai.core.sharding import full, gather_tree, load_full_state_, local, local_slice, shard_optimizer_state
 from lightning_pai.core.validation import (
     check_choice,
     check_fraction,
@@ -34,7 +34,42 @@ from lightning_pai.core.validation import (
     check_positive_int,
 )
 
-REWIND_KINDS = ("init", "step", "epoch", "lr", "none")
+REWIND_KINDS = ("init", "step", "epoch", "lr", "none", "signed_constant")
+
+
+def _percentile_rank(values: Tensor) -> Tensor:
+    """Each entry's rank among its tensor's entries, in ``[0, 1]`` (ties get distinct ranks by position)."""
+    flat = values.flatten()
+    ranks = torch.empty_like(flat, dtype=torch.float64)
+    ranks[flat.argsort(stable=True)] = torch.arange(flat.numel(), dtype=torch.float64)
+    return (ranks / max(1, flat.numel() - 1)).view(values.shape)
+
+
+def _same_sign(final: Tensor, initial: Tensor) -> Tensor:
+    return torch.sign(final) == torch.sign(initial)
+
+
+#: Zhou et al. 2019 ("Deconstructing lottery tickets"), ``get_weight_init.py``: the score of each weight from
+#: its initial value ``w_i`` and its trained value ``w_f``; the lowest scores are pruned.
+CRITERIA: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "large_final": lambda wf, wi: wf.abs(),
+    "small_final": lambda wf, wi: -wf.abs(),
+    "large_init": lambda wf, wi: wi.abs(),
+    "small_init": lambda wf, wi: -wi.abs(),
+    "magnitude_increase": lambda wf, wi: wf.abs() - wi.abs(),
+    "movement": lambda wf, wi: (wf - wi).abs(),
+    "large_final_same_sign": lambda wf, wi: torch.where(_same_sign(wf, wi), wf.abs(), 0.0),
+    "large_final_diff_sign": lambda wf, wi: torch.where(_same_sign(wf, wi), 0.0, wf.abs()),
+    "magnitude_increase_same_sign": lambda wf, wi: torch.where(_same_sign(wf, wi), wf.abs() - wi.abs(), 0.0),
+    "magnitude_increase_diff_sign": lambda wf, wi: torch.where(_same_sign(wf, wi), 0.0, wf.abs() - wi.abs()),
+    # kept iff above a common percentile p of both |w_i| and |w_f| (the reference's two-threshold search):
+    # keeping the highest min(P_i, P_f) is that rule, p set by the count
+    "large_init_large_final": lambda wf, wi: torch.minimum(_percentile_rank(wi.abs()), _percentile_rank(wf.abs())),
+    "small_init_small_final": lambda wf, wi: torch.minimum(_percentile_rank(-wi.abs()), _percentile_rank(-wf.abs())),
+}
+#: Criteria whose scores can be negative (a distribution that ranks magnitudes, e.g. LAMP, refuses them).
+SIGNED_CRITERIA = ("small_final", "small_init", "magnitude_increase", "magnitude_increase_same_sign",
+                   "magnitude_increase_diff_sign")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -42,7 +77,7 @@ class RewindSpec:
     """A parsed ``rewind_to`` value.
 
     Attributes:
-        kind: ``"init"``, ``"step"``, ``"epoch"``, ``"lr"`` or ``"none"``.
+        kind: ``"init"``, ``"step"``, ``"epoch"``, ``"lr"``, ``"none"`` or ``"signed_constant"``.
         at: The step or epoch index for ``"step"``/``"epoch"``, else 0.
     """
 
@@ -52,20 +87,23 @@ class RewindSpec:
     @property
     def rewinds_weights(self) -> bool:
         """Whether weights go back to the rewind point (``init``, ``step:N``, ``epoch:N``)."""
-        return self.kind in ("init", "step", "epoch")
+        return self.kind in ("init", "step", "epoch", "signed_constant")
 
 
 def parse_rewind(rewind_to: str) -> RewindSpec:
-    """Parse ``"init"``, ``"step:N"``, ``"epoch:N"``, ``"lr"`` or ``"none"``.
+    """Parse ``"init"``, ``"step:N"``, ``"epoch:N"``, ``"lr"``, ``"none"`` or ``"signed_constant"``.
 
     Raises:
         ValueError: On anything else (the message lists the accepted forms).
     """
-    error = ValueError(f"`rewind_to` must be 'init', 'step:N', 'epoch:N' (N >= 0), 'lr' or 'none'; got {rewind_to!r}.")
+    error = ValueError(
+        "`rewind_to` must be 'init', 'step:N', 'epoch:N' (N >= 0), 'lr', 'none' or 'signed_constant'; "
+        f"got {rewind_to!r}."
+    )
     if not isinstance(rewind_to, str):
         raise error
     kind, sep, value = rewind_to.partition(":")
-    if kind in ("init", "lr", "none") and not sep:
+    if kind in ("init", "lr", "none", "signed_constant") and not sep:
         return RewindSpec(kind)
     if kind in ("step", "epoch") and sep and value.isdigit():
         return RewindSpec(kind, int(value))
@@ -210,7 +248,9 @@ class LotterySession(Session):
 
     1. removes ``prune_fraction`` of the weights that are still kept, by magnitude ``|w|`` of the trained
        weights (see :func:`~lightning_pai.core.lottery.prune_remaining`; masks only ever shrink), so
-       round ``r`` keeps about ``(1 - prune_fraction) ** r`` of the weights;
+       round ``r`` keeps about ``(1 - prune_fraction) ** r`` of the weights; ``criterion`` picks another of
+       Zhou et al. 2019's mask criteria (:data:`CRITERIA`: scores from the initial weights ``w_i`` and the
+       trained ones ``w_f``, e.g. ``magnitude_increase = |w_f| - |w_i|``; ``large_final`` is ``|w_f|``);
     2. rewinds, according to ``rewind_to``:
 
        - ``"init"`` — weights (all parameters and buffers), optimizer state and LR-scheduler state go
@@ -223,6 +263,8 @@ class LotterySession(Session):
          start ("learning-rate rewinding", Renda et al. 2020, arXiv:2003.02389);
        - ``"none"`` — fine-tuning: weights and optimizer state are kept, and the learning rate stays at
          the last value round 0 used (set before every step, overriding the schedule);
+       - ``"signed_constant"`` — as ``"init"``, then every targeted weight becomes ``sign(w_0) · σ_l``, ``σ_l``
+         the standard deviation of its layer's initial weights (Zhou et al. 2019's "signed constant" rewind);
     3. re-applies the masks (pruned weights and their optimizer state are zero).
 
     Rewind points are kept on the CPU. Each round replays the data order of the rewind point (the global
@@ -252,7 +294,8 @@ class LotterySession(Session):
         rounds: Training rounds including the dense round 0.
         prune_fraction: Fraction of the surviving weights removed per round, in ``(0, 1)``.
         epochs_per_round: Epochs of round 0 (None: set later by the loop, e.g. from its epoch count).
-        rewind_to: ``"init"``, ``"step:N"``, ``"epoch:N"``, ``"lr"`` or ``"none"``.
+        rewind_to: ``"init"``, ``"step:N"``, ``"epoch:N"``, ``"lr"``, ``"none"`` or ``"signed_constant"``.
+        criterion: A key of :data:`CRITERIA` (``"large_final"``: magnitude pruning).
         distribution: An iterative distribution (``"global"``, ``"uniform"``, ``"lamp"``).
         layer_fractions: Per-layer fractions (glob -> fraction), pruned layer-wise.
         control: None, ``"random_reinit"`` or ``"random_prune"``.
@@ -281,9 +324,17 @@ class LotterySession(Session):
         seed: int,
         nm: NMSpec,
         nm_incompatible: str = "error",
+        criterion: str = "large_final",
         **kwargs: Any,
     ) -> None:
         super().__init__(name, **kwargs)
+        check_choice(criterion, CRITERIA, "criterion")
+        if criterion in SIGNED_CRITERIA and distribution_info(distribution)["rejects_signed"]:
+            raise ValueError(
+                f"`criterion={criterion!r}` gives signed scores, which `distribution={distribution!r}` cannot rank "
+                "(it ranks magnitudes); use 'global' or 'uniform'."
+            )
+        self.criterion = criterion
         self._nm_incompatible = check_nm_incompatible(nm_incompatible)
         self.rounds = check_positive_int(rounds, "rounds", "training rounds, the dense one included")
         self.prune_fraction = check_number(
@@ -366,7 +417,7 @@ class LotterySession(Session):
     def at_init(self) -> bool:
         """Whether the rewind point is the start of training (``init``, ``lr``, ``step:0``, ``epoch:0``)."""
         kind = self.rewind.kind
-        return kind in ("init", "lr") or (kind in ("step", "epoch") and self.rewind.at == 0)
+        return kind in ("init", "lr", "signed_constant") or (kind in ("step", "epoch") and self.rewind.at == 0)
 
     # ------------------------------------------------------------------ results
     @property
@@ -421,10 +472,16 @@ class LotterySession(Session):
         super().start(module, host)
         if not self._history:
             self._record_history()
-        if self.control == "random_reinit" and self._initial is None:
+        if self._needs_initial and self._initial is None:
             self._initial = {n: full(p.detach()).to("cpu", copy=True) for n, p in self.masks.params.items()}
         if self.rewind_point is None and self.round == 0 and self.at_init:
             self.rewind_point = self.capture(sampler_epoch=0)
+
+    @property
+    def _needs_initial(self) -> bool:
+        """Whether the initial target values are kept (random re-init, a criterion or rewind that reads them)."""
+        uses_init = self.criterion != "large_final" or self.rewind.kind == "signed_constant"
+        return self.control == "random_reinit" or uses_init
 
     def fit_epochs(self, epochs: int | None, setting: str = "epochs={}") -> int:
         """Check a run of ``epochs`` epochs against the rounds (deriving ``epochs_per_round`` when unset).
@@ -568,15 +625,29 @@ class LotterySession(Session):
             self.restore(self.rewind_point)
             if self.control == "random_reinit":
                 reinitialize_(self.module, masks.names, seed=self.seed + 7919 * round_index, initial=self._initial)
+            if self.rewind.kind == "signed_constant":
+                self._signed_constants()
         masks.update_(new, self.host.optimizers)
         self.round = round_index
         self._record_history()
         self.host.log({"lottery/round": float(round_index), "lottery/density": masks.density})
         self.masks_changed()
 
+    def _signed_constants(self) -> None:
+        """Every target weight becomes ``sign(w_i) · std(layer's w_i)`` (its initial value's sign)."""
+        with torch.no_grad():
+            for n, param in self.masks.params.items():
+                initial = self._initial[n]
+                value = (torch.sign(initial) * initial.float().std()).to(dtype=param.dtype)
+                local(param).copy_(local_slice(value, param).to(local(param).device))
+
     def _prune(self, round_index: int, current: dict[str, Tensor]) -> dict[str, Tensor]:
         masks = self.masks
-        scores = {n: full(p.detach()).abs().cpu() for n, p in masks.params.items()}  # sharded: gathered
+        criterion = CRITERIA[self.criterion]
+        scores = {  # sharded: gathered
+            n: criterion(full(p.detach()).cpu(), self._initial[n] if self._initial else None).float()
+            for n, p in masks.params.items()
+        }
         nm = resolve_nm(self.nm, {n: m.shape for n, m in current.items()}, masks.layouts, self.nm_incompatible)
         rest = [n for n in masks.names if n not in nm]
         fractions = {n: f for n, f in match_fractions(masks.names, self.layer_fractions).items() if n not in nm}
