@@ -101,8 +101,14 @@ class MaskRule:
         """The bool mask of ``param`` from its ``scores`` at ``density`` (fraction kept, for counted rules)."""
         raise NotImplementedError
 
-    def eval_mask(self, scores: Tensor, param: Tensor, density: float, nm: Any, layout: Layout) -> Tensor:
-        """The deterministic mask used outside training and reported (default: :meth:`binarize`)."""
+    def eval_mask(
+        self, scores: Tensor, param: Tensor, density: float, nm: Any, layout: Layout, gen: torch.Generator
+    ) -> Tensor:
+        """The mask published after each step: reported, exported, used outside training (default: :meth:`binarize`).
+
+        ``gen`` is seeded from the session's seed and step, so a rule that samples it draws the same mask on
+        every process and again on resume.
+        """
         return self.binarize(scores, param, density, nm, layout, None)
 
     def factor(self, scores: Tensor) -> Tensor | None:
@@ -209,15 +215,16 @@ class Bernoulli(MaskRule):
 
     Straight-through through the sampling: ``∂L/∂s = ∂L/∂w' ⊙ w ⊙ σ(s)(1 - σ(s))`` (the reference's
     ``Bernoulli(σ(s)).sample() + σ(s) - stop_gradient(σ(s))``); scores start at ``start`` (0: ``p = 0.5``).
-    The mask reported, exported and used outside training is deterministic (see ``deterministic``); the
-    reference's default evaluation samples too (the callback's ``eval_mask="sample"``).
+    The mask reported, exported and used outside training is published after every step (see ``published``);
+    the reference's default evaluation samples anew at every forward pass (the callback's ``eval_mask``).
     """
 
     #: Initial score of every weight (the reference's ``sigmoid_bias``): ``σ(start)`` is the initial density.
     start: float = 0.0
-    #: The deterministic mask: ``"expected"`` keeps each layer's ``round(Σ σ(s))`` highest scores (the
-    #: expected count, most probable first), ``"round"`` keeps ``σ(s) > 0.5`` (the reference's ``round_mask``).
-    deterministic: str = "expected"
+    #: The published mask: ``"fixed"`` is one sample ``Bernoulli(σ(s))``, drawn from the session's seed and step
+    #: (each sample is a network as good as the sampled ones it was trained with); ``"round"`` keeps
+    #: ``σ(s) > 0.5`` (the reference's ``round_mask`` evaluation).
+    published: str = "fixed"
     name = "bernoulli"
     sampled = True
     counted = False
@@ -226,12 +233,10 @@ class Bernoulli(MaskRule):
         return torch.full(param.shape, self.start, dtype=torch.float32, device=param.device)
 
     def binarize(self, scores, param, density, nm, layout, gen):  # noqa: D102
-        if gen is not None:
-            return torch.rand(scores.shape, generator=gen, device=scores.device) < torch.sigmoid(scores)
-        if self.deterministic == "round":
-            return scores > 0
-        expected = int(torch.sigmoid(scores.double()).sum().round())
-        return top_k(scores, expected, None, layout) if expected > 0 else torch.zeros_like(scores, dtype=torch.bool)
+        return torch.rand(scores.shape, generator=gen, device=scores.device) < torch.sigmoid(scores)
+
+    def eval_mask(self, scores, param, density, nm, layout, gen):  # noqa: D102
+        return scores > 0 if self.published == "round" else self.binarize(scores, param, density, nm, layout, gen)
 
     def factor(self, scores: Tensor) -> Tensor | None:
         probability = torch.sigmoid(scores)
@@ -555,9 +560,10 @@ class LearnedMaskSession(Session):
     def _draw(self) -> None:
         """Draw the deterministic mask from the scores at the current level; publish it as ``masks``."""
         level = self._level()
+        gen = torch.Generator(device=self._generator.device).manual_seed(self.seed * 1_000_003 + self.step)
         with torch.no_grad():
             drawn = {
-                n: self.rule.eval_mask(s, self._targets[n][2], level, self._nm_groups.get(n), self._layouts[n])
+                n: self.rule.eval_mask(s, self._targets[n][2], level, self._nm_groups.get(n), self._layouts[n], gen)
                 for n, s in self.scores.items()
             }
         self._mask = {n: m.to(self._targets[n][2].dtype) for n, m in drawn.items()}
