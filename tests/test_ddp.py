@@ -213,7 +213,7 @@ def test_learned_masks_under_ddp(tmp_path):
 
     run_script(tmp_path, "ddp", "learned")
     learned = [cls.__name__ for cls in CALLBACKS if cls.card.family == "learned"]
-    assert learned == ["EdgePopup", "Supermask", "MovementPruning", "TrainableThresholds"]
+    assert learned == ["EdgePopup", "Supermask", "MovementPruning", "TrainableThresholds", "ContinuousSparsification"]
     for name in learned:
         r0, r1 = (torch.load(tmp_path / f"learned_{name}_{r}.pt", weights_only=False) for r in (0, 1))
         assert r0["global_step"] == r1["global_step"] == 8

@@ -108,12 +108,8 @@ def test_frozen_prune_works_or_refuses_before_training_naming_the_parameter(name
 def test_frozen_prune_covers_the_methods_whose_masks_need_no_gradient():
     works = {name for name, factory in CALLBACKS.items() if factory(frozen="prune").session.frozen_conflict() is None}
     learned = {name for name, factory in CALLBACKS.items() if factory().card.family == "learned"}
-    assert learned == {
-        "EdgePopup",
-        "Supermask",
-        "MovementPruning",
-        "TrainableThresholds",
-    }  # scores learn over frozen weights too
+    # scores learn over frozen weights too
+    assert learned == {"EdgePopup", "Supermask", "MovementPruning", "TrainableThresholds", "ContinuousSparsification"}
     assert works == {"PruneAtInit", "LotteryTicket", "GradualMagnitudePruning"} | learned
     assert CALLBACKS["RigL"](frozen="prune").session.frozen_conflict() == (
         "regrows weights during training (a frozen weight regrown from zero would stay zero)"

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import import_ns, make_dataloader, make_module, make_trainer
+from helpers import assert_enforced, import_ns, make_dataloader, make_module, make_trainer
 from torch import nn
 
 from lightning_pai import EdgePopup, MovementPruning, Sparsifier, Supermask
@@ -388,3 +388,64 @@ def test_lottery_ticket_signed_constant_rewind():
         from lightning_pai import LotteryTicket
 
         LotteryTicket(criterion="small_final", distribution="lamp")
+
+
+# -------------------------------------------------------------------------------- continuous sparsification
+def test_continuous_sparsification_rounds_temperature_and_ticket():
+    import pytorch_lightning as pl
+
+    from lightning_pai import ContinuousSparsification
+
+    cb = ContinuousSparsification(2, 2, rewind_epoch=1, penalty=1e-3, lr=1.0, final_temperature=100.0, verbose=False)
+    seen = {}
+
+    class Watch(pl.Callback):  # after the method: what each epoch starts with
+        def on_train_epoch_start(self, trainer, pl_module):
+            session = cb.session
+            seen[trainer.current_epoch] = {
+                "beta": session.beta,
+                "ticket": session.ticket,
+                "scores": {n: s.detach().clone() for n, s in session.scores.items()},
+                "weights": {n: p.detach().clone() for n, p in pl_module.named_parameters()},
+            }
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen[f"end{trainer.current_epoch}"] = {n: s.detach().clone() for n, s in cb.session.scores.items()}
+
+    module, _ = fit(cb, epochs=6, extra=[Watch()])  # rounds 0, 1 (2 epochs each), then 2 epochs of ticket
+    assert [seen[e]["beta"] for e in range(4)] == [1.0, 100.0, 1.0, 100.0]  # 100^(e / (E - 1)) within a round
+    assert [seen[e]["ticket"] for e in range(6)] == [False] * 4 + [True] * 2
+    for n, s in seen[2]["scores"].items():  # round 1 starts from min(β_T s, s_0)
+        assert torch.equal(s, torch.clamp(100.0 * seen["end1"][n], max=0.0))
+    for n, w in seen[4]["weights"].items():  # the ticket rewinds every parameter to the start of epoch 1
+        assert torch.equal(w, seen[1]["weights"][n]), n
+    for n, s in cb.session.scores.items():
+        assert torch.equal(s, seen["end3"][n])  # the ticket's scores, hence its mask, stay fixed
+        assert torch.equal(cb.masks[n], s > 0)
+    assert 0.0 < cb.masks.density < 1.0  # the penalty pruned some
+    assert_enforced(cb, module)
+
+
+def test_soft_mask_gradient_is_exact():
+    rule = get_mask_rule("sigmoid")
+    weight, scores = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    out = rule.effective(weight, scores, torch.empty(0), 4.0)
+    soft = torch.sigmoid(4.0 * scores.detach()) / 0.5  # σ(s_0 = 0) = 0.5
+    assert torch.allclose(out, weight.detach() * soft)
+    out.sum().backward()
+    assert torch.allclose(scores.grad, weight.detach() * 4.0 * soft * (1 - torch.sigmoid(4.0 * scores.detach())))
+
+
+def test_a_second_fit_continues_from_the_scores():
+    from lightning_pai.core.learned import get_mask_rule
+
+    cb = EdgePopup(0.5, lr=5.0, verbose=False)
+    module, _ = fit(cb, epochs=1)
+    after_first = {n: s.detach().clone() for n, s in cb.session.scores.items()}
+    init = torch.Generator().manual_seed(cb.seed)
+    initial = {n: get_mask_rule("topk_abs").init(p, init) for n, p in cb.masks.params.items()}
+    make_trainer("pytorch_lightning", callbacks=[cb], max_epochs=1, max_steps=2).fit(module, make_dataloader())
+    for n, s in cb.session.scores.items():
+        assert not torch.equal(after_first[n], initial[n])  # trained in the first fit
+        assert torch.equal(s, after_first[n])  # not re-initialised; the cosine schedule had reached lr 0
+    assert cb.session.scheduler.get_last_lr() == [0.0]

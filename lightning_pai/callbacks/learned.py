@@ -10,7 +10,13 @@ from typing_extensions import Unpack
 
 from lightning_pai.callbacks.base import MethodOptions, SparseCallback
 from lightning_pai.callbacks.registry import MethodCard
-from lightning_pai.core.learned import Bernoulli, LearnedMaskSession, signed_constant, signed_kaiming_constant
+from lightning_pai.core.learned import (
+    Bernoulli,
+    ContinuousSparsificationSession,
+    LearnedMaskSession,
+    signed_constant,
+    signed_kaiming_constant,
+)
 from lightning_pai.core.nm import NMSpec, check_nm, check_nm_incompatible, nm_sparsity
 from lightning_pai.core.schedules import resolve_point
 from lightning_pai.core.session import Session
@@ -363,4 +369,113 @@ class TrainableThresholds(LearnedMask):
         }
 
 
-__all__ = ["EdgePopup", "LearnedMask", "MovementPruning", "Supermask", "TrainableThresholds"]
+class ContinuousSparsification(LearnedMask):
+    """Continuous sparsification: soft masks annealed to a ticket over rounds, then the ticket trained.
+
+    Savarese et al. 2020, "Winning the lottery with continuous sparsification" (NeurIPS; official code
+    lolemacs/continuous-sparsification).
+
+    Each targeted weight gets a mask score ``s`` (starting at ``mask_init``), and the search trains weights and
+    scores together with the soft mask ``σ(β s) / σ(s_0)`` and the penalty ``λ Σ σ(β s) / σ(s_0)`` (``λ =
+    penalty``) added to the loss, ``β`` rising within each round from 1 to ``final_temperature`` (geometric, once
+    per epoch). Between rounds the scores are reset to ``min(β s, s_0)``: weights pruned so far stay pruned
+    (their scores are negative), the others restart. After ``rounds`` rounds the ticket ``m = 1[s > 0]`` is
+    fixed, the weights are rewound to the start of epoch ``rewind_epoch`` of round 0, and the remaining epochs
+    train the ticket. Scores train with SGD (lr 0.1, momentum 0.9, Nesterov, no weight decay: the reference).
+    The run needs ``(rounds + 1) * epochs_per_round`` epochs (the ticket trains one round's epochs; a shorter
+    run ends before it); ``epochs_per_round`` defaults to ``max_epochs // (rounds + 1)``. The density is
+    learned (``penalty`` and ``mask_init`` steer it: the reference suggests ``mask_init=-0.1`` for more
+    sparsity, ``0.1`` for less). Differences from the reference, on purpose: the ticket's mask is ``1[s > 0]``
+    without the code's extra ``1 / σ(s_0)`` scale (the paper's ticket), scores are reset with the paper's
+    ``min(β s, s_0)``, and the weights' own learning-rate schedule is the user's.
+
+    Args:
+        rounds: Search rounds.
+        epochs_per_round: Epochs per round (None: from the trainer's ``max_epochs``).
+        final_temperature: ``β`` at the end of each round (reference: 200).
+        penalty: ``λ`` (reference: 1e-8, for a loss summed over ~270k CIFAR ResNet weights).
+        mask_init: ``s_0``.
+        rewind_epoch: Round 0's epoch whose start the ticket rewinds to (reference: 2).
+        lr: Learning rate of the scores.
+        momentum: Their (Nesterov) momentum.
+        **common: ``include``, ``exclude``, ``seed``, ``verbose``, ``resume``, ``frozen``.
+    """
+
+    card = MethodCard(
+        "learned",
+        example={"rounds": 1, "epochs_per_round": 1, "rewind_epoch": 0, "penalty": 1e-4, "lr": 0.5},
+        sparsity_argument=None,
+        exact_sparsity=False,
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        rounds: int = 3,
+        epochs_per_round: int | None = None,
+        *,
+        final_temperature: float = 200.0,
+        penalty: float = 1e-8,
+        mask_init: float = 0.0,
+        rewind_epoch: int = 2,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        **common: Unpack[MethodOptions],
+    ) -> None:
+        check_number(rounds, "rounds", 1, integer=True, what="search rounds")
+        if epochs_per_round is not None:
+            check_number(epochs_per_round, "epochs_per_round", 1, integer=True, what="epochs per round")
+        check_number(final_temperature, "final_temperature", low=1.0)
+        check_number(penalty, "penalty", low=0.0)
+        check_number(mask_init, "mask_init")
+        check_number(rewind_epoch, "rewind_epoch", 0, integer=True, what="an epoch of round 0")
+        if epochs_per_round is not None and rewind_epoch >= epochs_per_round:
+            raise ValueError(
+                f"`rewind_epoch`={rewind_epoch} is not an epoch of round 0 (`epochs_per_round`={epochs_per_round})."
+            )
+        check_number(lr, "lr", low=0.0, low_open=True)
+        check_fraction(momentum, "momentum")
+        super().__init__(**common)
+        self.rounds, self.epochs_per_round, self.final_temperature = rounds, epochs_per_round, final_temperature
+        self.penalty, self.mask_init, self.rewind_epoch = penalty, mask_init, rewind_epoch
+        self.lr, self.momentum = lr, momentum
+
+    @property
+    def final_sparsity(self) -> float | None:
+        """Not prescribed: learned."""
+        return None
+
+    def build_session(self) -> Session:
+        lr, momentum = self.lr, self.momentum
+        return ContinuousSparsificationSession(
+            type(self).__name__, rounds=self.rounds, epochs_per_round=self.epochs_per_round,
+            final_temperature=self.final_temperature, penalty_weight=self.penalty, start=self.mask_init,
+            rewind_epoch=self.rewind_epoch,
+            optimizer=lambda scores: torch.optim.SGD(scores, lr=lr, momentum=momentum, nesterov=True),
+            seed=self.seed, **self.session_options(),
+        )  # fmt: skip
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit" and self.epochs_per_round is None:
+            epochs = trainer.max_epochs
+            if epochs is None or epochs < self.rounds + 1:
+                raise ValueError(
+                    f"`ContinuousSparsification(rounds={self.rounds})` needs `epochs_per_round`, or a Trainer with "
+                    f"`max_epochs` >= rounds + 1 to derive it from (got max_epochs={epochs})."
+                )
+            self.session.epochs_per_round = epochs // (self.rounds + 1)
+            if self.rewind_epoch >= self.session.epochs_per_round:
+                raise ValueError(
+                    f"`rewind_epoch`={self.rewind_epoch} is not an epoch of round 0 ({self.session.epochs_per_round} "
+                    f"epochs per round from max_epochs={epochs})."
+                )
+        super().setup(trainer, pl_module, stage)
+
+
+__all__ = [
+    "ContinuousSparsification",
+    "EdgePopup",
+    "LearnedMask",
+    "MovementPruning",
+    "Supermask",
+    "TrainableThresholds",
+]

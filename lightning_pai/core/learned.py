@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_pai.core.lottery import capture_point, restore_point
 from lightning_pai.core.masks import MaskSet
 from lightning_pai.core.nm import NMSpec, nm_keep, resolve_nm
 from lightning_pai.core.registry import Registry
@@ -115,8 +116,8 @@ class MaskRule:
         """``∂m̃/∂s`` of the straight-through surrogate (None: the identity)."""
         return None
 
-    def effective(self, weight: Tensor, scores: Tensor, mask: Tensor) -> Tensor:
-        """The weight the forward pass sees (default: ``w ⊙ m`` with the straight-through estimator)."""
+    def effective(self, weight: Tensor, scores: Tensor, mask: Tensor, level: float = 0.0) -> Tensor:
+        """The weight a training forward pass sees (default: ``w ⊙ m``, straight-through to the scores)."""
         return masked_weight(weight, scores, mask.to(weight.dtype), self.factor(scores))
 
 
@@ -314,8 +315,38 @@ class RowThreshold(MaskRule):
             mask = matrix.abs() > 0
         return mask.view(param.shape)
 
-    def effective(self, weight: Tensor, scores: Tensor, mask: Tensor) -> Tensor:
+    def effective(self, weight: Tensor, scores: Tensor, mask: Tensor, level: float = 0.0) -> Tensor:
         return _ThresholdStep.apply(weight.reshape(weight.shape[0], -1), scores).view(weight.shape)
+
+
+@dataclass(frozen=True)
+class SoftSigmoid(MaskRule):
+    """Continuous sparsification (Savarese et al. 2020): the soft mask ``σ(β s) / σ(s_0)``, differentiated exactly.
+
+    ``level`` is the temperature ``β``; scores start at ``s_0`` (``start``), where the mask is 1. The published
+    (hard) mask is ``1[s > 0]``; with ``β = inf`` (the ticket) the forward pass uses it too and no gradient
+    reaches the scores.
+    """
+
+    #: The scores' initial value ``s_0`` (the reference's ``mask_initial_value``).
+    start: float = 0.0
+    name = "sigmoid"
+    counted = False
+
+    def init(self, param: Tensor, generator: torch.Generator) -> Tensor:
+        return torch.full(param.shape, self.start, dtype=torch.float32, device=param.device)
+
+    def binarize(self, scores, param, density, nm, layout, gen):  # noqa: D102
+        return scores > 0
+
+    def soft(self, scores: Tensor, beta: float) -> Tensor:
+        """``σ(β s) / σ(s_0)``."""
+        return torch.sigmoid(beta * scores) / torch.sigmoid(torch.tensor(self.start)).item()
+
+    def effective(self, weight: Tensor, scores: Tensor, mask: Tensor, level: float = 0.0) -> Tensor:
+        if math.isinf(level):
+            return weight * mask.to(weight.dtype)
+        return weight * self.soft(scores, level).to(weight.dtype)
 
 
 register_mask_rule("topk_abs", TopKAbs())
@@ -323,6 +354,7 @@ register_mask_rule("topk", TopK())
 register_mask_rule("bernoulli", Bernoulli())
 register_mask_rule("sigmoid_threshold", SigmoidThreshold())
 register_mask_rule("row_threshold", RowThreshold())
+register_mask_rule("sigmoid", SoftSigmoid())
 
 
 def _hook_site(module: nn.Module, name: str) -> tuple[nn.Module, str, str]:
@@ -464,6 +496,8 @@ class LearnedMaskSession(Session):
         self._prepared = True
 
     def start(self, module: nn.Module, host: Host | None = None) -> None:
+        if self._saved is None and self.optimizer is not None:  # a later fit continues from the scores it has
+            self._saved = {k: v for k, v in self.state_dict().items() if k != "masks"}
         self.prepare(module)
         self.module, self.host = module, host if host is not None else Host()
         targets = self.select(module)
@@ -597,7 +631,7 @@ class LearnedMaskSession(Session):
                         )  # fmt: skip
                     mask = drawn.to(param.dtype)
                 if learning:
-                    owner._parameters[attr] = self.rule.effective(param, self.scores[name], mask)
+                    owner._parameters[attr] = self.rule.effective(param, self.scores[name], mask, self._level())
                 else:
                     owner._parameters[attr] = param * mask
                 if isinstance(owner, nn.RNNBase):  # recurrent layers compute from a cached weight list
@@ -659,7 +693,135 @@ class LearnedMaskSession(Session):
             self._draw()
 
 
+class ContinuousSparsificationSession(LearnedMaskSession):
+    """Continuous sparsification's rounds, temperature schedule and ticket (Savarese et al. 2020, NeurIPS).
+
+    Epochs come in rounds of ``E = epochs_per_round``. In search round ``r < rounds``, epoch ``e`` of the round
+    trains with the soft mask ``σ(β s) / σ(s_0)``, ``β = final_temperature^(e / (E - 1))`` (1 at the round's
+    start, ``final_temperature`` at its last epoch), the penalty ``penalty_weight · Σ σ(β s) / σ(s_0)`` on the
+    scores, and the weights training as the user's optimizer says. Between search rounds the scores are reset
+    to ``s ← min(β_T s, s_0)`` (the paper's Algorithm 1; the official code's ``min(s, s_0)`` keeps the same signs).
+    After the last search round the ticket is drawn, ``m = 1[s > 0]``, the weights (and optimizer, scheduler
+    and RNG state) are rewound to their values at the start of epoch ``rewind_epoch`` of round 0, and the
+    remaining epochs train the ticket with that fixed mask. The published mask is ``1[s > 0]`` throughout.
+
+    Args:
+        name: The method's name.
+        rounds: Search rounds.
+        epochs_per_round: ``E`` (also the ticket's epochs in the reference).
+        final_temperature: ``β`` at the end of each round.
+        penalty_weight: ``λ`` of the L1 penalty on the soft mask.
+        start: ``s_0``, the scores' initial value.
+        rewind_epoch: Epoch of round 0 whose start the ticket's weights are rewound to.
+        optimizer: Builds the scores' optimizer.
+        **options: As for :class:`LearnedMaskSession` (``seed``, ``include``, ``exclude``, ...).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        rounds: int,
+        epochs_per_round: int | None,
+        final_temperature: float,
+        penalty_weight: float,
+        start: float,
+        rewind_epoch: int,
+        optimizer: OptimizerFactory,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            name, SoftSigmoid(start), level=lambda step, total: self._temperature(), optimizer=optimizer,
+            penalty=self._l1, **options,
+        )  # fmt: skip
+        self.rounds, self.epochs_per_round = rounds, epochs_per_round
+        self.final_temperature, self.penalty_weight, self.start_value = final_temperature, penalty_weight, start
+        self.rewind_epoch = rewind_epoch
+        self.beta, self.round, self.ticket = 1.0, 0, False
+        self.rewind_point: dict[str, Any] | None = None
+        self.epochs_done = 0  # epochs whose last step ran (counted from the steps, so a resumed run knows too)
+        self._applied = -1  # the epoch whose temperature / round / ticket settings are in force
+        self._ending = False
+
+    def _temperature(self) -> float:
+        return math.inf if self.ticket else self.beta
+
+    def _l1(self, scores: dict[str, Tensor], step: int, total: int) -> Tensor | None:
+        if self.ticket or self.penalty_weight == 0:
+            return None
+        return self.penalty_weight * sum(self.rule.soft(s, self.beta).sum() for s in scores.values())
+
+    def epoch_start(self, epoch: int) -> None:
+        """Enter epoch ``epoch`` (see :meth:`_enter`)."""
+        self._enter(epoch)
+
+    def step_start(self, step: int) -> None:
+        """Enter the epoch the steps have reached: a run resumed after an epoch's last step gets no epoch start."""
+        self._enter(self.epochs_done)
+        super().step_start(step)
+
+    def _enter(self, epoch: int) -> None:
+        """Set ``β``; reset the scores at a new round; capture the rewind point; draw the ticket after the search."""
+        if epoch == self._applied:
+            return
+        self._applied = epoch
+        if self.epochs_per_round is None:
+            raise ValueError(f"`{self.name}`: `epochs_per_round` (each round's length in epochs) is not set.")
+        size = self.epochs_per_round
+        round_index, within = divmod(epoch, size)
+        if round_index < self.rounds:
+            if round_index > self.round:
+                with torch.no_grad():
+                    for s in self.scores.values():
+                        s.copy_(torch.clamp(self.beta * s, max=self.start_value))
+                self.round = round_index
+            self.beta = self.final_temperature ** (within / (size - 1)) if size > 1 else self.final_temperature
+            if round_index == 0 and within == self.rewind_epoch and self.rewind_point is None:
+                self.rewind_point = capture_point(self.module, self.host, True, epoch, self.step)
+        elif not self.ticket:
+            self.ticket, self.round = True, self.rounds
+            if self.rewind_point is not None:
+                restore_point(self.module, self.host, self.rewind_point)
+            self.masks_changed(self.step)
+        self._draw()
+
+    def before_step(self, step: int, epoch_end: bool = False) -> None:
+        self._ending = epoch_end
+        if not self.ticket:
+            super().before_step(step, epoch_end)
+
+    def after_step(self, step: int) -> None:
+        if self._ending:
+            self.epochs_done += 1
+            self._ending = False
+        if self.ticket:  # the ticket's mask is fixed
+            self.step = step
+            return
+        super().after_step(step)
+
+    def _draw(self) -> None:
+        super()._draw()  # publishes 1[s > 0]
+        if not self.ticket:  # outside training the search computes with the soft mask, as the reference evaluates
+            with torch.no_grad():
+                self._mask = {
+                    n: self.rule.soft(s, self.beta).to(self._targets[n][2].dtype) for n, s in self.scores.items()
+                }
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(beta=self.beta, round=self.round, ticket=self.ticket, rewind_point=self.rewind_point)
+        state.update(epochs_done=self.epochs_done, applied=self._applied)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.beta, self.round = state.get("beta", 1.0), state.get("round", 0)
+        self.ticket, self.rewind_point = state.get("ticket", False), state.get("rewind_point")
+        self.epochs_done, self._applied = state.get("epochs_done", 0), state.get("applied", -1)
+        super().load_state_dict(state)
+
+
 __all__ = [
+    "ContinuousSparsificationSession",
     "LearnedMaskSession",
     "MaskRule",
     "get_mask_rule",

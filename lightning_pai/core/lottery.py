@@ -240,6 +240,39 @@ CONTROLS = ("random_reinit", "random_prune")
 MODES = ("max", "min")
 
 
+def capture_point(module: nn.Module, host: Host, weights: bool, sampler_epoch: int, step: int) -> dict[str, Any]:
+    """A rewind point: optimizer, LR-scheduler and RNG state, and the model's state dict when ``weights``.
+
+    Sharded (FSDP2) tensors are gathered: a rewind point is full and the same on every rank, so that a
+    checkpoint written by rank zero restores every rank's shards. Everything is copied to the CPU.
+    """
+    point = {
+        "optimizers": [to_cpu(gather_tree(opt.state_dict())) for opt in host.optimizers],
+        "schedulers": [to_cpu(s.state_dict()) for s in host.schedulers],
+        "rng": to_cpu(rng_state()),
+        "sampler_epoch": sampler_epoch,
+        "step": step,
+    }
+    if weights:
+        point["model"] = to_cpu(gather_tree(module.state_dict()))
+    return point
+
+
+def restore_point(module: nn.Module, host: Host, point: dict[str, Any], sharded: bool = False) -> None:
+    """Load a :func:`capture_point` rewind point into the model, the optimizers, the schedulers and the RNG."""
+    if "model" in point:
+        if sharded:
+            load_full_state_(module, point["model"])
+        else:
+            module.load_state_dict(point["model"])
+    for opt, state in zip(host.optimizers, point["optimizers"]):
+        state = to_cpu(state)  # a copy: the optimizer must not alias the rewind point
+        opt.load_state_dict(shard_optimizer_state(state, opt) if sharded else state)
+    for scheduler, state in zip(host.schedulers, point["schedulers"]):
+        scheduler.load_state_dict(to_cpu(state))
+    set_rng_state(point["rng"])
+
+
 class LotterySession(Session):
     """Iterative magnitude pruning with rewinding, all rounds in one run (the engine of ``LotteryTicket``).
 
@@ -693,36 +726,12 @@ class LotterySession(Session):
 
     # ------------------------------------------------------------------ rewind points
     def capture(self, sampler_epoch: int) -> dict[str, Any]:
-        """A rewind point: optimizer, LR-scheduler and RNG state (and the weights, when they are rewound).
-
-        Sharded (FSDP2) tensors are gathered: a rewind point is full and the same on every rank, so that a
-        checkpoint written by rank zero restores every rank's shards.
-        """
-        point = {
-            "optimizers": [to_cpu(gather_tree(opt.state_dict())) for opt in self.host.optimizers],
-            "schedulers": [to_cpu(s.state_dict()) for s in self.host.schedulers],
-            "rng": to_cpu(rng_state()),
-            "sampler_epoch": sampler_epoch,
-            "step": self.step,
-        }
-        if self.rewind.rewinds_weights:
-            point["model"] = to_cpu(gather_tree(self.module.state_dict()))
-        return point
+        """A rewind point (see :func:`capture_point`): the weights too when they are rewound."""
+        return capture_point(self.module, self.host, self.rewind.rewinds_weights, sampler_epoch, self.step)
 
     def restore(self, point: dict[str, Any]) -> None:
-        """Load a rewind point into the model, the optimizers, the schedulers and the RNG."""
-        sharded = self.masks._sharded
-        if "model" in point:
-            if sharded:
-                load_full_state_(self.module, point["model"])
-            else:
-                self.module.load_state_dict(point["model"])
-        for opt, state in zip(self.host.optimizers, point["optimizers"]):
-            state = to_cpu(state)  # a copy: the optimizer must not alias the rewind point
-            opt.load_state_dict(shard_optimizer_state(state, opt) if sharded else state)
-        for scheduler, state in zip(self.host.schedulers, point["schedulers"]):
-            scheduler.load_state_dict(to_cpu(state))
-        set_rng_state(point["rng"])
+        """Load a rewind point (see :func:`restore_point`)."""
+        restore_point(self.module, self.host, point, self.masks._sharded)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
