@@ -449,3 +449,22 @@ def test_a_second_fit_continues_from_the_scores():
         assert not torch.equal(after_first[n], initial[n])  # trained in the first fit
         assert torch.equal(s, after_first[n])  # not re-initialised; the cosine schedule had reached lr 0
     assert cb.session.scheduler.get_last_lr() == [0.0]
+
+
+def test_a_non_finite_score_gradient_skips_the_score_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = MovementPruning(0.5, initial_warmup=0, final_warmup=0, verbose=False)
+    sparsifier = Sparsifier(method, model, opt, total_steps=4)
+    x, y = torch.randn(16, 6), torch.randint(0, 2, (16,))
+    for poison in (False, True, False):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        before = {n: s.detach().clone() for n, s in method.session.scores.items()}
+        if poison:
+            method.session.scores["0.weight"].grad[0, 0] = float("nan")
+        sparsifier.step()
+        changed = any(not torch.equal(before[n], s) for n, s in method.session.scores.items())
+        assert changed != poison
+        assert all(bool(s.isfinite().all()) for s in method.session.scores.values())

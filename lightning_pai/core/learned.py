@@ -569,7 +569,16 @@ class LearnedMaskSession(Session):
             s.grad = g
 
     def after_step(self, step: int) -> None:
-        """Step the scores' optimizer (and schedule), then draw the mask for the next step."""
+        """Step the scores' optimizer (and schedule), then draw the mask for the next step.
+
+        A step whose score gradients are not finite (a 16-bit ``GradScaler`` skipping it, a diverging loss) leaves
+        the scores alone, as it leaves the weights alone: one NaN would otherwise spread to every later mask.
+        """
+        grads = [s.grad for s in self.scores.values() if s.grad is not None]
+        if grads and not bool(torch.stack([g.float().sum() for g in grads]).isfinite().all()):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step = step
+            return
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
