@@ -278,10 +278,17 @@ def main() -> None:
     parser.add_argument("--cs-epochs", type=int, default=4)
     parser.add_argument("--cs-penalty", type=float, default=1e-6)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--timing-only", action="store_true", help="only the step-time ratios (printed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train_x, train_y, _, _, test_x, test_y = load_mnist(args.data_dir, args.download)
     data, test = (train_x, train_y), (test_x, test_y)
+    if args.timing_only:
+        ratios = step_times(data, repeats=200)
+        print(f"CPU flags: {cpu_flags()}; dense step {ratios.pop('dense_ms'):.3f} ms")
+        for name, ratio in ratios.items():
+            print(f"{name:28s} {ratio:.2f}")
+        return
     start = time.perf_counter()
     rows = []
     for seed in range(args.seeds):
