@@ -263,6 +263,73 @@ def er(scores: Mapping[str, Tensor], density: float, layouts: Mapping[str, Layou
     return _erdos_renyi_counts(scores, density, False, layouts)
 
 
+def smart_ratio_densities(
+    sizes: Mapping[str, int], density: float, linear: Mapping[str, bool], linear_keep: float = 0.3
+) -> dict[str, float]:
+    """Per-layer densities of smart-ratio random tickets (Su et al. 2020, "Sanity-checking pruning methods").
+
+    Layers are taken in the model's order ``l = 1..L``: layer ``l`` keeps ``k ((L - l + 1)^2 + (L - l + 1))`` of
+    its weights, the linear (classifier) layers a fixed ``linear_keep`` (the reference's 30 %), ``k`` set so the
+    whole network keeps ``density``; a layer whose density would exceed 1 keeps everything and its excess goes
+    to the next layers in order (the reference's ``ExtraNum``). With only linear targets (an MLP) every layer
+    follows the formula.
+
+    Args:
+        sizes: Weights per target, in the model's order.
+        density: Fraction of all targeted weights kept.
+        linear: Whether each target is a linear layer.
+        linear_keep: Density of the linear layers.
+
+    Returns:
+        Density per target.
+
+    Raises:
+        ValueError: If the linear layers at ``linear_keep`` already exceed the budget.
+    """
+    names = list(sizes)
+    count = len(names)
+    fixed = {n for n in names if linear[n]} if not all(linear[n] for n in names) else set()
+    depth = {n: count - index for index, n in enumerate(names)}  # L - l + 1 for l = 1..L
+    raw = {n: float(depth[n] ** 2 + depth[n]) for n in names}
+    goal = density * sum(sizes.values()) - linear_keep * sum(sizes[n] for n in fixed)
+    if fixed and goal <= 0:
+        raise ValueError(
+            f"smart_ratio: the linear layers alone keep {linear_keep:g} of their weights, more than the whole "
+            f"budget at density {density:g}; lower `distribution_options={{'linear_keep': ...}}` or the sparsity."
+        )
+    free = [n for n in names if n not in fixed]
+    scale = goal / sum(raw[n] * sizes[n] for n in free)
+    out = {n: linear_keep if n in fixed else raw[n] * scale for n in names}
+    extra = 0.0
+    for n in free:  # densities above 1 are capped, the excess weights go to the next layers in order
+        if out[n] >= 1:
+            extra += (out[n] - 1) * sizes[n]
+            out[n] = 1.0
+        elif extra > 0:
+            room = (1 - out[n]) * sizes[n]
+            used = min(room, extra)
+            out[n] += used / sizes[n]
+            extra -= used
+    return out
+
+
+@register_distribution("smart_ratio", layouts=True, options=True)
+def smart_ratio(
+    scores: Mapping[str, Tensor],
+    density: float,
+    layouts: Mapping[str, Layout] | None = None,
+    linear_keep: float = 0.3,
+) -> dict[str, int]:
+    """Smart-ratio budgets (Su et al. 2020), see :func:`smart_ratio_densities`.
+
+    Linear layers are the targets whose layout is ``"linear"``; their density is the option ``linear_keep``
+    (``distribution_options={"linear_keep": ...}``, default 0.3).
+    """
+    linear = {n: layouts is not None and n in layouts and layouts[n].kind == "linear" for n in scores}
+    densities = smart_ratio_densities(_sizes(scores), density, linear, linear_keep)
+    return counts_from_densities(densities, _sizes(scores), density)
+
+
 def lamp_scores(scores: Tensor) -> Tensor:
     """Layer-adaptive magnitude-based pruning scores of one layer.
 
