@@ -598,3 +598,51 @@ def test_min_density_above_overall_density_raises():
     net = nn.Sequential(nn.Linear(15, 10, bias=False), nn.Linear(10, 15, bias=False))  # 150 + 150, keep 3
     with pytest.raises(ValueError, match="min_density"):
         _run(net, sparsity=0.99, min_density=0.01)
+
+
+def test_force_scores_every_weight_and_revives_pruned_ones():
+    """FORCE: each round scores |θ ⊙ ∂L/∂(c ⊙ θ)| with θ the initial weights, pruned ones included, so a weight
+    pruned in round r can be kept again in a later round; the forward runs on the pruned network."""
+    from lightning_pai.core.saliency import force
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    original = {n: p.detach().clone() for n, p in net.named_parameters()}
+    x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
+    records = []
+
+    def probe(ctx):
+        records.append(None if ctx.masks is None else {n: m.clone() for n, m in ctx.masks.items()})
+        scores = force(ctx)
+        if ctx.masks is not None:  # the gradient is the pruned network's, the scores use the initial weights
+            for n, p in ctx.params.items():
+                assert torch.all(p[~ctx.masks[n]] == 0)
+                assert torch.equal(ctx.extras["initial_weights"][n], original[n])
+        return scores
+
+    register_scorer("test_force_probe", probe, overwrite=True, revives=True)
+    loss = lambda module, batch: F.cross_entropy(module(batch[0]), batch[1])  # noqa: E731
+    ctx = ScoringContext(params=select_targets(net), module=net, batches=[(x, y)], loss_fn=loss)
+    final = prune(ctx, "test_force_probe", sparsity=0.95, iterations=6)
+    sequence = [m for m in records[1:]] + [final]
+    revived = sum(
+        int((later[n] & ~earlier[n]).sum())
+        for i, earlier in enumerate(sequence)
+        for later in sequence[i + 1 :]
+        for n in earlier
+    )
+    assert revived > 0  # a weight pruned in one round is kept in a later one
+    assert sum(int(m.sum()) for m in final.values()) == round(0.05 * (8 * 32 + 32 * 4))
+    assert all(torch.equal(p, original[n]) for n, p in net.named_parameters())  # the model is left as it was
+    # Iter-SNIP on the same problem never revives
+    snip_records = []
+
+    def snip_probe(ctx):
+        snip_records.append(None if ctx.masks is None else {n: m.clone() for n, m in ctx.masks.items()})
+        return get_scorer("snip")(ctx)
+
+    register_scorer("test_snip_probe", snip_probe, overwrite=True)
+    prune(ScoringContext(params=select_targets(net), module=net, batches=[(x, y)], loss_fn=loss), "test_snip_probe",
+          sparsity=0.95, iterations=6)  # fmt: skip
+    seq = snip_records[1:]
+    assert all(not (b[n] & ~a[n]).any() for a, b in zip(seq, seq[1:]) for n in a)

@@ -111,7 +111,8 @@ def prune(
     """Score and prune, in one shot or over ``iterations`` rounds; return the final keep-masks.
 
     In every round the weights pruned so far are zero during scoring (so they are "masked in the
-    forward") and stay pruned; the round's sparsity comes from :func:`round_sparsities`. Afterwards the
+    forward") and stay pruned — except for scorers registered with ``revives=True`` (FORCE), which select
+    among all weights every round; the round's sparsity comes from :func:`round_sparsities`. Afterwards the
     model is exactly as before (weights, buffers, train/eval flags, ``requires_grad``) except that, with
     ``ablation="reinit"``, the targeted weights are re-drawn. Apply the returned masks with
     :meth:`~lightning_pai.core.masks.MaskSet.update_`.
@@ -138,6 +139,7 @@ def prune(
 
     """
     scorer = get_scorer(method)
+    revives = scorer_info(method)["revives"]
     check_choice(ablation, ABLATIONS, "ablation", optional=True)
     ctx = replace(ctx)  # the rounds update `masks` on a copy, not on the caller's context
     masks = ctx.masks
@@ -147,8 +149,15 @@ def prune(
         for p in params.values():
             p.requires_grad_(True)
         rounds = round_sparsities(sparsity, iterations, schedule)
+        initial = {n: p.detach().clone() for n, p in params.items()} if revives else None
+        if revives:
+            ctx.extras = {**ctx.extras, "initial_weights": initial}
         for index, round_sparsity in enumerate(rounds):
             if masks is not None:
+                if revives:  # weights pruned in earlier rounds may come back: start from the initial values
+                    with torch.no_grad():
+                        for n, p in params.items():
+                            p.copy_(initial[n])
                 _zero_pruned(params, masks)
             ctx.masks = masks
             scores = full_dict(scorer(ctx))  # sharded scores are gathered: selection sees the whole model
@@ -157,7 +166,7 @@ def prune(
                 scores,
                 round_sparsity,
                 distribution,
-                masks=masks,
+                masks=None if revives else masks,
                 min_density=min_density,
                 invert=ablation == "invert",
                 layouts=ctx.layouts,

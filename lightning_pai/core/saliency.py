@@ -72,6 +72,29 @@ def snip(ctx: ScoringContext) -> dict[str, Tensor]:
     return {n: (g * p.detach()).abs().float() for n, g, p in zip(names, total, params)}
 
 
+@register_scorer("force", iterations=60, revives=True)
+def force(ctx: ScoringContext) -> dict[str, Tensor]:
+    """FORCE, progressive skeletonization: ``|θ ⊙ ∂L/∂(c ⊙ θ)|`` over every weight, pruned ones included.
+
+    de Jorge et al. 2021, "Progressive skeletonization: trimming more fat from a network at initialization"
+    (ICLR; official code naver/force).
+
+    ``score = |θ ⊙ ∂L/∂(c ⊙ θ)|``: the gradient of the loss of the *pruned* network ``c ⊙ θ`` (the driver
+    zeroes the weights pruned so far), times the *initial* weights ``θ`` of every weight, pruned ones included,
+    so a weight pruned in one round can come back in a later one (Iter-SNIP's ``|g ⊙ (c ⊙ θ)|`` cannot). Run
+    over exponentially shrinking rounds (60 by default, `iterations=` to change).
+    """
+    ctx.require_data("force")
+    names, params = list(ctx.params), list(ctx.params.values())
+    initial = ctx.extras.get("initial_weights") or {n: p.detach() for n, p in ctx.params.items()}
+    ctx.module.train()
+    total = [torch.zeros_like(p) for p in params]
+    for batch in ctx.batches:
+        for acc, g in zip(total, _grads(ctx.loss(batch), params)):
+            acc.add_(g)
+    return {n: (g * initial[n].to(g.device)).abs().float() for n, g in zip(names, total)}
+
+
 @register_scorer("grasp", signed=True)
 def grasp(ctx: ScoringContext) -> dict[str, Tensor]:
     """GraSP, gradient signal preservation (Wang et al. 2020, arXiv:2002.07376).

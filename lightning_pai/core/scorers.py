@@ -191,7 +191,7 @@ _SCORERS: Registry[Scorer] = Registry(
     "scorer",
     "method",
     "lightning_pai.register_scorer",
-    defaults={"needs": "data", "iterations": 1, "signed": False},
+    defaults={"needs": "data", "iterations": 1, "signed": False, "revives": False},
 )
 
 
@@ -203,6 +203,7 @@ def register_scorer(
     needs: str = "data",
     iterations: int = 1,
     signed: bool = False,
+    revives: bool = False,
 ):
     """Register a scorer ``fn(ctx) -> scores`` under ``name`` (decorator if ``fn`` is None).
 
@@ -213,17 +214,21 @@ def register_scorer(
         needs: ``"nothing"``, ``"shape"`` or ``"data"`` (see the module docstring).
         iterations: Default number of scoring rounds.
         signed: Whether the scores may be negative.
+        revives: Iterative pruning may bring back weights pruned in earlier rounds: every round starts from the
+            initial weights (pruned ones zeroed for the forward pass, their values in
+            ``ctx.extras["initial_weights"]``) and selects among all weights (FORCE).
 
     Raises:
         ValueError: If ``needs`` is not one of :data:`SCORER_NEEDS` or the name is taken.
     """
     if needs not in SCORER_NEEDS:
         raise ValueError(f"`needs` must be one of {', '.join(map(repr, SCORER_NEEDS))}; got {needs!r}.")
-    return _SCORERS.register(name, fn, overwrite=overwrite, needs=needs, iterations=iterations, signed=signed)
+    info = {"needs": needs, "iterations": iterations, "signed": signed, "revives": revives}
+    return _SCORERS.register(name, fn, overwrite=overwrite, **info)
 
 
 def scorer_info(name: str | Scorer) -> Mapping[str, Any]:
-    """Metadata of a scorer: ``needs``, ``iterations``, ``signed`` (defaults for an unregistered callable)."""
+    """Metadata of a scorer: ``needs``, ``iterations``, ``signed``, ``revives`` (defaults for unregistered ones)."""
     return _SCORERS.info(name)
 
 
