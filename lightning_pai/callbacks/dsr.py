@@ -19,9 +19,12 @@ class DSR(DynamicSparseTraining):
     layers); ``H`` (from ``threshold``) doubles when fewer than ``(1 - tolerance) K`` were dropped and halves
     when more than ``(1 + tolerance) K``, ``K = prune_fraction * active``. The ``D`` dropped weights regrow at
     random, zero-initialised, layer ``l`` getting ``D R_l / sum_k R_k`` of them (``R_l``: its survivors;
-    capped by its free slots). Defaults from the reference code: ``H = 1e-3``, tolerance 0.1, uniform initial
-    density; ``prune_fraction=0.1`` of the active weights corresponds to its 1 % of all parameters at 90 %
-    sparsity. The paper's period doubling every 40 epochs is not applied (``delta_t`` is constant).
+    capped by its free slots, and never onto a weight dropped in the same update); a layer whose every active
+    weight is below ``H`` keeps its largest one. Defaults from the reference code (TimDettmers/sparse_learning
+    ``imagenet/baseline``): ``H = 1e-3``, tolerance 0.1, uniform initial density; ``prune_fraction=0.1`` of the
+    active weights corresponds to its 1 % of all parameters at 90 % sparsity. The reference's reallocation
+    schedule (a period growing 100 -> 200 -> 400 -> 800 steps, rewiring stopped at ``--stop-rewire-epoch``) is not
+    implemented: ``delta_t`` is constant and rewiring runs to the end.
 
     Args:
         sparsity: Fraction of the targeted weights removed, constant during training.

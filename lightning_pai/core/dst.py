@@ -87,7 +87,7 @@ Redistribution = Callable[[UpdateContext, dict[str, Tensor]], dict[str, int]]
 
 #: ``needs``: inputs read from the context (``"grads"``, ``"momentum"``). ``observe``: called every optimizer
 #: step with ``(memory, weights, grads, finite)`` (``finite`` a 0-d bool tensor) to accumulate state.
-_RULE_INFO = {"needs": (), "observe": None, "rates": None}
+_RULE_INFO = {"needs": (), "observe": None, "rates": None, "spares_dropped": False}
 _DROP: Registry[DropRule] = Registry("drop rule", "drop", "lightning_pai.core.dst.register_drop_rule", _RULE_INFO)
 _GROWTH: Registry[GrowthRule] = Registry(
     "growth rule", "growth", "lightning_pai.core.dst.register_growth_rule", _RULE_INFO
@@ -384,15 +384,27 @@ def momentum_redistribution(ctx: UpdateContext, dropped: dict[str, Tensor]) -> d
 
 
 # ------------------------------------------------------------------------------ DSR (Mostafa & Wang 2019)
-@register_drop_rule("threshold")
+@register_drop_rule("threshold", spares_dropped=True)
 def threshold_drop(ctx: UpdateContext, fraction: float | Mapping[str, float]) -> dict[str, Tensor]:
     """DSR's adaptive global threshold: drop every active ``|w| < H``, then adapt ``H`` for the next update.
+
+    As the reference (``parameterized_tensors.py``): a layer whose every active weight is below ``H`` keeps its
+    largest one ("removing all, keeping one"), and the weights dropped now do not regrow in the same update
+    (``spares_dropped``).
 
     ``H`` starts at ``options["threshold"]`` (1e-3) and is doubled when fewer than ``(1 - d) * K`` weights
     were dropped, halved when more than ``(1 + d) * K`` (``K = fraction * active``, ``d = options["tolerance"]``).
     """
     h = ctx.memory.get("threshold", ctx.options.get("threshold", 1e-3))
-    out = {n: m & (ctx.weights[n].detach().abs() >= h) for n, m in ctx.masks.items()}
+    out = {}
+    for n, m in ctx.masks.items():
+        magnitude = ctx.weights[n].detach().abs()
+        kept = m & (magnitude >= h)
+        if not kept.any() and m.any():  # "removing all, keeping one": the layer's largest active weight stays
+            kept = torch.zeros_like(m).view(-1)
+            kept[magnitude.masked_fill(~m, -1.0).view(-1).argmax()] = True
+            kept = kept.view(m.shape)
+        out[n] = kept
     dropped = sum(ctx.kept.values()) - sum(active_counts(out).values())
     target, tolerance = float(fraction) * sum(ctx.kept.values()), ctx.options.get("tolerance", 0.1)
     if dropped < (1 - tolerance) * target:
@@ -829,6 +841,10 @@ def drop_and_grow(ctx: UpdateContext, fraction: float, rewire: Rewire) -> dict[s
     dropped = _DROP.get(rewire.drop)(ctx, rates)
     counts = redistribution(ctx, dropped)
     scores = _GROWTH.get(rewire.growth)(ctx)
+    if _DROP.info(rewire.drop)["spares_dropped"]:  # the weights just dropped cannot regrow now (DSR's setdiff1d)
+        scores = {n: s.detach().float().masked_fill(ctx.masks[n].to(s.device) & ~dropped[n], -math.inf)
+                  for n, s in scores.items()}  # fmt: skip
+        counts = {n: min(c, int((~ctx.masks[n]).sum())) for n, c in counts.items()}
     free = [n for n in dropped if n not in ctx.nm]
     out = grow({n: scores[n] for n in free}, {n: dropped[n] for n in free}, {n: counts[n] for n in free})
     for n, (k, m) in ctx.nm.items():  # N:M (Lasby et al. 2023's SRigL form): regrow inside each group
