@@ -22,6 +22,7 @@ from lightning_pai.core import (
     select_targets,
     sparsity_report,
 )
+from lightning_pai.core.stability import Instability, error_barrier, instability, interpolate
 from lightning_pai.deploy import (
     conversion_report,
     dense_state_dict,
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     *_callbacks.__all__,
     "DEFAULT_TARGET_TYPES",
+    "Instability",
     "LayerSparsity",
     "MaskSet",
     "ScoringContext",
@@ -46,8 +48,11 @@ __all__ = [
     "compute_masks",
     "conversion_report",
     "dense_state_dict",
+    "error_barrier",
     "get_distribution",
     "get_scorer",
+    "instability",
+    "interpolate",
     "list_distributions",
     "list_scorers",
     "load_sparse",
