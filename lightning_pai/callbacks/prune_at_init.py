@@ -80,6 +80,10 @@ class PruneAtInit(SparseCallback):
             3-channel stem or a depthwise convolution): ``"error"`` (default) refuses before training,
             ``"dense"`` leaves them dense (NVIDIA ASP's choice), ``"unstructured"`` prunes each to the pattern's
             sparsity ``1 - N/M``; they are named in a warning and in the report.
+        weight_init: None (keep the weights) or an initialisation for the pruned network, applied once the masks
+            are decided: ``"sparse_fan_in"`` (Evci et al. 2022: kept weights of unit ``i`` from ``N(0, 2 / k_i)``,
+            ``k_i`` its kept inputs) or ``"isometry"`` (Lee et al. 2020: each layer's masked matrix optimised
+            towards orthonormal columns); see :func:`lightning_pai.core.pruning.sparse_init_`.
         resume: Checkpoint state saved under other arguments: None refuses, ``"checkpoint"`` uses it, ``"recompute"``
             ignores it (see :class:`~lightning_pai.TargetOptions`).
         frozen: Frozen (``requires_grad=False``) targets: ``"skip"`` (default) leaves them dense, ``"prune"``
@@ -115,6 +119,7 @@ class PruneAtInit(SparseCallback):
         nm_incompatible: str = "error",
         resume: str | None = None,
         frozen: str = "skip",
+        weight_init: str | None = None,
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose, resume=resume, frozen=frozen)
         given = locals()

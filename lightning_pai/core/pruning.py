@@ -16,6 +16,7 @@ from lightning_pai.core.nm import NMSpec, check_nm_incompatible, nm_fits, nm_kee
 from lightning_pai.core.schedules import round_sparsities
 from lightning_pai.core.scorers import Scorer, ScoringContext, default_forward, get_scorer, scorer_info
 from lightning_pai.core.sharding import full, full_dict, local, local_slice
+from lightning_pai.core.targets import Layout
 from lightning_pai.core.validation import check_choice, check_min_density, check_positive_int, check_sparsity
 
 ABLATIONS = ("shuffle", "reinit", "invert")
@@ -58,6 +59,72 @@ def shuffle_masks(masks: Mapping[str, Tensor], seed: int = 0) -> dict[str, Tenso
         perm = torch.randperm(m.numel(), generator=gen).to(m.device)
         out[n] = m.reshape(-1)[perm].view_as(m)
     return out
+
+
+#: Initialisations for a network once its masks are known (``PruneAtInit(weight_init=...)``).
+SPARSE_INITS = ("sparse_fan_in", "isometry")
+
+
+@torch.no_grad()
+def sparse_init_(
+    params: Mapping[str, nn.Parameter],
+    masks: Mapping[str, Tensor],
+    layouts: Mapping[str, Layout],
+    mode: str,
+    seed: int = 0,
+    steps: int = 300,
+) -> None:
+    """Re-initialise the kept weights of a pruned network for its sparsity (pruned ones become 0), in place.
+
+    - ``"sparse_fan_in"`` — sparsity-aware Kaiming (Evci et al. 2022, "Gradient flow in sparse neural networks and
+      how lottery tickets win", AAAI): a kept weight of output unit ``i`` is drawn from ``N(0, 2 / k_i)``, ``k_i``
+      the number of ``i``'s kept inputs (its sparse fan-in), so every unit's pre-activation keeps the dense
+      network's variance.
+    - ``"isometry"`` — approximate dynamical isometry (Lee et al. 2020, "A signal propagation perspective for
+      pruning neural networks at initialization", ICLR): each layer's ``[out, in]`` matrix ``M = C ⊙ W``, from the
+      sparse fan-in draw, is optimised by gradient descent (Adam, ``steps`` steps, lr 1e-2) on
+      ``‖MᵀM - I‖²`` (``‖MMᵀ - I‖²`` when the layer has fewer outputs than inputs), over the kept weights only.
+
+    Draws come from a CPU generator seeded with ``seed``, so every process gets the same weights.
+
+    Args:
+        params: The targets by name.
+        masks: Their keep-masks.
+        layouts: Their layouts (the output axis and fan-in of each).
+        mode: One of :data:`SPARSE_INITS`.
+        seed: Seed of the draws.
+        steps: Gradient steps of ``"isometry"``.
+
+    Raises:
+        ValueError: If ``mode`` is unknown.
+    """
+    check_choice(mode, SPARSE_INITS, "weight_init")
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in params.items():
+        layout, mask = layouts[name], masks[name].detach().to("cpu", torch.bool)
+        kept = layout.as_matrix(mask)
+        fan_in = kept.sum(1, keepdim=True).clamp(min=1).to(torch.float32)
+        matrix = torch.randn(kept.shape, generator=gen) * (2.0 / fan_in).sqrt() * kept
+        if mode == "isometry":
+            matrix = _isometric(matrix, kept, steps)
+        value = layout.from_matrix(matrix, mask.shape).to(dtype=param.dtype)
+        local(param).copy_(local_slice(value, param).to(local(param).device))
+
+
+def _isometric(matrix: Tensor, kept: Tensor, steps: int) -> Tensor:
+    """``matrix`` (zeros outside ``kept``) optimised towards ``MᵀM = I`` (or ``MMᵀ = I``) over its kept entries."""
+    weights = matrix.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([weights], lr=1e-2)
+    rows, cols = matrix.shape
+    eye = torch.eye(min(rows, cols))
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            masked = weights * kept
+            gram = masked.t() @ masked if rows >= cols else masked @ masked.t()
+            ((gram - eye) ** 2).sum().backward()
+            optimizer.step()
+    return (weights.detach() * kept).contiguous()
 
 
 @torch.no_grad()
@@ -228,8 +295,10 @@ class Pruner:
     seed: int = 0
     nm: NMSpec = None
     nm_incompatible: str = "error"
+    weight_init: str | None = None
 
     def __post_init__(self) -> None:
+        check_choice(self.weight_init, SPARSE_INITS, "weight_init", optional=True)
         self.sparsity = nm_sparsity(self.sparsity, self.nm)
         check_nm_incompatible(self.nm_incompatible)
         get_scorer(self.method)

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from lightning_pai.core.dst import Plan, TopologyUpdater
 from lightning_pai.core.masks import MaskSet
 from lightning_pai.core.nm import NMSpec, nm_fits, resolve_nm
+from lightning_pai.core.pruning import sparse_init_
 from lightning_pai.core.report import SparsityReport, coverage, skipped_line, sparsity_report
 from lightning_pai.core.schedules import Cubic, resolve_window
 from lightning_pai.core.sharding import full_dict
@@ -186,6 +187,9 @@ class Session:
         self._in_backward = False
 
     # ------------------------------------------------------------------ to override
+    def masks_decided(self) -> None:
+        """Called once the initial masks are decided (and broadcast), before they are applied; a fresh run only."""
+
     def initial_masks(self, masks: MaskSet) -> dict[str, Tensor]:
         """The masks to start with (computed on every rank; rank zero's are used). ``masks``: all kept."""
         return {n: torch.ones(p.shape, dtype=torch.bool) for n, p in masks.params.items()}
@@ -276,6 +280,8 @@ class Session:
             masks.load_state_dict(self.masks.state_dict())
         else:
             masks.load_state_dict(self.from_rank_zero(self.initial_masks(masks)))
+            self.masks = masks
+            self.masks_decided()
         self.masks = masks
         dense = self.dense_gradients
         for opt in self.host.optimizers:
@@ -449,6 +455,12 @@ class PruneSession(Session):
     def initial_masks(self, masks: MaskSet) -> dict[str, Tensor]:
         """Score the targets with the pruner's method and keep the top ones."""
         return self.pruner.masks(self.module, masks, self.host, self.name)
+
+    def masks_decided(self) -> None:
+        """The pruner's ``weight_init`` (sparse fan-in, isometry) on the decided masks, the same on every rank."""
+        if self.pruner.weight_init is not None:
+            masks = self.masks
+            sparse_init_(masks.params, dict(masks.items()), masks.layouts, self.pruner.weight_init, self.pruner.seed)
 
 
 class TopologySession(Session):
