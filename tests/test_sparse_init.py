@@ -62,3 +62,32 @@ def test_prune_at_init_applies_it_on_the_decided_masks():
         assert torch.allclose(module.get_parameter(n), params[n], atol=0.2)
     with pytest.raises(ValueError, match="`weight_init` must be one of 'sparse_fan_in', 'isometry' or None"):
         PruneAtInit("magnitude", 0.8, weight_init="kaiming")
+
+
+@pytest.mark.parametrize("name", ["RigL", "SET", "SNFS", "GraNet", "DSR", "DeepR"])
+def test_dst_callbacks_take_it_for_their_initial_masks(name):
+    import lightning_pai
+
+    cb = getattr(lightning_pai, name).example(0.8, weight_init="isometry")
+    captured, masks = {}, {}
+
+    class Probe(lightning_pai.callbacks._compat.CallbackBase):  # the weights and masks the first step starts from
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not captured:
+                captured.update({n: pl_module.get_parameter(n).detach().clone() for n in cb.masks.names})
+                masks.update(cb.masks.state_dict())
+
+    module = make_module(seed=0)
+    make_trainer(callbacks=[cb, Probe()], max_steps=4).fit(module, make_dataloader())
+    layouts = target_layouts(module, cb.masks.names)
+    start = {n: torch.nn.Parameter(torch.empty_like(w)) for n, w in captured.items()}
+    sparse_init_(start, masks, layouts, "sparse_fan_in", seed=cb.seed)  # the draw the isometry starts from
+    for n, w in captured.items():
+        assert not w[~masks[n]].any()
+        assert isometry_error(w, layouts[n]) <= isometry_error(start[n].detach(), layouts[n]) + 1e-5
+
+
+def isometry_error(w, layout):
+    rows = layout.as_matrix(w)
+    gram = rows.t() @ rows if rows.shape[0] >= rows.shape[1] else rows @ rows.t()
+    return float(torch.dist(gram, torch.eye(min(rows.shape))))

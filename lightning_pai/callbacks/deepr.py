@@ -36,6 +36,8 @@ class DeepR(TopologyCallback):
         init: ``"random"`` or a registered scorer for the initial masks.
         l1: ``alpha``, the L1 shrinkage of the active parameters per unit learning rate.
         noise: ``sigma``, the random walk's standard deviation per unit learning rate.
+        weight_init: None, ``"sparse_fan_in"`` or ``"isometry"``: re-draw the kept weights for the initial masks
+            (see :func:`lightning_pai.core.pruning.sparse_init_`).
         **common: ``include``, ``exclude``, ``frozen``, ``seed``, ``verbose`` (see
             :class:`~lightning_pai.MethodOptions`).
     """
@@ -50,6 +52,7 @@ class DeepR(TopologyCallback):
         init: str = "random",
         l1: float = 1e-5,
         noise: float = 1e-5,
+        weight_init: str | None = None,
         **common: Unpack[MethodOptions],
     ) -> None:
         super().__init__(sparsity, distribution=distribution, init=init, **common)

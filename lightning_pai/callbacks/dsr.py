@@ -34,6 +34,8 @@ class DSR(DynamicSparseTraining):
         threshold: Initial threshold ``H``.
         tolerance: Relative band around ``K`` in which ``H`` is left unchanged.
         delta_t: Optimizer steps between updates.
+        weight_init: None, ``"sparse_fan_in"`` or ``"isometry"``: re-draw the kept weights for the initial masks
+            (see :func:`lightning_pai.core.pruning.sparse_init_`).
         **common: ``include``, ``exclude``, ``frozen``, ``seed``, ``verbose`` (see
             :class:`~lightning_pai.MethodOptions`).
     """
@@ -50,6 +52,7 @@ class DSR(DynamicSparseTraining):
         threshold: float = 1e-3,
         tolerance: float = 0.1,
         delta_t: int = 100,
+        weight_init: str | None = None,
         **common: Unpack[MethodOptions],
     ) -> None:
         check_rates(prune_fraction, "prune_fraction")

@@ -115,11 +115,13 @@ class DynamicSparseTraining(TopologyCallback):
         options: Mapping[str, Any] | None = None,
         resume: str | None = None,
         frozen: str = "skip",
+        weight_init: str | None = None,
     ) -> None:
         super().__init__(
             sparsity,
             distribution=distribution,
             init=init,
+            weight_init=weight_init,
             seed=seed,
             beta=beta,
             include=include,

@@ -43,6 +43,8 @@ class GraNet(DynamicSparseTraining):
         death_rate: Initial drop fraction ``r`` of the regeneration.
         min_rate: Final drop fraction ``m`` of the cosine decay.
         delta_t: Optimizer steps between updates.
+        weight_init: None, ``"sparse_fan_in"`` or ``"isometry"``: re-draw the kept weights for the initial masks
+            (see :func:`lightning_pai.core.pruning.sparse_init_`).
         **common: ``include``, ``exclude``, ``frozen``, ``seed``, ``verbose`` (see
             :class:`~lightning_pai.MethodOptions`).
     """
@@ -62,6 +64,7 @@ class GraNet(DynamicSparseTraining):
         death_rate: float = 0.5,
         min_rate: float = 0.005,
         delta_t: int = 1000,
+        weight_init: str | None = None,
         **common: Unpack[MethodOptions],
     ) -> None:
         check_rates(death_rate, "death_rate", min_rate, "min_rate")

@@ -29,6 +29,8 @@ class RigL(DynamicSparseTraining):
         nm: N:M layers, as for :class:`DynamicSparseTraining` (``nm="2:4"``: N:M RigL).
         nm_incompatible: Layers the ``nm`` groups cannot fit: ``"error"`` (default), ``"dense"`` or
             ``"unstructured"``, as for :class:`DynamicSparseTraining`.
+        weight_init: None, ``"sparse_fan_in"`` or ``"isometry"``: re-draw the kept weights for the initial masks
+            (see :func:`lightning_pai.core.pruning.sparse_init_`).
         **common: ``include``, ``exclude``, ``frozen``, ``seed``, ``verbose`` (see
             :class:`~lightning_pai.MethodOptions`).
     """
@@ -46,6 +48,7 @@ class RigL(DynamicSparseTraining):
         t_end: float = 0.75,
         nm: NMSpec = None,
         nm_incompatible: str = "error",
+        weight_init: str | None = None,
         **common: Unpack[MethodOptions],
     ) -> None:
         super().__init__(sparsity, **base_kwargs(locals(), growth="gradient"), **common)

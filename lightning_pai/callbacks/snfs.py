@@ -38,6 +38,8 @@ class SNFS(DynamicSparseTraining):
         update_on: ``"epoch"`` or ``"step"``.
         delta_t: Optimizer steps between updates with ``update_on="step"``.
         beta: Decay of the callback's own momentum (optimizers without momentum only).
+        weight_init: None, ``"sparse_fan_in"`` or ``"isometry"``: re-draw the kept weights for the initial masks
+            (see :func:`lightning_pai.core.pruning.sparse_init_`).
         **common: ``include``, ``exclude``, ``frozen``, ``seed``, ``verbose`` (see
             :class:`~lightning_pai.MethodOptions`).
     """
@@ -55,6 +57,7 @@ class SNFS(DynamicSparseTraining):
         update_on: str = "epoch",
         delta_t: int = 100,
         beta: float = 0.9,
+        weight_init: str | None = None,
         **common: Unpack[MethodOptions],
     ) -> None:
         check_rates(prune_rate, "prune_rate", min_rate, "min_rate")

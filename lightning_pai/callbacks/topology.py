@@ -12,11 +12,11 @@ from lightning_pai.callbacks.base import SparseCallback
 from lightning_pai.core.distributions import get_distribution
 from lightning_pai.core.dst import Plan, TopologyUpdater
 from lightning_pai.core.nm import NMSpec, check_nm_incompatible, nm_sparsity
-from lightning_pai.core.pruning import Pruner
+from lightning_pai.core.pruning import SPARSE_INITS, Pruner
 from lightning_pai.core.scorers import get_scorer
 from lightning_pai.core.session import TopologySession
 from lightning_pai.core.targets import Selectors
-from lightning_pai.core.validation import check_number, check_sparsity
+from lightning_pai.core.validation import check_choice, check_number, check_sparsity
 
 
 class TopologyCallback(SparseCallback):
@@ -45,6 +45,8 @@ class TopologyCallback(SparseCallback):
         nm_incompatible: Layers the ``nm`` groups cannot fit (input channels not a multiple of ``M``):
             ``"error"`` (default) refuses before training, ``"dense"`` leaves them dense, ``"unstructured"``
             prunes them unstructured to the pattern's sparsity; they are named in a warning and in the report.
+        weight_init: None, ``"sparse_fan_in"`` or ``"isometry"``: re-draw the kept weights for the initial masks
+            (see :func:`lightning_pai.core.pruning.sparse_init_`; dense starts are left alone).
     """
 
     def __init__(
@@ -62,8 +64,11 @@ class TopologyCallback(SparseCallback):
         resume: str | None = None,
         frozen: str = "skip",
         nm_incompatible: str = "error",
+        weight_init: str | None = None,
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose, resume=resume, frozen=frozen)
+        check_choice(weight_init, SPARSE_INITS, "weight_init", optional=True)
+        self.weight_init = weight_init
         self.nm, self.nm_incompatible = nm, check_nm_incompatible(nm_incompatible)
         self.sparsity = check_sparsity(nm_sparsity(sparsity, nm))
         get_distribution(distribution)
@@ -89,7 +94,9 @@ class TopologyCallback(SparseCallback):
         """The engine session: this plan, initial masks from ``init`` at the starting sparsity (dense at 0)."""
         start = self.initial_sparsity_of_masks
         nm = {"nm": self.nm, "nm_incompatible": self.nm_incompatible}
-        initial = None if start == 0 else Pruner(self.init, start, self.distribution, seed=self.seed, **nm)
+        initial = None
+        if start > 0:
+            initial = Pruner(self.init, start, self.distribution, seed=self.seed, weight_init=self.weight_init, **nm)
         plan = self.plan()
         return TopologySession(
             type(self).__name__,

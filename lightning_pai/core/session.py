@@ -528,6 +528,12 @@ class TopologySession(Session):
             return super().initial_masks(masks)
         return self.initial.masks(self.module, masks, self.host, self.name)
 
+    def masks_decided(self) -> None:
+        """The initial pruner's ``weight_init`` on the decided masks (a dense start is left alone)."""
+        if self.initial is not None and self.initial.weight_init is not None:
+            masks = self.masks
+            sparse_init_(masks.params, dict(masks.items()), masks.layouts, self.initial.weight_init, self.initial.seed)
+
     def frozen_conflict(self) -> str | None:
         """Regrowing weights, or reading gradients during training, needs every target to train."""
         if self.plan.rewire is not None:
