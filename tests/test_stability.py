@@ -62,3 +62,42 @@ def test_interpolation_is_linear_and_keeps_pruned_zeros():
     assert not mid[0].weight[:, 0].any()
     with pytest.raises(ValueError, match="`points` must be an int >= 2"):
         error_barrier(a, b, lambda net: 0.0, points=1)
+
+
+def test_lottery_ticket_reports_the_instability_of_its_rewind_point():
+
+    from helpers import make_dataloader, make_module, make_trainer
+
+    from lightning_pai import LotteryTicket
+
+    ticket = LotteryTicket(2, 0.5, epochs_per_round=1, rewind_to="init", verbose=False)
+    module = make_module("pytorch_lightning", seed=0)
+    initial = {n: p.detach().clone() for n, p in module.named_parameters()}
+    make_trainer("pytorch_lightning", callbacks=[ticket], max_epochs=2, max_steps=-1).fit(module, make_dataloader())
+    loader = make_dataloader()
+    seen = []
+
+    def train(net, seed):
+        seen.append({n: p.detach().clone() for n, p in net.named_parameters()})
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        x, y = loader.dataset.tensors
+        for idx in torch.randperm(len(x), generator=gen).split(8):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+        for n, m in ticket.masks.items():  # the ticket's masks held through SGD with momentum and decay
+            assert not net.get_parameter(n)[~m].any()
+
+    def evaluate(net):
+        x, y = loader.dataset.tensors
+        return 100.0 * float((net(x).argmax(1) != y).float().mean())
+
+    result = ticket.instability(module, train, evaluate, seeds=(0, 0), points=5)
+    assert result.barrier == 0.0  # identical data order: identical copies
+    for n, w in seen[0].items():  # each copy started from the rewind point (init) with the ticket's zeros
+        mask = ticket.masks[n] if n in ticket.masks.names else torch.ones_like(w, dtype=torch.bool)
+        assert torch.equal(w, initial[n] * mask)
+    assert ticket.instability(module, train, evaluate, seeds=(0, 1), points=5).barrier >= 0.0
+    with pytest.raises(RuntimeError, match="holds no rewind point with weights"):
+        LotteryTicket(2, 0.5, epochs_per_round=1, rewind_to="lr").instability(module, train, evaluate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ from lightning_pai.callbacks.host import is_last_batch_of_epoch, run_validation
 from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.core.lottery import LotterySession
 from lightning_pai.core.nm import NMSpec
+from lightning_pai.core.stability import masked_instability
 from lightning_pai.core.targets import Selectors
 
 
@@ -145,6 +147,27 @@ class LotteryTicket(SparseCallback):
         return self._generate_state_key(
             rounds=self.rounds, prune_fraction=self.prune_fraction, rewind_to=self.rewind_to, control=self.control
         )
+
+    def instability(
+        self, module: Any, train: Any, evaluate: Any, seeds: tuple[int, int] = (0, 1), points: int = 30
+    ) -> Any:
+        """The instability of this ticket's rewind point (Frankle et al. 2020, linear mode connectivity).
+
+        A copy of ``module`` at the rewind point with the ticket's masks is forked and trained twice, by
+        ``train(copy, seed)`` (the seed sets the data order), and the error barrier between the two is measured
+        (:func:`lightning_pai.core.stability.masked_instability`).
+
+        Raises:
+            RuntimeError: Before a rewind point with weights exists (``rewind_to`` ``"lr"``/``"none"`` keep none).
+        """
+        point = self.session.rewind_point
+        if point is None or "model" not in point:
+            raise RuntimeError(
+                f"`{type(self).__name__}` holds no rewind point with weights (rewind_to={self.rewind_to!r})."
+            )
+        start = copy.deepcopy(module)
+        start.load_state_dict(point["model"])
+        return masked_instability(start, self.session.current_masks(), train, evaluate, seeds, points)
 
     @property
     def final_sparsity(self) -> float:

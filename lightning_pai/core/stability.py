@@ -11,11 +11,11 @@ rewind point is stable (barrier ≈ 0).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -101,4 +101,35 @@ def instability(
     return error_barrier(first, second, evaluate, points)
 
 
-__all__ = ["Instability", "error_barrier", "instability", "interpolate"]
+def masked_instability(
+    model: nn.Module,
+    masks: Mapping[str, Tensor],
+    train: Callable[[nn.Module, int], None],
+    evaluate: Callable[[nn.Module], float],
+    seeds: tuple[int, int] = (0, 1),
+    points: int = 30,
+) -> Instability:
+    """:func:`instability` of the sparse network ``model ⊙ masks``: both copies train with the masks held.
+
+    Each copy's masked weights are zeroed before training and their gradients zeroed during it (a tensor hook),
+    so SGD or Adam, with momentum and weight decay, leaves them at zero; ``train`` needs no mask of its own.
+    """
+
+    def train_sparse(copy_: nn.Module, seed: int) -> None:
+        params = dict(copy_.named_parameters())
+        handles = []
+        with torch.no_grad():
+            for name, mask in masks.items():
+                keep = mask.to(device=params[name].device, dtype=torch.bool)
+                params[name].masked_fill_(~keep, 0.0)
+                handles.append(params[name].register_hook(lambda g, keep=keep: g.masked_fill(~keep, 0.0)))
+        try:
+            train(copy_, seed)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    return instability(model, train_sparse, evaluate, seeds, points)
+
+
+__all__ = ["Instability", "error_barrier", "instability", "interpolate", "masked_instability"]
