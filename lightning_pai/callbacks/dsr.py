@@ -20,10 +20,11 @@ class DSR(DynamicSparseTraining):
     when more than ``(1 + tolerance) K``, ``K = prune_fraction * active``. The ``D`` dropped weights regrow at
     random, zero-initialised, layer ``l`` getting ``D R_l / sum_k R_k`` of them (``R_l``: its survivors;
     capped by its free slots, and never onto a weight dropped in the same update); a layer whose every active
-    weight is below ``H`` keeps its largest one. Defaults from the reference code (TimDettmers/sparse_learning
-    ``imagenet/baseline``): ``H = 1e-3``, tolerance 0.1, uniform initial density; ``prune_fraction=0.1`` of the
-    active weights corresponds to its 1 % of all parameters at 90 % sparsity. The reference's reallocation
-    schedule (a period growing 100 -> 200 -> 400 -> 800 steps, rewiring stopped at ``--stop-rewire-epoch``) is not
+    weight is below ``H`` keeps one (its first active weight, as the reference). Defaults from the reference
+    code (TimDettmers/sparse_learning ``imagenet/baseline``): ``H = 1e-3``, tolerance 0.1, uniform initial
+    density; ``prune_fraction=0.1`` of the active weights corresponds to its 1 % of all parameters at 90 %
+    sparsity. The reference's reallocation schedule (a period growing 100 -> 200 -> 400 -> 800 steps at epochs
+    0 / 25 / 80 / 140 for WRN, rewiring stopped at ``--stop-rewire-epoch``) is not
     implemented: ``delta_t`` is constant and rewiring runs to the end.
 
     Args:

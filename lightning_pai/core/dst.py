@@ -388,9 +388,9 @@ def momentum_redistribution(ctx: UpdateContext, dropped: dict[str, Tensor]) -> d
 def threshold_drop(ctx: UpdateContext, fraction: float | Mapping[str, float]) -> dict[str, Tensor]:
     """DSR's adaptive global threshold: drop every active ``|w| < H``, then adapt ``H`` for the next update.
 
-    As the reference (``parameterized_tensors.py``): a layer whose every active weight is below ``H`` keeps its
-    largest one ("removing all, keeping one"), and the weights dropped now do not regrow in the same update
-    (``spares_dropped``).
+    As the reference (``parameterized_tensors.py``): a layer whose every active weight is below ``H`` keeps one,
+    its first active weight in flat order, as the reference does ("removing all, keeping one"), and the weights
+    dropped now do not regrow in the same update (``spares_dropped``).
 
     ``H`` starts at ``options["threshold"]`` (1e-3) and is doubled when fewer than ``(1 - d) * K`` weights
     were dropped, halved when more than ``(1 + d) * K`` (``K = fraction * active``, ``d = options["tolerance"]``).
@@ -400,9 +400,9 @@ def threshold_drop(ctx: UpdateContext, fraction: float | Mapping[str, float]) ->
     for n, m in ctx.masks.items():
         magnitude = ctx.weights[n].detach().abs()
         kept = m & (magnitude >= h)
-        if not kept.any() and m.any():  # "removing all, keeping one": the layer's largest active weight stays
+        if not kept.any() and m.any():  # "removing all, keeping one": the first active weight (flat index) stays
             kept = torch.zeros_like(m).view(-1)
-            kept[magnitude.masked_fill(~m, -1.0).view(-1).argmax()] = True
+            kept[m.reshape(-1).nonzero()[0]] = True
             kept = kept.view(m.shape)
         out[n] = kept
     dropped = sum(ctx.kept.values()) - sum(active_counts(out).values())
