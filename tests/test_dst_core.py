@@ -357,3 +357,24 @@ def test_dsr_keeps_one_weight_of_an_emptied_layer_and_spares_the_dropped_from_re
         assert not (new[n] & just_dropped).any(), n  # none of them regrew in the same update
     assert sum(int(m.sum()) for m in new.values()) == sum(int(m.sum()) for m in masks.values())  # total kept
     assert int(new["a"].sum()) > 1  # the emptied layer regrew, elsewhere than where it just dropped
+
+
+def test_dsr_reallocation_periods_follow_the_reference_schedule():
+    """The period between reallocations grows at given steps (the reference's 100 -> 200 -> 400 -> 800) and rewiring
+    stops at ``stop``: updates at the multiples of the period in force."""
+    from helpers import make_dataloader, make_module, make_trainer
+
+    from lightning_pai import DSR
+    from lightning_pai.core.schedules import Periods
+
+    schedule = Periods(((0, 100), (2500, 200), (8000, 400), (14000, 800)), end=0.95)
+    updates = [t for t in range(1, 20001) if schedule.is_update(t, 20000, False)]
+    assert updates[:3] == [100, 200, 300] and 2500 not in updates
+    assert [t for t in updates if 2400 <= t <= 3000] == [2400, 2600, 2800, 3000]
+    assert [t for t in updates if 13600 <= t <= 15000] == [13600, 14400]
+    assert max(updates) == 18400 and len(updates) == 24 + 27 + 15 + 6  # to 95 % of the run (step 19000)
+    cb = DSR(0.8, periods={0: 2, 6: 4}, stop=0.75, verbose=False)
+    make_trainer(callbacks=[cb], max_epochs=2, max_steps=-1).fit(make_module(seed=0), make_dataloader())
+    assert cb.updates == 4  # steps 2, 4, 8, 12 of 16
+    with pytest.raises(ValueError, match="`periods` must map optimizer steps"):
+        DSR(0.8, periods={0: 0})

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import replace
 
 from typing_extensions import Unpack
 
 from lightning_pai.callbacks.base import MethodOptions
 from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs, check_rates
 from lightning_pai.callbacks.registry import MethodCard
+from lightning_pai.core.dst import Plan
+from lightning_pai.core.schedules import Periods
 from lightning_pai.core.validation import check_number
 
 
@@ -23,9 +27,10 @@ class DSR(DynamicSparseTraining):
     weight is below ``H`` keeps one (its first active weight, as the reference). Defaults from the reference
     code (TimDettmers/sparse_learning ``imagenet/baseline``): ``H = 1e-3``, tolerance 0.1, uniform initial
     density; ``prune_fraction=0.1`` of the active weights corresponds to its 1 % of all parameters at 90 %
-    sparsity. The reference's reallocation schedule (a period growing 100 -> 200 -> 400 -> 800 steps at epochs
-    0 / 25 / 80 / 140 for WRN, rewiring stopped at ``--stop-rewire-epoch``) is not
-    implemented: ``delta_t`` is constant and rewiring runs to the end.
+    sparsity. The reference's reallocation schedule is ``periods``: a period growing 100 -> 200 -> 400 -> 800
+    steps at epochs 0 / 25 / 80 / 140 for its WRN, ``periods={0: 100, 25 * E: 200, 80 * E: 400, 140 * E: 800}``
+    with ``E`` optimizer steps per epoch, rewiring stopped at ``stop`` (its ``--stop-rewire-epoch``, 190 of 200
+    epochs in the paper's runs: ``stop=0.95``). Without ``periods``, every ``delta_t`` steps to the end.
 
     Args:
         sparsity: Fraction of the targeted weights removed, constant during training.
@@ -34,7 +39,11 @@ class DSR(DynamicSparseTraining):
         prune_fraction: Target fraction ``K / active`` the threshold adapts to.
         threshold: Initial threshold ``H``.
         tolerance: Relative band around ``K`` in which ``H`` is left unchanged.
-        delta_t: Optimizer steps between updates.
+        delta_t: Optimizer steps between updates (without ``periods``).
+        periods: ``{from_step: period}``: the reallocation period from each step on (the reference's schedule);
+            step ``t`` is an update when ``t`` is a multiple of the period in force.
+        stop: Fraction of training after which the topology is fixed (the reference's ``--stop-rewire-epoch``
+            divided by the epochs).
         weight_init: None, ``"sparse_fan_in"`` or ``"isometry"``: re-draw the kept weights for the initial masks
             (see :func:`lightning_pai.core.pruning.sparse_init_`).
         **common: ``include``, ``exclude``, ``frozen``, ``seed``, ``verbose`` (see
@@ -53,6 +62,8 @@ class DSR(DynamicSparseTraining):
         threshold: float = 1e-3,
         tolerance: float = 0.1,
         delta_t: int = 100,
+        periods: Mapping[int, int] | None = None,
+        stop: float = 1.0,
         weight_init: str | None = None,
         **common: Unpack[MethodOptions],
     ) -> None:
@@ -60,5 +71,11 @@ class DSR(DynamicSparseTraining):
         self.threshold = check_number(threshold, "threshold", 0, math.inf, low_open=True, what="the initial H")
         self.tolerance = check_number(tolerance, "tolerance", 0, 1, high_open=True, what="the band around K")
         options = {"threshold": self.threshold, "tolerance": self.tolerance}
-        kwargs = base_kwargs(locals(), alpha=prune_fraction, decay="constant", t_end=1.0, growth="random")
+        self.periods = None if periods is None else Periods(tuple(sorted(dict(periods).items())), end=stop)
+        kwargs = base_kwargs(locals(), alpha=prune_fraction, decay="constant", t_end=stop, growth="random")
         super().__init__(sparsity, **kwargs, drop="threshold", redistribution="survivors", **common)
+
+    def plan(self) -> Plan:
+        """The base plan, updated on the reference's growing periods when ``periods`` is given."""
+        plan = super().plan()
+        return plan if self.periods is None else replace(plan, when=self.periods)

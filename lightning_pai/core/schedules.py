@@ -231,6 +231,35 @@ class EpochEnds(UpdateSchedule):
         return epoch_end and step <= resolve_point(self.end, total)
 
 
+@dataclass(frozen=True)
+class Periods(UpdateSchedule):
+    """Every ``period`` optimizer steps, the period changing at given steps, up to and including ``end``.
+
+    ``periods`` is ``((from_step, period), ...)``: from step ``from_step`` on, step ``t`` is an update when ``t`` is a
+    multiple of ``period`` (the global count, as DSR's reference counts iterations). DSR's reference WRN schedule,
+    in epochs of ``E`` steps: ``((0, 100), (25 E, 200), (80 E, 400), (140 E, 800))``.
+    """
+
+    periods: tuple[tuple[int, int], ...]
+    end: Point = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.periods or any(
+            isinstance(s, bool) or isinstance(p, bool) or not isinstance(s, int) or not isinstance(p, int) or s < 0
+            or p < 1 for s, p in self.periods
+        ):  # fmt: skip
+            raise ValueError(
+                f"`periods` must map optimizer steps (int >= 0) to periods (int >= 1), e.g. {{0: 100, 5000: 200}}; "
+                f"got {self.periods!r}."
+            )
+
+    def is_update(self, step: int, total: int, epoch_end: bool) -> bool:
+        if step > resolve_point(self.end, total):
+            return False
+        period = next((p for s, p in sorted(self.periods, reverse=True) if s <= step), None)
+        return period is not None and step % period == 0
+
+
 _UPDATE_SCHEDULES: Registry[type[UpdateSchedule]] = Registry(
     "update schedule", "update_on", "lightning_pai.core.schedules.register_update_schedule"
 )
