@@ -71,7 +71,7 @@ class DSR(DynamicSparseTraining):
         self.threshold = check_number(threshold, "threshold", 0, math.inf, low_open=True, what="the initial H")
         self.tolerance = check_number(tolerance, "tolerance", 0, 1, high_open=True, what="the band around K")
         options = {"threshold": self.threshold, "tolerance": self.tolerance}
-        self.periods = None if periods is None else Periods(tuple(sorted(dict(periods).items())), end=stop)
+        self.periods = None if periods is None else Periods(tuple(dict(periods).items()), end=stop)
         kwargs = base_kwargs(locals(), alpha=prune_fraction, decay="constant", t_end=stop, growth="random")
         super().__init__(sparsity, **kwargs, drop="threshold", redistribution="survivors", **common)
 

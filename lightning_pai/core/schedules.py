@@ -252,11 +252,12 @@ class Periods(UpdateSchedule):
                 f"`periods` must map optimizer steps (int >= 0) to periods (int >= 1), e.g. {{0: 100, 5000: 200}}; "
                 f"got {self.periods!r}."
             )
+        object.__setattr__(self, "periods", tuple(sorted(self.periods, reverse=True)))  # latest start first
 
     def is_update(self, step: int, total: int, epoch_end: bool) -> bool:
         if step > resolve_point(self.end, total):
             return False
-        period = next((p for s, p in sorted(self.periods, reverse=True) if s <= step), None)
+        period = next((p for s, p in self.periods if s <= step), None)
         return period is not None and step % period == 0
 
 

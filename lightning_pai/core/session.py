@@ -187,8 +187,21 @@ class Session:
         self._in_backward = False
 
     # ------------------------------------------------------------------ to override
+    @property
+    def initial_pruner(self) -> Any:
+        """The :class:`~lightning_pai.core.pruning.Pruner` that decides the initial masks, if any."""
+        return None
+
     def masks_decided(self) -> None:
-        """Called once the initial masks are decided (and broadcast), before they are applied; a fresh run only."""
+        """Apply the initial pruner's ``weight_init`` (sparse fan-in, isometry) to the decided masks.
+
+        Called once the initial masks are decided and broadcast, before they are applied (a fresh run only);
+        the draw is seeded, so every rank gets the same weights.
+        """
+        pruner = self.initial_pruner
+        if pruner is not None and pruner.weight_init is not None:
+            masks = self.masks
+            sparse_init_(masks.params, dict(masks.items()), masks.layouts, pruner.weight_init, pruner.seed)
 
     def initial_masks(self, masks: MaskSet) -> dict[str, Tensor]:
         """The masks to start with (computed on every rank; rank zero's are used). ``masks``: all kept."""
@@ -456,11 +469,10 @@ class PruneSession(Session):
         """Score the targets with the pruner's method and keep the top ones."""
         return self.pruner.masks(self.module, masks, self.host, self.name)
 
-    def masks_decided(self) -> None:
-        """The pruner's ``weight_init`` (sparse fan-in, isometry) on the decided masks, the same on every rank."""
-        if self.pruner.weight_init is not None:
-            masks = self.masks
-            sparse_init_(masks.params, dict(masks.items()), masks.layouts, self.pruner.weight_init, self.pruner.seed)
+    @property
+    def initial_pruner(self) -> Any:
+        """The pruner."""
+        return self.pruner
 
 
 class TopologySession(Session):
@@ -528,11 +540,10 @@ class TopologySession(Session):
             return super().initial_masks(masks)
         return self.initial.masks(self.module, masks, self.host, self.name)
 
-    def masks_decided(self) -> None:
-        """The initial pruner's ``weight_init`` on the decided masks (a dense start is left alone)."""
-        if self.initial is not None and self.initial.weight_init is not None:
-            masks = self.masks
-            sparse_init_(masks.params, dict(masks.items()), masks.layouts, self.initial.weight_init, self.initial.seed)
+    @property
+    def initial_pruner(self) -> Any:
+        """The pruner of the initial masks (None: a dense start)."""
+        return self.initial
 
     def frozen_conflict(self) -> str | None:
         """Regrowing weights, or reading gradients during training, needs every target to train."""
