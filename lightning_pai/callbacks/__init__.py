@@ -22,6 +22,7 @@ from lightning_pai.callbacks.snfs import SNFS as SNFS  # isort: skip
 from lightning_pai.callbacks.granet import GraNet as GraNet  # isort: skip
 from lightning_pai.callbacks.dsr import DSR as DSR  # isort: skip
 from lightning_pai.callbacks.deepr import DeepR as DeepR  # isort: skip
+from lightning_pai.callbacks.freetickets import FreeTickets as FreeTickets  # isort: skip
 from lightning_pai.callbacks.gradual import GradualMagnitudePruning as GradualMagnitudePruning  # isort: skip
 from lightning_pai.callbacks.learned import EdgePopup as EdgePopup  # isort: skip
 from lightning_pai.callbacks.learned import Supermask as Supermask  # isort: skip

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import ClassVar
 
 from lightning_pai.callbacks.base import SparseCallback
 from lightning_pai.core.distributions import get_distribution
@@ -48,6 +49,9 @@ class TopologyCallback(SparseCallback):
         weight_init: None, ``"sparse_fan_in"`` or ``"isometry"``: re-draw the kept weights for the initial masks
             (see :func:`lightning_pai.core.pruning.sparse_init_`; dense starts are left alone).
     """
+
+    #: The engine session the method runs in (a subclass adds its own work, e.g. FreeTickets' tickets).
+    session_class: ClassVar[type[TopologySession]] = TopologySession
 
     def __init__(
         self,
@@ -98,7 +102,7 @@ class TopologyCallback(SparseCallback):
         if start > 0:
             initial = Pruner(self.init, start, self.distribution, seed=self.seed, weight_init=self.weight_init, **nm)
         plan = self.plan()
-        return TopologySession(
+        return self.session_class(
             type(self).__name__,
             replace(plan, options={**plan.options, "nm_incompatible": self.nm_incompatible}),
             initial=initial,

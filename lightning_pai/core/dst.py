@@ -41,6 +41,7 @@ from lightning_pai.core.registry import Registry
 from lightning_pai.core.schedules import Schedule, UpdateSchedule
 from lightning_pai.core.select import active_counts, apportion, topk_mask
 from lightning_pai.core.sharding import full, local, local_slice
+from lightning_pai.core.validation import check_choice
 
 
 @dataclass
@@ -59,6 +60,7 @@ class UpdateContext:
         options: Method options for the rules (e.g. ``rounding``, DSR's ``tolerance``).
         nm: Layers kept N:M (name -> ``(n, m)``): their growth refills every group of ``m`` to ``n``.
         layouts: The targets' layouts (the N:M groups' axis).
+        dropped: The masks after the rewiring stage's drop, before its growth (set by :func:`drop_and_grow`).
     """
 
     weights: Mapping[str, Tensor]
@@ -72,6 +74,7 @@ class UpdateContext:
     options: Mapping[str, Any] = field(default_factory=dict)
     nm: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     layouts: Mapping[str, Any] | None = None
+    dropped: dict[str, Tensor] | None = None
 
     def need(self, what: str, rule: str) -> Mapping[str, Tensor]:
         """``self.<what>``, or a clear error when the rule's input was not provided."""
@@ -476,6 +479,10 @@ def sign_flip_drop(ctx: UpdateContext, fraction: float | Mapping[str, float]) ->
 
 
 # ------------------------------------------------------------------------------------------------ plans
+#: What becomes of a weight dropped and regrown by the same update (:attr:`Rewire.regrown`).
+REGROWN = ("keep", "zero")
+
+
 @dataclass(frozen=True)
 class Pruning:
     """Gradual pruning stage: keep ``round((1 - s_t) N)`` weights, ``s_t = sparsity(step, total)``.
@@ -500,12 +507,16 @@ class Rewire:
         drop: Drop-rule name.
         growth: Growth-rule name.
         redistribution: Redistribution-rule name.
+        regrown: A weight dropped and regrown by the same update: ``"keep"`` (its value and optimizer state stay,
+            as in RigL) or ``"zero"`` (it restarts at zero with zero optimizer state, like any grown weight: the
+            sparselearning code applies the masks between the drop and the growth; FreeTickets).
     """
 
     fraction: Schedule
     drop: str = "magnitude"
     growth: str = "gradient"
     redistribution: str = "none"
+    regrown: str = "keep"
 
 
 @dataclass(frozen=True)
@@ -540,6 +551,8 @@ class Plan:
         """Check every rule name (errors list the registered names)."""
         for registry, name in self.rules():
             registry.get(name)
+        if self.rewire is not None:
+            check_choice(self.rewire.regrown, REGROWN, "regrown")
         if self.step_rule is not None:
             _STEP.get(self.step_rule)
 
@@ -634,6 +647,9 @@ class TopologyUpdater:
         self.nm: dict[str, tuple[int, int]] = {}
         self.nm_unfit: dict[str, tuple[int, int]] = {}  # N:M layers the groups cannot fit (`nm_incompatible`)
         self.layouts: dict[str, Any] = {}
+        #: The masks between the last update's drop and its growth when the plan restarts regrown weights at zero
+        #: (``Rewire.regrown == "zero"``): the caller applies them first, then the new masks; else None.
+        self.dropped: dict[str, Tensor] | None = None
 
     # ------------------------------------------------------------------ set-up
     def use_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -734,6 +750,7 @@ class TopologyUpdater:
     ) -> dict[str, Tensor]:
         """The masks after the update at ``step``: pruning stage, then rewiring stage (pure but for ``memory``).
 
+        With ``Rewire.regrown == "zero"`` the masks after the drop are left in :attr:`dropped`.
         ``momentum`` overrides :meth:`current_momentum` (e.g. gathered from sharded optimizer state).
         """
         plan, masks = self.plan, {n: m.clone() for n, m in masks.items()}
@@ -768,8 +785,11 @@ class TopologyUpdater:
                     nm_incompatible=plan.options.get("nm_incompatible", "error"),
                 )
                 ctx.kept = active_counts(ctx.masks)
+        self.dropped = None
         if plan.rewire is not None:
             ctx.masks = drop_and_grow(ctx, plan.rewire.fraction(step, total), plan.rewire)
+            if plan.rewire.regrown == "zero":
+                self.dropped = ctx.dropped
         return ctx.masks
 
     def step_rule_due(self, step: int) -> bool:
@@ -838,7 +858,7 @@ def drop_and_grow(ctx: UpdateContext, fraction: float, rewire: Rewire) -> dict[s
     redistribution = _REDISTRIBUTION.get(rewire.redistribution)
     rates_fn = _REDISTRIBUTION.info(rewire.redistribution)["rates"]
     rates = rates_fn(ctx, fraction) if rates_fn is not None else fraction
-    dropped = _DROP.get(rewire.drop)(ctx, rates)
+    dropped = ctx.dropped = _DROP.get(rewire.drop)(ctx, rates)
     counts = redistribution(ctx, dropped)
     scores = _GROWTH.get(rewire.growth)(ctx)
     if _DROP.info(rewire.drop)["spares_dropped"]:  # the weights just dropped cannot regrow now (DSR's setdiff1d)

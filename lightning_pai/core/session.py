@@ -660,9 +660,13 @@ class TopologySession(Session):
         weights = full_dict({n: p.detach() for n, p in params.items()})  # sharded: gathered (collective)
         momentum = None if momentum is None else full_dict(momentum)
         new = updater.compute(step, self.total_steps, weights, old, grads, momentum)
+        fill = "mean" if updater.dense_gradients else "zero"
+        if updater.dropped is not None:  # `Rewire.regrown="zero"`: what was dropped restarts at zero, regrown or not
+            dropped = self.from_rank_zero(updater.dropped)
+            masks.update_({n: m.to(old[n].device) for n, m in dropped.items()}, self.host.optimizers, fill=fill)
         new = self.from_rank_zero(new)
         new = {n: m.to(old[n].device) for n, m in new.items()}
-        masks.update_(new, self.host.optimizers, fill="mean" if updater.dense_gradients else "zero")
+        masks.update_(new, self.host.optimizers, fill=fill)
         update = updater.record(old, new)
         metrics = {"sparsity/global": 1.0 - masks.density, "sparsity/itop": updater.itop}
         metrics["dst/dropped"] = float(sum(update.dropped.values()))
