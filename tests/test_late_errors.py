@@ -396,10 +396,12 @@ def test_effective_sparsity_refuses_a_llama_whose_widths_all_match():
     assert message.startswith(
         "Cannot check that the 15 targets of `LlamaForCausalLM` (model.layers.0.self_attn.q_proj.weight, "
         "model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight, ...) form a plain chain, "
-        "and effective sparsity is only defined for a plain chain of layers: torch.fx cannot trace its forward ("
+        "and without `example_inputs`, effective sparsity is only defined for a plain chain of layers: torch.fx "
+        "cannot trace its forward ("
     )
     assert message.endswith(
-        "Use `effective=False` (the masks' own sparsity is exact), or compute effective masks for this graph."
+        "Pass `example_inputs=` (one input of the model) to compute it on any graph by synaptic flow, or use "
+        "`effective=False` (the masks' own sparsity is exact)."
     )
     assert sparsity_report(model, masks).sparsity == pytest.approx(
         1 - sum(int(m.sum()) for _, m in masks.items()) / masks.total
@@ -428,7 +430,10 @@ class _Residual(nn.Module):
         return self.c(h + torch.relu(self.b(h)))
 
 
-TAIL = "and effective sparsity is only defined for a plain chain of layers. Use `effective=False`"
+TAIL = (
+    "and without `example_inputs`, effective sparsity is only defined for a plain chain of layers. Pass "
+    "`example_inputs=`"
+)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_pai.core.effective import effective_masks_by_flow
 from lightning_pai.core.masks import MaskSet
 from lightning_pai.core.targets import Layout, Selectors, select_targets, target_layouts
 
@@ -230,6 +231,7 @@ def sparsity_report(
     include: Selectors = None,
     exclude: Selectors = None,
     effective: bool = False,
+    example_inputs: Any = None,
 ) -> SparsityReport:
     """Per-layer kept counts of ``module``.
 
@@ -239,15 +241,21 @@ def sparsity_report(
             ``include``/``exclude`` (see :func:`~lightning_pai.core.targets.select_targets`) are counted.
         include: Target selection when ``masks`` is None.
         exclude: Target selection when ``masks`` is None.
-        effective: Also compute effective sparsity (see :func:`effective_masks`). Only defined for a plain
-            chain of layers, which :func:`chain_order` checks on ``module``'s traced forward.
+        effective: Also compute effective sparsity (Vysogorets & Kempe 2021): the fraction of the targeted
+            weights that are pruned or lie on no input-to-output path of kept weights. With ``example_inputs``, on
+            any graph (residual additions, concatenations, shortcut convolutions) by synaptic flow, see
+            :func:`~lightning_pai.core.effective.effective_masks_by_flow`; without, only for a plain chain of
+            layers (:func:`chain_order` checks ``module``'s traced forward), see :func:`effective_masks`.
+        example_inputs: One input like those the model runs (a tensor, a tuple of positional arguments or a dict of
+            keyword arguments; one sample is enough, floating values are replaced by ones) for ``effective=True``.
 
     Returns:
         The report; ``str(report)`` is a table, ``report.metrics()`` a dict for loggers.
 
     Raises:
-        ValueError: With ``effective=True``, if ``module`` is None or its targets do not form a plain chain
-            (residual connections, attention, parallel branches) or its forward cannot be traced to tell.
+        ValueError: With ``effective=True``, if ``module`` is None, or there are no ``example_inputs`` and its
+            targets do not form a plain chain (residual connections, attention, parallel branches) or its forward
+            cannot be traced to tell.
 
     """
     if masks is None and module is None:
@@ -262,13 +270,17 @@ def sparsity_report(
     if effective:
         if module is None:
             raise ValueError(
-                "`effective=True` needs the `module`: effective sparsity is only defined for a plain chain of layers, "
-                "which is checked on the model's forward."
+                "`effective=True` needs the `module`: effective sparsity follows the paths of the model's forward."
             )
-        order = chain_order(module, [r.name for r in rows])
-        kept = {n: (masks[n] if masks is not None else module.get_parameter(n) != 0) for n in order}
-        layouts = getattr(masks, "layouts", None) or target_layouts(module, order)
-        eff = effective_masks(kept, layouts)
+        names = [r.name for r in rows]
+        if example_inputs is not None:
+            kept = {n: (masks[n] if masks is not None else module.get_parameter(n) != 0) for n in names}
+            eff = effective_masks_by_flow(module, kept, example_inputs)
+        else:
+            order = chain_order(module, names)
+            kept = {n: (masks[n] if masks is not None else module.get_parameter(n) != 0) for n in order}
+            layouts = getattr(masks, "layouts", None) or target_layouts(module, order)
+            eff = effective_masks(kept, layouts)
         rows = [replace(r, effective_kept=int(torch.count_nonzero(eff[r.name]))) for r in rows]
     cover = coverage(module, {r.name for r in rows}) if module is not None else None
     return SparsityReport(rows, cover)
@@ -326,8 +338,11 @@ def chain_order(module: nn.Module, names: Sequence[str]) -> list[str]:
     """
     import torch.fx
 
-    hint = "Use `effective=False` (the masks' own sparsity is exact), or compute effective masks for this graph."
-    plain = "effective sparsity is only defined for a plain chain of layers"
+    hint = (
+        "Pass `example_inputs=` (one input of the model) to compute it on any graph by synaptic flow, or use "
+        "`effective=False` (the masks' own sparsity is exact)."
+    )
+    plain = "without `example_inputs`, effective sparsity is only defined for a plain chain of layers"
     layouts = target_layouts(module, names)
     owners: dict[str, str] = {}
     for n in names:
@@ -447,8 +462,11 @@ def effective_masks(masks: Mapping[str, Tensor], layouts: Mapping[str, Layout] |
     only if input unit ``i`` is reachable from the network input through kept weights and output unit
     ``o`` reaches the network output through kept weights. Biases are ignored (they carry no input
     signal). Residual connections, concatenations and attention are not modelled: for such graphs the
-    result is undefined, and inconsistent widths raise an error. This function trusts the order it is given;
-    :func:`sparsity_report` first checks the model's forward with :func:`chain_order`.
+    result is undefined, and inconsistent widths raise an error (use
+    :func:`~lightning_pai.core.effective.effective_masks_by_flow`, which follows any graph). This function trusts
+    the order it is given; :func:`sparsity_report` first checks the model's forward with :func:`chain_order`.
+    Connections are counted per channel: on an MLP it equals the flow computation exactly; on a conv chain the
+    flow also drops kernel taps that only ever meet zero padding at the example's input size.
 
     Args:
         masks: Bool masks in forward order (``[out, in, *kernel]`` without ``layouts``).
