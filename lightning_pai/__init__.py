@@ -32,6 +32,7 @@ from lightning_pai.deploy import (
     sparse_state_dict,
     to_sparse_inference,
 )
+from lightning_pai.deploy.ensemble import TicketEnsemble
 from lightning_pai.sparsifier import Sparsifier
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ __all__ = [
     "ScoringContext",
     "Sparsifier",
     "SparsityReport",
+    "TicketEnsemble",
     "compute_masks",
     "conversion_report",
     "dense_state_dict",

@@ -245,6 +245,32 @@ def nm_fits(outdir: str) -> None:
         torch.save(result, Path(outdir) / f"nm_{name}{trainer.global_rank}.pt")
 
 
+class _ValLoss(CallbackBase):
+    """This rank's own ``val_loss`` (logged without ``sync_dist``) after every validation, by step."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, float] = {}
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.values[trainer.global_step] = float(trainer.callback_metrics["val_loss"])
+
+
+def freetickets(outdir: str) -> None:
+    """FreeTickets under 2-process DDP (4 epochs of 4 steps, tickets chosen by each rank's own ``val_loss``,
+    validated every 2 steps): masks at every step, the tickets, the rank's validation values."""
+    from lightning_pai import FreeTickets
+
+    cb = FreeTickets(0.8, tickets=2, explore=0.5, delta_t=2, monitor="val_loss", mode="min", verbose=False)
+    recorder, values = _MaskRecorder(cb), _ValLoss()
+    loader = make_dataloader(n=64, batch_size=8)
+    loader = torch.utils.data.DataLoader(loader.dataset, batch_size=8, shuffle=True)
+    trainer = _trainer("ddp", [cb, recorder, values], max_epochs=4, max_steps=-1, val_check_interval=2)
+    trainer.fit(make_module("lightning.pytorch", optimizer="sgd", seed=0), loader, make_dataloader(n=32))
+    result = {"masks": recorder.masks, "tickets": cb.tickets, "val": values.values, "updates": cb.updates}
+    torch.save(result, Path(outdir) / f"freetickets{trainer.global_rank}.pt")
+
+
 def _trainer(strategy: str, callbacks: list, **kwargs) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
@@ -275,6 +301,9 @@ def main(outdir: str, strategy: str = "ddp", method: str = "rank_random") -> Non
         return
     if method == "timm":
         timm_rigl(outdir)
+        return
+    if method == "freetickets":
+        freetickets(outdir)
         return
     if all(name in topology_methods() for name in method.split(",")):
         for name in method.split(","):  # one 2-process launch, one fit per method

@@ -12,15 +12,7 @@ from lightning_pai.callbacks.base import MethodOptions
 from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs, check_rates
 from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.core.dst import Plan
-from lightning_pai.core.tickets import (
-    MODES,
-    TicketEnsemble,
-    TicketFraction,
-    TicketPhases,
-    TicketSession,
-    TicketUpdates,
-    check_lr,
-)
+from lightning_pai.core.tickets import MODES, TicketFraction, TicketPhases, TicketSession, TicketUpdates, check_lr
 from lightning_pai.core.validation import check_choice, check_number
 
 
@@ -44,7 +36,7 @@ class FreeTickets(DynamicSparseTraining):
     (:func:`lightning_pai.deploy.sparse_state_dict`: kept weights, a bit-packed mask per target, biases and
     buffers dense), in :attr:`tickets`, in the callback's checkpoint state and, with ``save_dir``, in
     ``{save_dir}/ticket_{m}.pt`` (read by :func:`lightning_pai.load_sparse`). :meth:`ensemble` returns the
-    :class:`~lightning_pai.core.tickets.TicketEnsemble`: the mean of the members' softmax probabilities.
+    :class:`~lightning_pai.deploy.ensemble.TicketEnsemble`: the mean of the members' softmax probabilities.
 
     The reference's run (``main_EDST.py``, README): WRN-28-10 on CIFAR, 450 epochs, 150 exploring (``explore=1/3``),
     ``M = 3``, density 0.2, ``p = 0.5``, ``q = 0.8``, ``update_frequency=1000``, SGD with the rate 0.1 while
@@ -136,9 +128,11 @@ class FreeTickets(DynamicSparseTraining):
         return replace(plan, when=TicketUpdates(self.delta_t, self.phases), rewire=rewire)
 
     def session_options(self) -> dict[str, Any]:
-        """The topology session's options, and the phases, the monitoring, the rates and the folder."""
+        """The topology session's options, and the phases, the ticket format, the monitoring, the rates, the folder."""
+        from lightning_pai.deploy.export import sparse_state_dict
+
         extra = {"monitor": self.monitor is not None, "mode": self.mode, "lr": self.lr, "save_dir": self.save_dir}
-        return {**super().session_options(), "phases": self.phases, **extra}
+        return {**super().session_options(), "phases": self.phases, "pack": sparse_state_dict, **extra}
 
     # ------------------------------------------------------------------ results
     @property
@@ -151,12 +145,16 @@ class FreeTickets(DynamicSparseTraining):
         self._collect_handoff()  # after ddp_spawn/ddp_fork, rank zero's tickets
         return [t for _, t in sorted(self.session.tickets.items())]
 
-    def ensemble(self, model: Any, **kwargs: Any) -> TicketEnsemble:
-        """The :class:`~lightning_pai.core.tickets.TicketEnsemble` of :attr:`tickets` on ``model``'s architecture.
+    def ensemble(self, model: Any, **kwargs: Any) -> Any:
+        """The :class:`~lightning_pai.deploy.ensemble.TicketEnsemble` of :attr:`tickets` on ``model``'s architecture.
+
+        ``kwargs``: ``dim``, ``logits`` (see the class). It returns the mean of the members' softmax probabilities.
 
         Raises:
             ValueError: Before any ticket was taken.
         """
+        from lightning_pai.deploy.ensemble import TicketEnsemble
+
         return TicketEnsemble(model, self.tickets, **kwargs)
 
     def boundaries(self, total_steps: int | None = None) -> dict[str, tuple[int, ...]]:

@@ -16,9 +16,10 @@ drop the ``ceil(p * active)`` smallest-``|w|`` active weights and regrow as many
   midpoint ``x + ceil((2m + 1) L / (2M))`` (:meth:`TicketPhases.learning_rate`).
 
 Ticket ``m`` is the network at the end of its phase (before the next large exploration), or, with a monitored
-metric, the best-valued network validated within the phase. Each is kept as a compressed sparse state dict
-(:func:`lightning_pai.deploy.sparse_state_dict`: the kept weights, a bit-packed mask per target, every other
-entry dense). :class:`TicketEnsemble` averages the members' softmax probabilities.
+metric, the best-valued network validated within the phase. Each is kept in the form a ``pack`` function gives it
+(the callback's: :func:`lightning_pai.deploy.sparse_state_dict`, the kept weights and a bit-packed mask per target,
+every other entry dense); :class:`lightning_pai.deploy.ensemble.TicketEnsemble` averages the members' softmax
+probabilities, :func:`ensemble_nll` and :func:`expected_calibration_error` score them.
 """
 
 from __future__ import annotations
@@ -177,14 +178,16 @@ def check_lr(lr: object) -> tuple[float, float, float] | None:
     return tuple(check_number(r, "lr", 0, math.inf, low_open=True, what="a learning rate") for r in lr)  # type: ignore[return-value]
 
 
-def capture_ticket(module: nn.Module, masks: Mapping[str, Tensor], host: Host | None = None) -> dict[str, Any]:
-    """``module``'s state as a compressed sparse state dict (CPU copies), the targets compressed by ``masks``.
+#: ``pack(state, masks) -> ticket state``: how a ticket is stored (e.g. ``lightning_pai.deploy.sparse_state_dict``).
+Pack = Callable[[Mapping[str, Any], Mapping[str, Tensor]], dict[str, Any]]
+
+
+def capture_ticket(module: nn.Module, masks: Mapping[str, Tensor], pack: Pack, host: Host | None = None) -> Any:
+    """``pack(state, masks)`` of CPU copies of ``module``'s state dict and of its keep-``masks``.
 
     Sharded (FSDP2) entries are gathered (a collective); under several processes the buffers (e.g. batch-norm
     statistics, which DDP does not average) are rank zero's, so every rank holds the same ticket.
     """
-    from lightning_pai.deploy.export import sparse_state_dict  # the file format (it imports only core modules)
-
     source = module.state_dict()
     state: OrderedDict[str, Any] = OrderedDict(
         (k, full(v).detach().to("cpu", copy=True) if isinstance(v, Tensor) else v) for k, v in source.items()
@@ -197,11 +200,14 @@ def capture_ticket(module: nn.Module, masks: Mapping[str, Tensor], host: Host | 
         buffers = {k: v for k, v in state.items() if k not in params and isinstance(v, Tensor)}
         if buffers:
             state.update(host.broadcast(buffers, src=0))
-    return sparse_state_dict(state, {n: m.detach().cpu() for n, m in masks.items()})
+    return pack(state, {n: m.detach().cpu() for n, m in masks.items()})
 
 
 def ticket_masks(ticket: Mapping[str, Any]) -> dict[str, Tensor]:
-    """The keep-masks of a ticket (a :class:`TicketSession` ticket or its sparse state dict), bool CPU tensors."""
+    """The keep-masks of a ticket (a :class:`TicketSession` ticket or its sparse state dict), bool CPU tensors.
+
+    For tickets packed by :func:`lightning_pai.deploy.sparse_state_dict` (the callback's).
+    """
     payload = ticket["state"] if "state" in ticket else ticket
     return {
         n: unpack_mask(e["mask"], e["shape"]).cpu()
@@ -226,6 +232,8 @@ class TicketSession(TopologySession):
         name: The method's name, used in messages.
         plan: The method's plan.
         phases: The timeline.
+        pack: ``pack(state, masks)``: how a ticket is stored, from a CPU copy of the module's state dict and the
+            bool CPU masks (the callback's: ``lightning_pai.deploy.sparse_state_dict``).
         monitor: Whether a monitored value chooses the tickets (:meth:`record`).
         mode: ``"max"`` or ``"min"``: which monitored value is the best.
         lr: The learning rates to set per phase (see :meth:`TicketPhases.learning_rate`), or None.
@@ -239,6 +247,7 @@ class TicketSession(TopologySession):
         plan: Plan,
         *,
         phases: TicketPhases,
+        pack: Pack,
         monitor: bool = False,
         mode: str = "max",
         lr: Sequence[float] | None = None,
@@ -248,7 +257,7 @@ class TicketSession(TopologySession):
         super().__init__(name, plan, **kwargs)
         check_choice(mode, MODES, "mode")
         self.phases, self.monitor, self.mode, self.lr = phases, bool(monitor), mode, check_lr(lr)
-        self.save_dir = save_dir
+        self.pack, self.save_dir = pack, save_dir
         self.tickets: dict[int, dict[str, Any]] = {}
         self.last_step = 0
         self._explored = -1  # the step of the last large exploration applied
@@ -338,7 +347,7 @@ class TicketSession(TopologySession):
 
     def _take(self, m: int, step: int, value: float | None) -> None:
         """Keep the network as ticket ``m`` (every rank holds the same one); write it and log it on rank zero."""
-        state = capture_ticket(self.module, dict(self.masks.items()), self.host)
+        state = capture_ticket(self.module, dict(self.masks.items()), self.pack, self.host)
         self.tickets[m] = {"phase": m, "step": step, "value": value, "state": state}
         if not self.host.is_global_zero:
             return
@@ -368,74 +377,6 @@ class TicketSession(TopologySession):
             self.tickets = {int(m): t for m, t in state["tickets"].items()}
             self.last_step, self._explored = int(state.get("last_step", 0)), int(state.get("explored", -1))
             self._resumed = True
-
-
-def _logits(output: Any) -> Tensor:
-    """The logits in a model's output: the tensor itself, ``.logits`` / ``["logits"]``, or a tuple's first tensor."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(getattr(output, "logits", None), Tensor):
-        return output.logits
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"Cannot find the logits in a model output of type {type(output).__name__}; pass `logits=`.")
-
-
-class TicketEnsemble(nn.Module):
-    """The FreeTickets ensemble: the unweighted mean of its members' softmax **probabilities** (not logits).
-
-    ``forward(x) = mean_m softmax(f_m(x), dim)``, the reference's ``test_ensemble``; take ``.log()`` for an NLL
-    loss, ``.argmax(dim)`` for predictions. Each member is a plain copy of ``model`` (no hooks) loaded with one
-    ticket's weights (its zeros, biases and buffers), so the ensemble holds ``M`` dense copies; set its mode
-    (``.eval()``) as for any module.
-
-    Args:
-        model: The architecture the tickets were taken from (its own weights are not used).
-        tickets: The tickets: ``FreeTickets.tickets`` entries, sparse state dicts
-            (:func:`~lightning_pai.deploy.sparse_state_dict`), or paths of files written by ``save_dir`` /
-            :func:`~lightning_pai.deploy.save_sparse`.
-        dim: The class dimension of the logits.
-        logits: Maps a member's output to its logits (default: the output itself, ``.logits``, or a tuple's first).
-
-    Raises:
-        ValueError: If ``tickets`` is empty.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        tickets: Sequence[Mapping[str, Any] | str | os.PathLike],
-        *,
-        dim: int = -1,
-        logits: Callable[[Any], Tensor] | None = None,
-    ) -> None:
-        super().__init__()
-        from lightning_pai.deploy.export import dense_state_dict, load_sparse, make_permanent
-
-        if not tickets:
-            raise ValueError("`tickets` is empty: a FreeTickets ensemble needs at least one ticket (train first).")
-        members = []
-        for ticket in tickets:
-            if isinstance(ticket, (str, os.PathLike)):
-                state = load_sparse(ticket, map_location="cpu")
-            else:
-                state = dense_state_dict(ticket["state"] if "state" in ticket else ticket)
-            member = make_permanent(model, {})  # a plain copy
-            member.load_state_dict(state)
-            members.append(member)
-        self.members = nn.ModuleList(members)
-        self.dim = dim
-        self.logits = logits if logits is not None else _logits
-
-    def member_probabilities(self, *args: Any, **kwargs: Any) -> Tensor:
-        """Every member's softmax probabilities, stacked on a new first dimension (``M, ...``)."""
-        return torch.stack([torch.softmax(self.logits(m(*args, **kwargs)), dim=self.dim) for m in self.members])
-
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        """The mean of the members' softmax probabilities."""
-        return self.member_probabilities(*args, **kwargs).mean(0)
 
 
 def ensemble_nll(probs: Tensor, targets: Tensor) -> float:
