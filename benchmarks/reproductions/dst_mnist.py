@@ -153,7 +153,7 @@ class DSTTrainer:
     def _weights(self, k: int) -> dict:
         return {n: w[k].detach().t() for n, w in zip(self.names, self.models.weights)}
 
-    def _set_masks(self, k: int, new: dict) -> None:
+    def _set_masks(self, k: int, new: dict, count: bool = True) -> None:
         for i, n in enumerate(self.names):
             mask = new[n].t().float()
             grown = (mask > 0) & (self.models.masks[i][k] == 0)
@@ -163,7 +163,8 @@ class DSTTrainer:
                 buf = self.optimizer.state[self.models.weights[i]]["momentum_buffer"][k]
                 buf *= mask
                 buf[grown] = 0.0
-        self.updates[k] += 1
+        if count:
+            self.updates[k] += 1
 
     # ----------------------------------------------------------------- updates
     def _due(self, k: int, t: int) -> bool:
@@ -174,10 +175,18 @@ class DSTTrainer:
         dense_grad = None if grads is None else {n: g[k].t() for n, g in zip(self.names, grads)}
         old = self._masks(k)
         new = self.updaters[k].compute(t, self.total, self._weights(k), old, dense_grad)
+        if self.updaters[k].dropped is not None:  # `Rewire(regrown="zero")`: every dropped weight restarts at zero
+            self._set_masks(k, self.updaters[k].dropped, count=False)
         self.updaters[k].record(old, new)
         self._set_masks(k, new)
 
     # ----------------------------------------------------------------- training
+    def step_start(self, t: int) -> None:
+        """Before iteration ``t`` (1-based): a subclass's hook (e.g. a learning rate per phase)."""
+
+    def step_end(self, t: int) -> None:
+        """After the optimizer step of iteration ``t``, before its topology updates: a subclass's hook."""
+
     def train(self, x: torch.Tensor, y: torch.Tensor, dropout: float, log_every: int) -> float:
         args, models = self.args, self.models
         milestones = [int(f * self.total) for f in args.decay_at]
@@ -185,6 +194,7 @@ class DSTTrainer:
         stream = BatchStream(len(x), args.batch_size, [r.seed for r in self.runs])
         start = time.perf_counter()
         for t in range(1, self.total + 1):
+            self.step_start(t)
             idx = stream.next()
             loss = models.losses(x[idx], y[idx], dropout).sum()
             self.optimizer.zero_grad(set_to_none=False)
@@ -199,6 +209,7 @@ class DSTTrainer:
             self.optimizer.step()
             models.apply_masks_()
             scheduler.step()
+            self.step_end(t)
             for k in due:
                 self._update(k, t, grads)
             if log_every and t % log_every == 0:
