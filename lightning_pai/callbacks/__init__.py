@@ -29,6 +29,7 @@ from lightning_pai.callbacks.learned import Supermask as Supermask  # isort: ski
 from lightning_pai.callbacks.learned import MovementPruning as MovementPruning  # isort: skip
 from lightning_pai.callbacks.learned import TrainableThresholds as TrainableThresholds  # isort: skip
 from lightning_pai.callbacks.learned import ContinuousSparsification as ContinuousSparsification  # isort: skip
+from lightning_pai.callbacks.fish import FISH as FISH  # isort: skip
 
 #: Every registered method callback (the classes users put in a Trainer), in registration order.
 CALLBACKS = tuple(list_methods())

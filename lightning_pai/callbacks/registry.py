@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-FAMILIES = ("prune_at_init", "lottery", "dynamic", "gradual", "learned")
+FAMILIES = ("prune_at_init", "lottery", "dynamic", "gradual", "learned", "gradient_only")
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,8 @@ class MethodCard:
 
     Attributes:
         family: ``"prune_at_init"``, ``"lottery"``, ``"dynamic"`` (drop-and-grow), ``"gradual"`` (pruning
-            during training) or ``"learned"`` (masks drawn from scores trained by gradient).
+            during training), ``"learned"`` (masks drawn from scores trained by gradient) or ``"gradient_only"``
+            (masks saying which entries train, the others frozen, none pruned: FISH).
         example: A small configuration (keyword arguments besides the sparsity) that reaches its final
             sparsity within a fit of 2 epochs of 8 optimizer steps; used by :meth:`SparseCallback.example`.
         sparsity_argument: The argument that sets how much is pruned (``"sparsity"``; the lottery ticket's

@@ -1,7 +1,8 @@
 """Deployment: sparse files, permanent masks, and inference-only sparse models that run (and compile) fast.
 
 - :mod:`~lightning_pai.deploy.export`: ``sparse_state_dict`` / ``save_sparse`` / ``load_sparse`` (kept weights
-  only, checksummed), ``dense_state_dict``, ``make_permanent``;
+  only, checksummed), ``dense_state_dict``, ``make_permanent``; ``save_diff`` / ``load_diff`` (only the entries
+  a gradient-only method such as FISH trained, applied onto the pretrained model);
 - :mod:`~lightning_pai.deploy.convert`: ``to_sparse_inference`` (layers replaced where measured faster) and
   its ``ConversionReport``;
 - :mod:`~lightning_pai.deploy.modules`: the sparse layers it swaps in;
@@ -23,7 +24,15 @@ from lightning_pai.deploy.convert import (
     measure_crossover,
     to_sparse_inference,
 )
-from lightning_pai.deploy.export import dense_state_dict, load_sparse, make_permanent, save_sparse, sparse_state_dict
+from lightning_pai.deploy.export import (
+    dense_state_dict,
+    load_diff,
+    load_sparse,
+    make_permanent,
+    save_diff,
+    save_sparse,
+    sparse_state_dict,
+)
 from lightning_pai.deploy.modules import (
     DenseWeightView,
     SemiStructuredLinear,
@@ -48,10 +57,12 @@ __all__ = [
     "conversion_report",
     "dense_state_dict",
     "is_two_four",
+    "load_diff",
     "load_sparse",
     "make_permanent",
     "measure_conv_crossover",
     "measure_crossover",
+    "save_diff",
     "save_sparse",
     "sparse_state_dict",
     "to_sparse_inference",

@@ -79,6 +79,7 @@ from torch.utils._pytree import tree_flatten
 
 from lightning_pai.core.nm import is_nm
 from lightning_pai.core.targets import LINEAR, is_hf_conv1d
+from lightning_pai.deploy.export import check_pruning_masks
 from lightning_pai.deploy.modules import (
     FUSABLE,
     KERNELS,
@@ -537,6 +538,7 @@ def to_sparse_inference(
         raise ValueError(f"`batch_size` (rows per call) must be a positive int, got {batch_size!r}.")
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"`blocksize` must be a positive int, got {blocksize!r}.")
+    check_pruning_masks(masks, "to_sparse_inference")
     given = None if masks is None else dict(masks.items())
     if given is not None:
         params = dict(model.named_parameters())
