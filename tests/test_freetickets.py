@@ -223,6 +223,24 @@ def test_monitor_keeps_the_best_validated_network_of_each_phase_and_lr_follows_t
     assert [t["step"] for t in cb.tickets] != [16, 24]  # not simply the phase ends
 
 
+def test_gradient_accumulation_takes_each_ticket_once_before_the_exploration():
+    """With `accumulate_grad_batches=2` Lightning reports each optimizer step twice (a micro-batch without a step
+    follows): the ticket of the phase ending at step 6 keeps the masks step 6 trained with, not those after the large
+    exploration that followed it."""
+    cb = FreeTickets(0.8, tickets=2, explore=0.5, delta_t=5, verbose=False)  # 8 steps: x = 4, ends 6 and 8
+    used = {}
+
+    class _Used(CallbackBase):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            used[trainer.global_step + 1] = cb.masks.state_dict()
+
+    trainer = make_trainer(callbacks=[cb, _Used()], max_epochs=2, max_steps=-1, accumulate_grad_batches=2)
+    trainer.fit(make_module(seed=0), make_dataloader())
+    assert trainer.global_step == 8 and [t["step"] for t in cb.tickets] == [6, 8]
+    assert masks_equal(ticket_masks(cb.tickets[0]), used[6]) and not masks_equal(used[6], used[7])
+    assert masks_equal(ticket_masks(cb.tickets[1]), cb.masks.state_dict())
+
+
 # ------------------------------------------------------------------------------------------------ misuse
 @pytest.mark.parametrize(
     ("kwargs", "message"),

@@ -298,10 +298,14 @@ class TicketSession(TopologySession):
         self._deferred = step if epoch_end and large and due else None
 
     def after_step(self, step: int) -> None:
-        """Take the ending phase's ticket, then run the step's update (a large exploration at an epoch's end waits)."""
-        self.last_step = step
+        """Take the ending phase's ticket, then run the step's update (a large exploration at an epoch's end waits).
+
+        A loop may report the same step again (Lightning, after a micro-batch that did not step the optimizer): the
+        ticket is taken once, before the step's large exploration.
+        """
+        again, self.last_step = step == self.last_step, step
         ends = self.phases.ends(self.total_steps)
-        if step in ends:
+        if step in ends and not again:
             m = ends.index(step)
             held = self.tickets.get(m)
             if not self.monitor or held is None or held["value"] is None:
