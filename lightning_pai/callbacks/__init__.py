@@ -31,12 +31,19 @@ from lightning_pai.callbacks.learned import TrainableThresholds as TrainableThre
 from lightning_pai.callbacks.learned import ContinuousSparsification as ContinuousSparsification  # isort: skip
 from lightning_pai.callbacks.fish import FISH as FISH  # isort: skip
 
+# Structured (channel) pruning: its sparsity counts channels, not weights, so it is not among the registered methods
+# the weight-sparsity suites run (tests/test_channels.py covers it).
+from lightning_pai.callbacks.channels import ChannelPruning as ChannelPruning  # isort: skip
+from lightning_pai.callbacks.earlybird import EarlyBird as EarlyBird  # isort: skip
+
 #: Every registered method callback (the classes users put in a Trainer), in registration order.
 CALLBACKS = tuple(list_methods())
 
 __all__ = [
     "CALLBACKS",
+    "ChannelPruning",
     "DynamicSparseTraining",
+    "EarlyBird",
     "LearnedMask",
     "LightningHost",
     "MethodCard",
