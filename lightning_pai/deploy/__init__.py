@@ -8,6 +8,8 @@
 - :mod:`~lightning_pai.deploy.modules`: the sparse layers it swaps in;
 - :mod:`~lightning_pai.deploy.ops`: their computations, also as ``torch.library`` custom ops for
   ``torch.compile``;
+- :mod:`~lightning_pai.deploy.shrink`: ``shrink`` (pruned channels physically removed: a smaller dense model),
+  ``save_shrunk`` / ``load_shrunk``;
 - :mod:`~lightning_pai.deploy.kernels`: the compiled CPU kernels (``kernels.c``), built once per machine into a
   private cache.
 
@@ -42,12 +44,14 @@ from lightning_pai.deploy.modules import (
     SparseMatmul,
     TransposedLayerNorm,
 )
+from lightning_pai.deploy.shrink import ShrinkReport, load_shrunk, save_shrunk, shrink
 
 __all__ = [
     "ConversionReport",
     "DenseWeightView",
     "LayerConversion",
     "SemiStructuredLinear",
+    "ShrinkReport",
     "SparseConv1x1",
     "SparseConv2d",
     "SparseLinear",
@@ -57,13 +61,16 @@ __all__ = [
     "conversion_report",
     "dense_state_dict",
     "is_two_four",
+    "load_shrunk",
     "load_diff",
     "load_sparse",
     "make_permanent",
     "measure_conv_crossover",
     "measure_crossover",
     "save_diff",
+    "save_shrunk",
     "save_sparse",
+    "shrink",
     "sparse_state_dict",
     "to_sparse_inference",
 ]
