@@ -125,3 +125,22 @@ def test_readme_hf_trainer_example_runs(loop_examples):
     folder, stdout = loop_examples["hf"]
     assert "density of the attention and feed-forward matrices: 0.1000" in stdout
     assert (folder / "hf_out" / "checkpoint-8" / "lightning_pai_state.pt").exists()
+
+
+def test_readme_fish_example_runs(tmp_path, monkeypatch, one_thread, capsys):
+    """FISH on the tiny BERT with the HF Trainer: the exact budget, and the sizes the README states, as measured."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    heading = "Parameter-efficient fine-tuning with FISH masks"
+    namespace: dict = {"__name__": "__readme__"}
+    exec(compile(_block_after(heading), "README: FISH", "exec"), namespace)  # asserts the rebuilt model itself
+    report = namespace["fish"].report()
+    assert report.trainable == int(0.005 * report.total) == 189
+    assert report.head == ["classifier.weight", "classifier.bias"]
+    section = README.read_text().split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    printed = re.findall(r"```text\n(.*?)```", section, flags=re.S)[0]
+    out = capsys.readouterr().out
+    assert report.summary() in out and report.summary() in printed
+    stated = re.search(r"diff ([\d,]+) bytes, full state_dict ([\d,]+) bytes", printed).groups()
+    diff, full = (int(v.replace(",", "")) for v in stated)
+    assert f"diff {diff:,} bytes, full state_dict {full:,} bytes" in out  # the README's numbers are this run's
