@@ -171,3 +171,27 @@ def test_save_and_load_shrunk_round_trip(tmp_path):
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a file written by"):
         load_shrunk(copy.deepcopy(fresh), tmp_path / "other.pt", x)
+
+
+def test_channel_pruned_resnet18_shrinks_to_the_predicted_size():
+    """ChannelPruning at 50 % (every group, coupled ones jointly) -> shrink: same outputs, the predicted size."""
+    from lightning_pai import ChannelPruning, Sparsifier
+    from lightning_pai.core.channels import layer_positions, predicted_shrunk_macs, predicted_shrunk_params
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    sparsifier = Sparsifier(ChannelPruning(0.5, scorer="l1", couple=True, verbose=False), model, optimizer)
+    x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
+    for _ in range(2):  # momentum and weight decay must not revive a pruned channel
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sparsifier.step()
+    model.eval()
+    masks = sparsifier.masks
+    small, report = shrink(model, x[:2], report=True)
+    assert report.params_after == predicted_shrunk_params(model, masks) == 2_801_450
+    assert report.flops_after == predicted_shrunk_macs(model, masks, layer_positions(model, x[:1]))
+    assert not report.skipped
+    with torch.no_grad():
+        assert (small(x) - model(x)).abs().max() <= 1e-5

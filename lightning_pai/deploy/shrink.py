@@ -61,8 +61,8 @@ class ShrinkReport:
         removed: Output channels removed per layer (qualified name -> count), for every layer that lost some.
         params_before: Parameters of the input model.
         params_after: Parameters of the shrunk model.
-        flops_before: Multiply-accumulates of the convolutions and linear layers in one forward pass on
-            ``example_inputs``.
+        flops_before: Multiply-accumulates per sample of the convolutions and linear layers (a forward pass on
+            ``example_inputs``, whose first dimension is the batch).
         flops_after: The same for the shrunk model.
         max_abs_diff: Largest difference between the two models' outputs on ``example_inputs`` (eval mode).
         history: The removals, replayable on a fresh copy of the architecture (see :func:`load_shrunk`).
@@ -228,15 +228,14 @@ def _run_counted(model: nn.Module, inputs: Any, forward_fn: Callable[[nn.Module,
     macs = [0]
 
     def hook(module: nn.Module, args: Any, out: Tensor) -> None:
+        batch = max(1, out.shape[0]) if out.dim() > 1 else 1  # per sample
         if isinstance(module, nn.Linear):
-            macs[0] += out.numel() * module.in_features
+            macs[0] += out.numel() // batch * module.in_features
+        elif isinstance(module, nn.modules.conv._ConvTransposeNd):  # every input element feeds out/groups x kernel
+            per = module.out_channels // module.groups * math.prod(module.kernel_size)
+            macs[0] += args[0].numel() // batch * per
         else:  # a convolution: every output element reads in/groups channels times the kernel
-            per = module.in_channels // module.groups * math.prod(module.kernel_size)
-            if isinstance(module, nn.modules.conv._ConvTransposeNd):
-                per = module.out_channels // module.groups * math.prod(module.kernel_size)
-                macs[0] += args[0].numel() * per
-            else:
-                macs[0] += out.numel() * per
+            macs[0] += out.numel() // batch * (module.in_channels // module.groups * math.prod(module.kernel_size))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _LAYERS)]
     try:
