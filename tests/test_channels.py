@@ -334,6 +334,25 @@ def test_earlybird_draws_early_on_an_easy_task_and_trains_the_slim_network():
     assert eb.report(module).sparsity == 0.5
 
 
+def test_earlybird_rewind_to_init_restarts_the_slim_network_from_the_initial_weights():
+    eb = EarlyBird(0.5, l1=1e-2, window=3, epsilon=0.15, rewind_to="init", verbose=False)
+    module = _net()
+    initial = {k: v.clone() for k, v in module.state_dict().items()}
+    seen: dict = {}
+
+    class Snapshot(CallbackBase):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if eb.drawn_epoch is not None and not seen:
+                seen.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+                seen["optimizer state"] = len(trainer.optimizers[0].state)
+
+    _fit(eb, module=module, callbacks=[Snapshot()], max_epochs=10, max_steps=-1, loader=image_loader(128, 16))
+    assert eb.drawn_epoch is not None and seen["optimizer state"] == 0  # cleared at the draw
+    for name, value in initial.items():
+        mask = eb.masks[name].cpu() if name in eb.masks.names else torch.ones_like(value, dtype=torch.bool)
+        assert torch.equal(seen[name], value * mask), name  # BN statistics too; pruned entries zero
+
+
 def test_earlybird_crash_and_resume_gives_the_same_window_draw_and_masks(tmp_path):
     loader = lambda: image_loader(128, 16)  # noqa: E731  (one data order: the runs must match exactly)
     torch.manual_seed(1)

@@ -5,6 +5,16 @@ rounds and the one protocol every training loop drives (:class:`~lightning_pai.c
 """
 
 from lightning_pai.core import saliency  # noqa: F401  (registers snip, grasp, synflow)
+from lightning_pai.core.channel_scorers import list_channel_scorers, register_channel_scorer
+from lightning_pai.core.channel_session import ChannelSession, EarlyBirdSession
+from lightning_pai.core.channels import (
+    ChannelGroup,
+    ChannelReport,
+    channel_groups,
+    channel_keep,
+    predicted_shrunk_macs,
+    predicted_shrunk_params,
+)
 from lightning_pai.core.distributions import (
     counts_from_densities,
     distribution_info,
@@ -52,6 +62,10 @@ __all__ = [
     "ABLATIONS",
     "DEFAULT_TARGET_TYPES",
     "SCHEDULES",
+    "ChannelGroup",
+    "ChannelReport",
+    "ChannelSession",
+    "EarlyBirdSession",
     "Host",
     "LayerSparsity",
     "LotterySession",
@@ -69,6 +83,8 @@ __all__ = [
     "TopologyUpdater",
     "UpdateContext",
     "apportion",
+    "channel_groups",
+    "channel_keep",
     "check_sparsity",
     "compute_masks",
     "counts_from_densities",
@@ -78,14 +94,18 @@ __all__ = [
     "get_distribution",
     "get_scorer",
     "lamp_scores",
+    "list_channel_scorers",
     "list_distributions",
     "list_drop_rules",
     "list_growth_rules",
     "list_redistributions",
     "list_scorers",
     "list_step_rules",
+    "predicted_shrunk_macs",
+    "predicted_shrunk_params",
     "preserved_state",
     "prune",
+    "register_channel_scorer",
     "register_distribution",
     "register_drop_rule",
     "register_growth_rule",
