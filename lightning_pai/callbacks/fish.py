@@ -48,8 +48,8 @@ class FISH(SparseCallback):
             ``head``, ``fc``, ``lm_head`` or ``score``, else the last ``nn.Linear``.
         loss_fn: ``loss_fn(logits, targets) -> loss`` instead of the loop's own loss.
         forward_fn: ``forward_fn(module, batch) -> (logits, targets)`` (with cross-entropy when no ``loss_fn``).
-        per_sample: ``"auto"`` (``torch.func.vmap`` where the model allows it, else one backward pass per sample),
-            ``"vmap"`` or ``"loop"``.
+        per_sample: ``"auto"`` (``torch.func.vmap`` where it pays, on an accelerator or for a small model, and the
+            model allows it; else one backward pass per sample), ``"vmap"`` or ``"loop"``.
         **common: ``include`` (default: every floating parameter that requires grad), ``exclude`` (left out of the
             mask: they train in full, outside the budget), ``verbose``, ``resume``, ``frozen`` (``"skip"``: frozen
             parameters are neither trained nor counted; ``"error"``).
