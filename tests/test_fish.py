@@ -213,6 +213,11 @@ def test_trainer_and_plain_loop_end_identical():
     for (n, a), b in zip(module_a.named_parameters(), module_b.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-6), n
     assert isinstance(sparsifier.report(), TrainableReport)
+    again = FISH(0.2, samples=16, verbose=False)  # a plain loop resumed from its state: the masks, no new estimate
+    module_c = make_module(seed=1)
+    Sparsifier(again, module_c, module_c.configure_optimizers(), data=make_dataloader(), state=sparsifier.state_dict())
+    assert again.session.estimates == 0 and by_loop.session.estimates == 1
+    assert all(torch.equal(again.masks[n], m) for n, m in by_loop.masks.items())
 
 
 class _Trace(CallbackBase):
