@@ -229,13 +229,19 @@ class SparseCallback(CallbackBase):
             self.session.load_state_dict(torch.load(self._handoff, weights_only=True))
 
     # --------------------------------------------------------------- reporting
-    def report(self, module: Any = None) -> SparsityReport:
+    def report(self, module: Any = None, *, effective: bool = False, example_inputs: Any = None) -> SparsityReport:
         """The current per-layer sparsity (see :func:`~lightning_pai.core.report.sparsity_report`).
 
-        With ``module`` (the model the masks belong to) the report also says how much of it the masks cover.
+        With ``module`` (the model the masks belong to) the report also says how much of it the masks cover;
+        ``effective=True`` adds effective sparsity (Vysogorets & Kempe 2021), followed on any graph from
+        ``example_inputs`` (default: the module's ``example_input_array``; without either, plain chains only).
         """
         self._collect_handoff()
-        return self.session.report(module)
+        if not effective:
+            return self.session.report(module)
+        if example_inputs is None:
+            example_inputs = getattr(module, "example_input_array", None)
+        return self.session.report(module, effective=True, example_inputs=example_inputs)
 
     def make_permanent(self, module: Any) -> Any:
         """A plain copy of ``module`` with this callback's zeros baked in and nothing attached.

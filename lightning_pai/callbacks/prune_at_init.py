@@ -68,7 +68,7 @@ class PruneAtInit(SparseCallback):
         loss_fn: Optional ``loss_fn(logits, targets) -> loss`` replacing ``training_step`` for SNIP and
             custom scorers.
         forward_fn: Optional ``forward_fn(module, batch) -> (logits, targets)``.
-        input_shape: Input shape of one sample for SynFlow (default: from the first batch).
+        input_shape: Input shape of one sample for SynFlow and ``effective=True`` (default: from the first batch).
         temperature: GraSP's softmax temperature (200 in the paper's code).
         seed: Seed for stochastic scorers and ablations.
         verbose: Print the per-layer table at fit start (rank zero).
@@ -80,6 +80,15 @@ class PruneAtInit(SparseCallback):
             3-channel stem or a depthwise convolution): ``"error"`` (default) refuses before training,
             ``"dense"`` leaves them dense (NVIDIA ASP's choice), ``"unstructured"`` prunes each to the pattern's
             sparsity ``1 - N/M``; they are named in a warning and in the report.
+        effective: ``sparsity`` is the *effective* sparsity (Vysogorets & Kempe 2021, "Connectivity Matters",
+            arXiv:2107.02306): weights cut off from the input or the output by the pruning count as pruned, so the
+            method prunes fewer weights directly — the most for which the effective sparsity stays at or below
+            ``sparsity``, found by binary search over the number pruned in the method's order (lowest scores first
+            for ``"global"``; the distribution's budgets at a lower overall sparsity for layer-wise ones; the
+            rounds' removal order for iterative scoring). Paths are followed by synaptic flow from one all-ones
+            input (``input_shape``, else the first batch's shape; see
+            :func:`~lightning_pai.core.effective.effective_masks_by_flow`), so residual and concatenating networks
+            work; the table printed at fit start gains an effective-density column. Not with ``nm``.
         weight_init: None (keep the weights) or an initialisation for the pruned network, applied once the masks
             are decided: ``"sparse_fan_in"`` (Evci et al. 2022: kept weights of unit ``i`` from ``N(0, 2 / k_i)``,
             ``k_i`` its kept inputs) or ``"isometry"`` (Lee et al. 2020: each layer's masked matrix optimised
@@ -120,6 +129,7 @@ class PruneAtInit(SparseCallback):
         resume: str | None = None,
         frozen: str = "skip",
         weight_init: str | None = None,
+        effective: bool = False,
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose, resume=resume, frozen=frozen)
         given = locals()
@@ -134,6 +144,7 @@ class PruneAtInit(SparseCallback):
             sparsity=self.sparsity,
             distribution=_name(self.distribution),
             ablation=self.ablation,
+            **({"effective": True} if self.effective else {}),  # keys of direct-sparsity runs unchanged
         )
 
     def pruner(self) -> Pruner:

@@ -53,7 +53,7 @@ _MIXING = frozenset(
     "__rmatmul__ mm bmm addmm baddbmm addmv mv einsum tensordot".split()
 )
 #: Subtractions become additions: ``a - b`` depends on both, and a difference of path counts may cancel.
-_SUBTRACT = {"sub": False, "subtract": False, "__sub__": False, "__rsub__": True, "rsub": False}
+_SUBTRACT = frozenset({"sub", "subtract", "__sub__", "__rsub__", "rsub"})
 _SUBTRACT_INPLACE = frozenset({"sub_", "subtract_", "__isub__"})
 
 
@@ -119,7 +119,7 @@ def _attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
 
 
 def _multi_head_attention(args: tuple, kwargs: dict) -> tuple[Tensor, None]:
-    """``F.multi_head_attention_forward`` (inputs ``(L, N, E)``) without softmax, biases or masks."""
+    """``F.multi_head_attention_forward`` (inputs ``(L, N, E)``) without softmax, dropout or attention masks."""
     names = (
         "query key value embed_dim_to_check num_heads in_proj_weight in_proj_bias bias_k bias_v add_zero_attn "
         "dropout_p out_proj_weight out_proj_bias training key_padding_mask need_weights attn_mask "
@@ -160,12 +160,12 @@ class _Linearised(TorchFunctionMode):
             return args[0] if args else next(iter(kwargs.values()))
         if "max_pool" in name:
             return _avg_pool(name, args, kwargs)
-        if name == "amax":
+        if name == "amax":  # every entry reaches the maximum's place, as in a max pool
             dim = _arg(args, kwargs, 1, "dim", ())
-            return torch.mean(args[0], dim=dim or None, keepdim=_arg(args, kwargs, 2, "keepdim", False))
+            keepdim = _arg(args, kwargs, 2, "keepdim", False)
+            return torch.mean(args[0], dim=None if dim in ((), []) else dim, keepdim=keepdim)
         if name in _SUBTRACT:
-            first, second = args[0], _arg(args, kwargs, 1, "other")
-            return torch.add(second, first) if _SUBTRACT[name] else torch.add(first, second)
+            return torch.add(args[0], _arg(args, kwargs, 1, "other"))
         if name in _SUBTRACT_INPLACE:
             return args[0].add_(_arg(args, kwargs, 1, "other"))
         if name in ("masked_fill", "masked_fill_"):  # e.g. -inf before a softmax: a neutral 0 here
@@ -179,7 +179,7 @@ class _Linearised(TorchFunctionMode):
             return _attention(*(_arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value"))))
         if name == "multi_head_attention_forward":
             return _multi_head_attention(args, kwargs)
-        if name == "embedding":
+        if func is F.embedding:
             return _embedding(args, kwargs)
         out = func(*args, **kwargs)
         return _saturate(out) if name in _MIXING else out
@@ -264,9 +264,9 @@ def effective_masks_by_flow(
     Spatial geometry counts as in the paper: a kernel tap that only ever meets zero padding at the example's
     input size is ineffective (3x3 convolutions on 1x1 feature maps keep only their centre taps). Approximations:
     attention is taken as ``(q kᵀ) v`` without softmax (a product of two paths is open when both are);
-    learned additive tensors other than biases (positional embeddings, class tokens) count as inputs; an
-    embedding's every row counts as reachable (all tokens possible); ``torch.max`` / ``min`` reductions keep
-    their argmax-only gradient.
+    learned additive tensors other than biases (positional embeddings, class tokens) and constants added in the
+    forward (``1 - z``, ``x + eps``) count as inputs; an embedding's every row counts as reachable (all tokens
+    possible); ``torch.max`` / ``min`` reductions keep their argmax-only gradient.
 
     Args:
         module: The model (left as it was: weights, buffers, ``requires_grad`` flags and train/eval modes).

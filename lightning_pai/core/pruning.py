@@ -11,10 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_pai.core.distributions import Distribution, distribution_info, get_distribution, signed_distributions
+from lightning_pai.core.effective import effective_masks_by_flow, prune_to_effective
 from lightning_pai.core.masks import compute_masks, zero_masked_
 from lightning_pai.core.nm import NMSpec, check_nm_incompatible, nm_fits, nm_keep, nm_sparsity, resolve_nm
+from lightning_pai.core.saliency import _ones_like_inputs
 from lightning_pai.core.schedules import round_sparsities
-from lightning_pai.core.scorers import Scorer, ScoringContext, default_forward, get_scorer, scorer_info
+from lightning_pai.core.scorers import Scorer, ScoringContext, default_forward, get_scorer, scorer_info, split_batch
 from lightning_pai.core.sharding import full, full_dict, local, local_slice
 from lightning_pai.core.targets import Layout
 from lightning_pai.core.validation import check_choice, check_min_density, check_positive_int, check_sparsity
@@ -174,6 +176,7 @@ def prune(
     min_density: float = 0.0,
     nm: Mapping[str, tuple[int, int]] | None = None,
     nm_incompatible: str = "error",
+    effective: bool = False,
 ) -> dict[str, Tensor]:
     """Score and prune, in one shot or over ``iterations`` rounds; return the final keep-masks.
 
@@ -200,22 +203,39 @@ def prune(
             that round's scores (they stay dense in the earlier rounds); ``sparsity`` applies to the others.
         nm_incompatible: An ``nm`` layer whose input channels are not a multiple of ``M``: ``"error"``,
             ``"dense"`` or ``"unstructured"`` (see :func:`~lightning_pai.core.masks.compute_masks`).
+        effective: ``sparsity`` is the *effective* sparsity (Vysogorets & Kempe 2021, arXiv:2107.02306): the
+            method prunes to ``sparsity`` directly, then :func:`~lightning_pai.core.effective.prune_to_effective`
+            searches for the largest number ``n`` of weights pruned in the method's order whose masks have
+            effective sparsity at most ``sparsity`` (weights cut off from the input or the output count as pruned,
+            see :func:`~lightning_pai.core.effective.effective_masks_by_flow`). One round (or a scorer that
+            revives weights): the masks of ``compute_masks(scores, n / N, distribution)`` — the ``n`` lowest scores
+            for ``"global"`` (the reference's ``effective_correction_from_global_scores``), the distribution's
+            budgets at overall direct sparsity ``n / N`` for layer-wise ones. Several rounds: the weights in the
+            order the rounds removed them (lowest score first within a round), the reference's iterative scores.
+            The model's input comes from ``ctx.input_shape`` or the first batch, as for SynFlow. Not with ``nm``.
 
     Returns:
         Bool masks by parameter name.
 
+    Raises:
+        ValueError: With ``effective``, if there is no input to follow the paths with, ``nm`` is given, or the
+            unpruned network's effective sparsity already exceeds ``sparsity``.
     """
     scorer = get_scorer(method)
     revives = scorer_info(method)["revives"]
     check_choice(ablation, ABLATIONS, "ablation", optional=True)
+    if effective and nm:
+        raise ValueError("`effective=True` cannot be combined with `nm`: N:M layers have a fixed density.")
+    flow = effective_flow(ctx) if effective else None  # before scoring: a missing input fails at once
     ctx = replace(ctx)  # the rounds update `masks` on a copy, not on the caller's context
     masks = ctx.masks
     params = dict(ctx.params)
     module = ctx.module if ctx.module is not None else nn.ParameterList(params.values())
+    rounds = round_sparsities(sparsity, iterations, schedule)
+    order = {} if effective and len(rounds) > 1 and not revives else None  # removal order of the rounds
     with preserved_state(module, params):
         for p in params.values():
             p.requires_grad_(True)
-        rounds = round_sparsities(sparsity, iterations, schedule)
         initial = {n: p.detach().clone() for n, p in params.items()} if revives else None
         if revives:
             ctx.extras = {**ctx.extras, "initial_weights": initial}
@@ -229,6 +249,7 @@ def prune(
             ctx.masks = masks
             scores = full_dict(scorer(ctx))  # sharded scores are gathered: selection sees the whole model
             last = index == len(rounds) - 1
+            before = masks
             masks = compute_masks(
                 scores,
                 round_sparsity,
@@ -240,7 +261,22 @@ def prune(
                 nm={n: (k if last else m, m) for n, (k, m) in (nm or {}).items()},
                 nm_incompatible=nm_incompatible,
             )
-    if ablation == "shuffle":
+            if order is not None:
+                _record_removals(order, before, masks, scores, index, ablation == "invert")
+    if flow is not None:
+        if order is not None:  # the removal order, globally; the survivors last, by their final scores
+            _record_removals(order, masks, {n: torch.zeros_like(m) for n, m in masks.items()}, scores, len(rounds))
+            keys, rank, invert = order, "global", False
+        else:
+            keys, rank, invert = scores, distribution, ablation == "invert"
+        total = sum(k.numel() for k in keys.values())
+
+        def masks_at(n: int) -> dict[str, Tensor]:
+            found = compute_masks(keys, n / total, rank, min_density=min_density, invert=invert, layouts=ctx.layouts)
+            return shuffle_masks(found, ctx.seed) if ablation == "shuffle" else found
+
+        masks = prune_to_effective(masks_at, flow, total, sparsity)
+    elif ablation == "shuffle":
         masks = shuffle_masks(masks, ctx.seed)
         gen = torch.Generator().manual_seed(ctx.seed + 1)
         for n, (k, m) in (nm or {}).items():  # N:M layers: shuffled within their groups, still N:M
@@ -252,6 +288,69 @@ def prune(
             raise ValueError("`ablation='reinit'` needs the model in the scoring context.")
         reinitialize_(ctx.module, list(params), ctx.seed)
     return masks
+
+
+def _record_removals(
+    order: dict[str, Tensor],
+    before: Mapping[str, Tensor] | None,
+    after: Mapping[str, Tensor],
+    scores: Mapping[str, Tensor],
+    index: int,
+    invert: bool = False,
+) -> None:
+    """Give the weights round ``index`` removed the keys ``index + [0, 0.5]``, in the order of their scores.
+
+    Over all rounds, lower keys were removed earlier (within a round: lower scores first, higher with ``invert``),
+    as the reference's iterative pruners order weights for the effective-sparsity correction.
+    """
+    removed = {n: (before[n].to(m.device) if before is not None else True) & ~m for n, m in after.items()}
+    values = [(-scores[n] if invert else scores[n])[r].double() for n, r in removed.items()]
+    found = torch.cat([v.reshape(-1).cpu() for v in values])
+    if found.numel() == 0:
+        return
+    low, span = found.min(), (found.max() - found.min()).clamp_min(torch.finfo(torch.float64).tiny)
+    for (n, r), v in zip(removed.items(), values):
+        if n not in order:
+            order[n] = torch.zeros(after[n].shape, dtype=torch.float64, device=after[n].device)
+        order[n][r] = index + 0.5 * (v - low.to(v.device)) / span.to(v.device)
+
+
+def flow_inputs(ctx: ScoringContext) -> tuple[Any, bool]:
+    """The input effective sparsity follows the model's paths from, and whether it goes through ``ctx.forward_fn``.
+
+    SynFlow's input: ones of ``(1, *ctx.input_shape)`` (called as ``module(x)``), else one all-ones sample of the
+    first batch (token ids kept) — its inputs, or the whole batch for a custom ``forward_fn``.
+
+    Raises:
+        ValueError: Without the model, or without ``input_shape`` and batches.
+    """
+    if ctx.module is None:
+        raise ValueError("`effective=True` needs the model in the scoring context.")
+    if ctx.input_shape is not None:
+        return torch.ones((1, *ctx.input_shape)), False
+    if not ctx.batches:
+        raise ValueError(
+            "`effective=True` follows the model's paths from one input: pass `input_shape=` (one sample's shape) "
+            "or training batches."
+        )
+    batch = ctx.batches[0]
+    if ctx.forward_fn is not default_forward:
+        return _ones_like_inputs(batch), True
+    return _ones_like_inputs(split_batch(ctx.module, batch)[0]), False
+
+
+def effective_flow(ctx: ScoringContext) -> Callable[[Mapping[str, Tensor]], dict[str, Tensor]]:
+    """A function from masks to their effective masks on ``ctx.module``, fed :func:`flow_inputs`.
+
+    See :func:`~lightning_pai.core.effective.effective_masks_by_flow`.
+
+    Raises:
+        ValueError: Without the model, or without ``input_shape`` and batches.
+    """
+    inputs, custom = flow_inputs(ctx)
+    module, user = ctx.module, ctx.forward_fn
+    forward = (lambda m, b: user(m, b)[0]) if custom else None
+    return lambda masks: effective_masks_by_flow(module, masks, inputs, forward)
 
 
 @dataclass
@@ -278,6 +377,9 @@ class Pruner:
         nm: N:M structured sparsity (``"2:4"`` or ``{glob: "N:M"}``), see :mod:`lightning_pai.core.nm`.
         nm_incompatible: Layers the N:M groups cannot fit: ``"error"``, ``"dense"`` or ``"unstructured"``
             (see :data:`~lightning_pai.core.nm.NM_INCOMPATIBLE`).
+        weight_init: Initialisation for the pruned network (see :func:`sparse_init_`), or None.
+        effective: ``sparsity`` is the effective sparsity (Vysogorets & Kempe 2021), see :func:`prune`; the
+            model's input is taken as SynFlow's (``input_shape`` or the first batch).
     """
 
     method: str | Scorer = "magnitude"
@@ -296,6 +398,7 @@ class Pruner:
     nm: NMSpec = None
     nm_incompatible: str = "error"
     weight_init: str | None = None
+    effective: bool = False
 
     def __post_init__(self) -> None:
         check_choice(self.weight_init, SPARSE_INITS, "weight_init", optional=True)
@@ -319,20 +422,52 @@ class Pruner:
         self.input_shape = None if self.input_shape is None else tuple(self.input_shape)
         self.temperature = float(self.temperature)
         self.seed = int(self.seed)
+        self.effective = bool(self.effective)
+        if self.effective and self.nm is not None:
+            raise ValueError(
+                "`effective=True` prunes to an effective sparsity, `nm` to a fixed N:M density per layer: use one."
+            )
+        self._example: tuple[Any, bool] | None = None  # the input effective sparsity was followed from
 
     @property
     def needs(self) -> str:
-        """What the scorer reads: ``"nothing"``, ``"shape"`` (one batch's structure) or ``"data"``."""
-        return scorer_info(self.method)["needs"]
+        """What the scorer reads: ``"nothing"``, ``"shape"`` (one batch's structure) or ``"data"``.
+
+        With ``effective=True`` at least ``"shape"``: the model's paths are followed from one input.
+        """
+        needs = scorer_info(self.method)["needs"]
+        return "shape" if self.effective and needs == "nothing" else needs
 
     def scoring_batches(self, host: Any) -> list[Any]:
-        """The batches the scorer needs, drawn from ``host`` (none for data-free scorers)."""
+        """The batches the scorer needs, drawn from ``host`` (none for data-free scorers).
+
+        Raises:
+            ValueError: If the host has none (for ``effective=True`` with a data-free scorer: naming
+                ``input_shape``), or the data is empty.
+        """
         if self.needs == "nothing" or (self.needs == "shape" and self.input_shape is not None):
             return []
-        batches = host.batches(1 if self.needs == "shape" else self.batches)
+        try:
+            batches = host.batches(1 if self.needs == "shape" else self.batches)
+        except ValueError as error:
+            if not self.effective or scorer_info(self.method)["needs"] == "data":
+                raise
+            raise ValueError(
+                f"`effective=True` follows the model's paths from one input, and the training loop offers none "
+                f"({error}): pass `input_shape=` (one sample's shape, e.g. `(3, 32, 32)`)."
+            ) from error
         if not batches:
             raise ValueError("The training data is empty: nothing to score on.")
         return batches
+
+    def effective_masks(self, module: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """``masks``' effective masks on the input :meth:`masks` pruned with (None before it, or if not effective)."""
+        if self._example is None:
+            return None
+        inputs, custom = self._example
+        user = self.forward_fn
+        forward = (lambda m, b: user(m, b)[0]) if custom and user is not None else None
+        return effective_masks_by_flow(module, masks, inputs, forward)
 
     def masks(self, module: nn.Module, masks: Any, host: Any, name: str = "PruneAtInit") -> dict[str, Tensor]:
         """Score ``masks``' targets (a :class:`~lightning_pai.core.masks.MaskSet`) on ``module``; the kept masks.
@@ -362,6 +497,8 @@ class Pruner:
             extras={"temperature": self.temperature},
             layouts=masks.layouts,
         )
+        if self.effective:
+            self._example = flow_inputs(ctx)
         return prune(
             ctx,
             self.method,
@@ -373,6 +510,7 @@ class Pruner:
             min_density=self.min_density,
             nm=resolve_nm(self.nm, {n: p.shape for n, p in masks.params.items()}, masks.layouts, self.nm_incompatible),
             nm_incompatible=self.nm_incompatible,
+            effective=self.effective,
         )
 
 

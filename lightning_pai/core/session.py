@@ -385,8 +385,15 @@ class Session:
             return self.masks.state_dict()
         return None if self._restored is None else dict(self._restored)
 
-    def report(self, module: nn.Module | None = None) -> SparsityReport:
+    def report(
+        self, module: nn.Module | None = None, *, effective: bool = False, example_inputs: Any = None
+    ) -> SparsityReport:
         """The current per-layer sparsity (see :func:`~lightning_pai.core.report.sparsity_report`).
+
+        Args:
+            module: The model the masks belong to (the report then says how much of it they cover).
+            effective: Also report effective sparsity (Vysogorets & Kempe 2021), on ``example_inputs``.
+            example_inputs: One input of the model, for ``effective`` on any graph (without: plain chains only).
 
         Raises:
             RuntimeError: Before the session has masks.
@@ -394,7 +401,7 @@ class Session:
         masks = self.masks if self.masks is not None else self._restored
         if masks is None:
             raise RuntimeError(f"`{self.name}` has no masks yet: they are set when training starts.")
-        report = sparsity_report(module, masks)
+        report = sparsity_report(module, masks, effective=effective, example_inputs=example_inputs)
         if self.nm_unfit:
             report = replace(report, notes=(*report.notes, self._nm_line()))
         return replace(report, skipped=tuple(self.skipped)) if self.skipped else report
@@ -473,6 +480,20 @@ class PruneSession(Session):
     def initial_pruner(self) -> Any:
         """The pruner."""
         return self.pruner
+
+    def report(
+        self, module: nn.Module | None = None, *, effective: bool = False, example_inputs: Any = None
+    ) -> SparsityReport:
+        """As :meth:`Session.report`; a pruner that pruned to an effective sparsity adds it on its own input."""
+        report = super().report(module, effective=effective, example_inputs=example_inputs)
+        follow = getattr(self.pruner, "effective_masks", None)
+        if effective or module is None or follow is None:
+            return report
+        eff = follow(module, dict((self.masks if self.masks is not None else self._restored).items()))
+        if eff is None:
+            return report
+        rows = [replace(r, effective_kept=int(torch.count_nonzero(eff[r.name]))) for r in report.rows]
+        return replace(report, rows=rows)
 
 
 class TopologySession(Session):
