@@ -170,6 +170,22 @@ def test_unselected_entries_stay_bit_identical(name):
     assert cb.report().trainable == 396
 
 
+@pytest.mark.parametrize(
+    "setup",
+    [{"precision": "bf16-mixed"}, {"accumulate_grad_batches": 2}, {"gradient_clip_val": 0.5}],
+    ids=["bf16-mixed", "accumulate", "clip-norm"],
+)
+def test_training_setups_keep_the_frozen_entries(setup):
+    module = make_module(seed=0)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    cb = FISH(density=0.2, samples=16, verbose=False)
+    make_trainer(callbacks=[cb], max_epochs=2, max_steps=-1, **setup).fit(module, make_dataloader())
+    for n, p in module.named_parameters():
+        m = cb.masks[n]
+        assert torch.equal(bits(p[~m]), bits(before[n][~m])), n
+        assert bool((p[m] != before[n][m]).all()), n
+
+
 def test_the_masks_are_never_treated_as_pruning_masks(tmp_path):
     module = make_module(seed=0)
     cb = FISH(density=0.2, samples=16, verbose=False)
