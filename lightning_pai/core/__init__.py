@@ -40,6 +40,7 @@ from lightning_pai.core.dst import (
     register_redistribution,
     register_step_rule,
 )
+from lightning_pai.core.effective import effective_masks_by_flow, prune_to_effective
 from lightning_pai.core.lottery import LotterySession
 from lightning_pai.core.masks import MaskSet, check_sparsity, compute_masks
 from lightning_pai.core.pruning import ABLATIONS, Pruner, preserved_state, prune, reinitialize_, shuffle_masks
@@ -90,6 +91,7 @@ __all__ = [
     "counts_from_densities",
     "default_forward",
     "distribution_info",
+    "effective_masks_by_flow",
     "erdos_renyi_densities",
     "get_distribution",
     "get_scorer",
@@ -105,6 +107,7 @@ __all__ = [
     "predicted_shrunk_params",
     "preserved_state",
     "prune",
+    "prune_to_effective",
     "register_channel_scorer",
     "register_distribution",
     "register_drop_rule",

@@ -371,7 +371,7 @@ class Pruner:
         min_density: Every layer keeps at least this fraction of its weights.
         loss_fn: ``loss_fn(logits, targets)`` replacing the loop's own loss for scorers that need one.
         forward_fn: ``forward_fn(module, batch) -> (logits, targets)`` (default: :func:`default_forward`).
-        input_shape: One sample's input shape for SynFlow (default: from the first batch).
+        input_shape: One sample's input shape for SynFlow and ``effective`` (default: from the first batch).
         temperature: GraSP's softmax temperature.
         seed: Seed of stochastic scorers and ablations.
         nm: N:M structured sparsity (``"2:4"`` or ``{glob: "N:M"}``), see :mod:`lightning_pai.core.nm`.
