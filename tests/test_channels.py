@@ -81,6 +81,25 @@ def test_flatten_cat_grouped_and_cross_channel_norms():
     assert d.reason is None and d.consumers == (("fc", 0, 4),)  # 3 channels x 2 x 2 positions
 
 
+def test_global_pools_and_squeezes_flatten_only_down_to_batch_and_channels():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(1, 4, 3), nn.Conv2d(1, 5, 3), nn.Conv2d(1, 6, 3)
+            self.fa, self.fb, self.fc = nn.Linear(4, 2), nn.Linear(5, 2), nn.Linear(6, 2)
+
+        def forward(self, x):
+            a = self.fa(self.a(x).mean((2, 3)))  # (B, 4): channels only
+            b = self.fb(F.adaptive_avg_pool2d(self.b(x), 1).squeeze(-1).squeeze(-1))  # (B, 5)
+            c = self.fc(self.c(x).mean(-1))  # (B, 6, H): the linear layer reads H, not the channels
+            return a + b + c.mean(1)
+
+    graph = channel_groups(Net())
+    assert graph.group_of("a").consumers == (("fa", 0, 1),) and graph.group_of("a").reason is None
+    assert graph.group_of("b").consumers == (("fb", 0, 1),) and graph.group_of("b").reason is None
+    assert "on an axis other than its features" in graph.group_of("c").reason
+
+
 def test_untraceable_model_error_names_the_fix_and_include_traces_around_it():
     class Head(nn.Module):
         def __init__(self) -> None:
@@ -448,3 +467,13 @@ def test_bad_arguments_fail_in_init():
         EarlyBird(0.5, rewind_to="epoch:1")
     with pytest.raises(ValueError, match="`sparsity`"):
         ChannelPruning(1.0)
+
+
+def test_readme_channel_example_builds_its_callbacks():
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Channel pruning and Early-Bird tickets\n", 1)[1].split("\n## ", 1)[0]
+    namespace: dict = {"__name__": "__readme__"}
+    exec(compile(re.findall(r"```python\n(.*?)```", section, flags=re.S)[0], "README: channels", "exec"), namespace)
+    assert namespace["ChannelPruning"] is ChannelPruning and namespace["EarlyBird"] is EarlyBird

@@ -138,12 +138,16 @@ class ChannelSession(Session):
         """Find the channel groups of ``module`` and split them into pruned and left-alone ones (once per model)."""
         if self._analysed == id(module) and self.graph is not None:
             return
+        self.graph, self.groups, self.excluded = self.analysis(module)
+        self._analysed = id(module)
+
+    def analysis(self, module: nn.Module) -> tuple[ChannelGraph, list[ChannelGroup], list[tuple[ChannelGroup, str]]]:
+        """``module``'s channel groups, the ones this method prunes, and ``(group, why)`` for those it leaves alone."""
         selected = select_targets(module, self.include, self.exclude, self.frozen)
         owners = {n for n, m in module.named_modules() if isinstance(m, PRODUCERS)}
         layers = [n.rpartition(".")[0] for n in selected if n.endswith(".weight") and n.rpartition(".")[0] in owners]
-        self.graph = channel_groups(module, layers)
-        self.groups, self.excluded = prunable_groups(self.graph, layers, self.couple, self.needs_norm)
-        self._analysed = id(module)
+        graph = channel_groups(module, layers)
+        return (graph, *prunable_groups(graph, layers, self.couple, self.needs_norm))
 
     def select(self, module: nn.Module) -> dict[str, nn.Parameter]:
         """The parameters the pruned groups' channels mask entries of (rows, biases, ``γ``/``β``, consumer columns)."""
@@ -352,8 +356,12 @@ class ChannelSession(Session):
         masks = self.current_masks()
         if masks is None or module is None:
             raise RuntimeError(f"`{self.name}` has no masks yet: they are set when training starts.")
-        self.analyse(module)
-        report = channel_report(module, masks, self.graph, self.groups, self.excluded, self.positions)
+        if module is self.module or self.module is None:
+            self.analyse(module)
+            graph, groups, excluded = self.graph, self.groups, self.excluded
+        else:  # another copy of the model (e.g. after a ddp_spawn fit): its own analysis, the session's left alone
+            graph, groups, excluded = self.analysis(module)
+        report = channel_report(module, masks, graph, groups, excluded, self.positions)
         if self.skipped:
             report = replace(report, skipped=tuple(self.skipped))
         return report

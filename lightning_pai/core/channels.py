@@ -198,6 +198,7 @@ class _Value:
 
     layout: str  # "dim1": channels on axis 1 (conv outputs); "last": on the last axis (linear); "flat": flattened
     segments: tuple[tuple[int, int], ...]
+    ndim: int | None = None  # the tensor's axes, for "dim1" (3, 4, 5 after a Conv1d, 2d, 3d)
 
     @property
     def width(self) -> int:
@@ -373,14 +374,28 @@ def _analyse(module: nn.Module, graph: Any) -> ChannelGraph:
         arg = node.args[index] if len(node.args) > index else None
         return values.get(arg) if hasattr(arg, "op") else None
 
+    def spatial(dims: Any, value: _Value) -> list[int] | None:
+        """``dims`` as non-negative spatial axes of ``value`` (None if one is not, or the axes are unknown)."""
+        dims = dims if isinstance(dims, (tuple, list)) else [dims]
+        if value.layout != "dim1" or value.ndim is None or not all(isinstance(d, int) for d in dims):
+            return None
+        out = sorted({d + value.ndim if d < 0 else d for d in dims})
+        return out if all(2 <= d < value.ndim for d in out) else None
+
+    def dropped(value: _Value, axes: int) -> _Value:
+        """``value`` with ``axes`` spatial axes removed: flat once only (batch, channels) is left."""
+        left = value.ndim - axes
+        return _Value("flat", value.segments) if left <= 2 else _Value("dim1", value.segments, left)
+
     def flatten(node: Any, value: _Value, name: str) -> Any:
         args = list(node.args[1:])
-        if name == "flatten":
+        if name == "squeeze":
+            axes = spatial(args[0] if args else node.kwargs.get("dim"), value)
+            if axes is not None:  # (size-1 axes, as after a global pool)
+                return dropped(value, len(axes))
+            ok = False
+        elif name == "flatten":
             ok = (args[0] if args else node.kwargs.get("start_dim", 0)) == 1
-        elif name == "squeeze":
-            dims = args[0] if args else node.kwargs.get("dim")
-            dims = dims if isinstance(dims, (tuple, list)) else [dims]
-            ok = value.layout == "dim1" and all(isinstance(d, int) and (d >= 2 or d == -1) for d in dims)
         else:  # view / reshape: to two axes, (batch, features)
             shape = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
             ok = len(shape) == 2
@@ -390,13 +405,11 @@ def _analyse(module: nn.Module, graph: Any) -> ChannelGraph:
 
     def reduce(node: Any, value: _Value, name: str) -> Any:
         args = list(node.args[1:])
-        dims = args[0] if args else node.kwargs.get("dim")
+        axes = spatial(args[0] if args else node.kwargs.get("dim"), value)
         keep = (args[1] if len(args) > 1 else node.kwargs.get("keepdim", False)) is True
-        dims = dims if isinstance(dims, (tuple, list)) else [dims]
-        ok = value.layout == "dim1" and all(isinstance(d, int) and (d >= 2 or d == -1) for d in dims)
-        if not ok:
+        if axes is None:
             return unknown(node, f"`{name}` over the channel axis")
-        return _Value("dim1" if keep else "flat", value.segments)
+        return value if keep else dropped(value, len(axes))
 
     for node in graph.nodes:
         name = _call_name(node)
@@ -425,7 +438,10 @@ def _analyse(module: nn.Module, graph: Any) -> ChannelGraph:
                             f"`{target}` is a grouped or depthwise convolution (groups={layer.groups}), which ties its "
                             "output channels to its input channels; such layers are excluded",
                         )
-                values[node] = _Value("dim1" if isinstance(layer, _CONVS) else "last", ((own[target], width),))
+                if isinstance(layer, _CONVS):
+                    values[node] = _Value("dim1", ((own[target], width),), 2 + len(layer.kernel_size))
+                else:
+                    values[node] = _Value("last", ((own[target], width),))
             elif isinstance(layer, CHANNEL_NORMS):
                 values[node] = norm(target, value, layer)
             elif isinstance(layer, CROSS_NORMS):
@@ -488,10 +504,14 @@ def _cat(node: Any, values: dict[Any, Any], unknown: Callable[[Any, str], Any]) 
     parts = [values.get(t) if hasattr(t, "op") else None for t in items]
     if not all(isinstance(p, _Value) for p in parts):
         return unknown(node, "`cat` of tensors not all produced by tracked layers")
-    layouts = {p.layout for p in parts}
-    if len(layouts) != 1 or not ((dim == 1 and layouts == {"dim1"}) or (dim == -1 and layouts == {"last"})):
+    layouts, ndims = {p.layout for p in parts}, {p.ndim for p in parts}
+    ndim = ndims.pop() if len(ndims) == 1 else None
+    channels = (layouts == {"dim1"} and ndim is not None and dim in (1, 1 - ndim)) or (
+        layouts == {"last"} and dim == -1
+    )
+    if not channels:
         return unknown(node, f"`cat` along axis {dim}")
-    return _Value(layouts.pop(), tuple(seg for p in parts for seg in p.segments))
+    return _Value(layouts.pop(), tuple(seg for p in parts for seg in p.segments), ndim)
 
 
 def _finish(spaces: _Spaces, own: dict[str, int], modules: dict[str, nn.Module]) -> ChannelGraph:
