@@ -121,3 +121,43 @@ def test_without_a_home_no_shared_temp_directory_is_used(monkeypatch, fresh):
     after = set(os.listdir(tempfile.gettempdir()))
     assert not (Path(tempfile.gettempdir()) / "lightning_pai").exists() or "lightning_pai" in before
     assert not [n for n in after - before if n.startswith("lightning_pai_kernels_")]  # the private build is removed
+
+
+def _isas_of_this_cpu() -> list[str]:
+    flags = set(ckernels._cpu_signature().split())
+    return [name for name, (_, needs) in ckernels.ISAS.items() if set(needs) <= flags]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("isa", _isas_of_this_cpu())
+def test_each_instruction_set_gets_its_own_library_and_the_same_products(tmp_path, monkeypatch, fresh, isa):
+    monkeypatch.setenv("LIGHTNING_PAI_CACHE", str(tmp_path))
+    monkeypatch.setenv("LIGHTNING_PAI_KERNEL_ISA", isa)
+    assert fresh()
+    assert ckernels.build_info().endswith(f"(ISA {isa})")
+    assert (" -mno-avx512f" in ckernels.build_info()) == (isa == "avx2")
+    gen = torch.Generator().manual_seed(0)
+    for out, inp, n in ((37, 300, 64), (64, 129, 200), (5, 16, 3)):  # full tiles, a partial tile, one column
+        w = torch.randn(out, inp, generator=gen) * (torch.rand(out, inp, generator=gen) < 0.2)
+        b, x = torch.randn(out, generator=gen), torch.randn(n, inp, generator=gen)
+        csr = w.to_sparse_csr()
+        crow, col = csr.crow_indices().int(), csr.col_indices().int()
+        y = ckernels.csr_matmul_t(crow, col, csr.values(), b, x.t().contiguous(), "relu")
+        torch.testing.assert_close(y, torch.relu(x @ w.t() + b).t(), atol=1e-5, rtol=1e-5)
+    other = "native" if isa == "avx2" else "avx2"
+    if other in _isas_of_this_cpu():
+        monkeypatch.setenv("LIGHTNING_PAI_KERNEL_ISA", other)
+        assert fresh()
+        assert len(list((tmp_path / "kernels").glob("lp_kernels_*.so"))) == 2  # the two builds do not collide
+
+
+def test_an_instruction_set_the_cpu_lacks_or_an_unknown_one_builds_native(tmp_path, monkeypatch, fresh):
+    monkeypatch.setenv("LIGHTNING_PAI_CACHE", str(tmp_path))
+    monkeypatch.setenv("LIGHTNING_PAI_KERNEL_ISA", "avx1024")
+    with pytest.warns(UserWarning, match="LIGHTNING_PAI_KERNEL_ISA='avx1024' is not one of"):
+        assert fresh()
+    assert ckernels.build_info().endswith("(ISA native)")
+    monkeypatch.setattr(ckernels, "_cpu_signature", lambda: "flags : fpu sse sse2")
+    monkeypatch.setenv("LIGHTNING_PAI_KERNEL_ISA", "avx512")
+    with pytest.warns(UserWarning, match=r"needs the CPU flags \['avx512f'\]"):
+        assert ckernels.isa() == "native"

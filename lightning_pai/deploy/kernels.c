@@ -24,28 +24,70 @@ static float *lp_scratch(size_t floats) {
 
 static inline float lp_act(float v, int act) { return (act == 1 && v < 0.0f) ? 0.0f : v; }
 
-/* y[r, t0:t0+TILE] for one row r: 4 x 16-float vector accumulators (GCC/Clang vector extensions, compiled to
-   whatever SIMD the CPU has), two sets for even and odd k to hide the multiply-add latency. */
-typedef float lp_v16 __attribute__((vector_size(64), aligned(4)));
+/* y[r, t0:t0+TILE] for one row r, accumulated in SIMD registers. The vector width is the widest of the build's
+   instruction set (LP_VEC floats: 16 with AVX-512, 8 with AVX/AVX2, 4 otherwise); a generic vector wider than the
+   hardware's would be split by the compiler into pieces that overflow the register file (AVX2 has 16 ymm
+   registers, AVX-512 32 zmm) and go through the stack. A pass over the row's kept weights keeps LP_SPAN
+   vectors of the tile in accumulators (at most half the registers: the rest hold the broadcast weight and the
+   loads), with LP_SETS sets for alternating k, so that 8 multiply-adds are in flight (an FMA's latency times
+   the FMAs issued per cycle); a tile wider than LP_SPAN vectors takes several passes. */
+#ifndef LP_VEC
+#if defined(__AVX512F__)
+#define LP_VEC 16
+#define LP_REGS 32
+#elif defined(__AVX__)
+#define LP_VEC 8
+#define LP_REGS 16
+#elif defined(__aarch64__)
+#define LP_VEC 4
+#define LP_REGS 32
+#else
+#define LP_VEC 4
+#define LP_REGS 16
+#endif
+#endif
+#define LP_NV (TILE / LP_VEC)
+#ifndef LP_SPAN
+#define LP_SPAN (LP_NV < LP_REGS / 2 ? LP_NV : LP_REGS / 2)
+#endif
+#ifndef LP_SETS
+#define LP_SETS (LP_SPAN < 8 ? 8 / LP_SPAN : 1)
+#endif
+typedef float lp_vec __attribute__((vector_size(LP_VEC * 4), aligned(4)));
 
 static inline void lp_row_tile(const int32_t *restrict col, const float *restrict val, int64_t k0, int64_t k1,
                                const float *restrict x, int64_t ldx, float bias, int act, float *restrict y) {
-    lp_v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-    int64_t k = k0;
-    for (; k + 1 < k1; k += 2) {
-        const float v = val[k], w = val[k + 1];
-        const lp_v16 *p = (const lp_v16 *)(x + (int64_t)col[k] * ldx);
-        const lp_v16 *q = (const lp_v16 *)(x + (int64_t)col[k + 1] * ldx);
-        a0 += v * p[0]; a1 += v * p[1]; a2 += v * p[2]; a3 += v * p[3];
-        b0 += w * q[0]; b1 += w * q[1]; b2 += w * q[2]; b3 += w * q[3];
+    for (int v0 = 0; v0 < LP_NV; v0 += LP_SPAN) {
+        lp_vec a[LP_SETS][LP_SPAN];
+#pragma GCC unroll 16
+        for (int s = 0; s < LP_SETS; s++)
+#pragma GCC unroll 16
+            for (int i = 0; i < LP_SPAN; i++) a[s][i] = (lp_vec){0};
+        int64_t k = k0;
+        for (; k + LP_SETS - 1 < k1; k += LP_SETS) {
+#pragma GCC unroll 16
+            for (int s = 0; s < LP_SETS; s++) {
+                const float v = val[k + s];
+                const lp_vec *p = (const lp_vec *)(x + (int64_t)col[k + s] * ldx) + v0;
+#pragma GCC unroll 16
+                for (int i = 0; i < LP_SPAN; i++) a[s][i] += v * p[i];
+            }
+        }
+        for (; k < k1; k++) {
+            const float v = val[k];
+            const lp_vec *p = (const lp_vec *)(x + (int64_t)col[k] * ldx) + v0;
+#pragma GCC unroll 16
+            for (int i = 0; i < LP_SPAN; i++) a[0][i] += v * p[i];
+        }
+        lp_vec *out = (lp_vec *)y + v0;
+#pragma GCC unroll 16
+        for (int i = 0; i < LP_SPAN; i++) {
+            lp_vec sum = a[0][i] + bias;
+#pragma GCC unroll 16
+            for (int s = 1; s < LP_SETS; s++) sum += a[s][i];
+            out[i] = sum;
+        }
     }
-    if (k < k1) {
-        const float v = val[k];
-        const lp_v16 *p = (const lp_v16 *)(x + (int64_t)col[k] * ldx);
-        a0 += v * p[0]; a1 += v * p[1]; a2 += v * p[2]; a3 += v * p[3];
-    }
-    lp_v16 *out = (lp_v16 *)y;
-    out[0] = a0 + b0 + bias; out[1] = a1 + b1 + bias; out[2] = a2 + b2 + bias; out[3] = a3 + b3 + bias;
     if (act == 1)
         for (int j = 0; j < TILE; j++) y[j] = y[j] < 0.0f ? 0.0f : y[j];
 }

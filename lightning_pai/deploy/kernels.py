@@ -23,8 +23,12 @@ when it is available:
 
 The library is built with ``cc -O3 -march=native -fopenmp -shared`` (``CC`` overrides the compiler) into
 ``$LIGHTNING_PAI_CACHE/kernels`` (default ``~/.cache/lightning_pai/kernels``), in a file named after a hash of
-the source, the compiler, the flags and the CPU's feature flags, so a home directory shared by different
-machines gets one build per CPU kind. Only a private cache is used — directories created 0700, a directory
+the source, the compiler, the flags, the instruction set and the CPU's feature flags, so a home directory shared
+by different machines gets one build per CPU kind. The inner loops use the widest vectors of the instruction set
+built for (16 floats with AVX-512, 8 with AVX2, 4 with SSE or NEON) and as many accumulators as its register
+file holds (8 in flight); ``LIGHTNING_PAI_KERNEL_ISA=avx2`` builds the AVX2 variant on an AVX-512 machine (to
+measure what CPUs without AVX-512 get), ``avx512`` insists on AVX-512, ``native`` (the default) takes what the
+CPU has (:data:`ISAS`, :func:`build_info`). Only a private cache is used — directories created 0700, a directory
 owned by another user or writable by its group or others refused — and a cached library is loaded only if
 it is a regular file of this user whose sha256 is the one recorded when it was built (a truncated,
 corrupted or replaced file is rebuilt). Without a home directory, or with a cache that is not private, the
@@ -56,7 +60,16 @@ _SOURCE = (Path(__file__).with_name("kernels.c")).read_text()
 
 #: ``act`` codes of the kernels (``CsrPlan``, ``sparse_conv``).
 ACTIVATIONS = {None: 0, "relu": 1}
-_BASE_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99")
+_BASE_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11")
+#: ``LIGHTNING_PAI_KERNEL_ISA``: the instruction set the kernels are built for, as ``(extra compiler flags, CPU
+#: flags it needs)``. ``native``: everything the CPU has; ``avx2``: AVX2 + FMA without AVX-512 (what an
+#: AVX-512 machine compiles for a CPU without it, to measure that case); ``avx512``: native, required to include
+#: AVX-512F.
+ISAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "native": ((), ()),
+    "avx2": (("-mno-avx512f",), ("avx2", "fma")),
+    "avx512": ((), ("avx512f",)),
+}
 _lock = threading.Lock()
 _LIB: ctypes.CDLL | None = None  # what library() returned last (csr_apply's fast path)
 _state: dict[str, object] = {}
@@ -73,6 +86,31 @@ def _cpu_signature() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def isa() -> str:
+    """The instruction set the kernels are (to be) built for: ``LIGHTNING_PAI_KERNEL_ISA`` (see :data:`ISAS`).
+
+    ``native`` when unset, unknown (with a warning), or naming flags this CPU lacks (with a warning: the
+    library would stop at an illegal instruction).
+    """
+    wanted = os.environ.get("LIGHTNING_PAI_KERNEL_ISA", "").strip().lower() or "native"
+    if wanted not in ISAS:
+        warnings.warn(
+            f"lightning_pai: LIGHTNING_PAI_KERNEL_ISA={wanted!r} is not one of {sorted(ISAS)}; building 'native'.",
+            stacklevel=2,
+        )
+        return "native"
+    have = set(_cpu_signature().split())
+    missing = [f for f in ISAS[wanted][1] if f not in have]
+    if missing:
+        warnings.warn(
+            f"lightning_pai: LIGHTNING_PAI_KERNEL_ISA={wanted!r} needs the CPU flags {missing}, which this CPU "
+            "lacks; building 'native'.",
+            stacklevel=2,
+        )
+        return "native"
+    return wanted
 
 
 def _compile(cc: str, flags: tuple[str, ...], out: Path) -> bool:
@@ -189,9 +227,12 @@ def _load() -> ctypes.CDLL | None:
 
 def _build_and_open(cc: str, version: str, cache: Path) -> ctypes.CDLL | None:
     portable = tuple(f for f in _BASE_FLAGS if f != "-march=native")
+    chosen = isa()
+    native = _BASE_FLAGS + ISAS[chosen][0]
     # without OpenMP: one thread; without -march=native: compilers that do not know it
-    for flags in (_BASE_FLAGS + ("-fopenmp",), _BASE_FLAGS, portable):
-        digest = hashlib.sha256("\0".join((_SOURCE, cc, version, *flags, _cpu_signature())).encode()).hexdigest()
+    for flags in (native + ("-fopenmp",), native, portable):
+        key = (_SOURCE, cc, version, *flags, _cpu_signature(), chosen)
+        digest = hashlib.sha256("\0".join(key).encode()).hexdigest()
         path = cache / f"lp_kernels_{digest[:16]}.so"
         try:
             if not _trusted(path) and not (_compile(cc, flags, path) and _trusted(path)):
@@ -205,6 +246,7 @@ def _build_and_open(cc: str, version: str, cache: Path) -> ctypes.CDLL | None:
         lib.lp_transpose.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _i64, ctypes.c_int]
         lib.lp_layer_norm_t.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _ptr, ctypes.c_float, _ptr, _i64,
                                         ctypes.c_int]  # fmt: skip
+        _state["build"] = f"{cc.rsplit('/', 1)[-1]} {' '.join(flags)} (ISA {chosen})"
         return lib
     return None
 
@@ -218,6 +260,11 @@ def library() -> ctypes.CDLL | None:
                 _state["lib"] = _load()
     _LIB = _state["lib"]
     return _state["lib"]  # type: ignore[return-value]
+
+
+def build_info() -> str | None:
+    """How the loaded library was built (compiler, flags, ISA), or ``None`` when there is none."""
+    return _state.get("build") if library() is not None else None  # type: ignore[return-value]
 
 
 def available() -> bool:
@@ -410,9 +457,12 @@ def layer_norm_t(xt: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
 __all__ = [
     "ACTIVATIONS",
     "available",
+    "build_info",
     "CsrPlan",
     "csr_apply",
     "csr_matmul_t",
+    "ISAS",
+    "isa",
     "layer_norm_t",
     "library",
     "phase_planes",
