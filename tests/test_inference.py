@@ -14,14 +14,17 @@ from torch.testing import assert_close
 from lightning_pai.core.masks import MaskSet
 from lightning_pai.deploy import (
     ConversionReport,
+    KernelTimes,
     SparseConv1x1,
     SparseConv2d,
     SparseLinear,
     SparseMatmul,
     TransposedLayerNorm,
     conversion_report,
+    convert,
     is_two_four,
     measure_crossover,
+    measure_kernel_times,
     to_sparse_inference,
 )
 from lightning_pai.deploy import kernels as ckernels
@@ -507,12 +510,49 @@ def test_measured_crossover(one_thread):
     masks = prune(model, 0.95)
     sparse = to_sparse_inference(model, masks, batch_size=8)
     rows = conversion_report(sparse).rows
+    candidates = ("c", "mm") if HAS_C else ("auto",)  # at 8 rows PyTorch's candidate is torch.addmm
     for row in rows:
         chained = row.name == "2" and rows[0].converted  # "0" -> ReLU -> "2": "2" gets "0"'s transposed output
         assert row.reason.endswith("(measured at 8 rows" + (", chained)" if chained else ")"))
-        threshold = measure_crossover(*row.shape, 8, transposed_input=chained)
-        assert row.converted == (row.density < threshold)
+        times = measure_kernel_times(*row.shape, 8, kernels=candidates, transposed_input=chained)  # cached: the same
+        best, predicted = times.fastest(row.density)
+        assert row.converted == (best != "dense")
+        assert dict(row.timings) == {k if k == "dense" else f"csr/{k}": t for k, t in predicted.items()}
+        assert row.timings[0][1] == min(predicted.values())  # fastest first, and that one was taken
+        assert row.implementation.split("+")[0] == row.timings[0][0]
+        if not HAS_C:
+            assert times.crossover("sum") == measure_crossover(*row.shape, 8, transposed_input=chained)
     x = torch.randn(8, 60)
+    with torch.no_grad():
+        assert_close(sparse(x), model(x), **TOL)
+
+
+@needs_c
+@pytest.mark.parametrize("fastest", ["dense", "c", "sum"])
+def test_measured_conversion_takes_the_fastest_of_dense_and_both_sparse_kernels(monkeypatch, one_thread, fastest):
+    """Where the compiled kernel is slower than torch.sparse (an AVX2 build once was), the layer gets torch.sparse."""
+    seconds = {"dense": 2e-3, "c": 3e-3, "sum": 4e-3} | {fastest: 1e-3}
+    fake = KernelTimes(seconds["dense"], {k: (seconds[k], seconds[k]) for k in ("c", "sum")})
+    asked = []
+
+    def measure(*args, kernels, **kwargs):
+        asked.append((args, kernels, kwargs["transposed_input"]))
+        return fake
+
+    monkeypatch.setattr(convert, "measure_kernel_times", measure)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(60, 40), nn.ReLU(), nn.Linear(40, 20))
+    masks = prune(model, 0.9)
+    sparse = to_sparse_inference(model, masks, batch_size=32)
+    report = conversion_report(sparse)
+    expected = "dense" if fastest == "dense" else f"csr/{fastest}"
+    assert asked == [((40, 60, 32), ("c", "sum"), False), ((20, 40, 32), ("c", "sum"), fastest != "dense")]
+    assert [r.implementation for r in report.rows] == [expected + ("+relu" if fastest != "dense" else ""), expected]
+    for row in report.rows:
+        assert row.converted == (fastest != "dense")
+        assert row.timings[0] == (expected, 1e-3) and len(row.timings) == 3
+        assert row.reason.startswith(f"at density {row.density:.3f}: {expected} 1 ms < ")
+    x = torch.randn(32, 60)
     with torch.no_grad():
         assert_close(sparse(x), model(x), **TOL)
 

@@ -18,12 +18,14 @@ Every public name is also importable from ``lightning_pai``.
 
 from lightning_pai.deploy.convert import (
     ConversionReport,
+    KernelTimes,
     LayerConversion,
     clear_crossover_cache,
     conversion_report,
     is_two_four,
     measure_conv_crossover,
     measure_crossover,
+    measure_kernel_times,
     to_sparse_inference,
 )
 from lightning_pai.deploy.export import (
@@ -49,6 +51,7 @@ from lightning_pai.deploy.shrink import ShrinkReport, load_shrunk, save_shrunk, 
 __all__ = [
     "ConversionReport",
     "DenseWeightView",
+    "KernelTimes",
     "LayerConversion",
     "SemiStructuredLinear",
     "ShrinkReport",
@@ -67,6 +70,7 @@ __all__ = [
     "make_permanent",
     "measure_conv_crossover",
     "measure_crossover",
+    "measure_kernel_times",
     "save_diff",
     "save_shrunk",
     "save_sparse",

@@ -40,9 +40,11 @@ returns ordinary contiguous ``NCHW`` outputs.
 copying it, so a transformer MLP stack (LayerNorm, Linear, GELU, Linear) runs without any transpose between its
 layers.
 
-**Crossover.** A layer is converted only where it is expected to be faster: below a density given by the user
-or measured at conversion (dense layer against sparse copies at two densities, on this machine, at the layer's
-input size when ``example_inputs`` is given).
+**Crossover.** A layer is converted only where it is expected to be faster: below a density given by the user,
+or where a measurement at conversion predicts a sparse kernel faster than the dense layer at the layer's
+density (dense layer against sparse copies at two densities, on this machine, at the layer's input size when
+``example_inputs`` is given). With ``kernel="auto"`` both the compiled CSR kernel and PyTorch's are timed and the
+faster is used, so a converted layer is never predicted slower than ``torch.sparse`` either.
 
 On CUDA, a ``Linear``/``Conv1D`` whose mask is exactly 2:4 along the input dimension (each group of 4
 consecutive input weights of every output row keeps exactly 2) uses
@@ -93,9 +95,10 @@ from lightning_pai.deploy.modules import (
     _resolve_kernel,
 )
 
-#: Densities at which :func:`measure_crossover` times the sparse kernel (a line is fitted through them).
+#: Densities at which the sparse kernels are timed (:class:`KernelTimes`: a line is fitted through them).
 _PROBE_DENSITIES = (0.05, 0.3)
-_CROSSOVER_CACHE: dict[tuple, float] = {}
+#: Seconds per call measured by :func:`_timed`, by what was timed (and the thread count).
+_TIMINGS: dict[tuple, float] = {}
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -123,31 +126,128 @@ def _best_time(fn: Callable[[], Any], device: torch.device, budget_s: float) -> 
     return best
 
 
-def _measured(
-    key: tuple,
-    dense: Callable[[], Any],
-    sparse_at: Callable[[float], Callable[[], Any]],
-    device: torch.device,
-    budget_s: float,
-) -> float:
-    """Crossover density from timing ``dense()`` and ``sparse_at(d)()`` at the probe densities (cached by key).
-
-    Fits ``t_sparse(d) = a + c d`` through the two probes and returns ``d* = (t_dense - a) / c`` in ``[0, 1]``.
-    """
+def _timed(key: tuple, make: Callable[[], Callable[[], Any]], device: torch.device, budget_s: float) -> float:
+    """:func:`_best_time` of the call ``make()`` returns, cached by ``key`` and the thread count."""
     key = (*key, torch.get_num_threads())
-    if key in _CROSSOVER_CACHE:
-        return _CROSSOVER_CACHE[key]
-    with torch.inference_mode():
-        t_dense = _best_time(dense, device, budget_s / 3)
-        t_sparse = [_best_time(sparse_at(d), device, budget_s / 3) for d in _PROBE_DENSITIES]
-    (d0, d1), (t0, t1) = _PROBE_DENSITIES, t_sparse
-    slope = (t1 - t0) / (d1 - d0)
-    if slope <= 0:  # timing noise swamped the nnz dependence
-        crossover = 1.0 if t1 < t_dense else 0.0
-    else:
-        crossover = min(1.0, max(0.0, d0 + (t_dense - t0) / slope))
-    _CROSSOVER_CACHE[key] = crossover
-    return crossover
+    if key not in _TIMINGS:
+        with torch.inference_mode():
+            _TIMINGS[key] = _best_time(make(), device, budget_s)
+    return _TIMINGS[key]
+
+
+@dataclass(frozen=True)
+class KernelTimes:
+    """Seconds per call of one layer shape on this machine: the dense layer, and each sparse kernel by density.
+
+    Each sparse kernel is timed at two densities ``probes = (d_0, d_1)`` (random masks) and modelled by the line
+    through them, ``t(d) = t_0 + (t_1 - t_0) (d - d_0) / (d_1 - d_0)`` (``t_1`` at every density when timing
+    noise made the slope negative).
+
+    Attributes:
+        dense: Seconds per call of the dense layer.
+        sparse: ``{kernel: (t_0, t_1)}``: seconds per call of each sparse kernel at the two probe densities.
+        probes: The probe densities (fractions of weights kept, ``1 - sparsity``).
+    """
+
+    dense: float
+    sparse: Mapping[str, tuple[float, float]]
+    probes: tuple[float, float] = _PROBE_DENSITIES
+
+    def predict(self, kernel: str, density: float) -> float:
+        """Predicted seconds per call of ``kernel`` at ``density`` (``"dense"``: the dense layer's time)."""
+        if kernel == "dense":
+            return self.dense
+        (d0, d1), (t0, t1) = self.probes, self.sparse[kernel]
+        slope = (t1 - t0) / (d1 - d0)
+        return t1 if slope <= 0 else max(0.0, t0 + slope * (density - d0))
+
+    def crossover(self, kernel: str) -> float:
+        """Density in ``[0, 1]`` below which ``kernel`` is predicted faster than the dense layer."""
+        (d0, d1), (t0, t1) = self.probes, self.sparse[kernel]
+        slope = (t1 - t0) / (d1 - d0)
+        if slope <= 0:  # timing noise swamped the nnz dependence
+            return 1.0 if t1 < self.dense else 0.0
+        return min(1.0, max(0.0, d0 + (self.dense - t0) / slope))
+
+    def fastest(self, density: float) -> tuple[str, dict[str, float]]:
+        """``(the fastest of "dense" and the sparse kernels at density, {each: predicted seconds})``.
+
+        Ties go to the dense layer, then to the kernels in the order they were timed.
+        """
+        predicted = {"dense": self.dense} | {k: self.predict(k, density) for k in self.sparse}
+        return min(predicted, key=predicted.__getitem__), predicted
+
+
+def measure_kernel_times(
+    out_features: int,
+    in_features: int,
+    rows: int = 64,
+    *,
+    kernels: tuple[str, ...] = ("auto",),
+    layout: str = "csr",
+    blocksize: int = 4,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    budget_s: float = 0.3,
+    transposed_input: bool = False,
+) -> KernelTimes:
+    """Time a dense ``(out, in)`` matmul of ``rows`` rows against :class:`SparseLinear` with each of ``kernels``.
+
+    ``F.linear`` on a row-major ``(rows, in)`` input against the sparse layer at densities 0.05 and 0.3 with
+    random masks (for BSR: random blocks), best of several calls each (about ``budget_s / 3`` seconds per
+    timing). The sparse layer's time includes transposing its input, unless ``transposed_input`` (its input is
+    the transposed view another sparse layer returns, as inside a chain of converted layers; the dense layer
+    then gets the same view). Every timing is cached per shape, rows, layout, kernel, density, dtype, device,
+    input layout and thread count, so each is measured once per process (:func:`clear_crossover_cache`).
+
+    Args:
+        out_features: Rows of ``W``.
+        in_features: Columns of ``W``.
+        rows: Rows of the input matrix (batch, or batch x sequence for token inputs, or batch x H x W for 1x1
+            convolutions).
+        kernels: Sparse kernels to time: ``"auto"``, ``"c"``, ``"sum"`` or ``"mm"`` (see :class:`SparseMatmul`;
+            ``"auto"`` is resolved as :func:`to_sparse_inference` resolves it).
+        layout: ``"csr"`` or ``"bsr"``.
+        blocksize: BSR block edge.
+        dtype: Floating dtype of the layer.
+        device: Device of the layer.
+        budget_s: Approximate time to spend on every three timings.
+        transposed_input: Time both layers on a transposed ``(in, rows)`` buffer's view.
+
+    Returns:
+        The :class:`KernelTimes`, its ``sparse`` keyed by the resolved kernel names.
+    """
+    device = torch.device(device)
+    resolved = tuple(dict.fromkeys(_resolve_kernel(k, layout, device, rows, dtype) for k in kernels))
+    shape = ("linear", out_features, in_features, rows, dtype, str(device), transposed_input)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, in_features, generator=gen).to(device=device, dtype=dtype)
+    if transposed_input:
+        x = x.t().contiguous().t()
+    w = torch.randn(out_features, in_features, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(out_features, generator=gen).to(device=device, dtype=dtype)
+
+    def sparse_at(kernel: str, d: float) -> Callable[[], Callable[[], Any]]:
+        def make() -> Callable[[], Any]:
+            masks = torch.Generator().manual_seed(int(d * 1000))
+            if layout == "bsr":
+                blocks = torch.rand(out_features // blocksize, in_features // blocksize, generator=masks) < d
+                mask = blocks.repeat_interleave(blocksize, 0).repeat_interleave(blocksize, 1)
+            else:
+                mask = torch.rand(out_features, in_features, generator=masks) < d
+            layer = SparseLinear(w, b, mask.to(device), layout=layout, blocksize=blocksize, kernel=kernel)
+            return lambda: layer(x)
+
+        return make
+
+    dense = _timed((*shape, "dense"), lambda: lambda: F.linear(x, w, b), device, budget_s / 3)
+    sparse = {
+        k: tuple(
+            _timed((*shape, layout, blocksize, k, d), sparse_at(k, d), device, budget_s / 3) for d in _PROBE_DENSITIES
+        )
+        for k in resolved
+    }
+    return KernelTimes(dense, sparse)  # type: ignore[arg-type]
 
 
 def measure_crossover(
@@ -171,7 +271,9 @@ def measure_crossover(
     ``[0, 1]``. The sparse layer's time includes transposing its input, unless ``transposed_input`` (its input
     is the transposed view another sparse layer returns, as inside a chain of converted layers; the dense layer
     then gets the same view). Results are cached per shape, rows, layout, kernel, dtype, device, input layout
-    and thread count, so each distinct case is measured once per process (in about ``budget_s`` seconds).
+    and thread count, so each distinct case is measured once per process (in about ``budget_s`` seconds; the
+    timings are those of :func:`measure_kernel_times`, which :func:`to_sparse_inference` uses to pick the
+    fastest of the dense layer and the sparse kernels).
 
     Args:
         out_features: Rows of ``W``.
@@ -189,26 +291,11 @@ def measure_crossover(
     Returns:
         The crossover density in ``[0, 1]`` (the fraction of weights kept, ``1 - sparsity``).
     """
-    device = torch.device(device)
-    kernel = _resolve_kernel(kernel, layout, device, rows, dtype)
-    key = (out_features, in_features, rows, layout, blocksize, kernel, dtype, str(device), transposed_input)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, in_features, generator=gen).to(device=device, dtype=dtype)
-    if transposed_input:
-        x = x.t().contiguous().t()
-    w = torch.randn(out_features, in_features, generator=gen).to(device=device, dtype=dtype)
-    b = torch.randn(out_features, generator=gen).to(device=device, dtype=dtype)
-
-    def sparse_at(d: float) -> Callable[[], Any]:
-        if layout == "bsr":
-            blocks = torch.rand(out_features // blocksize, in_features // blocksize, generator=gen) < d
-            mask = blocks.repeat_interleave(blocksize, 0).repeat_interleave(blocksize, 1)
-        else:
-            mask = torch.rand(out_features, in_features, generator=gen) < d
-        layer = SparseLinear(w, b, mask.to(device), layout=layout, blocksize=blocksize, kernel=kernel)
-        return lambda: layer(x)
-
-    return _measured(key, lambda: F.linear(x, w, b), sparse_at, device, budget_s)
+    times = measure_kernel_times(
+        out_features, in_features, rows, kernels=(kernel,), layout=layout, blocksize=blocksize, dtype=dtype,
+        device=device, budget_s=budget_s, transposed_input=transposed_input,
+    )  # fmt: skip
+    return times.crossover(next(iter(times.sparse)))
 
 
 def measure_conv_crossover(conv: nn.Conv2d, input_size: tuple[int, int, int, int], *, budget_s: float = 0.3) -> float:
@@ -228,19 +315,24 @@ def measure_conv_crossover(conv: nn.Conv2d, input_size: tuple[int, int, int, int
     """
     w = conv.weight.detach()
     key = ("conv", tuple(w.shape), conv.stride, conv.padding, conv.dilation, conv.bias is not None, tuple(input_size))
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(*input_size, generator=gen).to(w)
+    x = torch.randn(*input_size, generator=torch.Generator().manual_seed(0)).to(w)
 
-    def sparse_at(d: float) -> Callable[[], Any]:
-        layer = SparseConv2d.from_conv(conv, torch.rand(w.shape, generator=gen) < d)
-        return lambda: layer(x)
+    def sparse_at(d: float) -> Callable[[], Callable[[], Any]]:
+        def make() -> Callable[[], Any]:
+            mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(int(d * 1000))) < d
+            layer = SparseConv2d.from_conv(conv, mask)
+            return lambda: layer(x)
 
-    return _measured(key, lambda: conv(x), sparse_at, w.device, budget_s)
+        return make
+
+    dense = _timed((*key, "dense"), lambda: lambda: conv(x), w.device, budget_s / 3)
+    direct = tuple(_timed((*key, "direct", d), sparse_at(d), w.device, budget_s / 3) for d in _PROBE_DENSITIES)
+    return KernelTimes(dense, {"direct": direct}).crossover("direct")  # type: ignore[dict-item]
 
 
 def clear_crossover_cache() -> None:
-    """Forget every crossover :func:`measure_crossover` measured (e.g. after the machine's load changed)."""
-    _CROSSOVER_CACHE.clear()
+    """Forget every timing the crossover functions and :func:`measure_kernel_times` made (e.g. load changed)."""
+    _TIMINGS.clear()
 
 
 # --------------------------------------------------------------------------------------------- converting
@@ -257,7 +349,11 @@ class LayerConversion:
         converted: Whether the layer was replaced.
         implementation: ``"csr/c"``, ``"csr/sum"``, ``"csr/mm"``, ``"bsr4/mm"``, ``"direct/c"`` (direct sparse
             convolution), ``"2:4/float16"`` (each with ``"+relu"`` when a ReLU was fused), or ``"dense"``.
-        reason: Why (``"density 0.100 < crossover 0.420 (measured)"``, ``"stride (2, 2)"``, ...).
+        reason: Why (``"at density 0.100: csr/c 0.21 ms < csr/sum 0.64 ms < dense 2.1 ms (measured at 64 rows)"``,
+            ``"density 0.100 < crossover 0.420 (given)"``, ``"stride (2, 2)"``, ...).
+        timings: ``(implementation, predicted seconds per call)`` for each candidate timed at the layer's shape
+            and density, fastest first (``"dense"``, ``"csr/c"``, ``"csr/sum"``, ...); empty when nothing was
+            timed (a given ``crossover``, a convolution, a layer that cannot be converted).
     """
 
     name: str
@@ -267,6 +363,7 @@ class LayerConversion:
     converted: bool
     implementation: str
     reason: str
+    timings: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -452,6 +549,21 @@ def _conv_probe_size(conv: nn.Conv2d, seen: tuple[int, ...] | None) -> tuple[int
     return 1, conv.in_channels, max(_CONV_PROBE_HW, reach[0]), max(_CONV_PROBE_HW, reach[1])
 
 
+def _candidate_kernels(kernel: str, chosen: str, layout: str, rows: int) -> tuple[str, ...]:
+    """Sparse kernels to time against the dense layer: the one asked for, or both candidates of ``"auto"``.
+
+    With ``"auto"`` on float32 CSR on the CPU those are the compiled kernel and PyTorch's own CSR kernel (what
+    ``"auto"`` picks without the compiled kernels), so a layer never gets the slower of the two.
+    """
+    if kernel == "auto" and chosen == "c" and layout == "csr":
+        return ("c", "sum" if rows >= 16 else "mm")
+    return (chosen,)
+
+
+def _second(item: tuple[str, float]) -> float:
+    return item[1]
+
+
 def is_two_four(mask: Tensor) -> bool:
     """Whether an ``(out, in)`` mask is exactly 2:4 along ``in``: every 4 consecutive entries of a row keep 2."""
     if mask.dim() != 2 or mask.shape[1] % 4 or mask.numel() == 0:
@@ -478,10 +590,14 @@ def to_sparse_inference(
 
     A supported layer (see the module docstring: ``nn.Linear``, ``Conv1D``, ``nn.Conv2d``) with density ``d``
     (fraction of weights kept, ``1 - sparsity``) is converted when ``d < crossover``; its output equals the
-    masked dense layer's up to float rounding (summation order). With ``crossover=None`` the crossover is
-    measured on this machine for each distinct layer shape and input size (:func:`measure_crossover` at
-    ``batch_size`` rows or each layer's rows in ``example_inputs``, with the input layout a chain of sparse
-    layers gives it; :func:`measure_conv_crossover` for convolutions; cached; well under a second per shape).
+    masked dense layer's up to float rounding (summation order). With ``crossover=None`` a matmul layer gets
+    whichever is predicted fastest at its density of the dense layer and the sparse kernels: with
+    ``kernel="auto"`` on float32 CSR on the CPU both the compiled kernel and PyTorch's own CSR kernel, so a
+    conversion is never slower than the best path measured (:func:`measure_kernel_times` at ``batch_size`` rows
+    or each layer's rows in ``example_inputs``, with the input layout a chain of sparse layers gives it; cached;
+    well under a second per shape); a convolution is converted below its measured crossover
+    (:func:`measure_conv_crossover`). The report's ``implementation`` says which kernel each layer got and its
+    ``timings`` what each candidate was predicted to take.
     On CUDA a layer with an exact 2:4 mask uses ``to_sparse_semi_structured`` (float16, see the module
     docstring) whatever the crossover, unless ``semi_structured=False``.
 
@@ -494,7 +610,7 @@ def to_sparse_inference(
             whose ``weight`` has a mask are considered, and weights outside a mask count as zero. ``None``:
             every supported layer is considered, with the mask ``weight != 0``.
         crossover: Density threshold in ``[0, 1]``: ``0.0`` converts nothing, ``1.0`` every considered layer
-            with at least one zero weight. ``None`` measures it.
+            with at least one zero weight (with ``kernel``'s choice, nothing timed). ``None`` measures.
         layout: ``"csr"`` or ``"bsr"`` (``blocksize`` square blocks; the density compared is then the fraction
             stored in nonzero blocks). CSR is the faster for unstructured masks.
         blocksize: BSR block edge.
@@ -609,36 +725,44 @@ def to_sparse_inference(
         matmul_rows = batch_size if seen is None else max(1, math.prod(seen) // w.shape[1])
         chained = kind != "Conv2d" and contiguous_outputs is not True
         chained = chained and _follows_sparse_matmul(out, name, replacements)
-        if crossover is not None:
-            threshold, source = crossover, "given"
-        elif kind == "Conv2d":
-            size = _conv_probe_size(module, seen)
-            threshold = measure_conv_crossover(module, size)
-            source = "measured on " + "x".join(map(str, size))
-        else:
-            threshold = measure_crossover(
-                w.shape[0], w.shape[1], matmul_rows, layout=layout, blocksize=blocksize, kernel=kernel,
-                dtype=w.dtype, device=w.device, transposed_input=chained,
+        chosen = _resolve_kernel(kernel, layout, w.device, matmul_rows, w.dtype)
+        prefix = f"{layout}{blocksize if layout == 'bsr' else ''}/"
+        timings: tuple[tuple[str, float], ...] = ()
+        if crossover is not None or kind == "Conv2d":
+            if crossover is not None:
+                threshold, source = crossover, "given"
+            else:
+                size = _conv_probe_size(module, seen)
+                threshold = measure_conv_crossover(module, size)
+                source = "measured on " + "x".join(map(str, size))
+            convert = stored < threshold
+            verdict = f"density {stored:.3f} {'<' if convert else '>='} crossover {threshold:.3f} ({source})"
+        else:  # the fastest of the dense layer and the sparse kernels, measured at this shape
+            times = measure_kernel_times(
+                w.shape[0], w.shape[1], matmul_rows, kernels=_candidate_kernels(kernel, chosen, layout, matmul_rows),
+                layout=layout, blocksize=blocksize, dtype=w.dtype, device=w.device, transposed_input=chained,
             )  # fmt: skip
+            best, predicted = times.fastest(stored)
+            timings = tuple((k if k == "dense" else prefix + k, t) for k, t in sorted(predicted.items(), key=_second))
+            convert, chosen = best != "dense", chosen if best == "dense" else best
             source = f"measured at {matmul_rows} rows" + (", chained" if chained else "")
-        if not stored < threshold:
-            why = f"{reason_24}density {stored:.3f} >= crossover {threshold:.3f} ({source})"
-            rows.append(LayerConversion(name, kind, shape, stored, False, "dense", why))
+            ranking = " < ".join(f"{k} {t * 1e3:.3g} ms" for k, t in timings)
+            verdict = f"at density {stored:.3f}: {ranking} ({source})"
+        if not convert:
+            rows.append(LayerConversion(name, kind, shape, stored, False, "dense", reason_24 + verdict, timings))
             continue
         activation = _fused_activation(out, name) if fuse else None
         if kind == "Conv2d":
             new, impl = SparseConv2d.from_conv(module, mask, activation), "direct/c"
         else:
-            chosen = _resolve_kernel(kernel, layout, w.device, matmul_rows, w.dtype)
             cls = SparseConv1x1 if kind == "Conv2d 1x1" else SparseLinear
             new = cls(
                 w, bias, m, layout=layout, blocksize=blocksize, kernel=chosen,
                 contiguous_outputs=bool(contiguous_outputs), activation=activation,
             )  # fmt: skip
-            impl = f"{layout}{blocksize if layout == 'bsr' else ''}/{chosen}"
+            impl = prefix + chosen
         impl += f"+{activation}" if activation else ""
-        why = f"{reason_24}density {stored:.3f} < crossover {threshold:.3f} ({source})"
-        rows.append(LayerConversion(name, kind, shape, stored, True, impl, why))
+        rows.append(LayerConversion(name, kind, shape, stored, True, impl, reason_24 + verdict, timings))
         replacements.append((name, new))
     for name in [n for n in given or () if n not in consumed]:
         shape = tuple(given[name].shape)
@@ -709,11 +833,13 @@ def conversion_report(model: nn.Module) -> ConversionReport:
 
 __all__ = [
     "ConversionReport",
+    "KernelTimes",
     "LayerConversion",
     "clear_crossover_cache",
     "conversion_report",
     "is_two_four",
     "measure_conv_crossover",
     "measure_crossover",
+    "measure_kernel_times",
     "to_sparse_inference",
 ]
