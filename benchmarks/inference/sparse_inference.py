@@ -4,8 +4,9 @@ One process, 2 intra-op threads (``torch.set_num_threads(2)``). For each model, 
 masked dense model and two sparse copies run interleaved (dense, auto, forced, dense, ...; the order rotates
 each repeat) under ``torch.inference_mode``:
 
-- ``auto``: ``to_sparse_inference(model, masks, example_inputs=x)``, the crossover measured on this machine at
-  conversion time for each layer at its own input size (layers it predicts slower stay dense);
+- ``auto``: ``to_sparse_inference(model, masks, example_inputs=x)``: each layer gets the fastest of the dense
+  layer, the compiled CSR kernel and ``torch.sparse``, measured on this machine at conversion time at the layer's
+  own input size (the *auto layers* column counts the converted layers by kernel);
 - ``forced``: ``crossover=1.0``, every supported layer sparse (what the sparse kernels alone give).
 
 The reported ratio is ``median(dense) / median(sparse)`` (> 1: sparse is faster). Masks: magnitude top-k per
@@ -31,6 +32,12 @@ Usage::
     python benchmarks/inference/sparse_inference.py --allocator steady  # results_steady: see STEADY_MALLOC
     python benchmarks/inference/sparse_inference.py --runs 5  # and 4 more fresh processes: min / median / max per row
 
+``--isa avx2`` measures, on an AVX-512 machine, what a CPU without AVX-512 gets: the compiled kernels built for
+AVX2 + FMA (``LIGHTNING_PAI_KERNEL_ISA=avx2``) and PyTorch's dense kernels limited to AVX2 (``ATEN_CPU_CAPABILITY``,
+``MKL_ENABLE_INSTRUCTIONS``, ``ONEDNN_MAX_CPU_ISA``); ``--isa avx512`` builds the kernels for AVX-512 (and fails over
+to native with a warning where the CPU lacks it). The results name the CPU, its SIMD flags, how the kernels were
+built and the instruction set PyTorch's kernels used.
+
 With glibc's default settings every large tensor is a fresh ``mmap`` and freed memory may be returned to the
 system, so a forward pass pays page faults whose count depends on the process's allocation history: the same
 row can differ by 2x between runs (both the dense and the sparse model pay them; the sparse one, doing less
@@ -49,6 +56,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +80,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: ``mmap`` per large tensor, no trimming), so repeated calls stop paying page faults for fresh memory, as
 #: with the caching allocators (jemalloc, tcmalloc) PyTorch's CPU performance guide recommends.
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967295", "MALLOC_TRIM_THRESHOLD_": "4294967295"}
+#: ``--isa``: the environment of a process that runs as a CPU with that instruction set would (set before torch
+#: and MKL load, so the script runs itself again with it).
+ISA_ENV = {
+    "native": {},
+    "avx2": {
+        "LIGHTNING_PAI_KERNEL_ISA": "avx2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+    },
+    "avx512": {"LIGHTNING_PAI_KERNEL_ISA": "avx512"},
+}
+#: CPU flags worth naming next to a timing (vector instruction sets).
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx_vnni", "amx_tile")
 SEQ = 64
 warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
 
@@ -201,6 +223,9 @@ def measure(name: str, sparsity: float, batch: int, scale: float) -> dict:
         "ratio_auto": med["dense"] / med["auto"],
         "ratio_forced": med["dense"] / med["forced"],
         "auto_converted": conversion_report(auto).converted,
+        "auto_kernels": dict(
+            Counter(r.implementation.split("/")[-1].split("+")[0] for r in conversion_report(auto).rows if r.converted)
+        ),
         "forced_converted": len(conversion_report(forced).converted),
         "considered": len(conversion_report(forced).rows),
         "convert_s": convert_s,
@@ -288,12 +313,15 @@ def markdown(lat: list[dict], sizes: list[dict], meta: dict) -> str:
         "# Sparse inference on the CPU",
         "",
         f"`python benchmarks/inference/sparse_inference.py {' '.join(meta['argv'])}`: {meta['cpu']}, "
-        f"{meta['threads']} threads, torch {meta['torch']}, sparse kernels: {meta['kernels']}, allocator: "
+        f"{meta['threads']} threads, torch {meta['torch']} (its CPU kernels: {meta.get('torch_isa', '?')}"
+        + "".join(f", {k}={v}" for k, v in meta.get("isa_env", {}).items())
+        + f"), sparse kernels: {meta['kernels']}, allocator: "
         f"{ALLOCATORS[meta['allocator']]}; load average "
         f"{meta['load_before']:.2f} before, {meta['load_after']:.2f} after; {meta['minutes']:.1f} min.",
         "",
         "Ratio = median dense latency / median sparse latency over interleaved repeats (> 1: sparse faster). "
-        "*auto*: crossover measured at conversion (slower layers stay dense); *forced*: `crossover=1.0`, every "
+        "*auto*: each layer gets the fastest of dense, the compiled kernel (c) and torch.sparse (sum/mm), measured "
+        "at conversion; *forced*: `crossover=1.0`, every "
         "supported layer sparse. Masks: uniform magnitude top-k per layer (every conv and linear weight). "
         "*other load*: share of the CPUs other processes used during the row's measurement (rows above "
         f"{meta['max_foreign']:.0%} were measured again, up to {meta['tries']} tries).",
@@ -305,7 +333,8 @@ def markdown(lat: list[dict], sizes: list[dict], meta: dict) -> str:
     for r in lat:
         out.append(
             f"| {r['model']} | {r['sparsity']:.2f} | {r['batch']} | {r['dense_ms']:.3f} | {r['auto_ms']:.3f} | "
-            f"**{r['ratio_auto']:.2f}** | {len(r['auto_converted'])}/{r['considered']} | {r['forced_ms']:.3f} | "
+            f"**{r['ratio_auto']:.2f}** | {len(r['auto_converted'])}/{r['considered']}"
+            f"{''.join(f' {k} {v}' for k, v in r.get('auto_kernels', {}).items())} | {r['forced_ms']:.3f} | "
             f"{r['ratio_forced']:.2f} | {r['forced_converted']}/{r['considered']} | {r['max_abs_err']:.1e} | "
             f"{r['foreign_load']:.1%} | {r['tries']} |"
         )
@@ -327,6 +356,22 @@ def markdown(lat: list[dict], sizes: list[dict], meta: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def cpu_description() -> str:
+    """The CPU's model name and its vector instruction sets (Linux ``/proc/cpuinfo``; the platform elsewhere)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    simd = [f for f in SIMD_FLAGS if f in flags]
+    return f"{model} ({os.cpu_count()} CPUs; {' '.join(simd) or 'no x86 SIMD flags'})"
+
+
 def fresh_process_run(args: argparse.Namespace, index: int) -> list[dict]:
     """The latency rows measured again by a new process of this script (same options)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -334,6 +379,7 @@ def fresh_process_run(args: argparse.Namespace, index: int) -> list[dict]:
         command = [sys.executable, __file__, "--models", *args.models, "--sparsities", *map(str, args.sparsities)]
         command += ["--batches", *map(str, args.batches), "--repeat-scale", str(args.repeat_scale)]
         command += ["--max-foreign", str(args.max_foreign), "--tries", str(args.tries), "--allocator", args.allocator]
+        command += ["--threads", str(args.threads), "--isa", args.isa]
         print(f"run {index + 1} of {args.runs}, in a new process", flush=True)
         subprocess.run([*command, "--latency-json", str(out)], check=True)
         return json.loads(out.read_text())
@@ -382,13 +428,20 @@ def main() -> None:
         help="also measure the latency rows in this many more fresh processes (allocator histories differ) and "
         "add min / median / max across runs",
     )  # fmt: skip
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (torch.set_num_threads)")
+    parser.add_argument(
+        "--isa", choices=list(ISA_ENV), default="native",
+        help="avx2: run as a CPU without AVX-512 would (kernels built for AVX2, PyTorch limited to AVX2); results "
+        "get the suffix _<isa>",
+    )  # fmt: skip
     parser.add_argument("--latency-json", help=argparse.SUPPRESS)  # a --runs child: write its rows here, only them
     args = parser.parse_args()
-    if args.allocator == "steady" and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC})
+    env = {**(STEADY_MALLOC if args.allocator == "steady" else {}), **ISA_ENV[args.isa]}
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
     if args.quick:
         args.models, args.repeat_scale, args.no_write = ["lenet-300-100", "transformer-mlp"], 0.1, True
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     start, load_before = time.time(), os.getloadavg()[0]
     lat = latency(args.models, args.sparsities, args.batches, args.repeat_scale, args.max_foreign, args.tries)
     if args.latency_json:
@@ -398,7 +451,7 @@ def main() -> None:
     sizes = file_sizes(args.sparsities)
     meta = {
         "argv": sys.argv[1:],
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_description(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "load_before": load_before,
@@ -406,7 +459,9 @@ def main() -> None:
         "minutes": (time.time() - start) / 60,
         "max_foreign": args.max_foreign,
         "tries": args.tries,
-        "kernels": "lightning_pai.deploy.kernels (compiled)" if ckernels.available() else "torch.sparse",
+        "kernels": f"compiled: {ckernels.build_info()}" if ckernels.available() else "torch.sparse",
+        "torch_isa": torch.backends.cpu.get_cpu_capability(),
+        "isa_env": {k: os.environ[k] for k in ISA_ENV["avx2"] if k in os.environ},
         "allocator": args.allocator,
     }
     text = markdown(lat, sizes, meta) + (across_runs(runs) if len(runs) > 1 else "")
@@ -415,6 +470,7 @@ def main() -> None:
     if not args.no_write:
         RESULTS.mkdir(exist_ok=True)
         stem = "sparse_inference" + ("_steady" if args.allocator == "steady" else "")
+        stem += "" if args.isa == "native" else f"_{args.isa}"
         (RESULTS / f"{stem}.md").write_text(text)
         payload = {"meta": meta, "latency": lat, "file_sizes": sizes, "runs": runs}
         (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
