@@ -47,6 +47,31 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def _check_sparse_ddp(session: Session, model: nn.Module, module: nn.Module) -> None:
+    """Refuse ``backend="sparse"`` under a DDP wrapper made before the session could leave the targets out of it.
+
+    Raises:
+        ValueError: Naming the targets DDP would still all-reduce, and how to order the set-up.
+    """
+    if getattr(session, "backend", "masked") != "sparse":
+        return
+    ddp = model
+    while not isinstance(ddp, nn.parallel.DistributedDataParallel):
+        inner = getattr(ddp, "_forward_module", None) or getattr(ddp, "module", None) or getattr(ddp, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) or inner is ddp:
+            return
+        ddp = inner
+    tracked = [n for n in session.select(module) if n not in ddp.parameters_to_ignore]
+    if tracked:
+        raise ValueError(
+            f"`{session.name}(backend='sparse')`: the model was wrapped in DistributedDataParallel before the "
+            f"Sparsifier, so DDP all-reduces the dense weights the sparse layers replace ({', '.join(tracked[:3])}"
+            f"{', ...' if len(tracked) > 3 else ''}). Create the Sparsifier on the unwrapped model first, then wrap it "
+            "(DDP then leaves the sparse layers to the Sparsifier, which all-reduces their kept values), or use "
+            "`backend='masked'`."
+        )
+
+
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The ``torch.optim.Optimizer`` inside Fabric's ``_FabricOptimizer`` or accelerate's ``AcceleratedOptimizer``.
 
@@ -199,6 +224,7 @@ class Sparsifier:
         self._step = self._epoch = self._in_epoch = 0
         session.check(self.module)
         session.prepare(self.module)
+        _check_sparse_ddp(session, model, self.module)
         if state is not None:  # as a resumed Trainer does: the saved masks, not new ones
             session.load_state_dict(dict(state["session"]))
             self._set_counters(state)

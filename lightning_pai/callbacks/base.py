@@ -218,6 +218,12 @@ class SparseCallback(CallbackBase):
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.session.stop()
 
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # An interrupted fit skips `teardown`: layers training sparse (`backend="sparse"`) become dense layers again.
+        if getattr(self.session, "backend", "masked") == "sparse":
+            self.session.stop()
+
     def _collect_handoff(self) -> None:
         """Adopt the state (masks and any progress) rank zero of a ddp_spawn/ddp_fork fit left behind.
 

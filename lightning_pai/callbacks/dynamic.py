@@ -83,6 +83,9 @@ class DynamicSparseTraining(TopologyCallback):
             ignores it (see :class:`~lightning_pai.TargetOptions`).
         frozen: Frozen (``requires_grad=False``) targets: ``"skip"`` (default) leaves them dense, ``"prune"``
             prunes them, ``"error"`` refuses (see :class:`~lightning_pai.TargetOptions`).
+        backend: ``"masked"`` (default) or ``"sparse"``: truly sparse ``nn.Linear`` layers (CSR values only;
+            Liu, Mocanu et al. 2020), for rules that read no per-step dense state (see
+            :mod:`lightning_pai.core.sparse_train`).
 
     Example::
 
@@ -116,6 +119,7 @@ class DynamicSparseTraining(TopologyCallback):
         resume: str | None = None,
         frozen: str = "skip",
         weight_init: str | None = None,
+        backend: str = "masked",
     ) -> None:
         super().__init__(
             sparsity,
@@ -131,6 +135,7 @@ class DynamicSparseTraining(TopologyCallback):
             resume=resume,
             frozen=frozen,
             nm_incompatible=nm_incompatible,
+            backend=backend,
         )
         check_choice(decay, DECAYS, "decay")
         check_choice(update_on, UPDATE_ON, "update_on")

@@ -15,7 +15,9 @@ from lightning_pai.core.nm import NMSpec
 from lightning_pai.core.pruning import Pruner, _name
 from lightning_pai.core.scorers import Scorer
 from lightning_pai.core.session import PruneSession
+from lightning_pai.core.sparse_train import BACKENDS
 from lightning_pai.core.targets import Selectors
+from lightning_pai.core.validation import check_choice
 
 
 class PruneAtInit(SparseCallback):
@@ -97,6 +99,9 @@ class PruneAtInit(SparseCallback):
             ignores it (see :class:`~lightning_pai.TargetOptions`).
         frozen: Frozen (``requires_grad=False``) targets: ``"skip"`` (default) leaves them dense, ``"prune"``
             prunes them, ``"error"`` refuses (see :class:`~lightning_pai.TargetOptions`).
+        backend: ``"masked"`` (default: dense weights, masks enforced around each step) or ``"sparse"``: once the
+            masks are decided, the ``nn.Linear`` targets train as CSR matrices, only their kept values stored,
+            stepped and all-reduced (Liu, Mocanu et al. 2020, see :mod:`lightning_pai.core.sparse_train`).
 
     Example::
 
@@ -130,8 +135,11 @@ class PruneAtInit(SparseCallback):
         frozen: str = "skip",
         weight_init: str | None = None,
         effective: bool = False,
+        backend: str = "masked",
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose, resume=resume, frozen=frozen)
+        check_choice(backend, BACKENDS, "backend")
+        self.backend = backend
         given = locals()
         pruner = Pruner(**{f.name: given[f.name] for f in fields(Pruner)})  # checks every argument
         for f in fields(Pruner):  # the arguments, as the pruner normalised them (e.g. the default iterations)
@@ -153,4 +161,4 @@ class PruneAtInit(SparseCallback):
 
     def build_session(self) -> PruneSession:
         """Masks scored once, at the start, then kept."""
-        return PruneSession(type(self).__name__, self.pruner(), **self.session_options())
+        return PruneSession(type(self).__name__, self.pruner(), backend=self.backend, **self.session_options())

@@ -31,6 +31,9 @@ class SET(DynamicSparseTraining):
             ``"unstructured"``, as for :class:`DynamicSparseTraining`.
         weight_init: None, ``"sparse_fan_in"`` or ``"isometry"``: re-draw the kept weights for the initial masks
             (see :func:`lightning_pai.core.pruning.sparse_init_`).
+        backend: ``"masked"`` (default) or ``"sparse"``: the ``nn.Linear`` targets train as CSR matrices, only
+            their kept values stored, stepped and all-reduced; random growth needs no dense gradient (Liu, Mocanu
+            et al. 2020, the truly sparse SET; see :mod:`lightning_pai.core.sparse_train`).
         **common: ``include``, ``exclude``, ``frozen``, ``seed``, ``verbose`` (see
             :class:`~lightning_pai.MethodOptions`).
     """
@@ -49,6 +52,7 @@ class SET(DynamicSparseTraining):
         nm: NMSpec = None,
         nm_incompatible: str = "error",
         weight_init: str | None = None,
+        backend: str = "masked",
         **common: Unpack[MethodOptions],
     ) -> None:
         check_rates(zeta, "zeta")

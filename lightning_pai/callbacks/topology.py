@@ -16,6 +16,7 @@ from lightning_pai.core.nm import NMSpec, check_nm_incompatible, nm_sparsity
 from lightning_pai.core.pruning import SPARSE_INITS, Pruner
 from lightning_pai.core.scorers import get_scorer
 from lightning_pai.core.session import TopologySession
+from lightning_pai.core.sparse_train import BACKENDS
 from lightning_pai.core.targets import Selectors
 from lightning_pai.core.validation import check_choice, check_number, check_sparsity
 
@@ -48,6 +49,9 @@ class TopologyCallback(SparseCallback):
             prunes them unstructured to the pattern's sparsity; they are named in a warning and in the report.
         weight_init: None, ``"sparse_fan_in"`` or ``"isometry"``: re-draw the kept weights for the initial masks
             (see :func:`lightning_pai.core.pruning.sparse_init_`; dense starts are left alone).
+        backend: ``"masked"`` (default: dense weights, masks enforced around each step) or ``"sparse"``: the
+            ``nn.Linear`` targets train as CSR matrices, only their kept values stored and stepped (see
+            :mod:`lightning_pai.core.sparse_train`).
     """
 
     #: The engine session the method runs in (a subclass adds its own work, e.g. FreeTickets' tickets).
@@ -69,9 +73,12 @@ class TopologyCallback(SparseCallback):
         frozen: str = "skip",
         nm_incompatible: str = "error",
         weight_init: str | None = None,
+        backend: str = "masked",
     ) -> None:
         super().__init__(include=include, exclude=exclude, verbose=verbose, resume=resume, frozen=frozen)
         check_choice(weight_init, SPARSE_INITS, "weight_init", optional=True)
+        check_choice(backend, BACKENDS, "backend")
+        self.backend = backend
         self.weight_init = weight_init
         self.nm, self.nm_incompatible = nm, check_nm_incompatible(nm_incompatible)
         self.sparsity = check_sparsity(nm_sparsity(sparsity, nm))
@@ -108,6 +115,7 @@ class TopologyCallback(SparseCallback):
             initial=initial,
             seed=self.seed,
             beta=self.beta,
+            backend=self.backend,
             **self.session_options(),
         )
 

@@ -229,6 +229,14 @@ class MaskSet:
         """Number of kept weights per layer (one host synchronisation for all layers)."""
         return active_counts(self._masks)
 
+    def weights(self) -> dict[str, Tensor]:
+        """The masked parameters' values by name (detached; what a topology update reads)."""
+        return {n: p.detach() for n, p in self._params.items()}
+
+    def grads(self) -> dict[str, Tensor]:
+        """The gradients of the masked parameters that have one, by name (as they are: masked or not yet)."""
+        return {n: p.grad for n, p in self._params.items() if p.grad is not None}
+
     @property
     def total(self) -> int:
         """Number of masked (targeted) weights."""

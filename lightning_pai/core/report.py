@@ -106,7 +106,8 @@ def coverage(module: nn.Module, targets: Mapping[str, object]) -> Coverage:
     params = matrix = embedding = targeted = 0
     untargeted: list[tuple[str, tuple[int, ...]]] = []
     for prefix, mod in module.named_modules():
-        for attr, p in mod.named_parameters(recurse=False):
+        dense = getattr(mod, "dense_named_parameters", None)  # a layer training sparse counts as its dense self
+        for attr, p in dense() if callable(dense) else mod.named_parameters(recurse=False):
             if id(p) in seen:
                 continue
             seen.add(id(p))

@@ -45,6 +45,7 @@ from lightning_pai.core.pruning import sparse_init_
 from lightning_pai.core.report import SparsityReport, coverage, skipped_line, sparsity_report
 from lightning_pai.core.schedules import Cubic, resolve_window
 from lightning_pai.core.sharding import full_dict
+from lightning_pai.core.sparse_train import BACKENDS, SparseMaskSet, check_sparse_targets, ignore_in_ddp
 from lightning_pai.core.targets import FROZEN, Selectors, select_targets, target_layouts
 from lightning_pai.core.validation import check_choice
 
@@ -163,6 +164,9 @@ class Session:
         frozen: Selected parameters with ``requires_grad=False``: ``"skip"`` leaves them dense (named in a
             warning and in the report), ``"prune"`` prunes them once at the start (methods whose masks follow
             gradients or regrow weights refuse them), ``"error"`` refuses them (see :data:`FROZEN`).
+        backend: ``"masked"`` (dense weights, masks enforced around each step) or ``"sparse"``: the targets
+            train as CSR matrices from :meth:`start` to :meth:`stop`, only their kept values stored, stepped and
+            all-reduced (``nn.Linear`` targets; see :mod:`lightning_pai.core.sparse_train`).
     """
 
     def __init__(
@@ -173,11 +177,14 @@ class Session:
         exclude: Selectors = None,
         verbose: bool = True,
         frozen: str = "skip",
+        backend: str = "masked",
     ):
         self.name = name
         self.include, self.exclude, self.verbose = include, exclude, verbose
         check_choice(frozen, FROZEN, "frozen")
         self.frozen = frozen
+        check_choice(backend, BACKENDS, "backend")
+        self.backend = backend
         self.skipped: list[str] = []  # frozen parameters left dense (`frozen="skip"`), found at `start`
         self.nm_unfit: list[str] = []  # targets N:M groups cannot fit (`nm_incompatible`), found at `start`
         self.masks: MaskSet | None = None
@@ -248,6 +255,23 @@ class Session:
         """Why the method cannot prune frozen parameters (None: it can, their masks never need a gradient)."""
         return None
 
+    def sparse_conflict(self) -> str | None:
+        """Why the method cannot train with ``backend="sparse"`` (None: it can)."""
+        return None
+
+    def check_backend(self) -> None:
+        """Raise when ``backend="sparse"`` was asked of a method that cannot train that way.
+
+        Raises:
+            ValueError: Naming ``backend``, its values and the reason.
+        """
+        conflict = self.sparse_conflict() if self.backend == "sparse" else None
+        if conflict is not None:
+            raise ValueError(
+                f"`{self.name}` cannot train with `backend='sparse'`: it {conflict}. Use `backend='masked'` (the "
+                f"default; `backend` is one of {', '.join(map(repr, BACKENDS))})."
+            )
+
     def select(self, module: nn.Module) -> dict[str, nn.Parameter]:
         """The targets in ``module``, frozen ones handled as ``frozen`` says (see :func:`select_targets`).
 
@@ -273,15 +297,26 @@ class Session:
         if self.nm_spec is not None:
             layouts = target_layouts(module, list(targets))
             resolve_nm(self.nm_spec, {n: p.shape for n, p in targets.items()}, layouts, self.nm_incompatible)
+        if self.backend == "sparse":
+            self.check_backend()
+            check_sparse_targets(module, targets, self.name)
 
     def prepare(self, module: nn.Module) -> None:
         """Change ``module`` before the loop wraps it (DDP, FSDP), if the method must (e.g. freeze weights).
 
-        Called after :meth:`check` and before the model is wrapped; the base class changes nothing.
+        Called after :meth:`check` and before the model is wrapped. With ``backend="sparse"`` the targets are left
+        out of DDP (the session all-reduces their kept values); otherwise the base class changes nothing.
         """
+        if self.backend == "sparse":
+            ignore_in_ddp(module, self.select(module))
 
     def start(self, module: nn.Module, host: Host | None = None) -> None:
-        """Set the masks on ``module`` and start enforcing them around ``host``'s optimizers."""
+        """Set the masks on ``module`` and start enforcing them around ``host``'s optimizers.
+
+        With ``backend="sparse"`` the targets then train as CSR matrices (until :meth:`stop`).
+        """
+        if isinstance(self.masks, SparseMaskSet):  # a start without a stop: the targets are dense again first
+            self.masks = self.masks.revert()
         self.module, self.host = module, host if host is not None else Host()
         params = self.select(module)
         masks = MaskSet(params, layouts=target_layouts(module, list(params)))
@@ -296,6 +331,12 @@ class Session:
             self.masks = masks
             self.masks_decided()
         self.masks = masks
+        if self.backend == "sparse":
+            self.masks = SparseMaskSet(masks, module, self.host.optimizers)
+            self.masks.broadcast_values(self.host)
+            self._in_backward = False
+            self._announce()
+            return
         dense = self.dense_gradients
         for opt in self.host.optimizers:
             if not dense:
@@ -339,9 +380,16 @@ class Session:
         """Before the forward/backward passes of optimizer step ``step`` (1-based)."""
         if self._in_backward:
             self.masks.grad_hooks_active = not self.needs_dense_grads(step)
+        elif isinstance(self.masks, SparseMaskSet):  # dense gradients computed only for a step that reads them
+            self.masks.capture(self.needs_dense_grads(step))
 
     def before_step(self, step: int, epoch_end: bool = False) -> None:
-        """After backward, before ``optimizer.step()``: mask the gradients (unless masked inside backward)."""
+        """After backward, before ``optimizer.step()``: mask the gradients (unless masked inside backward).
+
+        With ``backend="sparse"`` nothing is masked; under DDP the kept values' gradients are all-reduced here.
+        """
+        if isinstance(self.masks, SparseMaskSet):
+            self.masks.reduce_grads(self.host, step)
         if not self.dense_gradients and not self.masks.grad_hooks_active:
             self.masks.mask_grads_()
 
@@ -363,7 +411,9 @@ class Session:
         return False
 
     def stop(self) -> None:
-        """Remove every hook the session registered (masks and state are kept)."""
+        """Remove every hook the session registered (masks and state are kept); sparse targets become dense again."""
+        if isinstance(self.masks, SparseMaskSet):
+            self.masks = self.masks.revert()
         if self.masks is not None:
             self.masks.detach()
 
@@ -522,6 +572,7 @@ class TopologySession(Session):
         super().__init__(name, **kwargs)
         plan.validate()
         self.plan, self.initial, self.seed, self.beta = plan, initial, int(seed), float(beta)
+        self.check_backend()
         self.updater: TopologyUpdater | None = None
         self.pending: tuple[int, dict[str, Tensor] | None] | None = None
         self.total_steps = 0
@@ -574,6 +625,17 @@ class TopologySession(Session):
             return "decides its masks from gradients during training"
         return None
 
+    def sparse_conflict(self) -> str | None:
+        """Rules that read every step's dense gradients or momentum, or change weights after each step."""
+        plan, needs = self.plan, self.plan.needs()
+        if plan.step_rule is not None:
+            return f"changes every weight after each step (step rule {plan.step_rule!r})"
+        if "momentum" in needs or plan.observers():
+            return "reads dense gradients or momentum at every step"
+        if "grads" in needs and plan.when.at_epoch_end:
+            return "reads the dense gradients of an epoch's last step, which is known only once it ran"
+        return None
+
     @property
     def nm_spec(self) -> NMSpec:
         """The plan's N:M layers (``options["nm"]``)."""
@@ -621,11 +683,12 @@ class TopologySession(Session):
     def before_step(self, step: int, epoch_end: bool = False) -> None:
         """Observe the dense gradients and, on an update step, keep them for the update; then mask them."""
         updater = self.updater
-        params = self.masks.params
-        grads = {n: p.grad for n, p in params.items() if p.grad is not None}
-        complete = len(grads) == len(params)
+        if isinstance(self.masks, SparseMaskSet):
+            self.masks.reduce_grads(self.host, step)
+        grads = self.masks.grads()
+        complete = len(grads) == len(self.masks)
         if complete and updater.observes_every_step:  # sharded: on gathered tensors (every step, documented)
-            updater.observe(full_dict({n: p.detach() for n, p in params.items()}), full_dict(grads))
+            updater.observe(full_dict(self.masks.weights()), full_dict(grads))
         if updater.is_update(step, self.total_steps, epoch_end):
             self.pending = None
             grows = updater.plan.rewire is not None
@@ -676,9 +739,8 @@ class TopologySession(Session):
         if grads is not None:
             grads = {n: g.to(masks[n].device) for n, g in grads.items()}
         old = {n: m.clone() for n, m in masks.items()}
-        params = masks.params
-        momentum = updater.current_momentum(params)
-        weights = full_dict({n: p.detach() for n, p in params.items()})  # sharded: gathered (collective)
+        momentum = updater.current_momentum(masks.params)
+        weights = full_dict(masks.weights())  # sharded: gathered (collective)
         momentum = None if momentum is None else full_dict(momentum)
         new = updater.compute(step, self.total_steps, weights, old, grads, momentum)
         fill = "mean" if updater.dense_gradients else "zero"
