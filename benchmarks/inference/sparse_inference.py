@@ -432,7 +432,7 @@ def main() -> None:
     parser.add_argument(
         "--isa", choices=list(ISA_ENV), default="native",
         help="avx2: run as a CPU without AVX-512 would (kernels built for AVX2, PyTorch limited to AVX2); results "
-        "get the suffix _<isa>",
+        "get the suffix _<isa> (and _<threads>t for other than 2 threads)",
     )  # fmt: skip
     parser.add_argument("--latency-json", help=argparse.SUPPRESS)  # a --runs child: write its rows here, only them
     args = parser.parse_args()
@@ -470,7 +470,7 @@ def main() -> None:
     if not args.no_write:
         RESULTS.mkdir(exist_ok=True)
         stem = "sparse_inference" + ("_steady" if args.allocator == "steady" else "")
-        stem += "" if args.isa == "native" else f"_{args.isa}"
+        stem += ("" if args.isa == "native" else f"_{args.isa}") + ("" if args.threads == 2 else f"_{args.threads}t")
         (RESULTS / f"{stem}.md").write_text(text)
         payload = {"meta": meta, "latency": lat, "file_sizes": sizes, "runs": runs}
         (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")

@@ -141,7 +141,8 @@ def main() -> None:
     print()
     print(text)
     if not args.no_write:
-        path = RESULTS / ("sparse_linear_layers" + ("" if args.isa == "native" else f"_{args.isa}") + ".md")
+        stem = "sparse_linear_layers" + ("" if args.isa == "native" else f"_{args.isa}")
+        path = RESULTS / (stem + ("" if args.threads == 2 else f"_{args.threads}t") + ".md")
         path.write_text(text)
         print(f"wrote {path}")
 

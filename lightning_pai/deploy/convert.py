@@ -97,7 +97,7 @@ from lightning_pai.deploy.modules import (
 
 #: Densities at which the sparse kernels are timed (:class:`KernelTimes`: a line is fitted through them).
 _PROBE_DENSITIES = (0.05, 0.3)
-#: Seconds per call measured by :func:`_timed`, by what was timed (and the thread count).
+#: Seconds per call measured by :func:`_timed`, by what was timed and the thread count.
 _TIMINGS: dict[tuple, float] = {}
 
 
@@ -107,32 +107,45 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best_time(fn: Callable[[], Any], device: torch.device, budget_s: float) -> float:
-    """Fastest of as many ``fn()`` calls as fit in ``budget_s`` (3 to 25, after one warm-up call), in seconds.
+def _best_times(calls: dict[tuple, Callable[[], Any]], device: torch.device, budget_s: float) -> dict[tuple, float]:
+    """Fastest call of each of ``calls``, timed in turns (7 to 25 rounds, after one warm-up call each), in seconds.
 
-    The minimum, not the median: other processes on the machine only ever add time.
+    In turns, so that a load that comes and goes hits every candidate alike; the minimum, not the median:
+    other processes on the machine only ever add time. ``budget_s`` is the time for all of them together,
+    exceeded where 7 rounds take longer: on a loaded machine a call that wakes a sleeping thread of the pool
+    can wait a whole scheduling period (tens of ms), and a few rounds can all be such calls.
     """
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    first = time.perf_counter() - start
-    best = math.inf
-    for _ in range(max(3, min(25, int(budget_s / max(first, 1e-6)) - 1))):
+    first = 0.0
+    for fn in calls.values():
+        _sync(device)
         start = time.perf_counter()
         fn()
         _sync(device)
-        best = min(best, time.perf_counter() - start)
+        first += time.perf_counter() - start
+    best = dict.fromkeys(calls, math.inf)
+    for _ in range(max(7, min(25, int(budget_s / max(first, 1e-6)) - 1))):
+        for key, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            best[key] = min(best[key], time.perf_counter() - start)
     return best
 
 
-def _timed(key: tuple, make: Callable[[], Callable[[], Any]], device: torch.device, budget_s: float) -> float:
-    """:func:`_best_time` of the call ``make()`` returns, cached by ``key`` and the thread count."""
-    key = (*key, torch.get_num_threads())
-    if key not in _TIMINGS:
+def _timed(
+    makers: dict[tuple, Callable[[], Callable[[], Any]]], device: torch.device, budget_s: float
+) -> dict[tuple, float]:
+    """:func:`_best_times` of the calls the ``makers`` return (those not cached yet, together), by key.
+
+    Cached by key and the thread count, so each is measured once per process (:func:`clear_crossover_cache`).
+    """
+    threads = torch.get_num_threads()
+    missing = {key: make for key, make in makers.items() if (*key, threads) not in _TIMINGS}
+    if missing:
         with torch.inference_mode():
-            _TIMINGS[key] = _best_time(make(), device, budget_s)
-    return _TIMINGS[key]
+            measured = _best_times({key: make() for key, make in missing.items()}, device, budget_s)
+        _TIMINGS.update({(*key, threads): t for key, t in measured.items()})
+    return {key: _TIMINGS[(*key, threads)] for key in makers}
 
 
 @dataclass(frozen=True)
@@ -194,10 +207,11 @@ def measure_kernel_times(
     """Time a dense ``(out, in)`` matmul of ``rows`` rows against :class:`SparseLinear` with each of ``kernels``.
 
     ``F.linear`` on a row-major ``(rows, in)`` input against the sparse layer at densities 0.05 and 0.3 with
-    random masks (for BSR: random blocks), best of several calls each (about ``budget_s / 3`` seconds per
-    timing). The sparse layer's time includes transposing its input, unless ``transposed_input`` (its input is
-    the transposed view another sparse layer returns, as inside a chain of converted layers; the dense layer
-    then gets the same view). Every timing is cached per shape, rows, layout, kernel, density, dtype, device,
+    random masks (for BSR: random blocks), the fastest of several calls each, all timed in turns (so that a load
+    that comes and goes hits every candidate alike; about ``budget_s / 3`` seconds per timing). The sparse
+    layer's time includes transposing its input, unless ``transposed_input`` (its input is the transposed view
+    another sparse layer returns, as inside a chain of converted layers; the dense layer then gets the same
+    view). Every timing is cached per shape, rows, layout, kernel, density, dtype, device,
     input layout and thread count, so each is measured once per process (:func:`clear_crossover_cache`).
 
     Args:
@@ -240,14 +254,11 @@ def measure_kernel_times(
 
         return make
 
-    dense = _timed((*shape, "dense"), lambda: lambda: F.linear(x, w, b), device, budget_s / 3)
-    sparse = {
-        k: tuple(
-            _timed((*shape, layout, blocksize, k, d), sparse_at(k, d), device, budget_s / 3) for d in _PROBE_DENSITIES
-        )
-        for k in resolved
-    }
-    return KernelTimes(dense, sparse)  # type: ignore[arg-type]
+    makers = {(*shape, "dense"): lambda: lambda: F.linear(x, w, b)}
+    makers |= {(*shape, layout, blocksize, k, d): sparse_at(k, d) for k in resolved for d in _PROBE_DENSITIES}
+    times = _timed(makers, device, budget_s * len(makers) / 3)
+    sparse = {k: tuple(times[(*shape, layout, blocksize, k, d)] for d in _PROBE_DENSITIES) for k in resolved}
+    return KernelTimes(times[(*shape, "dense")], sparse)  # type: ignore[arg-type]
 
 
 def measure_crossover(
@@ -325,9 +336,10 @@ def measure_conv_crossover(conv: nn.Conv2d, input_size: tuple[int, int, int, int
 
         return make
 
-    dense = _timed((*key, "dense"), lambda: lambda: conv(x), w.device, budget_s / 3)
-    direct = tuple(_timed((*key, "direct", d), sparse_at(d), w.device, budget_s / 3) for d in _PROBE_DENSITIES)
-    return KernelTimes(dense, {"direct": direct}).crossover("direct")  # type: ignore[dict-item]
+    makers = {(*key, "dense"): lambda: lambda: conv(x)} | {(*key, "direct", d): sparse_at(d) for d in _PROBE_DENSITIES}
+    times = _timed(makers, w.device, budget_s)
+    direct = tuple(times[(*key, "direct", d)] for d in _PROBE_DENSITIES)
+    return KernelTimes(times[(*key, "dense")], {"direct": direct}).crossover("direct")  # type: ignore[dict-item]
 
 
 def clear_crossover_cache() -> None:
