@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -144,3 +145,19 @@ def test_readme_fish_example_runs(tmp_path, monkeypatch, one_thread, capsys):
     stated = re.search(r"diff ([\d,]+) bytes, full state_dict ([\d,]+) bytes", printed).groups()
     diff, full = (int(v.replace(",", "")) for v in stated)
     assert f"diff {diff:,} bytes, full state_dict {full:,} bytes" in out  # the README's numbers are this run's
+
+
+def test_readme_shrink_example_runs(tmp_path, monkeypatch, one_thread, capsys):
+    """The shrink example: ChannelPruning 50 % on ResNet-18, the printed numbers, the predicted size, the file."""
+    pytest.importorskip("torch_pruning")
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    (block,) = [b for b in blocks if "shrink(model" in b]
+    namespace: dict = {"__name__": "__readme__"}
+    exec(compile(block, "README: shrink", "exec"), namespace)  # asserts the predicted parameter count itself
+    out = capsys.readouterr().out
+    assert "parameters 11,181,642 -> 2,801,450 (0.251x)" in out and "(0.266x)" in out
+    small, again = namespace["small"], namespace["again"]
+    x = namespace["x"]
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), small(x))
