@@ -24,6 +24,26 @@ from lightning_pai.core.validation import check_choice
 RESUME = ("checkpoint", "recompute")
 
 
+def require_validation(trainer: Any, method: str, monitor: str | None, needs: str, otherwise: str = "") -> None:
+    """Refuse a ``monitor`` the fit cannot provide: it has no validation loop.
+
+    Args:
+        trainer: The Lightning trainer.
+        method: The method's class name (for the message).
+        monitor: The monitored metric, or None (nothing to check).
+        needs: What the method does with it (e.g. ``"records a validation metric per round"``).
+        otherwise: What leaving ``monitor`` unset does, e.g. ``" (each phase's last network)"``.
+
+    Raises:
+        ValueError: When ``monitor`` is set and the fit validates nothing.
+    """
+    if monitor is not None and not trainer.enable_validation:
+        raise ValueError(
+            f"`{method}(monitor={monitor!r})` {needs}, but this fit has no validation loop (no val dataloader, no "
+            f"`validation_step`, or `limit_val_batches=0`): add one, or leave `monitor` unset{otherwise}."
+        )
+
+
 class TargetOptions(TypedDict, total=False):
     """Keyword options every method takes (``**common`` in the method signatures).
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from typing_extensions import Unpack, override
 
-from lightning_pai.callbacks.base import MethodOptions
+from lightning_pai.callbacks.base import MethodOptions, require_validation
 from lightning_pai.callbacks.dynamic import DynamicSparseTraining, base_kwargs, check_rates
 from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.core.dst import Plan
@@ -176,12 +176,13 @@ class FreeTickets(DynamicSparseTraining):
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
-        if self.monitor is not None and not trainer.enable_validation:
-            raise ValueError(
-                f"`{type(self).__name__}(monitor={self.monitor!r})` keeps the best validated network of each phase, "
-                "but this fit has no validation loop (no val dataloader, no `validation_step`, or "
-                "`limit_val_batches=0`): add one, or leave `monitor` unset (each phase's last network)."
-            )
+        require_validation(
+            trainer,
+            type(self).__name__,
+            self.monitor,
+            "keeps the best validated network of each phase",
+            " (each phase's last network)",
+        )
 
     @override
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_pai.callbacks.base import SparseCallback
+from lightning_pai.callbacks.base import SparseCallback, require_validation
 from lightning_pai.callbacks.host import is_last_batch_of_epoch, run_validation
 from lightning_pai.callbacks.registry import MethodCard
 from lightning_pai.core.lottery import LotterySession
@@ -213,12 +213,7 @@ class LotteryTicket(SparseCallback):
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
-        if self.monitor is not None and not trainer.enable_validation:
-            raise ValueError(
-                f"`{type(self).__name__}(monitor={self.monitor!r})` records a validation metric per round, but this "
-                "fit has no validation loop (no val dataloader, no `validation_step`, or `limit_val_batches=0`): "
-                "add one, or leave `monitor` unset."
-            )
+        require_validation(trainer, type(self).__name__, self.monitor, "records a validation metric per round")
         steps_per_epoch = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
         self.session.check_steps(steps_per_epoch, trainer.max_steps, "Trainer(max_steps={}, max_epochs=-1)")
 

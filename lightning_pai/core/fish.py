@@ -518,13 +518,7 @@ class FISHSession(Session):
             )
         masks = TrainableMasks(targets, layouts=target_layouts(module, list(targets)))
         self._note_targets(module, targets)
-        if self._restored is not None:
-            masks.load_state_dict(self._restored)
-            self._restored = None
-        elif self.masks is not None:
-            masks.load_state_dict(self.masks.state_dict())
-        else:
-            masks.load_state_dict(self._decide(targets, k))
+        self._load_masks(masks, lambda: self._decide(targets, k))
         self.masks = masks
         for opt in self.host.optimizers:
             masks.mask_optimizer_state_(opt)

@@ -199,6 +199,21 @@ class Session:
         """The :class:`~lightning_pai.core.pruning.Pruner` that decides the initial masks, if any."""
         return None
 
+    def _load_masks(self, masks: MaskSet, decide: Callable[[], Any]) -> bool:
+        """Fill ``masks``: restored from a checkpoint, kept from a previous start, else ``decide()`` (returns True).
+
+        ``decide`` returns a mask state (e.g. decided on rank zero and broadcast); it runs only on a fresh start.
+        """
+        if self._restored is not None:
+            masks.load_state_dict(self._restored)
+            self._restored = None
+            return False
+        if self.masks is not None:
+            masks.load_state_dict(self.masks.state_dict())
+            return False
+        masks.load_state_dict(decide())
+        return True
+
     def masks_decided(self) -> None:
         """Apply the initial pruner's ``weight_init`` (sparse fan-in, isometry) to the decided masks.
 
@@ -321,13 +336,7 @@ class Session:
         params = self.select(module)
         masks = MaskSet(params, layouts=target_layouts(module, list(params)))
         self._note_targets(module, params)
-        if self._restored is not None:
-            masks.load_state_dict(self._restored)
-            self._restored = None
-        elif self.masks is not None:
-            masks.load_state_dict(self.masks.state_dict())
-        else:
-            masks.load_state_dict(self.from_rank_zero(self.initial_masks(masks)))
+        if self._load_masks(masks, lambda: self.from_rank_zero(self.initial_masks(masks))):
             self.masks = masks
             self.masks_decided()
         self.masks = masks
