@@ -116,35 +116,40 @@ def _feature_major(x: Tensor, in_features: int) -> Tensor:
     return x.reshape(-1, in_features).t().contiguous()
 
 
-def forward_impl(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | None, in_features: int) -> Tensor:
-    """``x @ Wᵀ + bias``: ``(*x.shape[:-1], out)``, feature-major (the transpose of a contiguous array)."""
-    out = crow.numel() - 1
-    yt = csr_mm_t(crow, col, values, _feature_major(x, in_features), in_features)
+def forward_impl(
+    xt: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Tensor | None, shape: tuple[int, ...]
+) -> Tensor:
+    """``x @ Wᵀ + bias`` from ``xt``, the contiguous ``(in, n)`` transpose of ``x`` (of shape ``shape``).
+
+    Returns:
+        ``(*shape[:-1], out)``, feature-major (the transpose of a contiguous array).
+    """
+    yt = csr_mm_t(crow, col, values, xt, xt.shape[0])
     if bias is not None:
         yt.add_(bias.unsqueeze(1))
-    return yt.t().reshape(*x.shape[:-1], out)
+    return yt.t() if len(shape) == 2 else yt.t().reshape(*shape[:-1], yt.shape[0])
 
 
 def backward_impl(
     grad: Tensor,
-    x: Tensor,
+    xt: Tensor,
     values: Tensor,
     structure: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
-    in_features: int,
+    shape: tuple[int, ...],
     input_grad: bool,
     bias_grad: bool,
 ) -> tuple[Tensor | None, Tensor, Tensor | None]:
     """``(dX, d values, d bias)``: ``dXᵀ = Wᵀ dYᵀ``, ``d values = (dYᵀ X)`` at the kept positions, ``Σ_rows dY``.
 
-    ``structure`` is ``(crow, col, t_crow, t_col, t_perm)``; grads not asked for are None.
+    ``xt`` is the contiguous ``(in, n)`` transpose of the input ``x`` (of shape ``shape``), ``structure``
+    ``(crow, col, t_crow, t_col, t_perm)``; grads not asked for are None.
     """
     crow, col, t_crow, t_col, t_perm = structure
     out = crow.numel() - 1
     gt = grad.reshape(-1, out).t()  # (out, n): contiguous when Y was feature-major and dY follows it
     gt = gt if gt.is_contiguous() else gt.contiguous()
-    xt = _feature_major(x, in_features)  # (in, n)
     d_values = csr_sddmm(crow, col, values, gt, xt.t())
-    dx = csr_mm_t(t_crow, t_col, values[t_perm], gt, out).t().reshape(x.shape) if input_grad else None
+    dx = csr_mm_t(t_crow, t_col, values[t_perm], gt, out).t().reshape(shape) if input_grad else None
     return dx, d_values, gt.sum(1) if bias_grad else None
 
 
@@ -156,16 +161,18 @@ class _SparseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, crow, col, t_crow, t_col, t_perm, bias, in_features):  # noqa: D102
-        ctx.save_for_backward(x, values, crow, col, t_crow, t_col, t_perm)
-        ctx.in_features, ctx.has_bias = in_features, bias is not None
-        return forward_impl(x, values, crow, col, bias, in_features)
+        xt = _feature_major(x, in_features)  # saved instead of x: the backward pass reads xᵀ
+        ctx.save_for_backward(xt, values)
+        # the structure is never changed in place (an update replaces the buffers): no version check needed
+        ctx.structure, ctx.shape, ctx.has_bias = (crow, col, t_crow, t_col, t_perm), x.shape, bias is not None
+        return forward_impl(xt, values, crow, col, bias, x.shape)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        x, values, *structure = ctx.saved_tensors
+        xt, values = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dx, d_values, db = backward_impl(
-            grad, x, values, tuple(structure), ctx.in_features, needs[0], ctx.has_bias and needs[7]
+            grad, xt, values, ctx.structure, ctx.shape, needs[0], ctx.has_bias and needs[7]
         )
         return dx, d_values if needs[1] else None, None, None, None, None, None, db, None
 
@@ -208,14 +215,12 @@ def sparse_linear_op(
     in_features: int,
 ) -> Tensor:
     """The custom op of :func:`sparse_linear` (its autograd formula calls ``lightning_pai::sparse_linear_backward``)."""
-    return forward_impl(x, values, crow, col, bias, in_features)
+    return forward_impl(_feature_major(x, in_features), values, crow, col, bias, tuple(x.shape)).contiguous()
 
 
 @sparse_linear_op.register_fake
 def _sparse_linear_fake(x, values, crow, col, t_crow, t_col, t_perm, bias, in_features):
-    out = crow.shape[0] - 1
-    n = x.numel() // in_features if in_features else 0
-    return x.new_empty((out, n)).t().reshape(*x.shape[:-1], out)
+    return x.new_empty((*x.shape[:-1], crow.shape[0] - 1))
 
 
 @torch.library.custom_op("lightning_pai::sparse_linear_backward", mutates_args=())
@@ -234,7 +239,8 @@ def sparse_linear_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dX, d values, d bias)`` of ``lightning_pai::sparse_linear`` (empty tensors for grads not asked for)."""
     structure = (crow, col, t_crow, t_col, t_perm)
-    dx, d_values, db = backward_impl(grad, x, values, structure, in_features, input_grad, bias_grad)
+    xt = _feature_major(x, in_features)
+    dx, d_values, db = backward_impl(grad, xt, values, structure, tuple(x.shape), input_grad, bias_grad)
     return (
         dx if dx is not None else x.new_empty(0),
         d_values,
@@ -245,7 +251,7 @@ def sparse_linear_backward_op(
 @sparse_linear_backward_op.register_fake
 def _sparse_linear_backward_fake(grad, x, values, crow, col, t_crow, t_col, t_perm, in_features, input_grad, bias_grad):
     out = crow.shape[0] - 1
-    dx = torch.empty_like(x) if input_grad else x.new_empty(0)
+    dx = x.new_empty(x.shape) if input_grad else x.new_empty(0)
     return dx, torch.empty_like(values), values.new_empty(out if bias_grad else 0)
 
 

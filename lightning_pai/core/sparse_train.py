@@ -173,8 +173,6 @@ class SparseTrainLinear(nn.Linear):
             bias = None if bias is None else bias.to(dtype)
         elif x.dtype != values.dtype:
             x = x.to(values.dtype)
-        if x.dim() == 2 and not x.t().is_contiguous():  # one copy here, none in backward (it reads xᵀ)
-            x = x.t().contiguous().t()
         b = self._buffers
         y = sparse_linear(
             x, values, b["crow_indices"], b["col_indices"], b["t_crow"], b["t_col"], b["t_perm"], bias, self.in_features
