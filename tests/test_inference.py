@@ -514,14 +514,26 @@ def test_measured_crossover(one_thread):
     for row in rows:
         chained = row.name == "2" and rows[0].converted  # "0" -> ReLU -> "2": "2" gets "0"'s transposed output
         assert row.reason.endswith("(measured at 8 rows" + (", chained)" if chained else ")"))
-        times = measure_kernel_times(*row.shape, 8, kernels=candidates, transposed_input=chained)  # cached: the same
+        # cached: the timings the conversion made, at the layer's own density
+        times = measure_kernel_times(
+            *row.shape, 8, kernels=candidates, densities=(row.density,), transposed_input=chained
+        )
+        assert times.probes == (row.density,)
         best, predicted = times.fastest(row.density)
         assert row.converted == (best != "dense")
         assert dict(row.timings) == {k if k == "dense" else f"csr/{k}": t for k, t in predicted.items()}
         assert row.timings[0][1] == min(predicted.values())  # fastest first, and that one was taken
         assert row.implementation.split("+")[0] == row.timings[0][0]
-        if not HAS_C:
-            assert times.crossover("sum") == measure_crossover(*row.shape, 8, transposed_input=chained)
+
+    probes = measure_kernel_times(40, 60, 8, kernels=candidates, budget_s=0.05)  # at 0.05 and 0.3: a line
+    kernel = next(iter(probes.sparse))
+    assert probes.crossover(kernel) == measure_crossover(40, 60, 8, budget_s=0.05)  # the same timings, cached
+    (t0, t1), (d0, d1) = probes.sparse[kernel], probes.probes
+    assert probes.predict(kernel, d1) == t1 and probes.predict(kernel, 1.0) == pytest.approx(
+        t1 + max(0.0, (t1 - t0) / (d1 - d0)) * (1.0 - d1)
+    )
+    with pytest.raises(ValueError, match="two densities"):
+        times.crossover(kernel)  # timed at one density only
     x = torch.randn(8, 60)
     with torch.no_grad():
         assert_close(sparse(x), model(x), **TOL)

@@ -41,10 +41,11 @@ copying it, so a transformer MLP stack (LayerNorm, Linear, GELU, Linear) runs wi
 layers.
 
 **Crossover.** A layer is converted only where it is expected to be faster: below a density given by the user,
-or where a measurement at conversion predicts a sparse kernel faster than the dense layer at the layer's
-density (dense layer against sparse copies at two densities, on this machine, at the layer's input size when
-``example_inputs`` is given). With ``kernel="auto"`` both the compiled CSR kernel and PyTorch's are timed and the
-faster is used, so a converted layer is never predicted slower than ``torch.sparse`` either.
+or where a sparse kernel is measured faster than the dense layer at conversion (a sparse copy with a random
+mask at the layer's density against the dense layer, timed in turns on this machine, at the layer's input size
+when ``example_inputs`` is given; convolutions: a crossover density from copies at two densities). With
+``kernel="auto"`` both the compiled CSR kernel and PyTorch's are timed and the faster is used, so a converted
+matmul is never slower than ``torch.sparse`` either, as far as the timings tell.
 
 On CUDA, a ``Linear``/``Conv1D`` whose mask is exactly 2:4 along the input dimension (each group of 4
 consecutive input weights of every output row keeps exactly 2) uses
@@ -152,34 +153,50 @@ def _timed(
 class KernelTimes:
     """Seconds per call of one layer shape on this machine: the dense layer, and each sparse kernel by density.
 
-    Each sparse kernel is timed at two densities ``probes = (d_0, d_1)`` (random masks) and modelled by the line
-    through them, ``t(d) = t_0 + (t_1 - t_0) (d - d_0) / (d_1 - d_0)`` (``t_1`` at every density when timing
-    noise made the slope negative).
+    Each sparse kernel is timed at the densities ``probes`` (random masks keeping that fraction of the weights).
+    At a probe the prediction is the time measured there; elsewhere it is the line through the first two probes,
+    ``t(d) = t_0 + (t_1 - t_0) (d - d_0) / (d_1 - d_0)`` (``t_1`` at every density when timing noise made the
+    slope negative; with a single probe, its time).
 
     Attributes:
         dense: Seconds per call of the dense layer.
-        sparse: ``{kernel: (t_0, t_1)}``: seconds per call of each sparse kernel at the two probe densities.
+        sparse: ``{kernel: (t_0, t_1, ...)}``: seconds per call of each sparse kernel at the probes.
         probes: The probe densities (fractions of weights kept, ``1 - sparsity``).
     """
 
     dense: float
-    sparse: Mapping[str, tuple[float, float]]
-    probes: tuple[float, float] = _PROBE_DENSITIES
+    sparse: Mapping[str, tuple[float, ...]]
+    probes: tuple[float, ...] = _PROBE_DENSITIES
+
+    def _line(self, kernel: str) -> tuple[float, float, float]:
+        """``(d_0, t_0, slope)`` through the first two probes (slope 0 and ``t_1`` when noise made it negative)."""
+        (d0, d1), (t0, t1) = self.probes[:2], self.sparse[kernel][:2]
+        slope = (t1 - t0) / (d1 - d0)
+        return (d0, t0, slope) if slope > 0 else (d1, t1, 0.0)
 
     def predict(self, kernel: str, density: float) -> float:
         """Predicted seconds per call of ``kernel`` at ``density`` (``"dense"``: the dense layer's time)."""
         if kernel == "dense":
             return self.dense
-        (d0, d1), (t0, t1) = self.probes, self.sparse[kernel]
-        slope = (t1 - t0) / (d1 - d0)
-        return t1 if slope <= 0 else max(0.0, t0 + slope * (density - d0))
+        times = self.sparse[kernel]
+        if density in self.probes:
+            return times[self.probes.index(density)]
+        if len(self.probes) < 2:
+            return times[0]
+        d0, t0, slope = self._line(kernel)
+        return max(0.0, t0 + slope * (density - d0))
 
     def crossover(self, kernel: str) -> float:
-        """Density in ``[0, 1]`` below which ``kernel`` is predicted faster than the dense layer."""
-        (d0, d1), (t0, t1) = self.probes, self.sparse[kernel]
-        slope = (t1 - t0) / (d1 - d0)
-        if slope <= 0:  # timing noise swamped the nnz dependence
-            return 1.0 if t1 < self.dense else 0.0
+        """Density in ``[0, 1]`` below which ``kernel`` is predicted faster than the dense layer (needs 2 probes).
+
+        Raises:
+            ValueError: With a single probe.
+        """
+        if len(self.probes) < 2:
+            raise ValueError(f"A crossover needs timings at two densities or more; these are at {self.probes}.")
+        d0, t0, slope = self._line(kernel)
+        if slope == 0:  # timing noise swamped the nnz dependence
+            return 1.0 if t0 < self.dense else 0.0
         return min(1.0, max(0.0, d0 + (self.dense - t0) / slope))
 
     def fastest(self, density: float) -> tuple[str, dict[str, float]]:
@@ -197,6 +214,7 @@ def measure_kernel_times(
     rows: int = 64,
     *,
     kernels: tuple[str, ...] = ("auto",),
+    densities: tuple[float, ...] = _PROBE_DENSITIES,
     layout: str = "csr",
     blocksize: int = 4,
     dtype: torch.dtype = torch.float32,
@@ -206,13 +224,13 @@ def measure_kernel_times(
 ) -> KernelTimes:
     """Time a dense ``(out, in)`` matmul of ``rows`` rows against :class:`SparseLinear` with each of ``kernels``.
 
-    ``F.linear`` on a row-major ``(rows, in)`` input against the sparse layer at densities 0.05 and 0.3 with
-    random masks (for BSR: random blocks), the fastest of several calls each, all timed in turns (so that a load
-    that comes and goes hits every candidate alike; about ``budget_s / 3`` seconds per timing). The sparse
-    layer's time includes transposing its input, unless ``transposed_input`` (its input is the transposed view
-    another sparse layer returns, as inside a chain of converted layers; the dense layer then gets the same
-    view). Every timing is cached per shape, rows, layout, kernel, density, dtype, device,
-    input layout and thread count, so each is measured once per process (:func:`clear_crossover_cache`).
+    ``F.linear`` on a row-major ``(rows, in)`` input against the sparse layer at each of ``densities`` with a
+    random mask keeping that fraction of the weights (for BSR: of the blocks), the fastest of several calls each,
+    all timed in turns (so that a load that comes and goes hits every candidate alike; about ``budget_s / 3``
+    seconds per timing). The sparse layer's time includes transposing its input, unless ``transposed_input``
+    (its input is the transposed view another sparse layer returns, as inside a chain of converted layers; the
+    dense layer then gets the same view). Every timing is cached per shape, rows, layout, kernel, density, dtype,
+    device, input layout and thread count, so each is measured once per process (:func:`clear_crossover_cache`).
 
     Args:
         out_features: Rows of ``W``.
@@ -221,6 +239,8 @@ def measure_kernel_times(
             convolutions).
         kernels: Sparse kernels to time: ``"auto"``, ``"c"``, ``"sum"`` or ``"mm"`` (see :class:`SparseMatmul`;
             ``"auto"`` is resolved as :func:`to_sparse_inference` resolves it).
+        densities: Fractions of weights kept at which to time them (:class:`KernelTimes` ``probes``; a line
+            through the first two predicts the others; :func:`to_sparse_inference` times at the layer's own).
         layout: ``"csr"`` or ``"bsr"``.
         blocksize: BSR block edge.
         dtype: Floating dtype of the layer.
@@ -243,22 +263,30 @@ def measure_kernel_times(
 
     def sparse_at(kernel: str, d: float) -> Callable[[], Callable[[], Any]]:
         def make() -> Callable[[], Any]:
-            masks = torch.Generator().manual_seed(int(d * 1000))
+            cells = (out_features // blocksize, in_features // blocksize) if layout == "bsr" else w.shape
+            mask = _random_mask(cells, d)
             if layout == "bsr":
-                blocks = torch.rand(out_features // blocksize, in_features // blocksize, generator=masks) < d
-                mask = blocks.repeat_interleave(blocksize, 0).repeat_interleave(blocksize, 1)
-            else:
-                mask = torch.rand(out_features, in_features, generator=masks) < d
+                mask = mask.repeat_interleave(blocksize, 0).repeat_interleave(blocksize, 1)
             layer = SparseLinear(w, b, mask.to(device), layout=layout, blocksize=blocksize, kernel=kernel)
             return lambda: layer(x)
 
         return make
 
+    def key(kernel: str, d: float) -> tuple:
+        return (*shape, layout, blocksize, kernel, round(d, 9))
+
     makers = {(*shape, "dense"): lambda: lambda: F.linear(x, w, b)}
-    makers |= {(*shape, layout, blocksize, k, d): sparse_at(k, d) for k in resolved for d in _PROBE_DENSITIES}
+    makers |= {key(k, d): sparse_at(k, d) for k in resolved for d in densities}
     times = _timed(makers, device, budget_s * len(makers) / 3)
-    sparse = {k: tuple(times[(*shape, layout, blocksize, k, d)] for d in _PROBE_DENSITIES) for k in resolved}
-    return KernelTimes(times[(*shape, "dense")], sparse)  # type: ignore[arg-type]
+    sparse = {k: tuple(times[key(k, d)] for d in densities) for k in resolved}
+    return KernelTimes(times[(*shape, "dense")], sparse, tuple(densities))
+
+
+def _random_mask(shape: tuple[int, ...], density: float) -> Tensor:
+    """A bool mask of ``shape`` keeping ``round(density * numel)`` random entries (the same ones every time)."""
+    numel = math.prod(shape)
+    keep = torch.randperm(numel, generator=torch.Generator().manual_seed(0))[: round(density * numel)]
+    return torch.zeros(numel, dtype=torch.bool).index_fill_(0, keep, True).view(shape)
 
 
 def measure_crossover(
@@ -330,8 +358,7 @@ def measure_conv_crossover(conv: nn.Conv2d, input_size: tuple[int, int, int, int
 
     def sparse_at(d: float) -> Callable[[], Callable[[], Any]]:
         def make() -> Callable[[], Any]:
-            mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(int(d * 1000))) < d
-            layer = SparseConv2d.from_conv(conv, mask)
+            layer = SparseConv2d.from_conv(conv, _random_mask(tuple(w.shape), d))
             return lambda: layer(x)
 
         return make
@@ -572,10 +599,6 @@ def _candidate_kernels(kernel: str, chosen: str, layout: str, rows: int) -> tupl
     return (chosen,)
 
 
-def _second(item: tuple[str, float]) -> float:
-    return item[1]
-
-
 def is_two_four(mask: Tensor) -> bool:
     """Whether an ``(out, in)`` mask is exactly 2:4 along ``in``: every 4 consecutive entries of a row keep 2."""
     if mask.dim() != 2 or mask.shape[1] % 4 or mask.numel() == 0:
@@ -603,7 +626,7 @@ def to_sparse_inference(
     A supported layer (see the module docstring: ``nn.Linear``, ``Conv1D``, ``nn.Conv2d``) with density ``d``
     (fraction of weights kept, ``1 - sparsity``) is converted when ``d < crossover``; its output equals the
     masked dense layer's up to float rounding (summation order). With ``crossover=None`` a matmul layer gets
-    whichever is predicted fastest at its density of the dense layer and the sparse kernels: with
+    whichever is fastest, timed at its shape and density, of the dense layer and the sparse kernels: with
     ``kernel="auto"`` on float32 CSR on the CPU both the compiled kernel and PyTorch's own CSR kernel, so a
     conversion is never slower than the best path measured (:func:`measure_kernel_times` at ``batch_size`` rows
     or each layer's rows in ``example_inputs``, with the input layout a chain of sparse layers gives it; cached;
@@ -752,10 +775,13 @@ def to_sparse_inference(
         else:  # the fastest of the dense layer and the sparse kernels, measured at this shape
             times = measure_kernel_times(
                 w.shape[0], w.shape[1], matmul_rows, kernels=_candidate_kernels(kernel, chosen, layout, matmul_rows),
-                layout=layout, blocksize=blocksize, dtype=w.dtype, device=w.device, transposed_input=chained,
+                densities=(stored,), layout=layout, blocksize=blocksize, dtype=w.dtype, device=w.device,
+                transposed_input=chained,
             )  # fmt: skip
             best, predicted = times.fastest(stored)
-            timings = tuple((k if k == "dense" else prefix + k, t) for k, t in sorted(predicted.items(), key=_second))
+            timings = tuple(
+                (k if k == "dense" else prefix + k, t) for k, t in sorted(predicted.items(), key=lambda kv: kv[1])
+            )
             convert, chosen = best != "dense", chosen if best == "dense" else best
             source = f"measured at {matmul_rows} rows" + (", chained" if chained else "")
             ranking = " < ".join(f"{k} {t * 1e3:.3g} ms" for k, t in timings)
