@@ -313,3 +313,23 @@ def test_bad_backend_fails_before_training():
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2, 4)), batch_size=2)
     with pytest.raises(ValueError, match=r"conv\.weight \(Conv1d\).*`backend` is one of 'masked', 'sparse'"):
         trainer.fit(Conv(), data)
+
+
+def test_autocast_bf16_matches_masked_layer():
+    """Under CPU autocast (bf16) the sparse layer computes in bf16 like nn.Linear; gradients reach the fp32 values."""
+    torch.manual_seed(0)
+    layer, reference = nn.Linear(16, 8), nn.Linear(16, 8)
+    reference.load_state_dict(layer.state_dict())
+    mask = torch.rand(8, 16) < 0.3
+    with torch.no_grad():
+        reference.weight.mul_(mask)
+    to_sparse_training(layer, mask)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, want = layer(x), reference(x)
+    assert y.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want.float(), atol=1e-2, rtol=1e-2)
+    y.float().sum().backward()
+    want.float().sum().backward()
+    assert layer.values.grad.dtype == torch.float32
+    torch.testing.assert_close(layer.values.grad, reference.weight.grad[mask], atol=1e-2, rtol=1e-2)

@@ -66,6 +66,8 @@ def torch_csr_sddmm(crow: Tensor, col: Tensor, values: Tensor, a: Tensor, b: Ten
         a: ``(rows, n)``.
         b: ``(n, cols)`` (column-major, i.e. ``bᵀ`` contiguous, is the fast case on the CPU).
     """
+    if a.device.type == "cpu" and a.dtype not in (torch.float32, torch.float64):  # no CPU kernel: in float32
+        return torch_csr_sddmm(crow, col, values.float(), a.float(), b.float()).to(a.dtype)
     pattern = csr(crow, col, values, (a.shape[0], b.shape[1]))
     return torch.sparse.sampled_addmm(pattern, a, b, beta=0.0).values()
 

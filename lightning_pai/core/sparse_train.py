@@ -161,7 +161,9 @@ class SparseTrainLinear(nn.Linear):
 
     def _accumulate(self, x: Tensor, grad: Tensor) -> None:
         with torch.no_grad():
-            self.dense_grad.addmm_(grad.reshape(-1, self.out_features).t(), x.reshape(-1, self.in_features))
+            dtype = self.dense_grad.dtype
+            grad, x = grad.reshape(-1, self.out_features).to(dtype), x.reshape(-1, self.in_features).to(dtype)
+            self.dense_grad.addmm_(grad.t(), x)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
@@ -318,12 +320,16 @@ class SparseMaskSet(MaskSet):
     """
 
     def __init__(self, masks: MaskSet, module: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> None:
-        self.layers: dict[str, SparseTrainLinear] = {}
-        super().__init__(masks.params, dict(masks.items()), masks.layouts)
+        # The same parameters, layouts and mask tensors as `masks` (no copy; they stay in step with it).
+        self._params, self.layouts, self._masks = masks._params, masks.layouts, masks._masks
+        self._handles: list = []
+        self.grad_hooks_active = False
+        self._refresh_lists()
         self.dense_masks = masks
         self.optimizers = list(optimizers)
         self._capturing = False
         self._reduced_step: int | None = None
+        self.layers: dict[str, SparseTrainLinear] = {}
         owners = dict(module.named_modules())
         for name, mask in self.items():
             owner = owners[name.rpartition(".")[0]]
@@ -449,10 +455,7 @@ class SparseMaskSet(MaskSet):
 
     def load_state_dict(self, masks: Mapping[str, Tensor]) -> None:
         """Replace the masks (in place), rebuilding the CSR structures (see :meth:`update_`)."""
-        if not self.layers:  # during construction: the plain copy
-            MaskSet.load_state_dict(self, masks)
-        else:
-            self.update_(masks, self.optimizers)
+        self.update_(masks, self.optimizers)
 
     # ----------------------------------------------------------------- optimizer checkpoints
     def _slots(self, optimizer: torch.optim.Optimizer) -> dict[int, SparseTrainLinear]:
@@ -499,7 +502,6 @@ class SparseMaskSet(MaskSet):
             scatter = lambda t, f=flat, s=shape: _scatter(t, f, s, t.numel())  # noqa: E731
             _swap_param(self.optimizers, values, layer.weight, (values.numel(),), scatter)
         self.layers = {}
-        self.dense_masks.load_state_dict(dict(self.items()))
         return self.dense_masks
 
 

@@ -1,0 +1,294 @@
+"""Step time of truly sparse training (``backend="sparse"``) against dense training: MLPs on the CPU, one process.
+
+For LeNet-300-100 (784-300-100-10) and a wide MLP (784-4096-4096-10, default) at 90 / 95 / 98 / 99 % sparsity, five
+models train on the same synthetic MNIST-shaped batches (batch 128, SGD with momentum 0.9 and weight decay 5e-4):
+dense (no method), SET and RigL with ``backend="masked"``, and SET and RigL with ``backend="sparse"`` (Liu, Mocanu
+et al. 2020), each in its own plain loop (``Sparsifier``; every layer targeted, the methods' default ER / ERK
+distributions). Steps are interleaved: every round times one step of each model, in an order rotated per round,
+so each ratio compares steps taken seconds apart under the same machine load. A step is ``zero_grad``, forward,
+cross-entropy, backward and ``sparsifier.step()`` (the optimizer step and the method's work), or
+``optimizer.step()`` for the dense model.
+
+The methods update every ``--delta-t`` steps (5 by default) so that update steps are timed too; reported per model
+and sparsity:
+
+- ``step``: median over rounds without an update of (step time / that round's dense step time);
+- ``min``: the fastest step without an update over the fastest dense step (what an idle machine would show);
+- ``update``: the median update step over the median dense step (RigL: dense gradient on that step only, drop,
+  growth, CSR rebuild and optimizer-state remap; SET: no dense gradient);
+- ``ΔT=100``: the cost amortized over the paper's update interval, ``(99 * step + update) / 100``.
+
+The last table splits a sparse SET step into the CSR products, the first layer's input transpose, the optimizer
+step and the rest, in fastest-of-N times (robust to other jobs on the machine), to name the limiting op. A check
+compares the masked and sparse models' weights after the timed steps (same batches, same seeds).
+
+Usage::
+
+    python benchmarks/training_cost/sparse_backend.py                    # the results file, ~10 min on 2 cores
+    python benchmarks/training_cost/sparse_backend.py --rounds 3 --widths 784,300,100,10   # smoke run
+
+Timings are wall times; the machine's load average is printed before and after (other jobs share its cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import lightning_pai
+from lightning_pai import SET, RigL, Sparsifier
+
+RESULTS = Path(__file__).resolve().parent / "results" / "sparse_backend.md"
+MODELS = ("dense", "SET masked", "SET sparse", "RigL masked", "RigL sparse")
+
+
+def mlp(widths: list[int]) -> nn.Sequential:
+    """Linear layers of the given widths with ReLUs between them."""
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+@dataclass
+class Run:
+    """One model in training: its loop objects and its step times (update steps apart)."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sparsifier: Sparsifier | None
+    steps: list[float] = field(default_factory=list)  # per round; NaN on update steps
+    updates: list[float] = field(default_factory=list)
+
+    def due(self) -> bool:
+        """Whether the coming step ends with a topology update."""
+        if self.sparsifier is None:
+            return False
+        session = self.sparsifier.session
+        return session.updater.is_update(self.sparsifier.global_step + 1, session.total_steps)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        start = time.perf_counter()
+        self.optimizer.zero_grad()
+        F.cross_entropy(self.model(x), y).backward()
+        if self.sparsifier is None:
+            self.optimizer.step()
+        else:
+            self.sparsifier.step()
+        return time.perf_counter() - start
+
+
+def make_runs(widths: list[int], sparsity: float, total: int, args: argparse.Namespace, batches: list) -> list[Run]:
+    runs = []
+    for name in MODELS:
+        torch.manual_seed(args.seed)
+        model = mlp(widths)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        sparsifier = None
+        if name != "dense":
+            method, backend = name.split()
+            common = {"delta_t": args.delta_t, "verbose": False, "backend": backend, "seed": args.seed}
+            cb = SET(sparsity, update_on="step", **common) if method == "SET" else RigL(sparsity, t_end=1.0, **common)
+            sparsifier = Sparsifier(cb, model, optimizer, data=batches, total_steps=total)
+        runs.append(Run(name, model, optimizer, sparsifier))
+    return runs
+
+
+def time_level(
+    widths: list[int], sparsity: float, rounds: int, args: argparse.Namespace
+) -> tuple[list[Run], dict[str, float]]:
+    """Interleaved steps of the five models at one sparsity; and the masked-vs-sparse weight difference after."""
+    gen = torch.Generator().manual_seed(args.seed)
+    batches = [
+        (torch.randn(args.batch_size, widths[0], generator=gen), torch.randint(0, widths[-1], (args.batch_size,)))
+        for _ in range(8)
+    ]
+    runs = make_runs(widths, sparsity, args.warmup + rounds + 1, args, batches)
+    for i in range(args.warmup):
+        for run in runs:
+            run.step(*batches[i % len(batches)])
+    for r in range(rounds):
+        x, y = batches[(args.warmup + r) % len(batches)]
+        order = runs[r % len(runs) :] + runs[: r % len(runs)]
+        for run in order:
+            update = run.due()
+            t = run.step(x, y)
+            run.steps.append(float("nan") if update else t)
+            if update:
+                run.updates.append(t)
+    masked, sparse = runs[1].model.state_dict(), runs[2].model.state_dict()
+    check = {"SET": max(float((masked[k] - sparse[k]).abs().max()) for k in masked)}
+    masked, sparse = runs[3].model.state_dict(), runs[4].model.state_dict()
+    check["RigL"] = max(float((masked[k] - sparse[k]).abs().max()) for k in masked)
+    return runs, check
+
+
+def fastest(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` calls of ``fn`` (after 3 untimed ones), in seconds: what an idle machine shows."""
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def breakdown(widths: list[int], sparsity: float, args: argparse.Namespace) -> str:
+    """Where a sparse SET step goes, in fastest-of-N times (robust to other jobs): the CSR products per layer,
+    the first layer's input transpose, the optimizer step, and the rest (loss, activations, dispatch, bookkeeping),
+    beside the dense step's total."""
+    from lightning_pai.core.sparse_ops import csr_mm_t, csr_sddmm
+
+    repeats = args.breakdown_repeats if max(widths) <= 1000 else max(3, args.breakdown_repeats // 50)
+    gen = torch.Generator().manual_seed(args.seed)
+    x, y = torch.randn(args.batch_size, widths[0], generator=gen), torch.randint(0, widths[-1], (args.batch_size,))
+    batches = [(x, y)]
+    torch.manual_seed(args.seed)
+    dense = Run("dense", mlp(widths), None, None)  # type: ignore[arg-type]
+    dense.optimizer = torch.optim.SGD(dense.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    torch.manual_seed(args.seed)
+    model = mlp(widths)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    method = SET(sparsity, update_on="step", delta_t=10**9, verbose=False, backend="sparse")
+    sparse = Run("SET sparse", model, optimizer, Sparsifier(method, model, optimizer, data=batches, total_steps=10**9))
+    dense_step = fastest(lambda: dense.step(x, y), repeats)
+    sparse_step = fastest(lambda: sparse.step(x, y), repeats)
+    parts = {"input transpose": fastest(lambda: x.t().contiguous(), repeats)}
+    products = {"mm": 0.0, "sddmm": 0.0, "mmᵀ": 0.0}
+    n = args.batch_size
+    for i, layer in enumerate(sparse.sparsifier.masks.layers.values()):
+        b, v = layer._buffers, layer.values.detach()
+        crow, col = b["crow_indices"], b["col_indices"]
+        xt, gt = torch.randn(layer.in_features, n), torch.randn(layer.out_features, n)
+        products["mm"] += fastest(partial(csr_mm_t, crow, col, v, xt, layer.in_features), repeats)
+        products["sddmm"] += fastest(partial(csr_sddmm, crow, col, v, gt, xt.t()), repeats)
+        if i:  # the first layer's input needs no gradient
+            mm_t = partial(csr_mm_t, b["t_crow"], b["t_col"], v[b["t_perm"]], gt, layer.out_features)
+            products["mmᵀ"] += fastest(mm_t, repeats)
+    parts.update(products)
+    parts["optimizer step"] = fastest(sparse.optimizer.step, repeats)
+    parts["rest"] = max(0.0, sparse_step - sum(parts.values()))
+    share = ", ".join(f"{k} {1e6 * t:.0f} µs ({100 * t / sparse_step:.0f} %)" for k, t in parts.items())
+    return f"{1e6 * sparse_step:.0f} µs = {share} | {1e6 * dense_step:.0f} µs ({sparse_step / dense_step:.3f})"
+
+
+def cpu_facts() -> tuple[str, str]:
+    """The CPU's model name and its SIMD flags (from /proc/cpuinfo, where there is one)."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx")
+                flags = " ".join(f for f in line.split(":", 1)[1].split() if f.startswith(wanted))
+    except OSError:
+        pass
+    return model, flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--widths", action="append", help="comma-separated layer widths (repeatable)")
+    p.add_argument("--sparsities", default="0.9,0.95,0.98,0.99")
+    p.add_argument("--rounds", type=int, default=300, help="timed rounds per (model, sparsity)")
+    p.add_argument("--wide-rounds", type=int, default=40, help="timed rounds for models with a layer over 1000 wide")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--delta-t", type=int, default=10, help="steps between updates while timing")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--breakdown-repeats", type=int, default=300, help="calls per op in the step breakdown")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    archs = [[int(w) for w in s.split(",")] for s in (args.widths or ["784,300,100,10", "784,4096,4096,10"])]
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    model, flags = cpu_facts()
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    lines = [
+        '# Truly sparse training (`backend="sparse"`) vs dense: step time on the CPU',
+        "",
+        f"- command: `python {shlex.join(['benchmarks/training_cost/sparse_backend.py', *(argv or sys.argv[1:])])}`",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- torch {torch.__version__}, lightning_pai {lightning_pai.__version__}, {args.threads} threads",
+        f"- CPU: {model}, {os.cpu_count()} logical cores; flags: {flags}",
+        f"- batch {args.batch_size}, SGD(lr 0.01, momentum 0.9, wd 5e-4); every layer targeted (SET: ER, RigL: "
+        f"ERK); updates every {args.delta_t} steps while timing",
+        "",
+        "Ratios are step time / dense step time (median over interleaved rounds); `ΔT=100` amortizes one update "
+        "per 100 steps.",
+        "",
+    ]
+    profiles = []
+    for widths in archs:
+        rounds = args.wide_rounds if max(widths) > 1000 else args.rounds
+        name = "-".join(map(str, widths))
+        lines += [
+            f"## MLP {name} ({rounds} rounds per sparsity)",
+            "",
+            "| sparsity | dense step (median, min) | model | step | min | update | ΔT=100 | weights: masked - sparse |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for sparsity in sparsities:
+            runs, check = time_level(widths, sparsity, rounds, args)
+            dense = runs[0].steps
+            dense_median = statistics.median(dense)
+            for run in runs[1:]:
+                timed = [t for t in run.steps if t == t]
+                step = statistics.median([t / d for t, d in zip(run.steps, dense) if t == t])
+                fastest = min(timed) / min(dense)
+                update = statistics.median(run.updates) / dense_median if run.updates else float("nan")
+                amortized = (99 * step + update) / 100
+                method = run.name.split()[0]
+                lines.append(
+                    f"| {sparsity:.2f} | {1e3 * dense_median:.2f}, {1e3 * min(dense):.2f} ms | {run.name} | "
+                    f"**{step:.3f}** | {fastest:.3f} | {update:.2f} | **{amortized:.3f}** | {check[method]:.1e} |"
+                )
+                print(lines[-1], flush=True)
+            profiles.append(f"| {name} | {sparsity:.2f} | {breakdown(widths, sparsity, args)} |")
+            print(profiles[-1], flush=True)
+        lines.append("")
+    lines += [
+        "## Where the sparse SET step goes (fastest of N, each part timed alone)",
+        "",
+        "`mm`: `Yᵀ = W Xᵀ` (`torch.sparse.mm(W, Xᵀ, 'sum')`), `sddmm`: `dW` at the kept positions "
+        "(`torch.sparse.sampled_addmm`), `mmᵀ`: `dXᵀ = Wᵀ dYᵀ`, summed over layers; `rest`: loss, activations, bias, "
+        "autograd and dispatch, the method's bookkeeping.",
+        "",
+        "| MLP | sparsity | sparse step = parts | dense step (ratio) |",
+        "|---|---|---|---|",
+        *profiles,
+        "",
+        f"Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; after: "
+        f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}; {time.perf_counter() - started:.0f} s in all.",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
