@@ -263,7 +263,7 @@ class SparseMatmul(nn.Module):
         """
         if self.kernel != "c":
             return self.kernel
-        if x.dtype == torch.float32 and x.device.type == "cpu" and self._plan() is not None:
+        if x.is_cpu and x.dtype == torch.float32 and self._plan() is not None:
             return "c"
         return "sum" if self._buffers["values"].device.type == "cpu" else "mm"
 
