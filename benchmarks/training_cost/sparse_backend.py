@@ -156,7 +156,7 @@ def breakdown(widths: list[int], sparsity: float, args: argparse.Namespace) -> s
     beside the dense step's total."""
     from lightning_pai.core.sparse_ops import csr_mm_t, csr_sddmm
 
-    repeats = args.breakdown_repeats if max(widths) <= 1000 else max(3, args.breakdown_repeats // 50)
+    repeats = args.breakdown_repeats if max(widths) <= 1000 else max(3, args.breakdown_repeats // 20)
     gen = torch.Generator().manual_seed(args.seed)
     x, y = torch.randn(args.batch_size, widths[0], generator=gen), torch.randint(0, widths[-1], (args.batch_size,))
     batches = [(x, y)]

@@ -104,7 +104,8 @@ def _kernels(t: Tensor) -> SparseKernels:
 
 def csr_mm_t(crow: Tensor, col: Tensor, values: Tensor, dense_t: Tensor, cols: int) -> Tensor:
     """``W @ dense_t`` with the registered kernel of the device (``dense_t`` made contiguous)."""
-    return _kernels(values).mm_t(crow, col, values, dense_t.contiguous(), cols)
+    dense_t = dense_t if dense_t.is_contiguous() else dense_t.contiguous()
+    return _kernels(values).mm_t(crow, col, values, dense_t, cols)
 
 
 def csr_sddmm(crow: Tensor, col: Tensor, values: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -115,7 +116,8 @@ def csr_sddmm(crow: Tensor, col: Tensor, values: Tensor, a: Tensor, b: Tensor) -
 # ---------------------------------------------------------------------------------------------- the ops
 def _feature_major(x: Tensor, in_features: int) -> Tensor:
     """``x`` as ``(n, in)``, then its transpose ``(in, n)`` made contiguous (free when ``x`` is feature-major)."""
-    return x.reshape(-1, in_features).t().contiguous()
+    xt = (x if x.dim() == 2 else x.reshape(-1, in_features)).t()
+    return xt if xt.is_contiguous() else xt.contiguous()
 
 
 def forward_impl(
@@ -148,10 +150,13 @@ def backward_impl(
     """
     crow, col, t_crow, t_col, t_perm = structure
     out = crow.numel() - 1
-    gt = grad.reshape(-1, out).t()  # (out, n): contiguous when Y was feature-major and dY follows it
+    gt = (grad if grad.dim() == 2 else grad.reshape(-1, out)).t()  # (out, n): contiguous if dY is feature-major
     gt = gt if gt.is_contiguous() else gt.contiguous()
     d_values = csr_sddmm(crow, col, values, gt, xt.t())
-    dx = csr_mm_t(t_crow, t_col, values[t_perm], gt, out).t().reshape(shape) if input_grad else None
+    dx = None
+    if input_grad:
+        dx = csr_mm_t(t_crow, t_col, values[t_perm], gt, out).t()
+        dx = dx if len(shape) == 2 else dx.reshape(shape)
     return dx, d_values, gt.sum(1) if bias_grad else None
 
 
