@@ -290,6 +290,39 @@ def test_ddp_two_processes_sparse_equals_masked(tmp_path):
             assert torch.equal(v, runs["sparse", 1]["model"][k]), k  # replicas identical
 
 
+# ----------------------------------------------------------------------------------------------- HF Conv1D
+def _conv1d_model() -> nn.Module:
+    """GPT-2's transposed linear layers (``y = x @ W + b``, ``W`` of shape ``(in, out)``) in a small MLP."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    return nn.Sequential(conv1d(48, 20), nn.ReLU(), conv1d(4, 48))
+
+
+def test_hf_conv1d_sparse_equals_masked():
+    """HF ``Conv1D`` layers train sparse too: same masks, weights (``(in, out)``) and optimizer state as masked."""
+    runs = {}
+    for backend in ("masked", "sparse"):
+        model = _conv1d_model()
+        opt = OPTIMIZERS["adamw"](model.parameters())
+        batches = _batches(30)
+        method = RigL(0.7, delta_t=5, t_end=1.0, verbose=False, backend=backend)
+        sparsifier = Sparsifier(method, model, opt, data=batches, total_steps=30)
+        if backend == "sparse":
+            layer = model[0]
+            assert type(layer).__name__ == "SparseTrainConv1D" and layer.mask().shape == (20, 48)
+            torch.testing.assert_close(layer.mask(), sparsifier.masks["0.weight"])
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            sparsifier.step()
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "sparsifier": sparsifier.state_dict()}
+        sparsifier.close()
+        assert type(model[0]).__name__ == "Conv1D" and model[0].weight.shape == (20, 48)
+        runs[backend] = state
+    assert runs["sparse"]["optimizer"]["state"][0]["exp_avg"].shape == (20, 48)
+    _assert_same_run(runs["masked"], runs["sparse"])
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 def test_bad_backend_fails_before_training():
     with pytest.raises(ValueError, match=r"`backend` must be one of 'masked', 'sparse'; got 'csr'"):

@@ -3,8 +3,8 @@
 Liu, Mocanu et al. 2020 ("Sparse evolutionary deep learning with over one million artificial neurons on
 commodity hardware", Neural Computing and Applications 33:2589) train SET networks whose weights are sparse
 matrices, so the cost of a step follows the kept count instead of the dense size. Here a session with
-``backend="sparse"`` turns each targeted ``nn.Linear`` into a :class:`SparseTrainLinear` once its masks are
-decided (:meth:`SparseMaskSet.convert`), for the run only (:meth:`SparseMaskSet.revert` at the session's stop):
+``backend="sparse"`` makes each targeted ``nn.Linear`` (or HF ``Conv1D``) a :class:`SparseTraining` layer once its
+masks are decided (:class:`SparseMaskSet`), for the run only (:meth:`SparseMaskSet.revert` at the session's stop):
 
 - the layer keeps ``values`` (an ``nn.Parameter`` of the kept count, in CSR order) and its CSR structure
   (``crow_indices``/``col_indices`` and those of the transpose) as buffers; forward and backward are the custom
@@ -35,16 +35,13 @@ from torch import Tensor, nn
 from lightning_pai.core.masks import MaskSet
 from lightning_pai.core.sharding import is_sharded
 from lightning_pai.core.sparse_ops import sparse_linear
+from lightning_pai.core.targets import is_hf_conv1d
 
 #: How a session trains its targets: ``"masked"`` (dense weights, masks enforced around each step) or
 #: ``"sparse"`` (CSR values only, :mod:`lightning_pai.core.sparse_train`).
 BACKENDS = ("masked", "sparse")
 
-#: Module types a target may belong to with ``backend="sparse"`` (exactly these, not subclasses: a subclass may
-#: compute with its weight in other ways).
-SPARSE_TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
-
-#: Names of the buffers a :class:`SparseTrainLinear` keeps (none is saved: ``state_dict`` shows ``weight``).
+#: Names of the buffers a :class:`SparseTraining` layer keeps (none is saved: ``state_dict`` shows ``weight``).
 _STRUCTURE = ("crow_indices", "col_indices", "t_crow", "t_col", "t_perm")
 
 
@@ -76,24 +73,32 @@ def remap(old: Tensor, old_index: Tensor, new_index: Tensor) -> Tensor:
     return torch.where(old_index[pos] == new_index, old[pos], 0)
 
 
-# ------------------------------------------------------------------------------------------ the module
-class SparseTrainLinear(nn.Linear):
-    """An ``nn.Linear`` training only its kept weights, stored in CSR (Liu, Mocanu et al. 2020).
+# ------------------------------------------------------------------------------------------ the modules
+class SparseTraining(nn.Module):
+    """A linear-like layer training only its kept weights, stored in CSR (Liu, Mocanu et al. 2020).
 
-    Made from an ``nn.Linear`` by :func:`to_sparse_training` (the object stays the same, so references, hooks
-    and the parent module are untouched; its class becomes this subclass, as ``torch.nn.utils.parametrize``
-    does) and turned back by :func:`to_dense_training`. ``y = x Wᵀ + b`` with ``W`` the CSR of ``values``
-    (:func:`~lightning_pai.core.sparse_ops.sparse_linear`: ``O(nnz)`` work per input row, forward and backward).
+    Made from a layer by :func:`to_sparse_training` (the object stays the same, so references, hooks and the
+    parent module are untouched; its class becomes a subclass of this one, as ``torch.nn.utils.parametrize``
+    does) and turned back by :func:`to_dense_training`. ``y = x Wᵀ + b`` with ``W`` (``(out, in)``) the CSR of
+    ``values`` (:func:`~lightning_pai.core.sparse_ops.sparse_linear`: ``O(nnz)`` work per input row, forward and
+    backward). The parameter it replaces, ``weight``, is ``W`` itself (``nn.Linear``) or ``Wᵀ`` (HF ``Conv1D``,
+    :attr:`transposed`); every dense view (``state_dict``, :meth:`dense_weight`, :meth:`mask`, ``dense_grad``) has
+    that parameter's shape.
 
     Attributes:
-        values: The kept weights in CSR (row-major) order, the parameter the optimizer steps.
+        values: The kept weights in CSR (row-major) order of ``W``, the parameter the optimizer steps.
         crow_indices, col_indices: The CSR structure (buffers, not saved: ``state_dict`` holds ``weight``).
-        dense_grad: The dense gradient ``dL/dW`` accumulated while :meth:`capture` is on, else None.
+        dense_grad: The dense gradient ``dL/dweight`` accumulated while :meth:`capture` is on, else None.
     """
 
+    #: Whether the replaced ``weight`` is ``Wᵀ`` (``(in, out)``, HF ``Conv1D``) rather than ``W``.
+    transposed = False
     values: nn.Parameter
     crow_indices: Tensor
     col_indices: Tensor
+    in_features: int
+    out_features: int
+    bias: Tensor | None
 
     # ------------------------------------------------------------------ structure
     @property
@@ -101,27 +106,40 @@ class SparseTrainLinear(nn.Linear):
         """Number of kept weights."""
         return self.values.numel()
 
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """The shape of the replaced ``weight``."""
+        return (self.in_features, self.out_features) if self.transposed else (self.out_features, self.in_features)
+
+    def _rows(self) -> Tensor:
+        device = self.crow_indices.device
+        return torch.repeat_interleave(torch.arange(self.out_features, device=device), self.crow_indices.diff())
+
     def flat_index(self) -> Tensor:
-        """The kept positions as sorted flat indices ``row * in_features + col`` of the dense weight."""
-        rows = torch.repeat_interleave(
-            torch.arange(self.out_features, device=self.crow_indices.device), self.crow_indices.diff()
-        )
-        return rows * self.in_features + self.col_indices
+        """The kept positions as sorted flat indices ``row * in_features + col`` of ``W`` (CSR order)."""
+        return self._rows() * self.in_features + self.col_indices
+
+    def weight_index(self) -> Tensor:
+        """The kept positions as flat indices of the replaced ``weight`` (in CSR order): ``weight.view(-1)[i]``."""
+        if self.transposed:
+            return self.col_indices * self.out_features + self._rows()
+        return self.flat_index()
 
     def mask(self) -> Tensor:
-        """The bool keep-mask the CSR structure stands for, ``(out, in)``."""
+        """The bool keep-mask the CSR structure stands for, in the replaced ``weight``'s shape."""
         out = torch.zeros(self.out_features * self.in_features, dtype=torch.bool, device=self.values.device)
-        out[self.flat_index()] = True
-        return out.view(self.out_features, self.in_features)
+        out[self.weight_index()] = True
+        return out.view(self.weight_shape)
 
     def set_structure(self, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Make ``mask`` the kept positions; values of surviving weights stay, new ones start at 0.
+        """Make ``mask`` (in ``weight``'s shape) the kept positions; surviving values stay, new ones start at 0.
 
         Returns:
             The old and the new sorted flat indices (to carry other per-weight state, see :func:`remap`).
         """
         old = self.flat_index()
-        for name, t in csr_structure(mask.to(self.values.device)).items():
+        mask = mask.to(self.values.device)
+        for name, t in csr_structure(mask.t() if self.transposed else mask).items():
             self._buffers[name] = t
         new = self.flat_index()
         with torch.no_grad():
@@ -131,39 +149,39 @@ class SparseTrainLinear(nn.Linear):
 
     # ------------------------------------------------------------------ dense views
     def dense_weight(self) -> Tensor:
-        """The dense ``(out, in)`` weight (zeros where pruned), a new tensor, no autograd."""
+        """The dense ``weight`` (zeros where pruned), a new tensor, no autograd."""
         values = self.values.detach()
         out = values.new_zeros(self.out_features * self.in_features)
-        out[self.flat_index()] = values
-        return out.view(self.out_features, self.in_features)
+        out[self.weight_index()] = values
+        return out.view(self.weight_shape)
 
     @property
-    def weight(self) -> Tensor:  # type: ignore[override]
+    def weight(self) -> Tensor:
         """The dense weight rebuilt from ``values``, differentiable (for code that reads ``layer.weight``)."""
         flat = self.values.new_zeros(self.out_features * self.in_features)
-        return flat.index_put((self.flat_index(),), self.values).view(self.out_features, self.in_features)
+        return flat.index_put((self.weight_index(),), self.values).view(self.weight_shape)
 
     def dense_named_parameters(self) -> list[tuple[str, Tensor]]:
         """The dense layer's ``(name, parameter)`` pairs, for counts such as a report's coverage.
 
         ``weight`` is a storage-less ``meta`` tensor of its shape.
         """
-        weight = torch.empty((self.out_features, self.in_features), dtype=self.values.dtype, device="meta")
+        weight = torch.empty(self.weight_shape, dtype=self.values.dtype, device="meta")
         return [("weight", weight)] + ([("bias", self.bias)] if self.bias is not None else [])
 
     # ------------------------------------------------------------------ dense gradient capture
     def capture(self, on: bool) -> None:
-        """Start (``on``: a zeroed ``dense_grad``) or stop (``dense_grad`` freed) accumulating ``dL/dW``."""
-        if on:
-            self.dense_grad = self.values.new_zeros(self.out_features, self.in_features)
-        else:
-            self.dense_grad = None
+        """Start (``on``: a zeroed ``dense_grad``) or stop (``dense_grad`` freed) accumulating ``dL/dweight``."""
+        self.dense_grad = self.values.new_zeros(self.weight_shape) if on else None
 
     def _accumulate(self, x: Tensor, grad: Tensor) -> None:
         with torch.no_grad():
             dtype = self.dense_grad.dtype
             grad, x = grad.reshape(-1, self.out_features).to(dtype), x.reshape(-1, self.in_features).to(dtype)
-            self.dense_grad.addmm_(grad.t(), x)
+            if self.transposed:
+                self.dense_grad.addmm_(x.t(), grad)
+            else:
+                self.dense_grad.addmm_(grad.t(), x)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
@@ -195,45 +213,76 @@ class SparseTrainLinear(nn.Linear):
         if key in state_dict:
             dense = state_dict[key]
             local = {k: v for k, v in state_dict.items() if k != key}
-            if tuple(dense.shape) == (self.out_features, self.in_features):
-                local[prefix + "values"] = dense.reshape(-1).to(self.values.device)[self.flat_index()]
+            if tuple(dense.shape) == self.weight_shape:
+                local[prefix + "values"] = dense.reshape(-1).to(self.values.device)[self.weight_index()]
             else:  # the base class reports the size mismatch
                 local[prefix + "values"] = dense
             state_dict = local
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        total = self.out_features * self.in_features
-        return f"{super().extra_repr()}, nnz={self.nnz} (density {self.nnz / max(1, total):.4f}), CSR"
+        density = self.nnz / max(1, self.out_features * self.in_features)
+        return f"in={self.in_features}, out={self.out_features}, nnz={self.nnz} (density {density:.4f})"
 
 
-def to_sparse_training(module: nn.Linear, mask: Tensor) -> SparseTrainLinear:
-    """Turn ``module`` (an ``nn.Linear``) into a :class:`SparseTrainLinear` keeping ``mask``, in place.
+class SparseTrainLinear(SparseTraining, nn.Linear):
+    """An ``nn.Linear`` training sparse (see :class:`SparseTraining`)."""
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, nnz={self.nnz}, CSR"
+
+
+class SparseTrainConv1D(SparseTraining):
+    """An HF ``Conv1D`` (``y = x @ weight + b``, ``weight`` of shape ``(in, out)``) training sparse."""
+
+    transposed = True
+
+    def __repr__(self) -> str:
+        return f"SparseTrainConv1D({self.extra_repr()})"
+
+
+def sparse_class(module: nn.Module) -> type[SparseTraining] | None:
+    """The :class:`SparseTraining` class ``module`` becomes, or None when it cannot train sparse.
+
+    ``nn.Linear`` (exactly: a subclass may compute with its weight in other ways) and HF-style ``Conv1D``.
+    """
+    if type(module) is nn.Linear:
+        return SparseTrainLinear
+    if is_hf_conv1d(module) and type(module).__name__ == "Conv1D":
+        return SparseTrainConv1D
+    return None
+
+
+def to_sparse_training(module: nn.Module, mask: Tensor) -> SparseTraining:
+    """Make ``module`` (``nn.Linear`` or HF ``Conv1D``) train only the kept weights of ``mask``, in place.
 
     The dense ``weight`` parameter leaves the module (its storage is released; the object is kept and comes
     back at :func:`to_dense_training`); ``values`` holds its kept entries.
 
     Raises:
-        TypeError: If ``module`` is not exactly an ``nn.Linear``.
+        TypeError: If ``module`` cannot train sparse (see :func:`sparse_class`).
     """
-    if type(module) not in SPARSE_TARGET_TYPES:
-        raise TypeError(f"Only `nn.Linear` layers train sparse; got {type(module).__name__}.")
+    cls = sparse_class(module)
+    if cls is None:
+        raise TypeError(f"Only `nn.Linear` and HF `Conv1D` layers train sparse; got {type(module).__name__}.")
     weight = module._parameters.pop("weight")
-    structure = csr_structure(mask.to(weight.device, torch.bool))
-    module.__class__ = SparseTrainLinear
-    for name, t in structure.items():
+    module.__dict__["_dense_weight"], module.__dict__["_dense_class"] = weight, type(module)
+    if cls is SparseTrainConv1D:
+        module.in_features, module.out_features = weight.shape
+    mask = mask.to(weight.device, torch.bool)
+    module.__class__ = cls
+    for name, t in csr_structure(mask.t() if cls.transposed else mask).items():
         module.register_buffer(name, t, persistent=False)
-    flat = module.flat_index()
+    flat = module.weight_index()
     values = nn.Parameter(weight.detach().reshape(-1)[flat].clone(), requires_grad=weight.requires_grad)
     module.register_parameter("values", values)
-    module.__dict__["_dense_weight"] = weight
     module.dense_grad = None
     weight.data = weight.data.new_empty(0)  # the dense storage is released while the layer trains sparse
     return module
 
 
-def to_dense_training(module: SparseTrainLinear) -> nn.Linear:
-    """Turn a :class:`SparseTrainLinear` back into the ``nn.Linear`` it was (same ``weight`` parameter object)."""
+def to_dense_training(module: SparseTraining) -> nn.Module:
+    """Turn a :class:`SparseTraining` layer back into the layer it was (same ``weight`` parameter object)."""
     dense = module.dense_weight()
     weight = module.__dict__.pop("_dense_weight")
     weight.data = dense
@@ -241,7 +290,9 @@ def to_dense_training(module: SparseTrainLinear) -> nn.Linear:
     for name in _STRUCTURE:
         del module._buffers[name]
     module.__dict__.pop("dense_grad", None)
-    module.__class__ = nn.Linear
+    module.__class__ = module.__dict__.pop("_dense_class")
+    if module.__class__ is not nn.Linear:
+        del module.in_features, module.out_features
     module.register_parameter("weight", weight)
     return module
 
@@ -255,7 +306,7 @@ def sparse_target_problems(module: nn.Module, names: Iterable[str]) -> list[str]
         prefix, _, attr = name.rpartition(".")
         owner = owners.get(prefix)
         param = getattr(owner, attr, None) if owner is not None else None
-        if type(owner) not in SPARSE_TARGET_TYPES or attr != "weight":
+        if owner is None or sparse_class(owner) is None or attr != "weight":
             bad.append(f"{name} ({type(owner).__name__})")
         elif is_sharded(param):
             bad.append(f"{name} (sharded, FSDP)")
@@ -272,9 +323,9 @@ def check_sparse_targets(module: nn.Module, names: Iterable[str], method: str) -
     if bad:
         listed = ", ".join(bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
         raise ValueError(
-            f"`{method}(backend='sparse')` trains the weights of `nn.Linear` layers only (exactly that type, "
-            f"not sharded); these targets are not: {listed}. Use `backend='masked'` (the default; `backend` is "
-            f"one of {', '.join(map(repr, BACKENDS))}) or leave them out with `exclude=`."
+            f"`{method}(backend='sparse')` trains the weights of `nn.Linear` (exactly that type) and HF `Conv1D` "
+            f"layers only, not sharded; these targets are not: {listed}. Use `backend='masked'` (the default; "
+            f"`backend` is one of {', '.join(map(repr, BACKENDS))}) or leave them out with `exclude=`."
         )
 
 
@@ -307,7 +358,7 @@ def _swap_param(
 
 
 class SparseMaskSet(MaskSet):
-    """The masks of a session whose targets train sparse (:class:`SparseTrainLinear`); see the module docstring.
+    """The masks of a session whose targets train sparse (:class:`SparseTraining`); see the module docstring.
 
     The bool masks, names, layouts, counts and ``state_dict`` are a :class:`~lightning_pai.core.masks.MaskSet`'s;
     enforcement is structural (nothing pruned is stored), so :meth:`apply_`, :meth:`mask_grads_` and
@@ -329,14 +380,14 @@ class SparseMaskSet(MaskSet):
         self.optimizers = list(optimizers)
         self._capturing = False
         self._reduced_step: int | None = None
-        self.layers: dict[str, SparseTrainLinear] = {}
+        self.layers: dict[str, SparseTraining] = {}
         owners = dict(module.named_modules())
         for name, mask in self.items():
             owner = owners[name.rpartition(".")[0]]
             weight = owner.weight
             shape = tuple(weight.shape)
             layer = to_sparse_training(owner, mask)
-            flat = layer.flat_index()
+            flat = layer.weight_index()
             _swap_param(self.optimizers, weight, layer.values, shape, lambda t, f=flat: t.reshape(-1)[f].clone())
             self.layers[name] = layer
         self._hooks = [
@@ -458,7 +509,7 @@ class SparseMaskSet(MaskSet):
         self.update_(masks, self.optimizers)
 
     # ----------------------------------------------------------------- optimizer checkpoints
-    def _slots(self, optimizer: torch.optim.Optimizer) -> dict[int, SparseTrainLinear]:
+    def _slots(self, optimizer: torch.optim.Optimizer) -> dict[int, SparseTraining]:
         """Index in ``optimizer.state_dict()['state']`` -> layer, for the values it steps."""
         layers = {id(layer.values): layer for layer in self.layers.values()}
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -470,7 +521,7 @@ class SparseMaskSet(MaskSet):
         state = dict(state_dict["state"])
         for i, layer in slots.items():
             if i in state:
-                flat, shape = layer.flat_index(), (layer.out_features, layer.in_features)
+                flat, shape = layer.weight_index(), layer.weight_shape
                 state[i] = {k: _scatter(v, flat, shape, layer.nnz) for k, v in state[i].items()}
         return {**state_dict, "state": state}
 
@@ -480,8 +531,7 @@ class SparseMaskSet(MaskSet):
         state = dict(state_dict["state"])
         for i, layer in slots.items():
             if i in state:
-                shape = (layer.out_features, layer.in_features)
-                flat = layer.flat_index().cpu()
+                shape, flat = layer.weight_shape, layer.weight_index().cpu()
                 state[i] = {
                     k: v.reshape(-1)[flat.to(v.device)].clone() if isinstance(v, Tensor) and tuple(v.shape) == shape
                     else v
@@ -497,7 +547,7 @@ class SparseMaskSet(MaskSet):
         self._hooks.clear()
         self.capture(False)
         for layer in self.layers.values():
-            flat, shape, values = layer.flat_index(), (layer.out_features, layer.in_features), layer.values
+            flat, shape, values = layer.weight_index(), layer.weight_shape, layer.values
             to_dense_training(layer)
             scatter = lambda t, f=flat, s=shape: _scatter(t, f, s, t.numel())  # noqa: E731
             _swap_param(self.optimizers, values, layer.weight, (values.numel(),), scatter)
