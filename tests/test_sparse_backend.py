@@ -323,6 +323,30 @@ def test_hf_conv1d_sparse_equals_masked():
     _assert_same_run(runs["masked"], runs["sparse"])
 
 
+def test_plain_loop_ddp_order(tmp_path):
+    """A plain loop wraps DDP after the Sparsifier (DDP leaves the sparse layers alone); wrapped before: refused."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = _model()
+        opt = OPTIMIZERS["sgd"](model.parameters())
+        wrapped = nn.parallel.DistributedDataParallel(_model())
+        with pytest.raises(ValueError, match=r"wrapped in DistributedDataParallel before the Sparsifier.*0\.weight"):
+            Sparsifier(SET(0.8, verbose=False, backend="sparse"), wrapped, opt, data=_batches(2), total_steps=2)
+        sparsifier = Sparsifier(SET(0.8, verbose=False, backend="sparse"), model, opt, data=_batches(2), total_steps=2)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        assert {"0.values", "0.weight"} <= ddp.parameters_to_ignore
+        x, y = _batches(1)[0]
+        F.cross_entropy(ddp(x), y).backward()
+        sparsifier.step()
+        assert model[0].values.grad is not None
+    finally:
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 def test_bad_backend_fails_before_training():
     with pytest.raises(ValueError, match=r"`backend` must be one of 'masked', 'sparse'; got 'csr'"):

@@ -17,8 +17,11 @@ masks are decided (:class:`SparseMaskSet`), for the run only (:meth:`SparseMaskS
 - ``state_dict`` shows the dense ``weight`` (zeros where pruned) and ``load_state_dict`` takes one, and the
   optimizers' ``state_dict`` shows dense-shaped state (zeros where pruned) and takes it back: checkpoints
   load into an ordinary dense model and optimizer, and the reverse;
-- under DDP, the targets are left out of DDP's reducer (:func:`ignore_in_ddp`, before the model is wrapped)
-  and the kept values' gradients are all-reduced by the session, one bucket per step;
+- under DDP, the targets are left out of DDP's reducer (:func:`ignore_in_ddp`, from :meth:`Session.prepare
+  <lightning_pai.core.session.Session.prepare>`, before the model is wrapped: Lightning's ``Trainer`` calls it in
+  ``setup``; a plain loop creates its ``Sparsifier`` before wrapping; the Hugging Face ``Trainer`` wraps first, so
+  there only one process trains sparse) and the kept values' gradients are all-reduced by the session, one bucket
+  per step;
 - a dense gradient exists only when an update reads it (RigL's growth, every ``delta_t`` steps, as the
   paper's cost model assumes): :meth:`SparseMaskSet.capture` makes each layer accumulate ``dYᵀ X`` for the
   step. SET's random growth never needs one.
