@@ -370,6 +370,12 @@ def test_bad_backend_fails_before_training():
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2, 4)), batch_size=2)
     with pytest.raises(ValueError, match=r"conv\.weight \(Conv1d\).*`backend` is one of 'masked', 'sparse'"):
         trainer.fit(Conv(), data)
+    tied = _model()
+    tied[4].weight = nn.Parameter(torch.randn(4, 24))
+    tied.append(nn.Linear(24, 4))
+    tied[5].weight = tied[4].weight
+    with pytest.raises(ValueError, match=r"4\.weight \(tied to another layer's weight\)"):
+        Sparsifier(SET(0.8, verbose=False, backend="sparse"), tied, OPTIMIZERS["sgd"](tied.parameters()), _batches(2))
 
 
 def test_autocast_bf16_matches_masked_layer():

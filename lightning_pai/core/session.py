@@ -166,7 +166,7 @@ class Session:
             gradients or regrow weights refuse them), ``"error"`` refuses them (see :data:`FROZEN`).
         backend: ``"masked"`` (dense weights, masks enforced around each step) or ``"sparse"``: the targets
             train as CSR matrices from :meth:`start` to :meth:`stop`, only their kept values stored, stepped and
-            all-reduced (``nn.Linear`` targets; see :mod:`lightning_pai.core.sparse_train`).
+            all-reduced (``nn.Linear`` and HF ``Conv1D`` targets; see :mod:`lightning_pai.core.sparse_train`).
     """
 
     def __init__(

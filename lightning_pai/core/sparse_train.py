@@ -304,6 +304,11 @@ def to_dense_training(module: SparseTraining) -> nn.Module:
 def sparse_target_problems(module: nn.Module, names: Iterable[str]) -> list[str]:
     """The targets ``backend="sparse"`` cannot train, each with its owner's type (empty: all can)."""
     owners = dict(module.named_modules())
+    uses: dict[int, int] = {}  # owners per parameter (a tied weight has several)
+    for mod in module.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                uses[id(p)] = uses.get(id(p), 0) + 1
     bad = []
     for name in names:
         prefix, _, attr = name.rpartition(".")
@@ -313,6 +318,8 @@ def sparse_target_problems(module: nn.Module, names: Iterable[str]) -> list[str]
             bad.append(f"{name} ({type(owner).__name__})")
         elif is_sharded(param):
             bad.append(f"{name} (sharded, FSDP)")
+        elif uses.get(id(param), 0) > 1:
+            bad.append(f"{name} (tied to another layer's weight)")
     return bad
 
 
