@@ -31,7 +31,7 @@ from lightning_pai.deploy import SparseLinear
 from lightning_pai.deploy import kernels as ckernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparse_inference import ISA_ENV, cpu_description  # noqa: E402
+from sparse_inference import ISA_ENV, ForeignLoad, cpu_description, wait_until_quiet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: (model, layer, out features, in features, rows at batch 64, input layout in the converted model: "rows" =
@@ -68,6 +68,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=1.5, help="time per shape and sparsity, about")
     parser.add_argument("--isa", choices=list(ISA_ENV), default="native", help="as in sparse_inference.py")
+    parser.add_argument(
+        "--max-foreign", type=float, default=0.1,
+        help="before each row, wait (up to 15 min) for other processes to use under this share of the CPUs (1: never)",
+    )  # fmt: skip
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     env = ISA_ENV[args.isa]
@@ -90,7 +94,9 @@ def main() -> None:
             wd = w * mask
             calls = {"dense": lambda x=x, wd=wd, b=b: F.linear(x, wd, b)}
             calls |= {k: (lambda m=m, x=x: m(x)) for k, m in layers.items()}
-            with torch.inference_mode():
+            if args.max_foreign < 1:
+                wait_until_quiet(args.max_foreign)
+            with torch.inference_mode(), ForeignLoad() as load:
                 err = max(float((m(x) - F.linear(x, wd, b)).abs().max()) for m in layers.values())
                 first = time.perf_counter()
                 for fn in calls.values():
@@ -101,13 +107,13 @@ def main() -> None:
             low = {k: statistics.quantiles(v, n=4)[0] for k, v in times.items()}
             row = dict(model=model, layer=name, shape=(out, inp), rows=n, layout=layout, sparsity=sparsity)
             row.update(median=med, q1=low)
-            row.update(repeats=len(times["dense"]), err=err)
+            row.update(repeats=len(times["dense"]), err=err, foreign=load.fraction)
             rows.append(row)
             print(
                 f"{model:16s} {name:5s} {out}x{inp} {n:5d} {layout:7s} s={sparsity:.2f}: "
                 f"dense {med['dense'] * 1e3:8.3f} ms  "
                 f"c {med['c'] * 1e3:8.3f} ms  sum {med['sum'] * 1e3:8.3f} ms  dense/c {med['dense'] / med['c']:6.2f}  "
-                f"sum/c {med['sum'] / med['c']:5.2f}  err {err:.1e}",
+                f"sum/c {med['sum'] / med['c']:5.2f}  err {err:.1e}  foreign load {load.fraction:.0%}",
                 flush=True,
             )
     out = [
@@ -123,11 +129,12 @@ def main() -> None:
         "Median (lower quartile) ms per call over interleaved repeats, on the input layout the layer gets in the "
         "converted model (*rows*: row-major `(rows, in)`, each sparse layer transposing it its own way; *chained*: "
         "the transposed view a converted layer before it returns, for the dense layer too). `dense/c`, `sum/c`: "
-        "ratios of medians (> 1: the compiled kernel faster).",
+        "ratios of medians (> 1: the compiled kernel faster). *other load*: share of the CPUs other processes used "
+        f"while the row was measured (each row waits for under {args.max_foreign:.0%} first, up to 15 min).",
         "",
         "| model | layer | out x in | rows | input | sparsity | dense ms | c ms | sum ms | dense/c | sum/c "
-        "| max abs err |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| max abs err | other load |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         med, low = r["median"], r["q1"]
@@ -135,7 +142,8 @@ def main() -> None:
         out.append(
             f"| {r['model']} | {r['layer']} | {r['shape'][0]}x{r['shape'][1]} | {r['rows']} | {r['layout']} | "
             f"{r['sparsity']:.2f} | "
-            f"{cells} | {med['dense'] / med['c']:.2f} | {med['sum'] / med['c']:.2f} | {r['err']:.1e} |"
+            f"{cells} | {med['dense'] / med['c']:.2f} | {med['sum'] / med['c']:.2f} | {r['err']:.1e} | "
+            f"{r['foreign']:.0%} |"
         )
     text = "\n".join(out) + "\n"
     print()
