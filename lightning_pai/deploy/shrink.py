@@ -357,9 +357,10 @@ def shrink(
             f"shrink: the shrunk model does not run ({err}). Pass the layers whose channel count its code relies "
             "on in `ignored=`." + ("" if inplace else " The input model is unchanged.")
         ) from err
+    finally:
+        for m, flag in was_training.items():  # each module's own flag (``train()`` would recurse into children)
+            m.training = flag
     diff = _max_diff(before, after)
-    for m, flag in was_training.items():
-        m.train(flag)
     if not diff <= atol:
         raise ValueError(
             f"shrink: the shrunk model's outputs differ from the input model's by {diff:.3g} (> `atol`={atol}). "
