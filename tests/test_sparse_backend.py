@@ -122,6 +122,61 @@ def test_op_matches_dense_masked_matmul_and_gradchecks(bias, shape):
     torch.library.opcheck(op.default, (x, values, *structure, bias_t, 11))
 
 
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 64, 131])
+@pytest.mark.parametrize("batch_major", [True, False])
+def test_compiled_cpu_kernels_equal_pytorchs_and_the_dense_product(n, batch_major):
+    """float32: the compiled forward (bias fused), SDDMM and transpose equal PyTorch's kernels and a dense reference.
+
+    Covers tails of the vector width and the 64-column tile (n = 1, 5, 17, 131), an empty row and a full row.
+    """
+    from lightning_pai.core import sparse_ops
+    from lightning_pai.deploy import kernels as compiled
+
+    if not compiled.available():
+        pytest.skip("no C compiler: the compiled kernels are not built")
+    assert sparse_ops._kernels(torch.empty(0)) is not sparse_ops.KERNELS["default"]  # the CPU uses the compiled ones
+    gen = torch.Generator().manual_seed(n)
+    mask = torch.rand(37, 29, generator=gen) < 0.3
+    mask[3], mask[5] = False, True
+    layer = to_sparse_training(nn.Linear(29, 37), mask)
+    b = layer._buffers
+    assert b["crow_indices"].dtype == torch.int32 and b["col_indices"].dtype == torch.int32
+    structure = (b["crow_indices"], b["col_indices"], b["t_crow"], b["t_col"], b["t_perm"])
+    x = torch.randn(n, 29, generator=gen) if batch_major else torch.randn(29, n, generator=gen).t()
+    dense = torch.zeros(37, 29).masked_scatter(mask, layer.values.detach())
+    grad = torch.randn(n, 37, generator=gen)
+
+    def run(kernels):
+        saved = sparse_ops.KERNELS.get("cpu")
+        sparse_ops.KERNELS["cpu"] = kernels
+        try:
+            xx, v, bb = (t.detach().clone().requires_grad_() for t in (x, layer.values, layer.bias))
+            y = sparse_linear(xx, v, *structure, bb, 29)
+            return (y, *torch.autograd.grad(y, (xx, v, bb), grad))
+        finally:
+            sparse_ops.KERNELS["cpu"] = saved
+
+    ours, torchs = run(sparse_ops.compiled_cpu_kernels()), run(sparse_ops.KERNELS["default"])
+    xr = x.detach().clone().requires_grad_()
+    wr = dense.clone().requires_grad_()
+    yr = F.linear(xr, wr, layer.bias.detach())
+    want = (yr, *torch.autograd.grad(yr, (xr, wr), grad), grad.sum(0))
+    want = (want[0], want[1], want[2][mask], want[3])
+    for a, b_, w in zip(ours, torchs, want):
+        torch.testing.assert_close(a, w, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-5)
+    t = torch.randn(n, 29, generator=gen)
+    assert torch.equal(sparse_ops.compiled_cpu_kernels().transpose(t), t.t().contiguous())
+
+
+def test_sparse_run_on_pytorchs_kernels_equals_the_masked_run(monkeypatch):
+    """Without the compiled kernels (no C compiler), the sparse backend still trains like the masked one."""
+    from lightning_pai.core import sparse_ops
+
+    monkeypatch.setitem(sparse_ops.KERNELS, "cpu", sparse_ops.KERNELS["default"])
+    _assert_same_run(_run("RigL", "sparse"), _run("RigL", "masked"))
+
+
 def test_module_state_dict_is_dense_and_round_trips():
     """A SparseTrainLinear saves a dense ``weight`` (zeros where pruned), loads one, and turns back into nn.Linear."""
     torch.manual_seed(0)

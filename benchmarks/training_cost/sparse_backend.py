@@ -26,6 +26,7 @@ Usage::
 
     python benchmarks/training_cost/sparse_backend.py                    # the results file, ~10 min on 2 cores
     python benchmarks/training_cost/sparse_backend.py --rounds 3 --widths 784,300,100,10   # smoke run
+    python benchmarks/training_cost/sparse_backend.py --isa avx2         # as a CPU without AVX-512: ..._avx2.md
 
 Timings are wall times; the machine's load average is printed before and after (other jobs share its cores).
 """
@@ -51,6 +52,9 @@ from torch.nn import functional as F
 
 import lightning_pai
 from lightning_pai import SET, RigL, Sparsifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "inference"))
+from sparse_inference import ISA_ENV  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sparse_backend.md"
 MODELS = ("dense", "SET masked", "SET sparse", "RigL masked", "RigL sparse")
@@ -154,7 +158,7 @@ def breakdown(widths: list[int], sparsity: float, args: argparse.Namespace) -> s
     """Where a sparse SET step goes, in fastest-of-N times (robust to other jobs): the CSR products per layer,
     the first layer's input transpose, the optimizer step, and the rest (loss, activations, dispatch, bookkeeping),
     beside the dense step's total."""
-    from lightning_pai.core.sparse_ops import csr_mm_t, csr_sddmm
+    from lightning_pai.core.sparse_ops import _feature_major, csr_mm_t, csr_sddmm
 
     repeats = args.breakdown_repeats if max(widths) <= 1000 else max(3, args.breakdown_repeats // 20)
     gen = torch.Generator().manual_seed(args.seed)
@@ -170,7 +174,7 @@ def breakdown(widths: list[int], sparsity: float, args: argparse.Namespace) -> s
     sparse = Run("SET sparse", model, optimizer, Sparsifier(method, model, optimizer, data=batches, total_steps=10**9))
     dense_step = fastest(lambda: dense.step(x, y), repeats)
     sparse_step = fastest(lambda: sparse.step(x, y), repeats)
-    parts = {"input transpose": fastest(lambda: x.t().contiguous(), repeats)}
+    parts = {"input transpose": fastest(lambda: _feature_major(x, widths[0]), repeats)}
     products = {"mm": 0.0, "sddmm": 0.0, "mmᵀ": 0.0}
     n = args.batch_size
     for i, layer in enumerate(sparse.sparsifier.masks.layers.values()):
@@ -187,6 +191,15 @@ def breakdown(widths: list[int], sparsity: float, args: argparse.Namespace) -> s
     parts["rest"] = max(0.0, sparse_step - sum(parts.values()))
     share = ", ".join(f"{k} {1e6 * t:.0f} µs ({100 * t / sparse_step:.0f} %)" for k, t in parts.items())
     return f"{1e6 * sparse_step:.0f} µs = {share} | {1e6 * dense_step:.0f} µs ({sparse_step / dense_step:.3f})"
+
+
+def kernels_used() -> str:
+    """Which kernels the sparse layers' products ran on (the compiled ones and their build, or PyTorch's)."""
+    from lightning_pai.deploy import kernels as compiled
+
+    if compiled.available():
+        return f"compiled kernels ({compiled.build_info()})"
+    return "PyTorch's `torch.sparse` kernels (no C compiler)"
 
 
 def cpu_facts() -> tuple[str, str]:
@@ -216,8 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--breakdown-repeats", type=int, default=300, help="calls per op in the step breakdown")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--isa", choices=list(ISA_ENV), default="native",
+        help="run as a CPU with this instruction set would (avx2: no AVX-512 in our kernels, PyTorch, MKL, oneDNN)",
+    )  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help="results file (default results/sparse_backend[_<isa>].md)")
     args = p.parse_args(argv)
+    env = ISA_ENV[args.isa]
+    if any(os.environ.get(k) != v for k, v in env.items()):  # set before torch and MKL load: run again with it
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
+    if args.out is None:
+        args.out = RESULTS.with_name("sparse_backend" + ("" if args.isa == "native" else f"_{args.isa}") + ".md")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     archs = [[int(w) for w in s.split(",")] for s in (args.widths or ["784,300,100,10", "784,4096,4096,10"])]
@@ -232,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- torch {torch.__version__}, lightning_pai {lightning_pai.__version__}, {args.threads} threads",
         f"- CPU: {model}, {os.cpu_count()} logical cores; flags: {flags}",
+        f"- sparse products: {kernels_used()}; PyTorch's CPU kernels: {torch.backends.cpu.get_cpu_capability()}"
+        + "".join(f", {k}={v}" for k, v in env.items()),
         f"- batch {args.batch_size}, SGD(lr 0.01, momentum 0.9, wd 5e-4); every layer targeted (SET: ER, RigL: "
         f"ERK); updates every {args.delta_t} steps while timing",
         "",
@@ -271,9 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         "## Where the sparse SET step goes (fastest of N, each part timed alone)",
         "",
-        "`mm`: `Yᵀ = W Xᵀ` (`torch.sparse.mm(W, Xᵀ, 'sum')`), `sddmm`: `dW` at the kept positions "
-        "(`torch.sparse.sampled_addmm`), `mmᵀ`: `dXᵀ = Wᵀ dYᵀ`, summed over layers; `rest`: loss, activations, bias, "
-        "autograd and dispatch, the method's bookkeeping.",
+        "`mm`: `Yᵀ = W Xᵀ + b`, `sddmm`: `dW` at the kept positions, `mmᵀ`: `dXᵀ = Wᵀ dYᵀ`, summed over layers "
+        f"({kernels_used()}); `rest`: loss, activations, autograd and dispatch, the method's bookkeeping.",
         "",
         "| MLP | sparsity | sparse step = parts | dense step (ratio) |",
         "|---|---|---|---|",

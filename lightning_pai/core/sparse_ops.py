@@ -19,9 +19,11 @@ The ops:
 Both have fake (meta) implementations, so ``torch.compile`` records each as one node; eager calls of
 :func:`sparse_linear` run the same computations in an ``autograd.Function`` (no dispatcher overhead). Their
 two products, :func:`csr_mm_t` (CSR times a dense matrix) and :func:`csr_sddmm` (a dense product sampled at the CSR's
-positions), are looked up per device type in :data:`KERNELS`: PyTorch's own sparse kernels by default
-(``torch.sparse.mm(..., "sum")`` on the CPU, cuSPARSE through ``torch.mm`` elsewhere, and
-``torch.sparse.sampled_addmm``); a compiled kernel is registered with :func:`register_sparse_kernels`.
+positions), and the transpose of a batch-major input are looked up per device type in :data:`KERNELS`: on the CPU
+the compiled kernels of :mod:`lightning_pai.deploy.kernels` (float32, int32 indices; :func:`compiled_cpu_kernels`),
+elsewhere and for other dtypes PyTorch's own (``torch.sparse.mm(..., "sum")`` on the CPU, cuSPARSE through
+``torch.mm`` elsewhere, and ``torch.sparse.sampled_addmm``); other kernels are registered with
+:func:`register_sparse_kernels`.
 
 Activations are kept feature-major where it is free: ``Y`` is returned as the transpose of the contiguous
 ``(out, n)`` product, so the next sparse layer reads ``Xᵀ`` without a copy and ``dY`` usually arrives with
@@ -44,16 +46,20 @@ def csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Ten
     return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
-def torch_csr_mm_t(crow: Tensor, col: Tensor, values: Tensor, dense_t: Tensor, cols: int) -> Tensor:
-    """``W @ dense_t`` for the ``(rows, cols)`` CSR ``W`` and a contiguous ``(cols, n)`` matrix: ``(rows, n)``.
+def torch_csr_mm_t(
+    crow: Tensor, col: Tensor, values: Tensor, dense_t: Tensor, cols: int, bias: Tensor | None = None
+) -> Tensor:
+    """``W @ dense_t (+ bias[:, None])`` for the ``(rows, cols)`` CSR ``W`` and a contiguous ``(cols, n)`` matrix.
 
     PyTorch's CSR kernels: the row-parallel ``"sum"`` reduction on the CPU (several times faster there than the
     MKL product for the shapes of a training batch), ``torch.mm`` (cuSPARSE) on other devices.
+
+    Returns:
+        ``(rows, n)``, contiguous.
     """
     weight = csr(crow, col, values, (crow.numel() - 1, cols))
-    if dense_t.device.type == "cpu":
-        return torch.sparse.mm(weight, dense_t, "sum")
-    return torch.mm(weight, dense_t)
+    out = torch.sparse.mm(weight, dense_t, "sum") if dense_t.device.type == "cpu" else torch.mm(weight, dense_t)
+    return out if bias is None else out.add_(bias.unsqueeze(1))
 
 
 def torch_csr_sddmm(crow: Tensor, col: Tensor, values: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -72,40 +78,102 @@ def torch_csr_sddmm(crow: Tensor, col: Tensor, values: Tensor, a: Tensor, b: Ten
     return torch.sparse.sampled_addmm(pattern, a, b, beta=0.0).values()
 
 
+def torch_transpose(x: Tensor) -> Tensor:
+    """``x.t()`` made contiguous (PyTorch's strided copy)."""
+    return x.t().contiguous()
+
+
 @dataclass(frozen=True)
 class SparseKernels:
-    """The two products of a sparse layer on one device type (see :func:`register_sparse_kernels`).
+    """The products of a sparse layer on one device type (see :func:`register_sparse_kernels`).
 
     Attributes:
-        mm_t: ``fn(crow, col, values, dense_t, cols) -> W @ dense_t`` (``(rows, n)``), see :func:`torch_csr_mm_t`.
+        mm_t: ``fn(crow, col, values, dense_t, cols, bias=None) -> W @ dense_t (+ bias[:, None])`` (``(rows, n)``,
+            contiguous), see :func:`torch_csr_mm_t`.
         sddmm: ``fn(crow, col, values, a, b) -> (a @ b)[kept]`` (``(nnz,)``), see :func:`torch_csr_sddmm`.
+        transpose: ``fn(x) -> x.t().contiguous()`` for a 2-D ``x`` with contiguous rows (a batch-major input made
+            feature-major), see :func:`torch_transpose`.
     """
 
     mm_t: Callable[..., Tensor]
     sddmm: Callable[..., Tensor]
+    transpose: Callable[[Tensor], Tensor] = torch_transpose
 
 
-#: The products by device type (``"cpu"``, ``"cuda"``, ...); ``"default"`` serves every other device.
+#: The products by device type (``"cpu"``, ``"cuda"``, ...); ``"default"`` serves every other device. The CPU entry
+#: is filled at first use: the compiled kernels of :mod:`lightning_pai.deploy.kernels` when they are available
+#: (:func:`compiled_cpu_kernels`), else PyTorch's.
 KERNELS: dict[str, SparseKernels] = {"default": SparseKernels(torch_csr_mm_t, torch_csr_sddmm)}
 
 
-def register_sparse_kernels(device_type: str, mm_t: Callable[..., Tensor], sddmm: Callable[..., Tensor]) -> None:
-    """Use compiled kernels for the sparse layers' products on ``device_type`` (e.g. ``"cpu"``).
+def register_sparse_kernels(
+    device_type: str,
+    mm_t: Callable[..., Tensor],
+    sddmm: Callable[..., Tensor],
+    transpose: Callable[[Tensor], Tensor] = torch_transpose,
+) -> None:
+    """Use other kernels for the sparse layers' products on ``device_type`` (e.g. ``"cuda"``).
 
-    Both keep the signatures of :func:`torch_csr_mm_t` and :func:`torch_csr_sddmm`; the ops, their autograd
-    formula and the modules are unchanged.
+    They keep the signatures of :func:`torch_csr_mm_t`, :func:`torch_csr_sddmm` and :func:`torch_transpose`; the
+    ops, their autograd formula and the modules are unchanged.
     """
-    KERNELS[device_type] = SparseKernels(mm_t, sddmm)
+    KERNELS[device_type] = SparseKernels(mm_t, sddmm, transpose)
+
+
+def compiled_cpu_kernels() -> SparseKernels:
+    """The CPU products on the compiled kernels of :mod:`lightning_pai.deploy.kernels`, PyTorch's where they do not apply.
+
+    The compiled kernels take float32 values with int32 indices (the structure :func:`~lightning_pai.core.
+    sparse_train.csr_structure` builds below 2³¹ entries): a row-tiled ``W Xᵀ`` with the bias added in the same
+    pass (no zero-filled output), a four-at-a-time SDDMM, and a blocked transpose. Other dtypes (float64 for
+    ``gradcheck``, bfloat16) and int64 structures go to PyTorch's kernels. Without a C compiler (or with
+    ``LIGHTNING_PAI_NO_CKERNELS=1``) every product is PyTorch's.
+    """
+    from lightning_pai.deploy import kernels as compiled  # the C build lives with the inference kernels
+
+    if not compiled.available():
+        return KERNELS["default"]
+
+    def fits(values: Tensor, crow: Tensor, *dense: Tensor) -> bool:
+        return (
+            values.dtype == torch.float32
+            and crow.dtype == torch.int32
+            and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in dense)
+        )
+
+    def mm_t(crow: Tensor, col: Tensor, values: Tensor, dense_t: Tensor, cols: int, bias: Tensor | None = None):
+        if fits(values, crow, dense_t) and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())):
+            return compiled.csr_matmul_t(crow, col, values.contiguous(), bias, dense_t)
+        return torch_csr_mm_t(crow, col, values, dense_t, cols, bias)
+
+    def sddmm(crow: Tensor, col: Tensor, values: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        bt = b.t()
+        if fits(values, crow, a, bt):
+            return compiled.csr_sddmm(crow, col, a, bt)
+        return torch_csr_sddmm(crow, col, values, a, b)
+
+    def transpose(x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and x.stride(1) == 1:
+            return compiled.transpose(x)
+        return torch_transpose(x)
+
+    return SparseKernels(mm_t, sddmm, transpose)
 
 
 def _kernels(t: Tensor) -> SparseKernels:
-    return KERNELS.get(t.device.type, KERNELS["default"])
+    device = t.device.type
+    kernels = KERNELS.get(device)
+    if kernels is None:
+        if device != "cpu":
+            return KERNELS["default"]
+        kernels = KERNELS["cpu"] = compiled_cpu_kernels()
+    return kernels
 
 
-def csr_mm_t(crow: Tensor, col: Tensor, values: Tensor, dense_t: Tensor, cols: int) -> Tensor:
-    """``W @ dense_t`` with the registered kernel of the device (``dense_t`` made contiguous)."""
+def csr_mm_t(crow: Tensor, col: Tensor, values: Tensor, dense_t: Tensor, cols: int, bias: Tensor | None = None) -> Tensor:
+    """``W @ dense_t (+ bias[:, None])`` with the registered kernel of the device (``dense_t`` made contiguous)."""
     dense_t = dense_t if dense_t.is_contiguous() else dense_t.contiguous()
-    return _kernels(values).mm_t(crow, col, values, dense_t, cols)
+    return _kernels(values).mm_t(crow, col, values, dense_t, cols, bias)
 
 
 def csr_sddmm(crow: Tensor, col: Tensor, values: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -116,8 +184,10 @@ def csr_sddmm(crow: Tensor, col: Tensor, values: Tensor, a: Tensor, b: Tensor) -
 # ---------------------------------------------------------------------------------------------- the ops
 def _feature_major(x: Tensor, in_features: int) -> Tensor:
     """``x`` as ``(n, in)``, then its transpose ``(in, n)`` made contiguous (free when ``x`` is feature-major)."""
-    xt = (x if x.dim() == 2 else x.reshape(-1, in_features)).t()
-    return xt if xt.is_contiguous() else xt.contiguous()
+    x = x if x.dim() == 2 else x.reshape(-1, in_features)
+    if x.t().is_contiguous():
+        return x.t()
+    return _kernels(x).transpose(x if x.stride(1) == 1 else x.contiguous())
 
 
 def forward_impl(
@@ -128,9 +198,7 @@ def forward_impl(
     Returns:
         ``(*shape[:-1], out)``, feature-major (the transpose of a contiguous array).
     """
-    yt = csr_mm_t(crow, col, values, xt, xt.shape[0])
-    if bias is not None:
-        yt.add_(bias.unsqueeze(1))
+    yt = csr_mm_t(crow, col, values, xt, xt.shape[0], bias)
     return yt.t() if len(shape) == 2 else yt.t().reshape(*shape[:-1], yt.shape[0])
 
 

@@ -170,6 +170,72 @@ int lp_csr_apply(const lp_csr *w, int64_t n, const float *x, int64_t ldx, float 
     return lp_csr_matmul_t(w->rows, w->in, n, w->crow, w->col, w->val, w->bias, x, ldx, y, n, w->act, threads);
 }
 
+/* The same product without a prepared plan (the sparse training layers' forward and input-gradient products). */
+int lp_csr_matmul(int64_t rows, int64_t in, int64_t n, const int32_t *crow, const int32_t *col, const float *val,
+                  const float *bias, const float *x, int64_t ldx, float *y, int64_t ldy, int act, int threads) {
+    return lp_csr_matmul_t(rows, in, n, crow, col, val, bias, x, ldx, y, ldy, act, threads);
+}
+
+static inline float lp_hsum(lp_vec v) {
+    float s = 0.0f;
+#pragma GCC unroll 16
+    for (int i = 0; i < LP_VEC; i++) s += v[i];
+    return s;
+}
+
+/* out[k] = sum_t a[r, t] b[col[k], t] for every kept k in row r (crow[r] <= k < crow[r + 1]): the product A B^T
+   sampled at the CSR's positions (an SDDMM; the weight gradient dW = dY^T X at the kept weights, with a = dY^T and
+   b = X^T). a is (rows, n) with row stride lda, b (cols, n) with row stride ldb. Four kept entries at a time share
+   the loads of a's row, each with two vector accumulators (8 multiply-adds in flight). */
+int lp_csr_sddmm(int64_t rows, int64_t n, const int32_t *crow, const int32_t *col, const float *a, int64_t lda,
+                 const float *b, int64_t ldb, float *out, int threads) {
+    const int64_t nv = n / LP_VEC * LP_VEC;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict ar = a + r * lda;
+        int64_t k = crow[r];
+        const int64_t k1 = crow[r + 1];
+        for (; k + 3 < k1; k += 4) {
+            const float *restrict p[4];
+            lp_vec acc[4][2];
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                p[j] = b + (int64_t)col[k + j] * ldb;
+                acc[j][0] = acc[j][1] = (lp_vec){0};
+            }
+            int64_t t = 0;
+            for (; t + 2 * LP_VEC <= nv; t += 2 * LP_VEC) {
+                const lp_vec a0 = *(const lp_vec *)(ar + t), a1 = *(const lp_vec *)(ar + t + LP_VEC);
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++) {
+                    acc[j][0] += a0 * *(const lp_vec *)(p[j] + t);
+                    acc[j][1] += a1 * *(const lp_vec *)(p[j] + t + LP_VEC);
+                }
+            }
+            for (; t < nv; t += LP_VEC) {
+                const lp_vec a0 = *(const lp_vec *)(ar + t);
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++) acc[j][0] += a0 * *(const lp_vec *)(p[j] + t);
+            }
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                float s = lp_hsum(acc[j][0] + acc[j][1]);
+                for (int64_t u = nv; u < n; u++) s += ar[u] * p[j][u];
+                out[k + j] = s;
+            }
+        }
+        for (; k < k1; k++) {
+            const float *restrict q = b + (int64_t)col[k] * ldb;
+            lp_vec acc = (lp_vec){0};
+            for (int64_t t = 0; t < nv; t += LP_VEC) acc += *(const lp_vec *)(ar + t) * *(const lp_vec *)(q + t);
+            float s = lp_hsum(acc);
+            for (int64_t u = nv; u < n; u++) s += ar[u] * q[u];
+            out[k] = s;
+        }
+    }
+    return 0;
+}
+
 /* Direct sparse convolution (Park et al. 2017) over a batch of images laid out as "phase planes" (see
    SparseConv2d in Python): on the output grid t = i * grid_w + j (i < out_h, j < grid_w), every output channel r is
    g[r, t] = act(bias[r] + sum_k val[k] x[img, off[k] + t]); the columns j < out_w of it are written, compactly,

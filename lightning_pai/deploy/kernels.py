@@ -16,6 +16,9 @@ when it is available:
   stride-1 convolution reads a contiguous run of it shifted by ``c H_p W_p + dy W_p + dx``, so
   ``y[r, t] = b[r] + sum_k v_k x[o_k + t]`` over the output grid (strided convolutions first split the input into
   stride x stride phase planes); the same register-tiled inner loop as ``csr_matmul_t``;
+- ``csr_sddmm``: ``out[k] = sum_t a[r, t] b[c_k, t]`` at the kept positions ``(r, c_k)`` of a CSR structure (a
+  sampled dense-dense product, the weight gradient of a truly sparse training layer,
+  :mod:`lightning_pai.core.sparse_ops`), four kept entries sharing each load of ``a``'s row;
 - ``transpose``: a cache-blocked out-of-place 2-D transpose;
 - ``layer_norm_t``: LayerNorm over the *leading* dimension of a ``(features, n)`` matrix, i.e. LayerNorm of
   ``X`` given ``X^T``, so that a chain of sparse layers and LayerNorms never transposes (two passes: the mean,
@@ -243,6 +246,8 @@ def _build_and_open(cc: str, version: str, cache: Path) -> ctypes.CDLL | None:
         lib.lp_sparse_conv.argtypes = [_i64] * 5 + [_ptr] * 5 + [_i64, _ptr, _i64, ctypes.c_int, ctypes.c_int]
         lib.lp_phase_planes.argtypes = [_i64] * 3 + [_ptr] + [_i64] * 10 + [_ptr, ctypes.c_int]
         lib.lp_csr_apply.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, ctypes.c_int]
+        lib.lp_csr_matmul.argtypes = [_i64] * 3 + [_ptr] * 5 + [_i64, _ptr, _i64, ctypes.c_int, ctypes.c_int]
+        lib.lp_csr_sddmm.argtypes = [_i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, ctypes.c_int]
         lib.lp_transpose.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _i64, ctypes.c_int]
         lib.lp_layer_norm_t.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _ptr, ctypes.c_float, _ptr, _i64,
                                         ctypes.c_int]  # fmt: skip
@@ -349,8 +354,41 @@ def csr_matmul_t(
     Returns:
         The ``(rows, n)`` contiguous float32 result.
     """
-    assert library() is not None, "call available() first"
-    return csr_apply(CsrPlan(crow, col, values, bias, xt.shape[0], activation), xt)
+    lib = _LIB or library()
+    assert lib is not None, "call available() first"
+    rows, n = crow.shape[0] - 1, xt.shape[1]
+    y = torch.empty(rows, n, dtype=torch.float32)
+    lib.lp_csr_matmul(
+        rows, xt.shape[0], n, crow.data_ptr(), col.data_ptr(), values.data_ptr(), _ptr_or_none(bias), xt.data_ptr(),
+        xt.stride(0), y.data_ptr(), n, ACTIVATIONS[activation], _threads(values.shape[0] * n),
+    )  # fmt: skip
+    return y
+
+
+def csr_sddmm(crow: Tensor, col: Tensor, a: Tensor, bt: Tensor) -> Tensor:
+    """``(a @ bt.T)`` at the kept positions of a CSR structure, in its order (an SDDMM).
+
+    The weight gradient of a sparse layer, ``dW = dYᵀ X`` at the kept weights, is ``csr_sddmm(crow, col, dYᵀ, Xᵀ)``:
+    ``out[k] = Σ_t a[r, t] · bt[col[k], t]`` for the ``k`` of row ``r``.
+
+    Args:
+        crow: ``(rows + 1,)`` int32 row offsets.
+        col: ``(nnz,)`` int32 column indices.
+        a: ``(rows, n)`` float32 with contiguous rows.
+        bt: ``(cols, n)`` float32 with contiguous rows.
+
+    Returns:
+        The ``(nnz,)`` float32 products.
+    """
+    lib = _LIB or library()
+    assert lib is not None, "call available() first"
+    n, nnz = a.shape[1], col.shape[0]
+    out = torch.empty(nnz, dtype=torch.float32)
+    lib.lp_csr_sddmm(
+        crow.shape[0] - 1, n, crow.data_ptr(), col.data_ptr(), a.data_ptr(), a.stride(0), bt.data_ptr(), bt.stride(0),
+        out.data_ptr(), _threads(nnz * n),
+    )  # fmt: skip
+    return out
 
 
 def sparse_conv(
@@ -461,6 +499,7 @@ __all__ = [
     "CsrPlan",
     "csr_apply",
     "csr_matmul_t",
+    "csr_sddmm",
     "ISAS",
     "isa",
     "layer_norm_t",
