@@ -121,7 +121,7 @@ def register_sparse_kernels(
 
 
 def compiled_cpu_kernels() -> SparseKernels:
-    """The CPU products on the compiled kernels of :mod:`lightning_pai.deploy.kernels`, PyTorch's where they do not apply.
+    """The CPU products on the compiled kernels of :mod:`lightning_pai.deploy.kernels` (PyTorch's where they cannot).
 
     The compiled kernels take float32 values with int32 indices (the structure :func:`~lightning_pai.core.
     sparse_train.csr_structure` builds below 2³¹ entries): a row-tiled ``W Xᵀ`` with the bias added in the same
@@ -170,7 +170,9 @@ def _kernels(t: Tensor) -> SparseKernels:
     return kernels
 
 
-def csr_mm_t(crow: Tensor, col: Tensor, values: Tensor, dense_t: Tensor, cols: int, bias: Tensor | None = None) -> Tensor:
+def csr_mm_t(
+    crow: Tensor, col: Tensor, values: Tensor, dense_t: Tensor, cols: int, bias: Tensor | None = None
+) -> Tensor:
     """``W @ dense_t (+ bias[:, None])`` with the registered kernel of the device (``dense_t`` made contiguous)."""
     dense_t = dense_t if dense_t.is_contiguous() else dense_t.contiguous()
     return _kernels(values).mm_t(crow, col, values, dense_t, cols, bias)
