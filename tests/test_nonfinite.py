@@ -146,6 +146,32 @@ def test_zero_masked_clears_nan_and_inf_and_leaves_kept_bits_alone(dtype):
     assert (u[~keep] == 0).all() and u[6] == 0 and u[5] == 0 and torch.signbit(u[5])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_compiled_mask_kernel_equals_the_bit_multiply(dtype, layout):
+    """The compiled one-pass kernel and PyTorch's bit multiply give the same bits (NaN payloads too); a
+    non-contiguous tensor, which the kernel does not take, is masked by the fallback."""
+    from lightning_pai.deploy import kernels
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(257, 131, generator=gen).to(dtype)
+    base[torch.rand(base.shape, generator=gen) < 0.1] = float("nan")
+    base[torch.rand(base.shape, generator=gen) < 0.05] = -float("inf")
+    keep = torch.rand(base.shape, generator=gen) < 0.3
+    if layout == "transposed":
+        base, keep = base.t(), keep.t()
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[base.element_size()]
+    want = torch.where(keep, base.contiguous().view(bits), 0)
+    t = base.clone()  # clone keeps the layout
+    zero_masked_([t], [keep])
+    assert torch.equal(t.contiguous().view(bits), want)
+    if kernels.available():
+        u = base.clone()
+        assert kernels.mask_bits_(u, keep.view(torch.uint8)) == (layout == "contiguous")
+        if layout == "contiguous":
+            assert torch.equal(u.view(bits), want)
+
+
 def test_mask_set_clears_nan_weights_gradients_and_optimizer_state():
     w = nn.Parameter(torch.full((4, 8), float("nan")))
     keep = torch.zeros(4, 8, dtype=torch.bool)

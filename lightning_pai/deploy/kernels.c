@@ -236,6 +236,28 @@ int lp_csr_sddmm(int64_t rows, int64_t n, const int32_t *crow, const int32_t *co
     return 0;
 }
 
+/* Keep-mask enforcement: data[i] keeps its bits where mask[i] == 1 and becomes all-zero bits (+0.0) where
+   mask[i] == 0, whatever it held (NaN, Inf): torch.where(mask, data, 0) in place, one pass reading 1 byte of
+   mask per element. elsize is the element's size in bytes (2, 4 or 8); returns -1 for another size. */
+int lp_mask_bits(int64_t n, void *data, int elsize, const uint8_t *mask, int threads) {
+    if (elsize == 4) {
+        uint32_t *restrict d = (uint32_t *)data;
+#pragma omp parallel for simd schedule(static) num_threads(threads) if (threads > 1)
+        for (int64_t i = 0; i < n; i++) d[i] &= -(uint32_t)mask[i];
+    } else if (elsize == 2) {
+        uint16_t *restrict d = (uint16_t *)data;
+#pragma omp parallel for simd schedule(static) num_threads(threads) if (threads > 1)
+        for (int64_t i = 0; i < n; i++) d[i] &= (uint16_t)-(uint16_t)mask[i];
+    } else if (elsize == 8) {
+        uint64_t *restrict d = (uint64_t *)data;
+#pragma omp parallel for simd schedule(static) num_threads(threads) if (threads > 1)
+        for (int64_t i = 0; i < n; i++) d[i] &= -(uint64_t)mask[i];
+    } else {
+        return -1;
+    }
+    return 0;
+}
+
 /* Direct sparse convolution (Park et al. 2017) over a batch of images laid out as "phase planes" (see
    SparseConv2d in Python): on the output grid t = i * grid_w + j (i < out_h, j < grid_w), every output channel r is
    g[r, t] = act(bias[r] + sum_k val[k] x[img, off[k] + t]); the columns j < out_w of it are written, compactly,
