@@ -4,15 +4,20 @@ For LeNet-300-100 (784-300-100-10) and a wide MLP (784-4096-4096-10, default) at
 models train on the same synthetic MNIST-shaped batches (batch 128, SGD with momentum 0.9 and weight decay 5e-4):
 dense (no method), SET and RigL with ``backend="masked"``, and SET and RigL with ``backend="sparse"`` (Liu, Mocanu
 et al. 2020), each in its own plain loop (``Sparsifier``; every layer targeted, the methods' default ER / ERK
-distributions). Steps are interleaved: every round times one step of each model, in an order rotated per round,
-so each ratio compares steps taken seconds apart under the same machine load. A step is ``zero_grad``, forward,
+distributions). Steps are interleaved in blocks: every round runs ``--block`` consecutive steps of each model (10
+for LeNet-sized models, ``--wide-block`` 2 for wide ones), in an order rotated per round, so each ratio compares
+steps taken seconds apart under the same machine load, each in the steady state a training run is in. (With
+``--block 1`` every step follows another model's step and pays for refilling the caches and waking the thread
+pool: on LeNet-300-100 that costs the sparse step about twice what it costs the dense one, a switching cost a
+real run, which steps one model, never pays.) A step is ``zero_grad``, forward,
 cross-entropy, backward and ``sparsifier.step()`` (the optimizer step and the method's work), or
 ``optimizer.step()`` for the dense model.
 
 The methods update every ``--delta-t`` steps (5 by default) so that update steps are timed too; reported per model
 and sparsity:
 
-- ``step``: median over rounds without an update of (step time / that round's dense step time);
+- ``step``: median over rounds of (the model's median step in its block / dense's in the same round), updates
+  apart;
 - ``min``: the fastest step without an update over the fastest dense step (what an idle machine would show);
 - ``update``: the median update step over the median dense step (RigL: dense gradient on that step only, drop,
   growth, CSR rebuild and optimizer-state remap; SET: no dense gradient);
@@ -76,7 +81,8 @@ class Run:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     sparsifier: Sparsifier | None
-    steps: list[float] = field(default_factory=list)  # per round; NaN on update steps
+    steps: list[float] = field(default_factory=list)  # per round: the median step of its block (updates apart)
+    fastest: float = float("inf")  # the fastest step without an update
     updates: list[float] = field(default_factory=list)
 
     def due(self) -> bool:
@@ -99,7 +105,7 @@ class Run:
 
 def make_runs(widths: list[int], sparsity: float, total: int, args: argparse.Namespace, batches: list) -> list[Run]:
     runs = []
-    for name in MODELS:
+    for name in ("dense", *args.models):
         torch.manual_seed(args.seed)
         model = mlp(widths)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -114,31 +120,37 @@ def make_runs(widths: list[int], sparsity: float, total: int, args: argparse.Nam
 
 
 def time_level(
-    widths: list[int], sparsity: float, rounds: int, args: argparse.Namespace
+    widths: list[int], sparsity: float, rounds: int, block: int, args: argparse.Namespace
 ) -> tuple[list[Run], dict[str, float]]:
-    """Interleaved steps of the five models at one sparsity; and the masked-vs-sparse weight difference after."""
+    """Interleaved blocks of ``block`` steps of each model at one sparsity; and the masked-vs-sparse weight difference
+    after. ``Run.steps`` gets each round's median step (update steps apart) of the model's block."""
     gen = torch.Generator().manual_seed(args.seed)
     batches = [
         (torch.randn(args.batch_size, widths[0], generator=gen), torch.randint(0, widths[-1], (args.batch_size,)))
         for _ in range(8)
     ]
-    runs = make_runs(widths, sparsity, args.warmup + rounds + 1, args, batches)
+    runs = make_runs(widths, sparsity, args.warmup + block * rounds + 1, args, batches)
     for i in range(args.warmup):
         for run in runs:
             run.step(*batches[i % len(batches)])
     for r in range(rounds):
-        x, y = batches[(args.warmup + r) % len(batches)]
         order = runs[r % len(runs) :] + runs[: r % len(runs)]
         for run in order:
-            update = run.due()
-            t = run.step(x, y)
-            run.steps.append(float("nan") if update else t)
-            if update:
-                run.updates.append(t)
-    masked, sparse = runs[1].model.state_dict(), runs[2].model.state_dict()
-    check = {"SET": max(float((masked[k] - sparse[k]).abs().max()) for k in masked)}
-    masked, sparse = runs[3].model.state_dict(), runs[4].model.state_dict()
-    check["RigL"] = max(float((masked[k] - sparse[k]).abs().max()) for k in masked)
+            times = []
+            for j in range(block):
+                x, y = batches[(args.warmup + r * block + j) % len(batches)]
+                update = run.due()
+                t = run.step(x, y)
+                (run.updates if update else times).append(t)
+            run.steps.append(statistics.median(times) if times else float("nan"))
+            run.fastest = min([run.fastest, *times])
+    by_name = {run.name: run for run in runs}
+    check = {}
+    for method in ("SET", "RigL"):
+        if f"{method} masked" in by_name and f"{method} sparse" in by_name:
+            masked = by_name[f"{method} masked"].model.state_dict()
+            sparse = by_name[f"{method} sparse"].model.state_dict()
+            check[method] = max(float((masked[k] - sparse[k]).abs().max()) for k in masked)
     return runs, check
 
 
@@ -221,14 +233,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--widths", action="append", help="comma-separated layer widths (repeatable)")
     p.add_argument("--sparsities", default="0.9,0.95,0.98,0.99")
-    p.add_argument("--rounds", type=int, default=300, help="timed rounds per (model, sparsity)")
+    p.add_argument("--rounds", type=int, default=100, help="timed rounds per (model, sparsity)")
+    p.add_argument(
+        "--block", type=int, default=10,
+        help="consecutive steps of a model per round (1: strict step-by-step alternation, which also times the "
+        "cache and thread-pool refill of switching models at every step)",
+    )  # fmt: skip
     p.add_argument("--wide-rounds", type=int, default=40, help="timed rounds for models with a layer over 1000 wide")
+    p.add_argument("--wide-block", type=int, default=2, help="--block for models with a layer over 1000 wide")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--delta-t", type=int, default=10, help="steps between updates while timing")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--breakdown-repeats", type=int, default=300, help="calls per op in the step breakdown")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--models", nargs="+", choices=MODELS[1:], default=list(MODELS[1:]),
+        help="the models timed beside dense (each round steps all of them: fewer models, less cache contention)",
+    )  # fmt: skip
     p.add_argument(
         "--isa", choices=list(ISA_ENV), default="native",
         help="run as a CPU with this instruction set would (avx2: no AVX-512 in our kernels, PyTorch, MKL, oneDNN)",
@@ -259,34 +281,36 @@ def main(argv: list[str] | None = None) -> int:
         f"- batch {args.batch_size}, SGD(lr 0.01, momentum 0.9, wd 5e-4); every layer targeted (SET: ER, RigL: "
         f"ERK); updates every {args.delta_t} steps while timing",
         "",
-        "Ratios are step time / dense step time (median over interleaved rounds); `ΔT=100` amortizes one update "
-        "per 100 steps.",
+        "Each round runs a block of consecutive steps of every model (order rotated per round); `step` is the median "
+        "over rounds of (the model's median step in its block / dense's in the same round), updates apart; `min` "
+        "the fastest step over dense's fastest; `ΔT=100` amortizes one update per 100 steps.",
         "",
     ]
     profiles = []
     for widths in archs:
-        rounds = args.wide_rounds if max(widths) > 1000 else args.rounds
+        wide = max(widths) > 1000
+        rounds, block = (args.wide_rounds, args.wide_block) if wide else (args.rounds, args.block)
         name = "-".join(map(str, widths))
         lines += [
-            f"## MLP {name} ({rounds} rounds per sparsity)",
+            f"## MLP {name} ({rounds} rounds of {block}-step blocks per sparsity)",
             "",
             "| sparsity | dense step (median, min) | model | step | min | update | ΔT=100 | weights: masked - sparse |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for sparsity in sparsities:
-            runs, check = time_level(widths, sparsity, rounds, args)
+            runs, check = time_level(widths, sparsity, rounds, block, args)
             dense = runs[0].steps
             dense_median = statistics.median(dense)
             for run in runs[1:]:
-                timed = [t for t in run.steps if t == t]
                 step = statistics.median([t / d for t, d in zip(run.steps, dense) if t == t])
-                fastest = min(timed) / min(dense)
+                fastest = run.fastest / runs[0].fastest
                 update = statistics.median(run.updates) / dense_median if run.updates else float("nan")
                 amortized = (99 * step + update) / 100
                 method = run.name.split()[0]
                 lines.append(
-                    f"| {sparsity:.2f} | {1e3 * dense_median:.2f}, {1e3 * min(dense):.2f} ms | {run.name} | "
-                    f"**{step:.3f}** | {fastest:.3f} | {update:.2f} | **{amortized:.3f}** | {check[method]:.1e} |"
+                    f"| {sparsity:.2f} | {1e3 * dense_median:.2f}, {1e3 * runs[0].fastest:.2f} ms | {run.name} | "
+                    f"**{step:.3f}** | {fastest:.3f} | {update:.2f} | **{amortized:.3f}** | "
+                    + (f"{check[method]:.1e} |" if method in check else "– |")
                 )
                 print(lines[-1], flush=True)
             profiles.append(f"| {name} | {sparsity:.2f} | {breakdown(widths, sparsity, args)} |")

@@ -1,4 +1,4 @@
-"""What a static mask costs per training step, against the floor of any masked-dense method: one pass over the gradients.
+"""What a static mask costs per training step, beside any masked-dense method's floor: one pass over the gradients.
 
 Issue 26, item 3. For every model of the step-time table of ``benchmarks/compare/results/compare.md`` (LeNet-300-100,
 ResNet-18, ViT-Tiny, ResNet-50, ViT-S; same shapes, batches, SGD and 90 % sparsity, through ``compare.py``'s
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "| model | dense step (ms) | " + " | ".join(labels[k] for k in keys[1:]) + " | ours - floor |",
         "|---|---|" + "---|" * len(keys),
     ]
-    for name, reps in results.items():
+    for reps in results.values():
         cells = []
         med = {}
         for k in keys[1:]:
@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f"**{med[k]:.3f}** ({', '.join(f'{v:.3f}' for v in ratios)})")
         dense_ms = statistics.median(rep["libraries"]["dense"]["median_ms"] for rep in reps)
         lines.append(
-            f"| {reps[0]['label']} | {dense_ms:.2f} | " + " | ".join(cells) + f" | {med['pai_pai'] - med['floor']:+.3f} |"
+            f"| {reps[0]['label']} | {dense_ms:.2f} | "
+            + " | ".join(cells)
+            + f" | {med['pai_pai'] - med['floor']:+.3f} |"
         )
     lines += [
         "",

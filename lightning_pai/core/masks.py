@@ -33,7 +33,7 @@ _compiled_mask_bits: Callable[[Tensor, Tensor], bool] | None = None
 
 
 def _mask_bits_compiled(tensor: Tensor, mask: Tensor) -> bool:
-    """Mask ``tensor`` with the compiled one-pass kernel (:func:`lightning_pai.deploy.kernels.mask_bits_`) if it applies.
+    """Mask ``tensor`` with the compiled one-pass kernel (:func:`lightning_pai.deploy.kernels.mask_bits_`), if it can.
 
     Same result as the bit multiply of :func:`zero_masked_` (a contiguous CPU tensor of 2-, 4- or 8-byte elements
     and a 0/1 byte mask); False (nothing done) elsewhere, or without a C compiler.
