@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import platform
 import shlex
@@ -333,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                     amortized = (99 * step + update) / 100
                     rows.append((run.name, dense_median, runs[0].fastest, step, fastest, update, amortized))
             gaps = weight_gaps(states)
+            del runs, states  # the next level's models are built next: free these first (wide MLPs are GBs)
+            gc.collect()
             for run_name, dense_median, dense_fastest, step, fastest, update, amortized in rows:
                 method = run_name.split()[0]
                 lines.append(
