@@ -63,7 +63,7 @@ def reading(results: dict) -> list[str]:
     if ours is not None and mp is not None:
         extra = t("lenet", "pai_pai", "median_ms") - t("lenet", "dense", "median_ms")
         stand = (
-            "ours is not ahead" if ours > mp else "ours is ahead too"
+            "ours is not ahead" if ours > mp else "ours is ahead"
         ) + f": on LeNet-300-100 (a {t('lenet', 'dense', 'median_ms'):.1f} ms step) `PruneAtInit` costs {ours:.3f}x "
         out.append(
             "No library makes a step faster than dense: 90 % unstructured sparsity still runs dense kernels, so "
