@@ -33,7 +33,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Sparse (CSR|BSR) tensor support 
 
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 HAS_C = ckernels.available()
-needs_c = pytest.mark.skipif(not HAS_C, reason="no C compiler: lightning_pai.deploy.kernels unavailable")
+needs_c = pytest.mark.skipif(not HAS_C, reason="no C compiler: lightning_pai.core.kernels unavailable")
 #: What kernel="auto" picks for float32 CSR on the CPU at batch 64.
 AUTO_CPU = "c" if HAS_C else "sum"
 

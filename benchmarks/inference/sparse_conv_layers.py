@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if not ckernels.available():
-        raise SystemExit("SparseConv2d needs lightning_pai.deploy.kernels (a C compiler); none is usable here.")
+        raise SystemExit("SparseConv2d needs lightning_pai.core.kernels (a C compiler); none is usable here.")
     torch.set_num_threads(2)
     torch.manual_seed(0)
     header = " | ".join(f"{1 - d:.0%} sparse" for d in args.densities)

@@ -18,7 +18,7 @@ Linear(1024, 256), residual and LayerNorm; inputs of ``batch x 64`` tokens) and 
 (224x224: every conv by direct sparse convolution, ``fc`` by the CSR kernel; BatchNorm, ReLU, max-pooling and
 the residual adds stay as they are, and take the same time in both models).
 
-The sparse kernels are the compiled ones of ``lightning_pai.deploy.kernels`` when a C compiler is present (the
+The sparse kernels are the compiled ones of ``lightning_pai.core.kernels`` when a C compiler is present (the
 ``kernels`` field of the results says which were used); set ``LIGHTNING_PAI_NO_CKERNELS=1`` to measure
 PyTorch's own CSR kernels instead.
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_pai.core.distributions import Distribution, distribute, get_distribution, global_, global_masks
+from lightning_pai.core.kernels import mask_bits_
 from lightning_pai.core.nm import nm_fits, nm_mask
 from lightning_pai.core.select import active_counts, masks_from_counts, raise_to_floors
 from lightning_pai.core.sharding import full, is_sharded, local, local_slice
@@ -29,21 +30,13 @@ def _as_bits(tensor: Tensor) -> Tensor | None:
     return None if kind is None else tensor.view(kind)
 
 
-_compiled_mask_bits: Callable[[Tensor, Tensor], bool] | None = None
-
-
 def _mask_bits_compiled(tensor: Tensor, mask: Tensor) -> bool:
-    """Mask ``tensor`` with the compiled one-pass kernel (:func:`lightning_pai.deploy.kernels.mask_bits_`), if it can.
+    """Mask ``tensor`` with the compiled one-pass kernel (:func:`lightning_pai.core.kernels.mask_bits_`), if it can.
 
     Same result as the bit multiply of :func:`zero_masked_` (a contiguous CPU tensor of 2-, 4- or 8-byte elements
     and a 0/1 byte mask); False (nothing done) elsewhere, or without a C compiler.
     """
-    global _compiled_mask_bits
-    if _compiled_mask_bits is None:  # imported at first use: the deploy package imports this module
-        from lightning_pai.deploy.kernels import mask_bits_
-
-        _compiled_mask_bits = mask_bits_
-    return _compiled_mask_bits(tensor, mask)
+    return mask_bits_(tensor, mask)
 
 
 @torch.no_grad()
@@ -54,7 +47,7 @@ def zero_masked_(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
     each tensor's bit patterns (its bytes seen as integers of the same width) are multiplied by the 0/1 mask
     instead: an entry is cleared to ``+0.0`` or left bit-for-bit untouched — ``torch.where(mask, t, 0)`` semantics,
     in place. On the CPU a compiled kernel does it in one vectorised pass reading one mask byte per element
-    (:func:`lightning_pai.deploy.kernels.mask_bits_`, about twice as fast as PyTorch's multiply of integers by a
+    (:func:`lightning_pai.core.kernels.mask_bits_`, about twice as fast as PyTorch's multiply of integers by a
     uint8 mask, which converts every element); elsewhere PyTorch's fused multiply (ResNet-18 step times in
     ``benchmarks/training_cost/masking_cost.py``). Element types without an integer of their width (complex128)
     fall back to ``masked_fill_``.

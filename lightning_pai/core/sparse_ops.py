@@ -20,7 +20,7 @@ Both have fake (meta) implementations, so ``torch.compile`` records each as one 
 :func:`sparse_linear` run the same computations in an ``autograd.Function`` (no dispatcher overhead). Their
 two products, :func:`csr_mm_t` (CSR times a dense matrix) and :func:`csr_sddmm` (a dense product sampled at the CSR's
 positions), and the transpose of a batch-major input are looked up per device type in :data:`KERNELS`: on the CPU
-the compiled kernels of :mod:`lightning_pai.deploy.kernels` (float32, int32 indices; :func:`compiled_cpu_kernels`),
+the compiled kernels of :mod:`lightning_pai.core.kernels` (float32, int32 indices; :func:`compiled_cpu_kernels`),
 elsewhere and for other dtypes PyTorch's own (``torch.sparse.mm(..., "sum")`` on the CPU, cuSPARSE through
 ``torch.mm`` elsewhere, and ``torch.sparse.sampled_addmm``); other kernels are registered with
 :func:`register_sparse_kernels`.
@@ -38,6 +38,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from lightning_pai.core import kernels as compiled
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -101,7 +103,7 @@ class SparseKernels:
 
 
 #: The products by device type (``"cpu"``, ``"cuda"``, ...); ``"default"`` serves every other device. The CPU entry
-#: is filled at first use: the compiled kernels of :mod:`lightning_pai.deploy.kernels` when they are available
+#: is filled at first use: the compiled kernels of :mod:`lightning_pai.core.kernels` when they are available
 #: (:func:`compiled_cpu_kernels`), else PyTorch's.
 KERNELS: dict[str, SparseKernels] = {"default": SparseKernels(torch_csr_mm_t, torch_csr_sddmm)}
 
@@ -121,7 +123,7 @@ def register_sparse_kernels(
 
 
 def compiled_cpu_kernels() -> SparseKernels:
-    """The CPU products on the compiled kernels of :mod:`lightning_pai.deploy.kernels` (PyTorch's where they cannot).
+    """The CPU products on the compiled kernels of :mod:`lightning_pai.core.kernels` (PyTorch's where they cannot).
 
     The compiled kernels take float32 values with int32 indices (the structure :func:`~lightning_pai.core.
     sparse_train.csr_structure` builds below 2³¹ entries): a row-tiled ``W Xᵀ`` with the bias added in the same
@@ -129,8 +131,6 @@ def compiled_cpu_kernels() -> SparseKernels:
     ``gradcheck``, bfloat16) and int64 structures go to PyTorch's kernels. Without a C compiler (or with
     ``LIGHTNING_PAI_NO_CKERNELS=1``) every product is PyTorch's.
     """
-    from lightning_pai.deploy import kernels as compiled  # the C build lives with the inference kernels
-
     if not compiled.available():
         return KERNELS["default"]
 

@@ -10,7 +10,7 @@
   ``torch.compile``;
 - :mod:`~lightning_pai.deploy.shrink`: ``shrink`` (pruned channels physically removed: a smaller dense model),
   ``save_shrunk`` / ``load_shrunk``;
-- :mod:`~lightning_pai.deploy.kernels`: the compiled CPU kernels (``kernels.c``), built once per machine into a
+- :mod:`~lightning_pai.core.kernels`: the compiled CPU kernels (``kernels.c``), built once per machine into a
   private cache.
 
 Every public name is also importable from ``lightning_pai``.

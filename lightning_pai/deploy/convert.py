@@ -17,7 +17,7 @@ to ``F.multi_head_attention_forward``, so a replaced ``out_proj`` would never be
 convolutions stay dense too.
 
 **Kernels.** On the CPU in float32 the default kernel is ``"c"``: the compiled kernels of
-:mod:`lightning_pai.deploy.kernels` (built once per machine with the system C compiler, cached; bias and a
+:mod:`lightning_pai.core.kernels` (built once per machine with the system C compiler, cached; bias and a
 following ``nn.ReLU`` applied in the same pass; inputs processed in cache-sized tiles of 64 columns). Without
 a compiler the matmul layers use ``torch.sparse.mm(W, x^T, "sum")`` (PyTorch's native row-parallel CSR
 kernel, the fastest of PyTorch's on CPU from about 16 rows) or ``torch.addmm(b, W, x^T)`` (MKL on CPU,
@@ -649,7 +649,7 @@ def to_sparse_inference(
         layout: ``"csr"`` or ``"bsr"`` (``blocksize`` square blocks; the density compared is then the fraction
             stored in nonzero blocks). CSR is the faster for unstructured masks.
         blocksize: BSR block edge.
-        kernel: ``"auto"`` (CPU float32 CSR: ``"c"`` when :func:`lightning_pai.deploy.kernels.available`, else
+        kernel: ``"auto"`` (CPU float32 CSR: ``"c"`` when :func:`lightning_pai.core.kernels.available`, else
             ``"sum"`` from 16 rows of ``batch_size`` and ``"mm"`` below; CUDA or BSR: ``"mm"``), ``"c"``,
             ``"sum"`` or ``"mm"`` (see :class:`SparseMatmul`).
         batch_size: Expected rows per call (batch; batch x sequence for token inputs; batch x H x W for 1x1
@@ -726,7 +726,7 @@ def to_sparse_inference(
         compiled = layout == "csr" and _c_usable("csr", weight.device, weight.dtype)
         if problem is None and kind == "Conv2d" and not compiled:
             problem = (
-                "convolutions other than 1x1 stride-1 need the compiled kernels (lightning_pai.deploy.kernels: "
+                "convolutions other than 1x1 stride-1 need the compiled kernels (lightning_pai.core.kernels: "
                 "a C compiler, float32 on the CPU, layout='csr')"
             )
         if problem is not None:

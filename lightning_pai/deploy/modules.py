@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from lightning_pai.deploy import kernels, ops
+from lightning_pai.core import kernels
+from lightning_pai.deploy import ops
 
 #: Sparse layouts :func:`to_sparse_inference` can use for unstructured masks.
 LAYOUTS = ("csr", "bsr")
-#: Sparse kernels: ``"c"`` = the compiled CSR kernel of :mod:`lightning_pai.deploy.kernels`, ``"sum"`` =
+#: Sparse kernels: ``"c"`` = the compiled CSR kernel of :mod:`lightning_pai.core.kernels`, ``"sum"`` =
 #: ``torch.sparse.mm(W, x^T, "sum")``, ``"mm"`` = ``torch.addmm(b, W, x^T)``.
 KERNELS = ("auto", "c", "sum", "mm")
 #: Activations a sparse layer can apply in its own output pass (fused from ``nn.Sequential(layer, nn.ReLU())``).
@@ -108,8 +109,8 @@ class SparseMatmul(nn.Module):
         mask: Bool ``(out, in)`` keep-mask (default: ``weight != 0``).
         layout: ``"csr"`` or ``"bsr"`` (square ``blocksize`` blocks; both dimensions must divide).
         blocksize: BSR block edge.
-        kernel: ``"c"`` (the compiled CSR kernel of :mod:`lightning_pai.deploy.kernels`: float32 CSR on the CPU
-            with int32 indices, when :func:`lightning_pai.deploy.kernels.available`), ``"sum"``
+        kernel: ``"c"`` (the compiled CSR kernel of :mod:`lightning_pai.core.kernels`: float32 CSR on the CPU
+            with int32 indices, when :func:`lightning_pai.core.kernels.available`), ``"sum"``
             (``torch.sparse.mm(W, x^T, "sum")``, CSR on CPU only) or ``"mm"`` (``torch.addmm``; MKL on CPU,
             cuSPARSE on CUDA).
         contiguous_outputs: Return contiguous outputs (one extra transpose copy) instead of transposed views.
@@ -378,7 +379,7 @@ class SparseConv2d(SparseMatmul):
     with ``x_p`` the zero-padded input, for any kernel size, stride, zero padding and dilation (one group). The
     kept weights are stored as CSR rows of the ``(out, in x kh x kw)`` matrix. For a stride-1 convolution each
     kept tap reads a contiguous run of the flattened padded input, shifted by ``c H_p W_p + d_h u W_p + d_w v``,
-    so every output channel is a sum of shifted rows (computed by :func:`lightning_pai.deploy.kernels.sparse_conv` on
+    so every output channel is a sum of shifted rows (computed by :func:`lightning_pai.core.kernels.sparse_conv` on
     an output grid ``W_p`` wide, whose extra columns are dropped); a stride-``s`` convolution first splits the
     padded input into ``s_h x s_w`` phase planes ``x_p[c, s_h i + a, s_w j + b]``, after which it is a stride-1
     convolution over them. A 1x1 kernel reads the strided input directly. Only the grid's first ``W_out``
@@ -486,7 +487,7 @@ class TransposedLayerNorm(nn.LayerNorm):
     The output of a sparse layer is the transposed view ``(Y^T)^T``; ``nn.LayerNorm`` would copy it to
     contiguous memory, and the next sparse layer would transpose it back. For a float32 CPU input whose
     ``(-1, features)`` matrix is such a view, this module normalises ``Y^T`` directly with the compiled
-    :func:`lightning_pai.deploy.kernels.layer_norm_t` (same formula as PyTorch: biased variance, ``eps`` inside the
+    :func:`lightning_pai.core.kernels.layer_norm_t` (same formula as PyTorch: biased variance, ``eps`` inside the
     square root) and returns a view of the same layout; any other input goes to ``nn.LayerNorm.forward``.
     :func:`to_sparse_inference` swaps it in for the ``nn.LayerNorm`` modules (1-D ``normalized_shape``) of a
     model whose sparse layers use the ``"c"`` kernel; parameters and ``state_dict`` keys are unchanged.

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_pai.deploy import kernels
+from lightning_pai.core import kernels
 
 
 def rows_contiguous(xt: Tensor, use_kernels: bool) -> Tensor:

@@ -1,4 +1,4 @@
-/* lightning_pai sparse inference kernels (see lightning_pai/deploy/kernels.py for what each computes).
+/* lightning_pai sparse inference kernels (see lightning_pai/core/kernels.py for what each computes).
    Built at first use with the system C compiler; loaded through ctypes. */
 #include <math.h>
 #include <stdint.h>
