@@ -13,6 +13,7 @@ import argparse
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,63 @@ def mlp(sizes: Sequence[int], seed: int, init: str = "variance_scaling") -> nn.S
             fill(layer.weight, gen)
             nn.init.zeros_(layer.bias)
     return net
+
+
+def lenet_recipe(seed: int, args: argparse.Namespace, n_train: int) -> tuple[nn.Sequential, torch.optim.Optimizer, Any]:
+    """LeNet-300-100 (PyTorch's initialisation, seeded) with sparse_learning's MNIST recipe.
+
+    SGD momentum 0.9, ``args.lr``, weight decay ``args.weight_decay`` on the weights only, lr x0.1 at 50 % and
+    75 % of ``args.epochs`` epochs of ``n_train // args.batch_size`` steps (a ``MultiStepLR`` stepped per batch).
+
+    Returns:
+        ``(model, optimizer, scheduler)``.
+    """
+    model = mlp(LENET_300_100, seed, "torch")
+    names = set(weight_names(model))
+    weights = [p for n, p in model.named_parameters() if n in names]
+    others = [p for n, p in model.named_parameters() if n not in names]
+    optimizer = torch.optim.SGD(
+        [{"params": weights, "weight_decay": args.weight_decay}, {"params": others, "weight_decay": 0.0}],
+        lr=args.lr,
+        momentum=0.9,
+    )
+    total = args.epochs * (n_train // args.batch_size)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [total // 2, 3 * total // 4], gamma=0.1)
+    return model, optimizer, scheduler
+
+
+def train_sparsified(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, sparsifier: Any, x: Tensor, y: Tensor,
+    args: argparse.Namespace, seed: int,
+) -> None:  # fmt: skip
+    """``args.epochs`` epochs of a plain loop driven by a :class:`lightning_pai.Sparsifier` (seeded data order)."""
+    per_epoch = len(x) // args.batch_size
+    gen = torch.Generator().manual_seed(seed)
+    for _epoch in range(args.epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for b in range(per_epoch):
+            idx = order[b * args.batch_size : (b + 1) * args.batch_size]
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            sparsifier.step()
+            scheduler.step()
+        sparsifier.epoch_end()
+
+
+def test_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Top-1 accuracy in % of ``model`` (put in eval mode) on ``(x, y)``."""
+    with torch.no_grad():
+        model.eval()
+        return float((model(x).argmax(1) == y).float().mean()) * 100
+
+
+def write_results(out: str | Path, lines: Sequence[str]) -> str:
+    """Write ``lines`` (a Markdown results file) to ``out`` (parents created), print and return the text."""
+    text = "\n".join(lines) + "\n"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+    print(text)
+    return text
 
 
 def weight_names(net: nn.Sequential) -> list[str]:

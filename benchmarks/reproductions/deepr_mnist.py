@@ -33,8 +33,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/mnist_common.py
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from mnist_common import LENET_300_100, base_parser, load_mnist, mlp, weight_names  # noqa: E402
+from mnist_common import (  # noqa: E402
+    base_parser,
+    lenet_recipe,
+    load_mnist,
+    test_accuracy,
+    train_sparsified,
+    weight_names,
+    write_results,
+)
 
 from lightning_pai import DeepR, Sparsifier  # noqa: E402
 
@@ -46,33 +53,13 @@ PAPER_DEEPR = {0.90: 98.19, 0.98: 98.21}
 def run(sparsity: float, seed: int, data: tuple, args: argparse.Namespace) -> tuple[float, int, int]:
     """Train one DEEP R LeNet; return (test accuracy %, kept weights, topology updates)."""
     train_x, train_y, test_x, test_y = data
-    model = mlp(LENET_300_100, seed, "torch")
+    model, optimizer, scheduler = lenet_recipe(seed, args, len(train_x))
     names = set(weight_names(model))
-    weights = [p for n, p in model.named_parameters() if n in names]
-    others = [p for n, p in model.named_parameters() if n not in names]
-    optimizer = torch.optim.SGD(
-        [{"params": weights, "weight_decay": args.weight_decay}, {"params": others, "weight_decay": 0.0}],
-        lr=args.lr,
-        momentum=0.9,
-    )
-    per_epoch = len(train_x) // args.batch_size
-    total = args.epochs * per_epoch
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [total // 2, 3 * total // 4], gamma=0.1)
+    total = args.epochs * (len(train_x) // args.batch_size)
     method = DeepR(sparsity, seed=seed, verbose=False)
     sparsifier = Sparsifier(method, model, optimizer, total_steps=total)
-    gen = torch.Generator().manual_seed(seed)
-    for _epoch in range(args.epochs):
-        order = torch.randperm(len(train_x), generator=gen)
-        for b in range(per_epoch):
-            idx = order[b * args.batch_size : (b + 1) * args.batch_size]
-            optimizer.zero_grad()
-            F.cross_entropy(model(train_x[idx]), train_y[idx]).backward()
-            sparsifier.step()
-            scheduler.step()
-        sparsifier.epoch_end()
-    with torch.no_grad():
-        model.eval()
-        acc = float((model(test_x).argmax(1) == test_y).float().mean()) * 100
+    train_sparsified(model, optimizer, scheduler, sparsifier, train_x, train_y, args, seed)
+    acc = test_accuracy(model, test_x, test_y)
     masks = sparsifier.masks
     kept = sum(int(masks[n].sum()) for n in names)
     zero_ok = all(bool((p[~masks[n]] == 0).all()) for n, p in model.named_parameters() if n in names)
@@ -123,10 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {sparsity:.0%} | {statistics.mean(accs):.2f} ± {std:.2f} | {rows[0][1]} | {rows[0][2]} | "
             f"{'' if paper is None else f'{paper:.2f}'} |"
         )
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

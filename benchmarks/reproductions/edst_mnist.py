@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # dst_mnist.py
 
 import torch  # noqa: E402
 from dst_mnist import DSTTrainer, Run  # noqa: E402
-from mnist_common import LENET_300_100, base_parser, load_mnist  # noqa: E402
+from mnist_common import LENET_300_100, base_parser, load_mnist, write_results  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from lightning_pai import FreeTickets  # noqa: E402
@@ -166,10 +166,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{-gain:+.2f} pts; minus ticket 3's (one DST run of the same length): "
             f"{statistics.mean(r['ensemble']) - statistics.mean(r['ticket 3']):+.2f} pts."
         )
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

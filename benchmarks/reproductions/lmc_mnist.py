@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/mnist
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from mnist_common import LENET_300_100, base_parser, load_mnist, mlp, weight_names  # noqa: E402
+from mnist_common import LENET_300_100, base_parser, load_mnist, mlp, weight_names, write_results  # noqa: E402
 
 from lightning_pai import instability  # noqa: E402
 from lightning_pai.core.stability import masked_instability  # noqa: E402
@@ -141,10 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {name} | {seed} | {r.errors[0]:.2f} | {r.errors[-1]:.2f} | {max(r.errors):.2f} | {r.barrier:.2f} | "
             f"{'' if same is None else f'{same.barrier:.2f}'} |"
         )
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

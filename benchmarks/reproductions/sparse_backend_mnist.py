@@ -35,8 +35,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/mnist_common.py
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from mnist_common import LENET_300_100, base_parser, load_mnist, mlp, weight_names  # noqa: E402
+from mnist_common import (  # noqa: E402
+    base_parser,
+    lenet_recipe,
+    load_mnist,
+    test_accuracy,
+    train_sparsified,
+    weight_names,
+    write_results,
+)
 
 from lightning_pai import SET, RigL, Sparsifier  # noqa: E402
 
@@ -47,42 +54,22 @@ BACKENDS = ("masked", "sparse")
 def run(method: str, backend: str, sparsity: float, seed: int, data: tuple, args: argparse.Namespace) -> dict:
     """Train one LeNet-300-100; return its test accuracy %, final masks, weights and seconds per epoch."""
     train_x, train_y, test_x, test_y = data
-    model = mlp(LENET_300_100, seed, "torch")
+    model, optimizer, scheduler = lenet_recipe(seed, args, len(train_x))
     names = set(weight_names(model))
-    weights = [p for n, p in model.named_parameters() if n in names]
-    others = [p for n, p in model.named_parameters() if n not in names]
-    optimizer = torch.optim.SGD(
-        [{"params": weights, "weight_decay": args.weight_decay}, {"params": others, "weight_decay": 0.0}],
-        lr=args.lr,
-        momentum=0.9,
-    )
     per_epoch = len(train_x) // args.batch_size
-    total = args.epochs * per_epoch
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [total // 2, 3 * total // 4], gamma=0.1)
     sparsifier = Sparsifier(
         METHODS[method](sparsity, seed=seed, verbose=False, backend=backend),
         model,
         optimizer,
-        total_steps=total,
+        total_steps=args.epochs * per_epoch,
         steps_per_epoch=per_epoch,
     )
-    gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    for _epoch in range(args.epochs):
-        order = torch.randperm(len(train_x), generator=gen)
-        for b in range(per_epoch):
-            idx = order[b * args.batch_size : (b + 1) * args.batch_size]
-            optimizer.zero_grad()
-            F.cross_entropy(model(train_x[idx]), train_y[idx]).backward()
-            sparsifier.step()
-            scheduler.step()
-        sparsifier.epoch_end()
+    train_sparsified(model, optimizer, scheduler, sparsifier, train_x, train_y, args, seed)
     seconds = (time.perf_counter() - start) / args.epochs
     masks = {n: sparsifier.masks[n].clone() for n in sparsifier.masks.names}
     sparsifier.close()  # a sparse run's layers become nn.Linear again (dense weight, zeros where pruned)
-    with torch.no_grad():
-        model.eval()
-        acc = float((model(test_x).argmax(1) == test_y).float().mean()) * 100
+    acc = test_accuracy(model, test_x, test_y)
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     for n in names:
         assert bool((state[n][~masks[n]] == 0).all()), f"{n}: a pruned weight is not zero"
@@ -154,10 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {dataset} | {method} | {sparsity:.0%} | {mean_std([r['acc'] for r in masked])} | "
             f"{mean_std([r['acc'] for r in sparse])} | {diffs} | {'; '.join(equal)} | {sec_m:.2f} / {sec_s:.2f} |"
         )
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":
