@@ -356,6 +356,14 @@ def main(argv: list[str] | None = None) -> int:
         "| MLP | sparsity | sparse step = parts | dense step (ratio) |",
         "|---|---|---|---|",
         *profiles,
+    ]
+    return write_with_load(args.out, lines, load_before, started)
+
+
+def write_with_load(out: Path, lines: list[str], load_before: tuple[float, ...], started: float) -> int:
+    """Append the load averages before and now and the elapsed time to ``lines``; print and write them to ``out``."""
+    lines = [
+        *lines,
         "",
         f"Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; after: "
         f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}; {time.perf_counter() - started:.0f} s in all.",
@@ -363,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     text = "\n".join(lines)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     return 0
 
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE.parents[0] / "compare"))
 sys.path.insert(0, str(HERE))
 import compare  # noqa: E402
 from peers import PRUNERS, Pruner  # noqa: E402
-from sparse_backend import cpu_facts, kernels_used  # noqa: E402
+from sparse_backend import cpu_facts, kernels_used, write_with_load  # noqa: E402
 
 RESULTS = HERE / "results" / "static_overhead.md"
 #: Timed rounds per repeat (the slow models get fewer).
@@ -116,17 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             + " | ".join(cells)
             + f" | {med['pai_pai'] - med['floor']:+.3f} |"
         )
-    lines += [
-        "",
-        f"Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; after: "
-        f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}; {time.perf_counter() - started:.0f} s in all.",
-        "",
-    ]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    return 0
+    return write_with_load(args.out, lines, load_before, started)
 
 
 if __name__ == "__main__":
