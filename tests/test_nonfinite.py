@@ -170,6 +170,12 @@ def test_compiled_mask_kernel_equals_the_bit_multiply(dtype, layout):
         assert kernels.mask_bits_(u, keep.view(torch.uint8)) == (layout == "contiguous")
         if layout == "contiguous":
             assert torch.equal(u.view(bits), want)
+    # like an in-place PyTorch op, masking a tensor autograd saved makes its backward fail instead of lying
+    w = base.detach().float().clone().requires_grad_()
+    y = (w * w).sum()
+    zero_masked_([w], [keep])  # (no_grad inside: allowed on a leaf, and counted)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
 
 
 def test_mask_set_clears_nan_weights_gradients_and_optimizer_state():

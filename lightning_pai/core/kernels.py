@@ -59,6 +59,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 #: The C source, shipped beside this module as package data.
 _SOURCE = (Path(__file__).with_name("kernels.c")).read_text()
@@ -477,7 +478,8 @@ def mask_bits_(t: Tensor, mask: Tensor) -> bool:
 
     The kernel takes a contiguous CPU ``t`` of 2-, 4- or 8-byte elements and a contiguous ``mask`` of as many
     bool or uint8 entries; it reads one mask byte per element in one vectorised pass (PyTorch's multiply of a
-    float's bits by a uint8 mask converts every element on the way, about twice as slow).
+    float's bits by a uint8 mask converts every element on the way, about twice as slow). ``t``'s version counter
+    is bumped as by an in-place PyTorch op, so autograd still refuses a saved tensor that was changed.
 
     Returns:
         Whether ``t`` was masked (False: nothing was done; the caller masks another way).
@@ -495,6 +497,7 @@ def mask_bits_(t: Tensor, mask: Tensor) -> bool:
         return False
     n = t.numel()
     lib.lp_mask_bits(n, t.data_ptr(), t.element_size(), mask.data_ptr(), _threads(n))
+    increment_version(t)  # as an in-place PyTorch op does: autograd then refuses a saved tensor changed under it
     return True
 
 

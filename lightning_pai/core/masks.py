@@ -30,15 +30,6 @@ def _as_bits(tensor: Tensor) -> Tensor | None:
     return None if kind is None else tensor.view(kind)
 
 
-def _mask_bits_compiled(tensor: Tensor, mask: Tensor) -> bool:
-    """Mask ``tensor`` with the compiled one-pass kernel (:func:`lightning_pai.core.kernels.mask_bits_`), if it can.
-
-    Same result as the bit multiply of :func:`zero_masked_` (a contiguous CPU tensor of 2-, 4- or 8-byte elements
-    and a 0/1 byte mask); False (nothing done) elsewhere, or without a C compiler.
-    """
-    return mask_bits_(tensor, mask)
-
-
 @torch.no_grad()
 def zero_masked_(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
     """Set the entries of ``tensors`` whose mask entry is 0 / False to exactly 0, whatever they hold (NaN, Inf).
@@ -59,7 +50,7 @@ def zero_masked_(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
     bits, flags = [], []
     for t, m in zip(tensors, masks):
         m = m if m.dtype == torch.uint8 else m.to(torch.bool).view(torch.uint8)
-        if _mask_bits_compiled(t, m):
+        if mask_bits_(t, m):  # the compiled one-pass kernel, where it applies
             continue
         view = _as_bits(t)
         if view is None:
@@ -347,7 +338,7 @@ class MaskSet:
 
     def _mask_one_grad(self, mask: Tensor, param: Tensor) -> None:
         grad = param.grad
-        if not self.grad_hooks_active or grad is None or _mask_bits_compiled(grad, mask):
+        if not self.grad_hooks_active or grad is None or mask_bits_(grad, mask):
             return  # (the compiled kernel writes through a pointer: no autograd state to switch off)
         with torch.no_grad():
             bits = _as_bits(grad)
