@@ -484,16 +484,17 @@ def mask_bits_(t: Tensor, mask: Tensor) -> bool:
     Returns:
         Whether ``t`` was masked (False: nothing was done; the caller masks another way).
     """
-    lib = _LIB or library()
     if (
-        lib is None
-        or t.device.type != "cpu"
+        t.device.type != "cpu"
         or mask.device.type != "cpu"
         or t.element_size() not in (2, 4, 8)
         or mask.element_size() != 1
         or mask.numel() != t.numel()
         or not (t.is_contiguous() and mask.is_contiguous())
     ):
+        return False  # decided before the library is looked up: GPU training never builds it
+    lib = _LIB or library()
+    if lib is None:
         return False
     n = t.numel()
     lib.lp_mask_bits(n, t.data_ptr(), t.element_size(), mask.data_ptr(), _threads(n))
